@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from vitseg_export.modeling import registry
+
+
+def test_models_json_lists_every_architecture_with_its_facts(cli):
+    result = cli("models", "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    names = {r["name"] for r in rows}
+    assert names == {a.name for a in registry.ARCHITECTURES.values() if a.tiny_twin_of is None}
+    base = next(r for r in rows if r["name"] == "vit-seg-base")
+    assert base == {**base, "family": "vit", "params": 86_284_806, "image_size": 128, "num_classes": 3}
+    assert all(isinstance(r["params"], int) and r["params"] > 1_000_000 for r in rows)
+    with_twins = json.loads(cli("models", "--json", "--include-test").stdout)
+    assert len(with_twins) == 2 * len(rows)
+
+
+def test_python_dash_m_entry_point_and_clean_errors():
+    """The real process: `python -m vitseg_export`, exit code 2 and one line without a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "vitseg_export", "train", "--model", "segformer-b9",
+                           "--output", "/tmp/never"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown architecture 'segformer-b9'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "vitseg_export", "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "train" in ok.stdout

@@ -1,0 +1,345 @@
+"""Checkpoint -> nn.Module. One entry point, `load_checkpoint(spec)`, accepts:
+
+- a vitseg run directory (`model.safetensors` + `config.json` with "format": "vitseg"), or a
+  `.safetensors` file with that `config.json` beside it;
+- a Hugging Face SegFormer directory (`config.json` with model_type "segformer" + `model.safetensors`
+  or `pytorch_model.bin`), semantic-segmentation or encoder-only MiT;
+- an architecture name (random weights, with a warning).
+
+Foreign weights (timm ViT, the seed article's own state dicts) come in through `--init` via
+`init_from_foreign`. No pickle anywhere: safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitseg_export import __version__
+from vitseg_export.errors import CheckpointError
+from vitseg_export.modeling import registry
+from vitseg_export.modeling.registry import Architecture, Segmenter
+from vitseg_export.modeling.segformer import segformer_config_from_hf, segformer_state_dict_from_hf
+from vitseg_export.modeling.vit import (
+    is_seed_article_state_dict,
+    is_timm_vit_state_dict,
+    vit_config_from_timm,
+    vit_state_dict_from_seed_article,
+    vit_state_dict_from_timm,
+)
+
+FORMAT = "vitseg"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything besides the weights that inference and export need, as written to config.json."""
+
+    architecture: str
+    family: str
+    config: Any
+    class_names: list[str]
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    training: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "vitseg_version": __version__,
+            "architecture": self.architecture,
+            "family": self.family,
+            "model_config": registry.config_to_dict(self.config),
+            "class_names": list(self.class_names),
+            "image_size": list(self.image_size),
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "CheckpointMeta":
+        try:
+            family = data["family"]
+            norm = data["normalization"]
+            return cls(
+                architecture=data["architecture"],
+                family=family,
+                config=registry.config_from_dict(family, data["model_config"]),
+                class_names=list(data["class_names"]),
+                image_size=(int(data["image_size"][0]), int(data["image_size"][1])),
+                mean=tuple(norm["mean"]),
+                std=tuple(norm["std"]),
+                training=data.get("training", {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{where} is not a valid vitseg config ({type(e).__name__}: {e})",
+                                  "re-save the checkpoint with `vitseg train` or point at the run directory") from None
+
+    @classmethod
+    def for_architecture(cls, arch: Architecture, num_classes: int | None = None,
+                         class_names: list[str] | None = None) -> "CheckpointMeta":
+        config = arch.config if num_classes is None else replace(arch.config, num_classes=num_classes)
+        n = config.num_classes
+        names = class_names or (list(registry.PET_CLASSES) if n == 3 else [f"class_{i}" for i in range(n)])
+        return cls(arch.name, arch.family, config, names, (arch.image_size, arch.image_size), arch.mean, arch.std)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module  # the bare network: normalized input -> logits (H/4 for SegFormer)
+    meta: CheckpointMeta
+    source: str  # what the user named
+    sha256: str | None  # of the weights file; None for random weights
+    kind: str  # "vitseg" | "huggingface" | "random"
+
+    def segmenter(self) -> Segmenter:
+        """pixels in [0,1] -> logits at input resolution, the graph every backend runs."""
+        return Segmenter(self.model, self.meta.mean, self.meta.std)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})",
+                              "the file is truncated or damaged; copy it again or re-export it") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from .safetensors, or from .bin/.pth/.pt with torch.load(weights_only=True) (no code is unpickled)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist", "check the path")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for damaged files
+        raise CheckpointError(f"{path} could not be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+                              "convert it to .safetensors; vitseg never unpickles code") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors", "save model.state_dict() instead")
+    return obj
+
+
+def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str, strict_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """load_state_dict that reports problems in one line. Keys under `strict_prefixes` may be missing
+    (returned), everything else must match exactly in name and shape."""
+    own = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    allowed_missing = [k for k in missing if strict_prefixes and k.startswith(strict_prefixes)]
+    missing = [k for k in missing if k not in allowed_missing]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch: {', '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}")
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+    if problems:
+        raise CheckpointError(f"{where} does not fit the model: {'; '.join(problems)}",
+                              "the checkpoint is of another architecture or class count")
+    model.load_state_dict(state_dict, strict=False)
+    return allowed_missing
+
+
+def _load_native(config_path: Path, weights_path: Path) -> LoadedCheckpoint:
+    meta = CheckpointMeta.from_json(_read_json(config_path), str(config_path))
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing beside {config_path.name}", "the run directory is incomplete")
+    model = registry.build_model(meta.family, meta.config)
+    _load_into(model, _read_safetensors(weights_path), str(weights_path))
+    return LoadedCheckpoint(model.eval(), meta, str(weights_path.parent), sha256_file(weights_path), "vitseg")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})", "restore the file from the run directory") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object", "restore the file from the run directory")
+    return data
+
+
+def _load_huggingface(directory: Path, hf: dict) -> LoadedCheckpoint:
+    if hf.get("model_type") != "segformer":
+        raise CheckpointError(
+            f"{directory} is a Hugging Face '{hf.get('model_type')}' checkpoint, not SegFormer",
+            "vitseg loads Hugging Face SegFormer (model_type 'segformer') and its own run directories")
+    weights = next((directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin",
+                              "download or copy the weights file into the directory")
+    state, has_head = segformer_state_dict_from_hf(read_state_dict(weights))
+    archs = hf.get("architectures") or []
+    semantic = has_head or "SegformerForSemanticSegmentation" in archs
+    # Encoder-only MiT: its id2label are ImageNet's; the decode head is new, for our default 3 classes.
+    num_classes = None if semantic else len(registry.PET_CLASSES)
+    config = segformer_config_from_hf(hf, num_classes)
+    model = registry.build_model("segformer", config)
+    new = _load_into(model, state, str(weights), strict_prefixes=() if has_head else ("decode_head.",))
+    if new:
+        warnings.warn(f"{weights}: encoder-only MiT checkpoint; the decode head ({len(new)} tensors) is randomly "
+                      "initialized and must be trained (vitseg train --init ...)", stacklevel=2)
+    if semantic:
+        labels = hf.get("id2label") or {}
+        class_names = [labels.get(str(i), labels.get(i, f"class_{i}")) for i in range(config.num_classes)]
+    else:
+        class_names = list(registry.PET_CLASSES)
+    meta = CheckpointMeta(
+        architecture=_segformer_name_for(config),
+        family="segformer",
+        config=config,
+        class_names=class_names,
+        image_size=(512, 512),
+        mean=registry.IMAGENET_MEAN,
+        std=registry.IMAGENET_STD,
+        training={"source": "huggingface", "path": str(directory)},
+    )
+    _hf_preprocessing(directory, meta)
+    return LoadedCheckpoint(model.eval(), meta, str(directory), sha256_file(weights), "huggingface")
+
+
+def _hf_preprocessing(directory: Path, meta: CheckpointMeta) -> None:
+    """Take normalization and size from preprocessor_config.json when the directory has one."""
+    pre = directory / "preprocessor_config.json"
+    if not pre.is_file():
+        return
+    data = _read_json(pre)
+    if data.get("image_mean") and data.get("image_std"):
+        meta.mean, meta.std = tuple(data["image_mean"]), tuple(data["image_std"])
+    size = data.get("size")
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        meta.image_size = (int(size["height"]), int(size["width"]))
+
+
+def _segformer_name_for(config) -> str:
+    from vitseg_export.modeling.segformer import SEGFORMER_VARIANTS
+
+    for v, d in SEGFORMER_VARIANTS.items():
+        if tuple(config.hidden_sizes) == d["hidden_sizes"] and tuple(config.depths) == d["depths"]:
+            return f"segformer-{v}"
+    return "segformer-custom"
+
+
+def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
+    """The one way in: run dir, .safetensors file, Hugging Face SegFormer dir, or architecture name."""
+    text = str(spec)
+    path = Path(text)
+    if not path.exists():
+        if text in registry.ARCHITECTURES:
+            arch = registry.get_architecture(text)
+            warnings.warn(f"'{text}' is an architecture name: using RANDOM weights (pass a checkpoint for real ones)",
+                          stacklevel=2)
+            torch.manual_seed(0)
+            model = registry.build_model(arch.family, arch.config)
+            return LoadedCheckpoint(model.eval(), CheckpointMeta.for_architecture(arch), text, None, "random")
+        looks_like_path = os.sep in text or text.endswith((".safetensors", ".bin", ".pth", ".pt", ".json"))
+        hint = "check the path" if looks_like_path else "pass a run directory, a .safetensors file, or a name from `vitseg models`"
+        raise CheckpointError(f"checkpoint '{text}' does not exist and is not an architecture name", hint)
+    if path.is_dir():
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise CheckpointError(f"{path} has no config.json", "point at a vitseg run directory or a Hugging Face SegFormer directory")
+        data = _read_json(config_path)
+        if data.get("format") == FORMAT:
+            return _load_native(config_path, path / WEIGHTS_FILE)
+        if "model_type" in data:
+            return _load_huggingface(path, data)
+        raise CheckpointError(f"{config_path} is neither a vitseg nor a Hugging Face config", "point at a run directory")
+    if path.suffix == ".safetensors":
+        config_path = path.parent / CONFIG_FILE
+        if not config_path.is_file():
+            raise CheckpointError(f"{path} has no config.json beside it",
+                                  "keep the run directory together, or load foreign weights with `--init` and `--model`")
+        data = _read_json(config_path)
+        if data.get("format") != FORMAT:
+            return _load_huggingface(path.parent, data)
+        return _load_native(config_path, path)
+    if path.name == CONFIG_FILE:
+        return load_checkpoint(path.parent)
+    raise CheckpointError(f"{path} is not a checkpoint vitseg can read",
+                          "expected a run directory, a .safetensors file, or a Hugging Face SegFormer directory")
+
+
+def init_from_foreign(arch: Architecture, path: Path, num_classes: int | None = None) -> LoadedCheckpoint:
+    """A model of `arch`'s family initialized from foreign weights: timm ViT (key mapping, position-embedding
+    resampling, eps 1e-6, class token, final norm) or a state dict saved from the seed article's code."""
+    state = read_state_dict(path)
+    meta = CheckpointMeta.for_architecture(arch, num_classes)
+    if arch.family == "vit" and is_timm_vit_state_dict(state):
+        config = vit_config_from_timm(state, meta.config)
+        meta.config = config
+        # timm's augreg ViTs are trained on mean/std 0.5 input
+        meta.mean, meta.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        model = registry.build_model("vit", config)
+        new = _load_into(model, vit_state_dict_from_timm(state, config), str(path), strict_prefixes=("head.",))
+        meta.training = {"init": str(path), "init_kind": "timm", "new_tensors": new}
+        return LoadedCheckpoint(model, meta, str(path), sha256_file(path), "timm")
+    if arch.family == "vit" and is_seed_article_state_dict(state):
+        model = registry.build_model("vit", meta.config)
+        _load_into(model, vit_state_dict_from_seed_article(state), str(path))
+        meta.training = {"init": str(path), "init_kind": "seed-article"}
+        return LoadedCheckpoint(model, meta, str(path), sha256_file(path), "seed-article")
+    raise CheckpointError(f"{path}: weight layout not recognized for the {arch.family} family",
+                          "expected timm ViT keys (patch_embed.proj, blocks.N.attn.qkv) or the seed article's; "
+                          "Hugging Face SegFormer loads as a directory")
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: nn.Module, meta: CheckpointMeta, run_dir: Path) -> Path:
+    """Write model.safetensors + config.json into run_dir, each atomically (temp file, then rename);
+    the weights land first so a directory never has a config pointing at missing weights."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(run_dir / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+    atomic_write_bytes(run_dir / CONFIG_FILE, (json.dumps(meta.to_json(), indent=2) + "\n").encode())
+    return run_dir

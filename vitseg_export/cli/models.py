@@ -1,0 +1,42 @@
+"""`vitseg models`: the registered architectures."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vitseg_export.cli.common import JsonFlag, console, print_json
+
+
+def models(
+    json_output: JsonFlag = False,
+    include_test: Annotated[bool, typer.Option("--include-test", help="Also list the tiny test twins.")] = False,
+) -> None:
+    """List the architectures vitseg builds, trains and exports."""
+    from vitseg_export.modeling.registry import ARCHITECTURES, build_model, count_parameters
+
+    rows = []
+    for arch in ARCHITECTURES.values():
+        if arch.tiny_twin_of and not include_test:
+            continue
+        rows.append({
+            "name": arch.name,
+            "family": arch.family,
+            "params": count_parameters(build_model(arch.family, arch.config)),
+            "image_size": arch.image_size,
+            "num_classes": arch.num_classes,
+            "description": arch.description,
+            "test_twin": f"{arch.name}-test" if not arch.tiny_twin_of else None,
+        })
+    if json_output:
+        print_json(rows)
+        return
+    table = Table(title="vitseg architectures")
+    for col in ("name", "family", "params", "image size", "classes", "description"):
+        table.add_column(col, justify="right" if col in ("params", "image size", "classes") else "left")
+    for r in rows:
+        table.add_row(r["name"], r["family"], f"{r['params'] / 1e6:.2f}M", str(r["image_size"]),
+                      str(r["num_classes"]), r["description"])
+    console.print(table)

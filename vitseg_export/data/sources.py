@@ -1,0 +1,272 @@
+"""Data sources behind one spec string: `synthetic[:N]`, `pets:DIR`, `folder:DIR`.
+
+A source yields (RGB PIL image, uint8 class-index mask or None, name). This module needs only numpy
+and Pillow (no torch), so calibration and the edge path can read the same data.
+
+Class indices follow Oxford-IIIT Pet's trimap: 0 pet, 1 background, 2 border; 255 is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from vitseg_export.errors import DataError
+
+IGNORE_INDEX = 255
+PET_CLASSES = ("pet", "background", "border")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SPLITS = ("train", "val", "calib")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    mask: np.ndarray | None  # (H, W) uint8 class indices, IGNORE_INDEX where unlabelled
+    name: str
+
+
+class Source:
+    class_names: tuple[str, ...] = PET_CLASSES
+    description: str = ""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+    def fingerprint(self) -> str:
+        """A hash of the sample list, for provenance records."""
+        h = hashlib.sha256(self.description.encode())
+        for i in range(len(self)):
+            h.update(self.name_of(i).encode())
+        return h.hexdigest()[:16]
+
+    def name_of(self, index: int) -> str:
+        return self[index].name
+
+
+# ---- synthetic --------------------------------------------------------------------------------
+
+class SyntheticPets(Source):
+    """Procedural stand-in for Oxford-IIIT Pet trimaps: textured backgrounds, a pet-like foreground
+    (body, head and ears of varied shape, colour and fur pattern) and a border band around it.
+
+    Deterministic: sample i of a split is a pure function of (seed, split, i). Splits draw from
+    disjoint seed streams, so train, validation and calibration images never coincide.
+    """
+
+    NATIVE_SIZE = 192
+    BORDER_PX = 3  # half-width of the trimap's border band at native size
+
+    def __init__(self, count: int, split: str, seed: int = 0):
+        self.count = count
+        self.split = split
+        self.seed = seed
+        self.description = f"synthetic[:{count}] split={split} seed={seed}"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name_of(self, index: int) -> str:
+        return f"synthetic_{self.split}_{index:05d}"
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
+        image, mask = render_synthetic_pet(rng, self.NATIVE_SIZE, self.BORDER_PX)
+        return Sample(Image.fromarray(image), mask, self.name_of(index))
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a random grid upsampled bicubically."""
+    grid = (rng.random((cells, cells)) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    kind = rng.integers(0, 3)
+    if kind == 0:  # stripes
+        angle = rng.uniform(0, np.pi)
+        freq = rng.uniform(4, 20)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 6.3))
+    elif kind == 1:  # blotches
+        t = _smooth_noise(rng, size, int(rng.integers(4, 16)))
+    else:  # checker-like tiles
+        f = rng.uniform(3, 10)
+        t = 0.5 + 0.25 * (np.sign(np.sin(2 * np.pi * f * xx)) * np.sign(np.sin(2 * np.pi * f * yy)) + 1) * 0.5
+    return t.astype(np.float32)
+
+
+def render_synthetic_pet(rng: np.random.Generator, size: int, border: int) -> tuple[np.ndarray, np.ndarray]:
+    # Background: two colours mixed by a texture, plus shading and sensor noise.
+    c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    t = _texture(rng, size)[..., None]
+    shade = 0.7 + 0.6 * _smooth_noise(rng, size, 3)[..., None]
+    background = (c1 * (1 - t) + c2 * t) * shade
+
+    # Foreground: a body ellipse, a head, two ears; sizes and pose vary.
+    fg = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(fg)
+    cx, cy = rng.uniform(0.35, 0.65) * size, rng.uniform(0.45, 0.65) * size
+    bw, bh = rng.uniform(0.2, 0.36) * size, rng.uniform(0.16, 0.3) * size
+    draw.ellipse([cx - bw, cy - bh, cx + bw, cy + bh], fill=255)
+    hr = rng.uniform(0.35, 0.6) * bh
+    hx = cx + rng.choice([-1, 1]) * bw * rng.uniform(0.5, 0.9)
+    hy = cy - bh * rng.uniform(0.6, 1.1)
+    draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=255)
+    for side in (-1, 1):
+        ex = hx + side * hr * 0.6
+        draw.polygon([(ex - hr * 0.4, hy - hr * 0.5), (ex + hr * 0.4, hy - hr * 0.5),
+                      (ex + side * hr * 0.2, hy - hr * rng.uniform(1.3, 1.9))], fill=255)
+    if rng.random() < 0.6:  # a tail
+        tx = cx - np.sign(hx - cx) * bw
+        draw.line([(tx, cy), (tx - np.sign(hx - cx) * bw * 0.6, cy - bh * rng.uniform(0.5, 1.5))],
+                  fill=255, width=int(max(3, hr * 0.35)))
+    # Ragged fur edge: perturb the outline, so the border is not a clean geometric curve.
+    fg = fg.filter(ImageFilter.GaussianBlur(2.5))
+    jitter = _smooth_noise(rng, size, 24) * 120 - 60
+    fg_mask = (np.asarray(fg, dtype=np.float32) + jitter) > 128
+
+    # Pet colours: a coat colour and a pattern colour, textured, with its own shading.
+    coat, pattern = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    pt = _texture(rng, size)[..., None] ** rng.uniform(1, 3)
+    pet = (coat * (1 - pt) + pattern * pt) * (0.8 + 0.4 * _smooth_noise(rng, size, 5)[..., None])
+
+    image = np.where(fg_mask[..., None], pet, background)
+    image = image + rng.normal(0, rng.uniform(2, 10), image.shape)
+    image = np.clip(image, 0, 255).astype(np.uint8)
+
+    # Trimap: border band = dilation minus erosion of the foreground, as in Pet's annotations.
+    m = Image.fromarray(fg_mask.astype(np.uint8) * 255)
+    k = 2 * border + 1
+    dilated = np.asarray(m.filter(ImageFilter.MaxFilter(k))) > 0
+    eroded = np.asarray(m.filter(ImageFilter.MinFilter(k))) > 0
+    mask = np.full((size, size), 1, np.uint8)  # background
+    mask[eroded] = 0  # pet
+    mask[dilated & ~eroded] = 2  # border
+    return image, mask
+
+
+# ---- Oxford-IIIT Pet ----------------------------------------------------------------------------
+
+class OxfordPets(Source):
+    """The Oxford-IIIT Pet dataset in its official layout: images/*.jpg, annotations/trimaps/*.png,
+    annotations/trainval.txt and test.txt. Trimap values 1/2/3 (pet/background/border) -> 0/1/2.
+    Split train reads trainval.txt; val and calib read test.txt. Never downloads."""
+
+    def __init__(self, root: Path, split: str):
+        self.root = root
+        list_file = root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
+        for needed in (root / "images", root / "annotations" / "trimaps", list_file):
+            if not needed.exists():
+                raise DataError(f"pets:{root}: {needed} is missing",
+                                "point at the extracted Oxford-IIIT Pet root (images/ and annotations/)")
+        self.names = [line.split()[0] for line in list_file.read_text().splitlines()
+                      if line.strip() and not line.startswith("#")]
+        if not self.names:
+            raise DataError(f"{list_file} lists no images", "the dataset copy is incomplete")
+        self.description = f"pets:{root} split={split}"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def name_of(self, index: int) -> str:
+        return self.names[index]
+
+    def __getitem__(self, index: int) -> Sample:
+        name = self.names[index]
+        image = _open_image(self.root / "images" / f"{name}.jpg")
+        trimap = np.asarray(Image.open(self.root / "annotations" / "trimaps" / f"{name}.png"))
+        mask = np.full(trimap.shape, IGNORE_INDEX, np.uint8)
+        for value, cls in ((1, 0), (2, 1), (3, 2)):
+            mask[trimap == value] = cls
+        return Sample(image, mask, name)
+
+
+# ---- the user's own folder ----------------------------------------------------------------------
+
+class ImageMaskFolder(Source):
+    """`DIR/images/*` + `DIR/masks/<stem>.png` (class indices; 255 ignored), optional `DIR/classes.txt`.
+    Without masks/ the images are unlabelled (fine for calibration and prediction). Every 10th image
+    (sorted by name) is the validation split."""
+
+    def __init__(self, root: Path, split: str):
+        images = root / "images"
+        if not images.is_dir():
+            raise DataError(f"folder:{root}: {images} is missing", "put images in DIR/images and masks in DIR/masks")
+        files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"folder:{root}: no images in {images}", f"supported: {', '.join(IMAGE_SUFFIXES)}")
+        if len(files) >= 10 and split != "calib":
+            files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
+        self.files = files
+        self.masks = root / "masks" if (root / "masks").is_dir() else None
+        classes = root / "classes.txt"
+        if classes.is_file():
+            self.class_names = tuple(c.strip() for c in classes.read_text().splitlines() if c.strip())
+        self.description = f"folder:{root} split={split}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name_of(self, index: int) -> str:
+        return self.files[index].stem
+
+    def __getitem__(self, index: int) -> Sample:
+        path = self.files[index]
+        mask = None
+        if self.masks is not None:
+            mpath = self.masks / f"{path.stem}.png"
+            if not mpath.is_file():
+                raise DataError(f"{mpath} is missing for {path.name}", "every image needs a mask with the same stem")
+            mask = np.asarray(Image.open(mpath))
+            if mask.ndim != 2:
+                raise DataError(f"{mpath} is not a single-channel class-index PNG", "save masks as mode 'L' or 'P'")
+            mask = mask.astype(np.uint8)
+        return Sample(_open_image(path), mask, path.stem)
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e})", "the file is missing or not an image") from None
+
+
+# ---- the spec string ----------------------------------------------------------------------------
+
+DEFAULT_SYNTHETIC = {"train": 1000, "val": 64, "calib": 64}
+_SYNTHETIC = re.compile(r"^synthetic(?:\[:(\d+)\])?$")
+
+
+def open_source(spec: str, split: str = "train", seed: int = 0) -> Source:
+    """`synthetic[:N]` (N images of that split; default 1000 train / 64 val / 64 calib), `pets:DIR`, `folder:DIR`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    m = _SYNTHETIC.match(spec)
+    if m:
+        n = int(m.group(1)) if m.group(1) else DEFAULT_SYNTHETIC[split]
+        if n == 0:
+            raise DataError(f"'{spec}' selects no images", "use synthetic[:N] with N >= 1")
+        return SyntheticPets(n, split, seed)
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("pets", "folder"):
+        root = Path(rest).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{kind}:{root}: directory does not exist", "check the path")
+        return OxfordPets(root, split) if kind == "pets" else ImageMaskFolder(root, split)
+    raise DataError(f"unknown data spec '{spec}'", "use synthetic[:N], pets:DIR or folder:DIR")

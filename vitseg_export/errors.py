@@ -1,0 +1,35 @@
+"""The project's exception types. The CLI turns them into one red line, a hint and an exit code."""
+
+from __future__ import annotations
+
+
+class VitsegError(Exception):
+    """A problem the user can fix: the message names it, the hint says how. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class CheckpointError(VitsegError):
+    """A checkpoint is missing, damaged, or of another architecture."""
+
+
+class DataError(VitsegError):
+    """A data spec names nothing usable."""
+
+
+class BackendMissingError(VitsegError):
+    """An optional backend (onnxruntime, TensorRT, CUDA) is not installed or not usable here."""
+
+
+class ParityError(VitsegError):
+    """An artifact's outputs differ from the PyTorch reference beyond the allowed limits."""
+
+    exit_code = 3

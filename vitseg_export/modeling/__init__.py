@@ -1,0 +1,1 @@
+"""checkpoint -> nn.Module: the model families and their registry."""

@@ -1,0 +1,319 @@
+"""SegFormer (Xie et al., 2021): Mix Transformer (MiT) encoder + All-MLP decoder, with the exact
+numerics of Hugging Face's `SegformerForSemanticSegmentation` (the format users' checkpoints come in):
+every LayerNorm eps 1e-5, erf GELU, k/v from a conv-reduced sequence, decoder stages concatenated in
+reversed order. The module tree mirrors HF's on-disk key names below the `segformer.` prefix, so the
+converter only strips that prefix. Any input size works; logits come out at ceil-ish H/4 (the first
+stage's grid), as HF's do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# HF reads no layer_norm_eps anywhere in SegFormer; nn.LayerNorm's default is what runs.
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SegformerConfig:
+    num_channels: int = 3
+    num_classes: int = 150
+    hidden_sizes: tuple[int, ...] = (32, 64, 160, 256)
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    patch_sizes: tuple[int, ...] = (7, 3, 3, 3)
+    strides: tuple[int, ...] = (4, 2, 2, 2)
+    mlp_ratio: int = 4
+    decoder_dim: int = 256
+    drop_path_rate: float = 0.1
+    classifier_dropout: float = 0.1
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        n = len(self.hidden_sizes)
+        for name in ("depths", "num_heads", "sr_ratios", "patch_sizes", "strides"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, hidden_sizes has {n}")
+        for h, heads in zip(self.hidden_sizes, self.num_heads):
+            if h % heads:
+                raise ValueError(f"hidden size {h} is not divisible by {heads} heads")
+
+
+class SegformerOverlapPatchEmbeddings(nn.Module):
+    def __init__(self, patch_size: int, stride: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride, padding=patch_size // 2)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)  # N,C,h,w
+        h, w = x.shape[2], x.shape[3]
+        x = x.flatten(2).transpose(1, 2)  # N,h*w,C
+        return self.layer_norm(x), h, w
+
+
+class SegformerEfficientSelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, sr_ratio: int, attention_dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(attention_dropout)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
+            self.layer_norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        return x.reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # N,heads,T,d
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        n, t, c = x.shape
+        q = self._heads(self.query(x))
+        if self.sr_ratio > 1:
+            kv = x.transpose(1, 2).reshape(n, c, height, width)  # N,C,h,w
+            kv = self.sr(kv).reshape(n, c, -1).transpose(1, 2)  # N,h*w/sr^2,C
+            kv = self.layer_norm(kv)
+        else:
+            kv = x
+        k, v = self._heads(self.key(kv)), self._heads(self.value(kv))
+        scores = (q @ k.transpose(-1, -2)) / (self.head_dim**0.5)  # N,heads,T,Tkv
+        probs = self.dropout(scores.softmax(dim=-1))
+        return (probs @ v).transpose(1, 2).reshape(n, t, c)  # N,T,C
+
+
+class SegformerSelfOutput(nn.Module):
+    def __init__(self, hidden_size: int, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(x))
+
+
+class SegformerAttention(nn.Module):
+    def __init__(self, config: SegformerConfig, hidden_size: int, num_heads: int, sr_ratio: int):
+        super().__init__()
+        self.self = SegformerEfficientSelfAttention(hidden_size, num_heads, sr_ratio, config.attention_dropout)
+        self.output = SegformerSelfOutput(hidden_size, config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return self.output(self.self(x, height, width))
+
+
+class SegformerDWConv(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        n, _, c = x.shape
+        x = x.transpose(1, 2).reshape(n, c, height, width)  # N,C,h,w
+        return self.dwconv(x).flatten(2).transpose(1, 2)  # N,h*w,C
+
+
+class SegformerMixFFN(nn.Module):
+    def __init__(self, hidden_size: int, hidden_features: int, dropout: float):
+        super().__init__()
+        self.dense1 = nn.Linear(hidden_size, hidden_features)
+        self.dwconv = SegformerDWConv(hidden_features)
+        self.act = nn.GELU()  # exact (erf) GELU, as HF's "gelu"
+        self.dense2 = nn.Linear(hidden_features, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = self.dropout(self.act(self.dwconv(self.dense1(x), height, width)))
+        return self.dropout(self.dense2(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity at inference)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class SegformerLayer(nn.Module):
+    def __init__(self, config: SegformerConfig, hidden_size: int, num_heads: int, sr_ratio: int, drop_path: float):
+        super().__init__()
+        self.layer_norm_1 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.attention = SegformerAttention(config, hidden_size, num_heads, sr_ratio)
+        self.drop_path = DropPath(drop_path)
+        self.layer_norm_2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = SegformerMixFFN(hidden_size, hidden_size * config.mlp_ratio, config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attention(self.layer_norm_1(x), height, width))
+        return x + self.drop_path(self.mlp(self.layer_norm_2(x), height, width))
+
+
+class SegformerEncoder(nn.Module):
+    """MiT: four stages of overlapping patch embedding, transformer layers and a closing LayerNorm."""
+
+    def __init__(self, config: SegformerConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        in_channels = (config.num_channels,) + tuple(config.hidden_sizes[:-1])
+        self.patch_embeddings = nn.ModuleList(
+            SegformerOverlapPatchEmbeddings(p, s, c, h)
+            for p, s, c, h in zip(config.patch_sizes, config.strides, in_channels, config.hidden_sizes)
+        )
+        self.block = nn.ModuleList()
+        start = 0
+        for i, depth in enumerate(config.depths):
+            self.block.append(nn.ModuleList(
+                SegformerLayer(config, config.hidden_sizes[i], config.num_heads[i], config.sr_ratios[i], rates[start + j])
+                for j in range(depth)
+            ))
+            start += depth
+        self.layer_norm = nn.ModuleList(nn.LayerNorm(h, eps=LAYER_NORM_EPS) for h in config.hidden_sizes)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        x = pixels
+        for embed, layers, norm in zip(self.patch_embeddings, self.block, self.layer_norm):
+            tokens, h, w = embed(x)
+            for layer in layers:
+                tokens = layer(tokens, h, w)
+            tokens = norm(tokens)
+            x = tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()  # N,C,h,w
+            features.append(x)
+        return features
+
+
+class SegformerMLP(nn.Module):
+    """Per-stage Linear of the decode head, applied to every position of an (N, C, h, w) map."""
+
+    def __init__(self, input_dim: int, decoder_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(input_dim, decoder_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.flatten(2).transpose(1, 2))  # N,h*w,D
+
+
+class SegformerDecodeHead(nn.Module):
+    def __init__(self, config: SegformerConfig):
+        super().__init__()
+        d = config.decoder_dim
+        self.linear_c = nn.ModuleList(SegformerMLP(h, d) for h in config.hidden_sizes)
+        self.linear_fuse = nn.Conv2d(d * len(config.hidden_sizes), d, kernel_size=1, bias=False)
+        self.batch_norm = nn.BatchNorm2d(d)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Conv2d(d, config.num_classes, kernel_size=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        n = features[-1].shape[0]
+        target = features[0].shape[2:]
+        projected = []
+        for x, mlp in zip(features, self.linear_c):
+            h, w = x.shape[2], x.shape[3]
+            y = mlp(x).transpose(1, 2).reshape(n, -1, h, w)  # N,D,h,w
+            projected.append(F.interpolate(y, size=target, mode="bilinear", align_corners=False))
+        x = self.linear_fuse(torch.cat(projected[::-1], dim=1))  # HF concatenates [c4, c3, c2, c1]
+        x = self.dropout(self.activation(self.batch_norm(x)))
+        return self.classifier(x)
+
+
+class SegformerForSemanticSegmentation(nn.Module):
+    """Input: normalized images (N, 3, H, W), any H, W. Output: logits at the first stage's grid (about H/4)."""
+
+    def __init__(self, config: SegformerConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = SegformerEncoder(config)
+        self.decode_head = SegformerDecodeHead(config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode_head(self.encoder(images))
+
+
+# The published variants (the MiT paper, Table 1); decoder dim 256 for B0/B1, 768 for B2..B5.
+SEGFORMER_VARIANTS: dict[str, dict] = {
+    "b0": dict(hidden_sizes=(32, 64, 160, 256), depths=(2, 2, 2, 2), decoder_dim=256),
+    "b1": dict(hidden_sizes=(64, 128, 320, 512), depths=(2, 2, 2, 2), decoder_dim=256),
+    "b2": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 6, 3), decoder_dim=768),
+    "b3": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 18, 3), decoder_dim=768),
+    "b4": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 8, 27, 3), decoder_dim=768),
+    "b5": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 6, 40, 3), decoder_dim=768),
+}
+
+
+# ---- Hugging Face checkpoints -------------------------------------------------------------------
+
+def segformer_config_from_hf(hf: dict, num_classes: int | None = None) -> SegformerConfig:
+    """Our config from an HF `config.json` dict (model_type "segformer")."""
+    labels = hf.get("id2label") or {}
+    return SegformerConfig(
+        num_channels=hf.get("num_channels", 3),
+        num_classes=num_classes or len(labels) or hf.get("num_labels", 2),
+        hidden_sizes=tuple(hf["hidden_sizes"]),
+        depths=tuple(hf["depths"]),
+        num_heads=tuple(hf["num_attention_heads"]),
+        sr_ratios=tuple(hf["sr_ratios"]),
+        patch_sizes=tuple(hf["patch_sizes"]),
+        strides=tuple(hf["strides"]),
+        mlp_ratio=int(hf["mlp_ratios"][0]) if isinstance(hf.get("mlp_ratios"), list) else 4,
+        decoder_dim=hf.get("decoder_hidden_size", 256),
+        drop_path_rate=hf.get("drop_path_rate", 0.1),
+        classifier_dropout=hf.get("classifier_dropout_prob", 0.1),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.0),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
+    )
+
+
+# transformers 5.x renames SegFormer's parameters in memory (`segformer.stages.{i}.blocks.{j}...`);
+# files it writes with save_pretrained keep the on-disk names, but a torch.save(model.state_dict())
+# from 5.x has the new ones. Both load.
+_HF5_RENAMES = [
+    (re.compile(r"^segformer\.stages\.(\d+)\.patch_embeddings\."), r"encoder.patch_embeddings.\1."),
+    (re.compile(r"^segformer\.stages\.(\d+)\.layer_norm\."), r"encoder.layer_norm.\1."),
+    (re.compile(r"^segformer\.stages\.(\d+)\.blocks\.(\d+)\."), r"encoder.block.\1.\2."),
+    (re.compile(r"\.layernorm_before\."), ".layer_norm_1."),
+    (re.compile(r"\.layernorm_after\."), ".layer_norm_2."),
+    (re.compile(r"\.attention\.q_proj\."), ".attention.self.query."),
+    (re.compile(r"\.attention\.k_proj\."), ".attention.self.key."),
+    (re.compile(r"\.attention\.v_proj\."), ".attention.self.value."),
+    (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
+    (re.compile(r"\.attention\.sequence_reduction\.sequence_reduction\."), ".attention.self.sr."),
+    (re.compile(r"\.attention\.sequence_reduction\.layer_norm\."), ".attention.self.layer_norm."),
+    (re.compile(r"\.mlp\.fc1\."), ".mlp.dense1."),
+    (re.compile(r"\.mlp\.fc2\."), ".mlp.dense2."),
+    (re.compile(r"^decode_head\.linear_projections\."), "decode_head.linear_c."),
+]
+
+
+def segformer_state_dict_from_hf(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """HF keys (on-disk names, or transformers 5.x in-memory names) -> ours. Returns (state dict,
+    has_decode_head). Encoder-only MiT checkpoints (ImageNet classifiers) keep `segformer.encoder.*`
+    and drop their image classifier."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith("segformer.stages.") or key.startswith("decode_head.linear_projections."):
+            for pattern, repl in _HF5_RENAMES:
+                key = pattern.sub(repl, key)
+        if key.startswith("segformer.encoder."):
+            out[key[len("segformer."):]] = value
+        elif key.startswith(("encoder.", "decode_head.")):
+            out[key] = value
+    return out, any(k.startswith("decode_head.") for k in out)

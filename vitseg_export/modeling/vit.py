@@ -1,0 +1,243 @@
+"""The plain Vision Transformer for segmentation from "Efficient Image Segmentation Using PyTorch,
+Part 4" (VisionTransformerForSegmentation), plus the converter for timm ViT weights.
+
+Layout of the seed article, kept exactly (its parameter count, 86,284,806 for the base
+configuration, is checked by a test): BatchNorm2d on the raw image, image -> non-overlapping
+patches, one Linear embedding shared by all patches, a learnable position embedding, pre-norm
+encoder blocks, one Linear per patch to patch*patch*classes values, patches -> image.
+
+Patchify/unpatchify use reshape/permute rather than nn.Unfold/nn.Fold: they are exactly equal,
+and nn.Fold exports as Col2Im, which needs ONNX opset 18.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTSegConfig:
+    image_size: int = 128
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.2
+    # The seed uses torch's LayerNorm default 1e-5; timm ViTs use 1e-6.
+    layer_norm_eps: float = 1e-5
+    # The seed normalizes the raw image with a BatchNorm; timm backbones expect mean/std input.
+    input_batchnorm: bool = True
+    # timm ViTs carry a class token (its position-embedding row is kept) and a final LayerNorm.
+    class_token: bool = False
+    final_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H/p * W/p, C*p*p), each patch flattened in (c, row, col) order like nn.Unfold."""
+    n, c, h, w = images.shape
+    x = images.reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)  # N,C,gh,p,gw,p
+    x = x.permute(0, 2, 4, 1, 3, 5)  # N,gh,gw,C,p,p
+    return x.reshape(n, (h // patch_size) * (w // patch_size), c * patch_size * patch_size)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """(N, gh*gw, C*p*p) -> (N, C, H, W); the inverse of `patchify` (what nn.Fold does)."""
+    n, _, cpp = patches.shape
+    c = cpp // (patch_size * patch_size)
+    gh, gw = height // patch_size, width // patch_size
+    x = patches.reshape(n, gh, gw, c, patch_size, patch_size)  # N,gh,gw,C,p,p
+    x = x.permute(0, 3, 1, 4, 2, 5)  # N,C,gh,p,gw,p
+    return x.reshape(n, c, height, width)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (in_proj q|k|v stacked, out_proj) with an explicit forward.
+
+    Written out so that it exports as plain MatMul/Softmax at opset 17 on every exporter path.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        inner = num_heads * head_dim
+        self.in_proj = nn.Linear(embed_dim, 3 * inner)
+        self.out_proj = nn.Linear(inner, embed_dim)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        qkv = self.in_proj(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # N,T,3,h,d
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each N,h,T,d
+        attn = (q * (self.head_dim**-0.5)) @ k.transpose(-2, -1)  # N,h,T,T
+        attn = attn.softmax(dim=-1)
+        attn = F.dropout(attn, self.attn_dropout, self.training)
+        out = (attn @ v).transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim)  # N,T,h*d
+        return self.out_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, embed_dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.act(self.fc1(x))))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: ViTSegConfig):
+        super().__init__()
+        e = config.embed_dim
+        self.norm1 = nn.LayerNorm(e, eps=config.layer_norm_eps)
+        self.attn = MultiHeadSelfAttention(e, config.num_heads, e // config.num_heads, config.dropout)
+        self.norm2 = nn.LayerNorm(e, eps=config.layer_norm_eps)
+        self.mlp = MLP(e, int(e * config.mlp_ratio), config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformerForSegmentation(nn.Module):
+    """Input: normalized images (N, 3, S, S) with S = config.image_size. Output: logits (N, classes, S, S)."""
+
+    def __init__(self, config: ViTSegConfig):
+        super().__init__()
+        self.config = config
+        c, p, e = config.in_channels, config.patch_size, config.embed_dim
+        num_tokens = config.grid_size**2 + int(config.class_token)
+        self.input_norm = nn.BatchNorm2d(c) if config.input_batchnorm else nn.Identity()
+        self.patch_embed = nn.Linear(c * p * p, e)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, e)) if config.class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(num_tokens, e))
+        self.blocks = nn.Sequential(*(EncoderBlock(config) for _ in range(config.depth)))
+        self.norm = nn.LayerNorm(e, eps=config.layer_norm_eps) if config.final_norm else nn.Identity()
+        self.head = nn.Linear(e, p * p * config.num_classes)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) -> patch tokens (N, grid*grid, E), class token dropped."""
+        s = self.config.image_size
+        if images.shape[-2:] != (s, s):
+            raise ValueError(f"expected {s}x{s} input, got {tuple(images.shape[-2:])}")
+        x = patchify(self.input_norm(images), self.config.patch_size)
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.blocks(x + self.pos_embed)
+        x = self.norm(x)
+        return x[:, 1:] if self.cls_token is not None else x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.forward_features(images)
+        s = self.config.image_size
+        return unpatchify(self.head(tokens), self.config.patch_size, s, s)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix: int) -> torch.Tensor:
+    """Bicubic resampling of a (prefix + g*g, E) position embedding to (prefix + new_grid^2, E), as timm does."""
+    prefix, grid = pos_embed[:num_prefix], pos_embed[num_prefix:]
+    old_grid = math.isqrt(grid.shape[0])
+    if old_grid * old_grid != grid.shape[0]:
+        raise ValueError(f"position embedding has {grid.shape[0]} patch rows, not a square grid")
+    if old_grid == new_grid:
+        return pos_embed
+    g = grid.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()  # 1,E,g,g
+    g = F.interpolate(g, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=True)
+    g = g.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos_embed.dtype)
+    return torch.cat([prefix, g], dim=0)
+
+
+def is_timm_vit_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    return "patch_embed.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict
+
+
+def vit_config_from_timm(state_dict: dict[str, torch.Tensor], base: ViTSegConfig) -> ViTSegConfig:
+    """The ViTSegConfig a faithful load of timm weights needs: widths and depth from the weights,
+    LayerNorm eps 1e-6, class token and final norm as present, no input BatchNorm (timm backbones
+    expect mean/std-normalized input). Heads: timm's standard ViTs all use 64-wide heads."""
+    e, _, p, _ = state_dict["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    from dataclasses import replace
+
+    return replace(
+        base,
+        patch_size=p,
+        embed_dim=e,
+        depth=depth,
+        num_heads=max(1, e // 64),
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / e,
+        layer_norm_eps=1e-6,
+        input_batchnorm=False,
+        class_token="cls_token" in state_dict,
+        final_norm="norm.weight" in state_dict,
+    )
+
+
+def vit_state_dict_from_timm(state_dict: dict[str, torch.Tensor], config: ViTSegConfig) -> dict[str, torch.Tensor]:
+    """Map timm VisionTransformer keys onto ours. The segmentation head stays untouched (not in timm)."""
+    out: dict[str, torch.Tensor] = {}
+    w = state_dict["patch_embed.proj.weight"]  # E,C,p,p: flatten in (c, row, col) order = patchify order
+    out["patch_embed.weight"] = w.reshape(w.shape[0], -1)
+    out["patch_embed.bias"] = state_dict["patch_embed.proj.bias"]
+    if config.class_token:
+        out["cls_token"] = state_dict["cls_token"]
+    pos = state_dict["pos_embed"][0]  # (prefix + g*g, E)
+    out["pos_embed"] = resample_pos_embed(pos, config.grid_size, int(config.class_token))
+    renames = {
+        "norm1": "norm1", "norm2": "norm2", "attn.qkv": "attn.in_proj",
+        "attn.proj": "attn.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    }
+    for i in range(config.depth):
+        for src, dst in renames.items():
+            for leaf in ("weight", "bias"):
+                out[f"blocks.{i}.{dst}.{leaf}"] = state_dict[f"blocks.{i}.{src}.{leaf}"]
+    if config.final_norm:
+        out["norm.weight"] = state_dict["norm.weight"]
+        out["norm.bias"] = state_dict["norm.bias"]
+    return out
+
+
+def is_seed_article_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    return "layers.1.pe.embed_layer.weight" in state_dict
+
+
+def vit_state_dict_from_seed_article(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a state dict saved from the article's own code (nn.Sequential `layers`, nn.MultiheadAttention)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        k = key
+        k = k.replace("layers.0.", "input_norm.", 1) if k.startswith("layers.0.") else k
+        k = k.replace("layers.1.pe.embed_layer.", "patch_embed.")
+        k = k.replace("layers.1.position_embed", "pos_embed")
+        k = k.replace("layers.3.projection.", "head.")
+        if k.startswith("layers.2."):
+            k = "blocks." + k[len("layers.2."):]
+            k = (k.replace(".ln1.", ".norm1.").replace(".ln2.", ".norm2.")
+                 .replace(".mha.in_proj_weight", ".attn.in_proj.weight")
+                 .replace(".mha.in_proj_bias", ".attn.in_proj.bias")
+                 .replace(".mha.out_proj.", ".attn.out_proj.")
+                 .replace(".mlp.layers.0.", ".mlp.fc1.").replace(".mlp.layers.2.", ".mlp.fc2."))
+        out[k] = value
+    return out
