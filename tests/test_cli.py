@@ -29,3 +29,16 @@ def test_python_dash_m_entry_point_and_clean_errors():
     assert "Traceback" not in proc.stderr
     ok = subprocess.run([sys.executable, "-m", "vitseg_export", "--help"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "train" in ok.stdout
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
+    result = cli("demo", "--model", "segformer-b0-test", "--output", str(tmp_path / "demo"), "--epochs", "1",
+                 "--train-images", "8", "--verify-images", "2", "--image-size", "64")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    onnx_row = summary["rows"][1]
+    assert onnx_row["status"] == "verified" and onnx_row["agreement"] >= 0.9999 and onnx_row["latency_p50_ms"] > 0
+    assert (tmp_path / "demo" / "artifacts" / "segformer-b0-test-fp32.onnx.json").is_file()
+    assert len(list((tmp_path / "demo" / "predictions").glob("*_mask.png"))) == 4
+    assert json.loads((tmp_path / "demo" / "reports" / "verify-fp32.json").read_text())["passed"] is True
+    assert "ONNX fp32" in result.stdout and "verified" in result.stdout

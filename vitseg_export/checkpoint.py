@@ -12,10 +12,8 @@ Foreign weights (timm ViT, the seed article's own state dicts) come in through `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch import nn
 
 from vitseg_export import __version__
 from vitseg_export.errors import CheckpointError
+from vitseg_export.files import atomic_write_bytes, sha256_file
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import Architecture, Segmenter
 from vitseg_export.modeling.segformer import segformer_config_from_hf, segformer_state_dict_from_hf
@@ -109,14 +108,6 @@ class LoadedCheckpoint:
     def segmenter(self) -> Segmenter:
         """pixels in [0,1] -> logits at input resolution, the graph every backend runs."""
         return Segmenter(self.model, self.meta.mean, self.meta.std)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -321,18 +312,6 @@ def init_from_foreign(arch: Architecture, path: Path, num_classes: int | None = 
 
 
 # ---- writing ------------------------------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def save_checkpoint(model: nn.Module, meta: CheckpointMeta, run_dir: Path) -> Path:
     """Write model.safetensors + config.json into run_dir, each atomically (temp file, then rename);

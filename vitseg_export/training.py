@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vitseg_export.checkpoint import CheckpointMeta, LoadedCheckpoint, atomic_write_bytes, save_checkpoint
+from vitseg_export.checkpoint import LoadedCheckpoint, save_checkpoint
+from vitseg_export.files import atomic_write_bytes
 from vitseg_export.data.sources import IGNORE_INDEX, open_source
 from vitseg_export.data.transforms import SegmentationDataset
 from vitseg_export.errors import DataError, VitsegError

@@ -9,8 +9,12 @@ import warnings
 
 import typer
 
+from vitseg_export.cli import demo as demo_cmd
+from vitseg_export.cli import export as export_cmd
 from vitseg_export.cli import models as models_cmd
+from vitseg_export.cli import predict as predict_cmd
 from vitseg_export.cli import train as train_cmd
+from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
 
 app = typer.Typer(
@@ -22,6 +26,10 @@ app = typer.Typer(
 )
 app.command("models")(models_cmd.models)
 app.command("train")(train_cmd.train)
+app.command("export")(export_cmd.export)
+app.command("verify")(verify_cmd.verify)
+app.command("predict")(predict_cmd.predict)
+app.command("demo")(demo_cmd.demo)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -22,3 +22,35 @@ DataSpec = Annotated[str, typer.Option("--data", help="synthetic[:N], pets:DIR o
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '384x512' -> (384, 512) as (H, W)."""
+    from vitseg_export.errors import VitsegError
+
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) <= 0:
+        raise VitsegError(f"image size '{text}' is not HxW or S", "e.g. --image-size 512 or --image-size 384x512")
+    return (values[0], values[-1])
+
+
+class _Status:
+    def __init__(self, title: str):
+        self.title = title
+
+    def __enter__(self):
+        self._status = err_console.status(self.title)
+        self._status.__enter__()
+        return lambda msg: self._status.update(f"{self.title}: {msg}")
+
+    def __exit__(self, *exc):
+        return self._status.__exit__(*exc)
+
+
+def status(title: str) -> _Status:
+    """A spinner on stderr; `with status("x") as update: update("step")`."""
+    return _Status(title)

@@ -1,0 +1,79 @@
+"""`vitseg verify`: the artifact's masks against the PyTorch reference, with a verdict and numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from vitseg_export.cli.common import DataSpec, JsonFlag, console, err_console, print_json
+from vitseg_export.errors import ParityError
+
+
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="The exported artifact (.onnx).")],
+    reference: Annotated[str, typer.Option("--reference", "-r", help="The checkpoint it was exported from.")],
+    data: DataSpec = "synthetic",
+    num_images: Annotated[int, typer.Option("--num-images", min=1)] = 16,
+    device: Annotated[str, typer.Option(help="cpu or cuda (both sides).")] = "cpu",
+    report: Annotated[Optional[Path], typer.Option(help="Write the JSON report here.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Override the preset (0..1).")] = None,
+    min_miou: Annotated[Optional[float], typer.Option("--min-miou", help="Override min mIoU vs reference (0..1).")] = None,
+    max_abs_diff: Annotated[Optional[float], typer.Option("--max-abs-diff", help="Override max |logit diff|.")] = None,
+    save_diff: Annotated[Optional[Path], typer.Option("--save-diff", help="Write input/reference/artifact/diff PNGs here.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Compare an artifact with its PyTorch reference on real images; exit 0 on pass, 3 on fail."""
+    from rich.progress import Progress
+
+    from vitseg_export.artifact import read_artifact_info
+    from vitseg_export.parity import thresholds_for
+    from vitseg_export.verify import verify_artifact, write_report
+
+    precision = read_artifact_info(artifact).precision
+    thresholds = thresholds_for(precision, min_agreement=min_agreement, min_miou_vs_reference=min_miou,
+                                max_abs_logit_diff=max_abs_diff)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("verify", total=num_images)
+        result = verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    r = result.report
+    if report:
+        write_report(r, report)
+    if json_output:
+        print_json({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]})
+    else:
+        print_verify_table(r)
+    if not result.passed:
+        raise ParityError(f"{artifact.name} FAILED parity ({r['precision']} preset): " + "; ".join(result.failures),
+                          "see the report; raise thresholds only with a reason")
+    if not json_output:
+        console.print(f"[green]PASS[/] {artifact.name} matches {reference} ({r['precision']} preset)")
+
+
+def print_verify_table(r: dict) -> None:
+    table = Table(title=f"verify {Path(r['artifact']).name} ({r['backend']}, {r['device']}) vs PyTorch fp32")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("limit", justify="right")
+    t = r["thresholds"]
+
+    def pct(x):
+        return f"{x * 100:.4f}%"
+
+    table.add_row("images", str(r["images"]), "")
+    table.add_row("pixel agreement", pct(r["pixel_agreement"]), f">= {pct(t['min_agreement'])}")
+    table.add_row("mIoU vs reference", pct(r["miou_vs_reference"]), f">= {pct(t['min_miou_vs_reference'])}")
+    if r["max_abs_logit_diff"] is not None:
+        table.add_row("max |logit diff|", f"{r['max_abs_logit_diff']:.3g}",
+                      f"<= {t['max_abs_logit_diff']:.3g}" if t["max_abs_logit_diff"] is not None else "")
+        table.add_row("mean |logit diff|", f"{r['mean_abs_logit_diff']:.3g}",
+                      f"<= {t['max_mean_abs_logit_diff']:.3g}" if t["max_mean_abs_logit_diff"] is not None else "")
+    table.add_row("non-finite logits", str(r["nonfinite"]), f"<= {t['max_nonfinite']}")
+    table.add_row("flipped pixels (near-ties)", f"{r['flips']} ({r['low_margin_flips']})", "")
+    if "reference_miou_vs_labels" in r:
+        table.add_row("mIoU vs labels: reference / artifact",
+                      f"{r['reference_miou_vs_labels'] * 100:.2f} / {r['artifact_miou_vs_labels'] * 100:.2f}", "")
+    console.print(table)

@@ -1,0 +1,1 @@
+"""optimized module -> artifact: ONNX (and, later, precision and TensorRT steps)."""

@@ -1,0 +1,166 @@
+"""outputs -> comparator: mask-level parity between an artifact and the PyTorch reference.
+
+Numpy only. The thresholds come from ONE table of per-precision presets; flags override single values.
+
+Why these numbers:
+- fp32: the same math in another runtime. Kernel order changes leave logits within ~1e-5 of each
+  other; a flipped argmax can only happen at near-ties, so agreement must be >= 99.99% and the largest
+  logit difference <= 1e-3 (100x the observed noise: anything above is a real graph difference).
+- fp16: 10-bit mantissa, so logits of magnitude ~10 move by ~1e-2; a pixel flips only where the top-2
+  margin is below that. Agreement >= 99.9% and mIoU against the reference >= 99.5%; logit limits are
+  loose (max 0.5, mean 0.05) to catch overflow and broken islands, not rounding.
+- int8: quantization noise is a few percent of each activation range; the mask is what must survive:
+  agreement >= 99.0% and mIoU against the reference >= 98.0%; no logit limit beyond finiteness.
+Every preset requires zero non-finite values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+LOW_MARGIN = 0.1  # a reference top-2 logit margin below this makes a flip a near-tie, not an error
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_agreement: float
+    min_miou_vs_reference: float
+    max_abs_logit_diff: float | None
+    max_mean_abs_logit_diff: float | None
+    max_nonfinite: int = 0
+
+
+PRESETS: dict[str, Thresholds] = {
+    "fp32": Thresholds(min_agreement=0.9999, min_miou_vs_reference=0.999, max_abs_logit_diff=1e-3,
+                       max_mean_abs_logit_diff=1e-4),
+    "fp16": Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
+                       max_mean_abs_logit_diff=0.05),
+    "int8": Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
+                       max_mean_abs_logit_diff=None),
+}
+
+
+def thresholds_for(precision: str, **overrides) -> Thresholds:
+    base = PRESETS[precision]
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
+    valid = target != ignore
+    idx = target[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def miou(cm: np.ndarray) -> float:
+    inter = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+
+
+@dataclass
+class ParityAccumulator:
+    """Accumulates per-image comparisons; `summary()` gives the totals."""
+
+    num_classes: int
+    images: int = 0
+    pixels: int = 0
+    agree: int = 0
+    flips: int = 0
+    low_margin_flips: int = 0
+    nonfinite: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    logit_values: int = 0
+    cm_vs_ref: np.ndarray = field(default=None)  # type: ignore[assignment]
+    cm_ref_gt: np.ndarray = field(default=None)  # type: ignore[assignment]
+    cm_art_gt: np.ndarray = field(default=None)  # type: ignore[assignment]
+    per_image: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        k = self.num_classes
+        self.cm_vs_ref = np.zeros((k, k), np.int64)
+        self.cm_ref_gt = np.zeros((k, k), np.int64)
+        self.cm_art_gt = np.zeros((k, k), np.int64)
+        self.has_labels = False
+
+    def add(self, name: str, ref_logits: np.ndarray, art_mask: np.ndarray, art_logits: np.ndarray | None,
+            label: np.ndarray | None = None) -> dict:
+        """One image: ref_logits (C,H,W) float32, art_mask (H,W), art_logits (C,H,W) or None, label (H,W) or None."""
+        ref_mask = ref_logits.argmax(0)
+        agree = int((ref_mask == art_mask).sum())
+        n = ref_mask.size
+        top2 = np.partition(ref_logits, -2, axis=0)[-2:]
+        margin = top2[1] - top2[0]
+        flipped = ref_mask != art_mask
+        low = int((flipped & (margin < LOW_MARGIN)).sum())
+        row = {"name": name, "pixel_agreement": agree / n, "flips": n - agree, "low_margin_flips": low}
+        self.cm_vs_ref += _confusion(art_mask, ref_mask, self.num_classes)
+        if art_logits is not None:
+            finite = np.isfinite(art_logits)
+            nonfinite = int((~finite).sum())
+            diff = np.abs(np.where(finite, art_logits, 0).astype(np.float64) - ref_logits)
+            row.update(max_abs_logit_diff=float(diff.max()), mean_abs_logit_diff=float(diff.mean()), nonfinite=nonfinite)
+            self.nonfinite += nonfinite
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.sum_abs += float(diff.sum())
+            self.logit_values += diff.size
+        if label is not None and (label != 255).any():
+            self.has_labels = True
+            self.cm_ref_gt += _confusion(ref_mask, label, self.num_classes)
+            self.cm_art_gt += _confusion(art_mask, label, self.num_classes)
+        row["miou_vs_reference"] = miou(_confusion(art_mask, ref_mask, self.num_classes))
+        self.images += 1
+        self.pixels += n
+        self.agree += agree
+        self.flips += n - agree
+        self.low_margin_flips += low
+        self.per_image.append(row)
+        return row
+
+    def summary(self) -> dict:
+        out = {
+            "images": self.images,
+            "pixels": self.pixels,
+            "pixel_agreement": self.agree / max(1, self.pixels),
+            "miou_vs_reference": miou(self.cm_vs_ref),
+            "max_abs_logit_diff": self.max_abs if self.logit_values else None,
+            "mean_abs_logit_diff": self.sum_abs / self.logit_values if self.logit_values else None,
+            "nonfinite": self.nonfinite,
+            "flips": self.flips,
+            "low_margin_flips": self.low_margin_flips,
+            "low_margin": LOW_MARGIN,
+        }
+        if self.has_labels:
+            ref, art = miou(self.cm_ref_gt), miou(self.cm_art_gt)
+            out.update(reference_miou_vs_labels=ref, artifact_miou_vs_labels=art, miou_drop_vs_labels=ref - art,
+                       reference_pixel_accuracy_vs_labels=float(np.trace(self.cm_ref_gt) / max(1, self.cm_ref_gt.sum())),
+                       artifact_pixel_accuracy_vs_labels=float(np.trace(self.cm_art_gt) / max(1, self.cm_art_gt.sum())))
+        return out
+
+
+def judge(summary: dict, thresholds: Thresholds) -> list[str]:
+    """The failed checks, each saying what and by how much; empty means pass."""
+    failures = []
+    agreement = summary["pixel_agreement"]
+    if agreement < thresholds.min_agreement:
+        failures.append(f"pixel agreement {agreement * 100:.4f}% < {thresholds.min_agreement * 100:.2f}% "
+                        f"({summary['flips']} pixels flipped, {summary['low_margin_flips']} of them near-ties)")
+    m = summary["miou_vs_reference"]
+    if math.isnan(m) or m < thresholds.min_miou_vs_reference:
+        failures.append(f"mIoU vs reference {m * 100:.3f} < {thresholds.min_miou_vs_reference * 100:.2f}")
+    if summary["nonfinite"] > thresholds.max_nonfinite:
+        failures.append(f"{summary['nonfinite']} non-finite logits (NaN/Inf) > {thresholds.max_nonfinite}")
+    mx, mean = summary["max_abs_logit_diff"], summary["mean_abs_logit_diff"]
+    if thresholds.max_abs_logit_diff is not None and mx is not None and mx > thresholds.max_abs_logit_diff:
+        failures.append(f"max |logit diff| {mx:.3g} > {thresholds.max_abs_logit_diff:.3g}")
+    if thresholds.max_mean_abs_logit_diff is not None and mean is not None and mean > thresholds.max_mean_abs_logit_diff:
+        failures.append(f"mean |logit diff| {mean:.3g} > {thresholds.max_mean_abs_logit_diff:.3g}")
+    return failures
+
+
+def thresholds_dict(t: Thresholds) -> dict:
+    return asdict(t)

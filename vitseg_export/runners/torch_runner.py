@@ -1,0 +1,53 @@
+"""The PyTorch reference (eager fp32) behind the same interface as every other backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vitseg_export.errors import BackendMissingError
+from vitseg_export.runners.base import Runner
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, checkpoint, device: str = "cpu", outputs: tuple[str, ...] = ("logits",)):
+        """`checkpoint`: anything `load_checkpoint` takes, or a LoadedCheckpoint."""
+        super().__init__(f"torch:{getattr(checkpoint, 'source', checkpoint)}", device)
+        self.checkpoint = checkpoint
+        self.output_names = list(outputs)
+
+    def activate_impl(self) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise BackendMissingError("the torch backend needs PyTorch", "pip install 'vitseg-export[torch]'") from None
+        from vitseg_export.checkpoint import LoadedCheckpoint, load_checkpoint
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BackendMissingError("--device cuda: torch sees no CUDA GPU here", "use --device cpu, or a CUDA build of torch")
+        loaded = self.checkpoint if isinstance(self.checkpoint, LoadedCheckpoint) else load_checkpoint(self.checkpoint)
+        self.loaded = loaded
+        self.segmenter = loaded.segmenter().eval().to(self.device)
+        self.class_names = list(loaded.meta.class_names)
+        self.input_size = tuple(loaded.meta.image_size)
+        self.dynamic_size = loaded.meta.family == "segformer"
+        self.torch = torch
+
+    def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            logits = self.segmenter(torch.from_numpy(pixels).to(self.device))
+            out = {}
+            if "logits" in self.output_names:
+                out["logits"] = logits.float().cpu().numpy()
+            if "mask" in self.output_names:
+                out["mask"] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        return out
+
+    def deactivate_impl(self) -> None:
+        del self.segmenter
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()

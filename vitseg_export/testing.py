@@ -1,0 +1,27 @@
+"""Parity checks for your own CI:
+
+    from vitseg_export.testing import assert_mask_parity
+
+    def test_exported_model_matches():
+        assert_mask_parity("model.onnx", reference="runs/best", num_images=8)
+
+Raises AssertionError naming each failed check and by how much; returns the report on success.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def assert_mask_parity(artifact: str | Path, reference: str, data: str = "synthetic", num_images: int = 8,
+                       device: str = "cpu", **threshold_overrides) -> dict:
+    from vitseg_export.artifact import read_artifact_info
+    from vitseg_export.parity import thresholds_for
+    from vitseg_export.verify import verify_artifact
+
+    artifact = Path(artifact)
+    thresholds = thresholds_for(read_artifact_info(artifact).precision, **threshold_overrides)
+    result = verify_artifact(artifact, reference, data, num_images, device, thresholds)
+    if not result.passed:
+        raise AssertionError(f"{artifact.name} does not match {reference}: " + "; ".join(result.failures))
+    return result.report
