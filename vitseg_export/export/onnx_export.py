@@ -34,12 +34,17 @@ from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.modeling.registry import Segmenter
 from vitseg_export.parity import ParityAccumulator, judge, thresholds_for
 
+if False:  # typing only
+    from vitseg_export.export.precision import Int8Settings  # noqa: F401
+
 OUTPUT_CHOICES = ("logits", "mask", "both")
+PRECISIONS = ("fp32", "fp16", "int8")
 SUPPORTED_OPSETS = range(14, 22)
 
 
 @dataclass
 class OnnxExportSettings:
+    precision: str = "fp32"
     opset: int = 17
     image_size: tuple[int, int] | None = None  # None: the checkpoint's
     dynamic_batch: bool = True
@@ -47,6 +52,7 @@ class OnnxExportSettings:
     outputs: str = "logits"
     simplify: bool = False
     parity_inputs: int = 3
+    fp16_io: bool = False
 
     @property
     def output_names(self) -> list[str]:
@@ -135,16 +141,17 @@ def _ort_session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def parity_inputs(size: tuple[int, int], count: int, batch: int) -> list[np.ndarray]:
-    """Real images (the synthetic validation split) plus one uniform-noise batch."""
+def parity_inputs(size: tuple[int, int], count: int, batch: int, noise: bool = True) -> list[np.ndarray]:
+    """Real images (the synthetic validation split) plus, for fp32, one uniform-noise batch (reduced
+    precisions are judged on real images only: their ranges are calibrated for them)."""
     from vitseg_export.artifact import pixels_from_image
     from vitseg_export.data.sources import open_source
 
     source = open_source(f"synthetic[:{max(1, count)}]", "val")
     images = np.stack([pixels_from_image(source[i].image, size) for i in range(len(source))])
     batches = [images[i:i + batch] for i in range(0, len(images), batch)]
-    rng = np.random.default_rng(0)
-    batches.append(rng.random((batch, 3, *size), dtype=np.float32))
+    if noise:
+        batches.append(np.random.default_rng(0).random((batch, 3, *size), dtype=np.float32))
     return batches
 
 
@@ -155,26 +162,37 @@ def self_parity(segmenter: Segmenter, session, batches: list[np.ndarray], output
     for bi, pixels in enumerate(batches):
         with torch.inference_mode():
             ref = segmenter(torch.from_numpy(pixels)).numpy()
-        got = dict(zip(outputs, session.run(None, {"pixels": pixels})))
+        feed = pixels.astype(np.float16) if session.get_inputs()[0].type == "tensor(float16)" else pixels
+        got = dict(zip(outputs, session.run(None, {"pixels": feed})))
         for i in range(len(pixels)):
             art_logits = got["logits"][i].astype(np.float32) if "logits" in got else None
             art_mask = got["mask"][i] if "mask" in got else art_logits.argmax(0)
-            if "logits" in got and "mask" in got and not np.array_equal(got["mask"][i], art_logits.argmax(0)):
+            if (precision == "fp32" and "logits" in got and "mask" in got
+                    and not np.array_equal(got["mask"][i], art_logits.argmax(0))):
                 raise ParityError("the exported mask output disagrees with the argmax of its own logits",
                                   "report this as a bug with the checkpoint")
             acc.add(f"batch{bi}_{i}", ref[i], art_mask, art_logits)
     summary = acc.summary()
     failures = judge(summary, thresholds_for(precision))
     if failures:
-        raise ParityError(f"the exported graph differs from PyTorch: {'; '.join(failures)}; nothing was written",
-                          "report this with the checkpoint; try another --opset")
+        hint = ("report this with the checkpoint; try another --opset" if precision == "fp32" else
+                f"the {precision} graph loses too much; try another precision or calibration")
+        raise ParityError(f"the exported {precision} graph differs from PyTorch: {'; '.join(failures)}; nothing was written",
+                          hint)
     return summary
 
 
 def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSettings,
-                progress=lambda msg: None) -> ExportResult:
+                progress=lambda msg: None, int8: "Int8Settings | None" = None) -> ExportResult:
     import onnx
 
+    from vitseg_export.export.precision import FP16_ISLANDS, Int8Settings, onnx_fp16, quantize_int8
+
+    if settings.precision not in PRECISIONS:
+        raise VitsegError(f"--precision {settings.precision} is unknown", f"use one of {', '.join(PRECISIONS)}")
+    if settings.precision == "int8" and settings.outputs == "mask":
+        raise VitsegError("int8 export needs the logits output (calibration and fallback compare logits)",
+                          "use --outputs logits or both")
     size = check_export_request(loaded, settings)
     segmenter = loaded.segmenter().eval()
     graph = ExportGraph(segmenter, settings.output_names).eval()
@@ -198,6 +216,27 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         other = (size[0] + 13, size[1] + 29)
         batches += parity_inputs(other, 1, batch)[:1]
     parity = self_parity(segmenter, session, batches, settings.output_names)
+    fp32_parity = parity
+    precision_info: dict = {}
+    if settings.precision == "fp16":
+        progress("converting to fp16 with fp32 islands")
+        model = onnx_fp16(model, settings.fp16_io)
+        precision_info = {"fp32_islands": list(FP16_ISLANDS), "io_dtype": "float16" if settings.fp16_io else "float32"}
+    elif settings.precision == "int8":
+        int8 = int8 or Int8Settings()
+        result = quantize_int8(model, size, int8, cache_dir=output.parent / ".vitseg-calibration-cache", progress=progress)
+        model = result.model
+        precision_info = {"target": int8.target, "int8_mac_share": result.int8_mac_share,
+                          "quantized_nodes": len(result.quantized_nodes), "fallback_layers": result.fallback,
+                          "heldout_agreement": result.heldout_agreement,
+                          "heldout_miou_vs_reference": result.heldout_miou_vs_reference, "calibration": result.calibration,
+                          "quantization": result.settings,
+                          "float_part": "fp16" if int8.target == "trt" else "fp32"}
+    if settings.precision != "fp32":
+        progress(f"checking {settings.precision} parity against PyTorch")
+        real = parity_inputs(size, max(settings.parity_inputs, 8), batch, noise=False)
+        parity = self_parity(segmenter, _ort_session(model.SerializeToString()), real, settings.output_names,
+                             settings.precision)
     export_seconds = time.perf_counter() - t0
 
     meta = loaded.meta
@@ -207,7 +246,7 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         "class_names": meta.class_names,
         "input_size": list(size),
         "normalization": {"mean": list(meta.mean), "std": list(meta.std)},
-        "precision": "fp32",
+        "precision": settings.precision,
         "opset": written,
         "outputs": settings.output_names,
         "dynamic_batch": settings.dynamic_batch,
@@ -232,6 +271,8 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         "export_settings": {**asdict(settings), "image_size": list(size), "exporter": "torch.onnx (TorchScript)",
                             "torch_version": torch.__version__, "onnx_version": onnx.__version__},
         "self_parity": parity,
+        "fp32_graph_parity": fp32_parity,
+        settings.precision: precision_info,
         "export_seconds": round(export_seconds, 2),
         "random_weights": loaded.kind == "random",
     }

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from vitseg_export.checkpoint import load_checkpoint
+from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
+from vitseg_export.export.precision import FP16_ISLANDS, Int8Settings
+from vitseg_export.runners import runner_for
+from vitseg_export.verify import verify_artifact
+
+
+def _random(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_checkpoint(name)
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+@pytest.mark.parametrize("name", ["segformer-b0-test", "vit-seg-tiny-test"])
+def test_fp16_export_keeps_islands_in_fp32_and_passes_the_fp16_preset(tmp_path, name):
+    path = tmp_path / "m16.onnx"
+    result = export_onnx(_random(name), path, OnnxExportSettings(precision="fp16", outputs="both"))
+    assert result.manifest["fp16"]["fp32_islands"] == list(FP16_ISLANDS)
+    model = onnx.load(path)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # fp32 I/O by default
+    inits = {i.name: i for i in model.graph.initializer}
+    assert sum(i.data_type == TensorProto.FLOAT16 for i in inits.values()) > 10  # the weights are fp16
+    for node in model.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax"):  # islands: fp32 parameters, inputs cast to fp32
+            for name_in in node.input[1:]:
+                if name_in in inits:
+                    assert inits[name_in].data_type == TensorProto.FLOAT, node.name
+    props = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert props["vitseg.precision"] == "fp16"
+    verdict = verify_artifact(path, name, "synthetic[:4]", 4)
+    assert verdict.passed, verdict.failures
+    assert verdict.report["thresholds"]["min_agreement"] == 0.999
+
+
+def test_fp16_io(tmp_path):
+    path = tmp_path / "io16.onnx"
+    export_onnx(_random("segformer-b1-test"), path, OnnxExportSettings(precision="fp16", fp16_io=True))
+    model = onnx.load(path)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    with runner_for(path) as runner:  # the runner feeds float16 itself and returns float32 logits
+        out = runner.infer({"pixels": np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)})
+    assert out["logits"].dtype == np.float32 and np.isfinite(out["logits"]).all()
+
+
+def _int8(tmp_path, name, **kw):
+    settings = Int8Settings(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", heldout_images=6, **kw)
+    path = tmp_path / f"{name}-int8.onnx"
+    result = export_onnx(_random(name), path, OnnxExportSettings(precision="int8", outputs="both"), int8=settings)
+    return path, result.manifest
+
+
+def test_int8_qdq_is_symmetric_per_channel_and_leaves_norms_in_float(tmp_path):
+    path, manifest = _int8(tmp_path, "segformer-b0-test")
+    model = onnx.load(path)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = _producers(model)
+    qnodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qnodes
+    for n in qnodes:
+        zp = inits[n.input[2]] if len(n.input) > 2 and n.input[2] in inits else None
+        # symmetric: zero point 0; int8 everywhere except the cpu target's int32 biases (Conv/MatMul bias path)
+        assert zp is not None and not zp.any(), n.name
+        assert zp.dtype == np.int8 or (zp.dtype == np.int32 and "bias" in n.name), n.name
+    # weights: per-channel on the output-channel axis (Conv: 0; MatMul with constant B [K, N]: 1)
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "MatMul"):
+            continue
+        w = producers.get(n.input[1])
+        if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits:
+            axis = next((a.i for a in w.attribute if a.name == "axis"), 1)
+            assert axis == (0 if n.op_type == "Conv" else 1), n.name
+            assert inits[w.input[1]].size == inits[w.input[0]].shape[axis]
+    # only Conv/MatMul/Gemm inputs are quantized: a DequantizeLinear output feeds nothing else
+    # (LayerNorm, Softmax, GELU/Erf and residual Adds stay float)
+    consumers = [n for n in model.graph.node for i in n.input if i in producers and producers[i].op_type == "DequantizeLinear"]
+    assert consumers and {n.op_type for n in consumers} <= {"Conv", "MatMul", "Gemm"}
+    q = manifest["int8"]
+    assert manifest["metadata"]["precision"] == "int8" and 0 <= q["int8_mac_share"] <= 1
+    assert q["calibration"]["images"] == 8 and q["calibration"]["method"] == "minmax"
+    assert len(q["calibration"]["image_list_sha256"]) == 16 and q["calibration"]["ranges"]
+    assert q["quantization"]["target"] == "cpu"
+    assert verify_artifact(path, "segformer-b0-test", "synthetic[:6]", 6).report["precision"] == "int8"
+
+
+def test_calibration_cache_is_reused(tmp_path, monkeypatch):
+    _int8(tmp_path, "vit-seg-tiny-test")
+    caches = list((tmp_path / ".vitseg-calibration-cache").glob("ranges-*.json"))
+    assert len(caches) == 1
+    import importlib
+
+    q = importlib.import_module("onnxruntime.quantization.quantize")
+
+    def no_calibration(*a, **k):
+        raise AssertionError("re-calibrated although ranges were cached")
+
+    monkeypatch.setattr(q, "create_calibrator", no_calibration)
+    _int8(tmp_path, "vit-seg-tiny-test")
+
+
+def test_fallback_keeps_sensitive_layers_in_float_until_the_target_is_met(tmp_path, cli):
+    path, manifest = _int8(tmp_path, "vit-seg-tiny-test", min_agreement=1.0, min_miou_vs_reference=1.0)
+    q = manifest["int8"]
+    assert q["fallback_layers"], "an exact target must force layers back to float"
+    assert all("SQNR" in row["reason"] for row in q["fallback_layers"])
+    sqnrs = [row["sqnr_db_alone"] for row in q["fallback_layers"]]
+    assert sqnrs == sorted(sqnrs)  # most sensitive first
+    assert q["heldout_agreement"] == 1.0
+    model = onnx.load(path)
+    float_nodes = {row["node"] for row in q["fallback_layers"]}
+    producers = _producers(model)
+    for n in model.graph.node:
+        if n.name in float_nodes:
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input), n.name
+
+
+def test_int8_trt_target_runs_float_part_in_fp16(tmp_path):
+    path, manifest = _int8(tmp_path, "segformer-b0-test", target="trt")
+    assert manifest["int8"]["float_part"] == "fp16" and manifest["int8"]["quantization"]["extra_options"]["QuantizeBias"] is False
+    model = onnx.load(path)
+    types = {i.data_type for i in model.graph.initializer}
+    assert TensorProto.FLOAT16 in types and TensorProto.INT8 in types
+    assert not any(i.data_type == TensorProto.INT32 for i in model.graph.initializer)  # no int32 bias for the parser
+
+
+def test_cli_export_int8_reports_mac_share(tmp_path, cli):
+    r = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib", "synthetic[:4]", "--calib-images", "4",
+            "-o", str(tmp_path / "q.onnx"))
+    assert r.exit_code == 0, r.stderr
+    assert "of MACs run in int8" in r.stdout
+    bad = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib-method", "magic", "-o", str(tmp_path / "b.onnx"))
+    assert bad.exit_code == 2 and "calib-method magic" in bad.stderr and not (tmp_path / "b.onnx").exists()
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    r = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib", f"folder:{empty}", "-o", str(tmp_path / "c.onnx"))
+    assert r.exit_code == 2 and "no images" in r.stderr and not (tmp_path / "c.onnx").exists()
