@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 
-from vitseg_export.artifact import read_artifact_info
 from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
@@ -30,7 +29,7 @@ def _random(name: str):
 def test_export_verify_round_trip_for_every_tiny_twin(tmp_path, name):
     loaded = _random(name)
     path = tmp_path / f"{name}.onnx"
-    result = export_onnx(loaded, path, OnnxExportSettings(outputs="both"))
+    export_onnx(loaded, path, OnnxExportSettings(outputs="both"))
     model = onnx.load(path)
     onnx.checker.check_model(model, full_check=True)
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]

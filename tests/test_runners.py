@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import numpy as np

@@ -10,6 +10,7 @@ import warnings
 import typer
 
 from vitseg_export.cli import demo as demo_cmd
+from vitseg_export.cli import doctor as doctor_cmd
 from vitseg_export.cli import export as export_cmd
 from vitseg_export.cli import models as models_cmd
 from vitseg_export.cli import predict as predict_cmd
@@ -30,6 +31,7 @@ app.command("export")(export_cmd.export)
 app.command("verify")(verify_cmd.verify)
 app.command("predict")(predict_cmd.predict)
 app.command("demo")(demo_cmd.demo)
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -13,7 +13,7 @@ from vitseg_export.artifact import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from vitseg_export.errors import VitsegError
 from vitseg_export.runners.base import Runner
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def runner_for(model: str | Path, device: str = "cpu", backend: str | None = None, outputs: tuple[str, ...] = ("logits",)) -> Runner:
@@ -25,7 +25,9 @@ def runner_for(model: str | Path, device: str = "cpu", backend: str | None = Non
 
         return OnnxRuntimeRunner(Path(model), device)
     if backend == "tensorrt":
-        raise VitsegError("this vitseg version has no TensorRT runner", "run the .onnx artifact with onnxruntime")
+        from vitseg_export.runners.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(Path(model), device)
     if backend == "torch":
         from vitseg_export.runners.torch_runner import TorchRunner
 

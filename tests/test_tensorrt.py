@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import importlib.util
+import time
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from vitseg_export.checkpoint import load_checkpoint
+from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
+from vitseg_export.export.precision import Int8Settings
+from vitseg_export.export.trt_lint import lint_for_tensorrt
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _random(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_checkpoint(name)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the message shown where TensorRT is missing; TensorRT is installed here")
+def test_trt_without_tensorrt_fails_fast_with_one_line(tmp_path, cli):
+    t0 = time.perf_counter()
+    r = cli("export", "segformer-b0-test", "--format", "trt", "-o", str(tmp_path / "m.engine"))
+    assert r.exit_code == 2 and "TensorRT is not available here" in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
+    assert not list(tmp_path.iterdir())  # nothing exported before the check
+    assert time.perf_counter() - t0 < 5
+
+
+def _graph(nodes, inits=(), opset=17, inputs=None):
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    outputs = [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_lint_flags_what_the_tensorrt_parser_rejects():
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    cubic = _graph([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="cubic")], [scales])
+    assert [p.reason for p in lint_for_tensorrt(cubic)] == ["mode 'cubic' (TensorRT: nearest or linear)"]
+    aa = _graph([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="linear", antialias=1)], [scales])
+    assert "antialias" in lint_for_tensorrt(aa)[0].reason
+    custom = _graph([helper.make_node("FancyOp", ["x"], ["y"], name="f", domain="com.example")])
+    assert "plugin" in lint_for_tensorrt(custom)[0].reason
+    unknown = _graph([helper.make_node("Col2Im", ["x"], ["y"], name="c")])
+    assert "not in the TensorRT ONNX parser's supported operators" in lint_for_tensorrt(unknown)[0].reason
+    zp = helper.make_tensor("zp", TensorProto.INT8, [], [3])
+    sc = helper.make_tensor("sc", TensorProto.FLOAT, [], [0.1])
+    q = _graph([helper.make_node("QuantizeLinear", ["x", "sc", "zp"], ["y"], name="q")], [zp, sc])
+    assert "zero point must be 0" in lint_for_tensorrt(q)[0].reason
+    bias = helper.make_tensor("b", TensorProto.INT32, [3], [1, 2, 3])
+    zp32 = helper.make_tensor("zp32", TensorProto.INT32, [], [0])
+    dq = _graph([helper.make_node("DequantizeLinear", ["b", "sc", "zp32"], ["y"], name="dq")], [bias, sc, zp32])
+    assert "int32" in lint_for_tensorrt(dq)[0].reason
+    attention = _graph([helper.make_node("Attention", ["x", "x", "x"], ["y"], name="a")], opset=23)
+    assert "10.14" in lint_for_tensorrt(attention)[0].reason
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_vitseg_graphs_lint_clean(tmp_path, precision):
+    for name in ("segformer-b2-test", "vit-seg-base-test"):
+        result = export_onnx(_random(name), tmp_path / f"{name}.onnx",
+                             OnnxExportSettings(precision=precision, outputs="both", dynamic_size=name.startswith("seg")))
+        assert lint_for_tensorrt(result.model_proto) == [], name
+
+
+def test_int8_trt_target_lints_clean_and_cpu_target_is_flagged(tmp_path):
+    kw = dict(calib="synthetic[:4]", calib_images=4, heldout="synthetic[:4]", heldout_images=4)
+    trt_q = export_onnx(_random("segformer-b0-test"), tmp_path / "t.onnx", OnnxExportSettings(precision="int8"),
+                        int8=Int8Settings(target="trt", **kw))
+    assert lint_for_tensorrt(trt_q.model_proto) == []
+    cpu_q = export_onnx(_random("segformer-b0-test"), tmp_path / "c.onnx", OnnxExportSettings(precision="int8"),
+                        int8=Int8Settings(target="cpu", **kw))
+    assert any("int32" in p.reason for p in lint_for_tensorrt(cpu_q.model_proto))
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_build_run_verify(tmp_path, precision):
+    """Real TensorRT: build an engine from the exported ONNX, run it through the runner, verify it."""
+    from vitseg_export.export.tensorrt_engine import EngineSettings, engine_from_onnx
+    from vitseg_export.verify import verify_artifact
+
+    onnx_path = tmp_path / f"m-{precision}.onnx"
+    export_onnx(_random("segformer-b0-test"), onnx_path, OnnxExportSettings(precision=precision, outputs="both"),
+                int8=Int8Settings(target="trt", calib="synthetic[:8]", calib_images=8, heldout="synthetic[:8]"))
+    manifest = engine_from_onnx(onnx_path, tmp_path / f"m-{precision}.engine",
+                                EngineSettings(workspace_gb=1, timing_cache=tmp_path / "timing.cache"))
+    assert manifest["tensorrt_version"] and (tmp_path / "timing.cache").is_file()
+    report = verify_artifact(tmp_path / f"m-{precision}.engine", "segformer-b0-test", "synthetic[:4]", 4, device="cuda")
+    assert report.passed, report.failures
+    onnx.load(onnx_path)  # the ONNX the engine came from stays beside it
+    assert np.isfinite(report.report["mean_abs_logit_diff"])
