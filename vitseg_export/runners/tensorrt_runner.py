@@ -25,7 +25,8 @@ class TensorRTRunner(Runner):
     def activate_impl(self) -> None:
         from vitseg_export.export.tensorrt_engine import require_tensorrt
 
-        trt = require_tensorrt()
+        require_tensorrt()
+        import tensorrt as trt  # typed against the 10.3 and 11.4 bindings by mypy
         import torch
 
         info = read_artifact_info(self.path)
@@ -62,7 +63,8 @@ class TensorRTRunner(Runner):
             self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
             buffers: dict[str, Any] = {}
             for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
+                dims = self.context.get_tensor_shape(name)
+                shape = tuple(dims[i] for i in range(len(dims)))
                 buffers[name] = torch.empty(shape, dtype=self.dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
                 self.context.set_tensor_address(name, buffers[name].data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
