@@ -31,6 +31,7 @@ def export(
     outputs: Annotated[str, typer.Option(help="logits, mask (in-graph argmax, uint8) or both.")] = "logits",
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (or S) to export at; default: the checkpoint's.")] = None,
     simplify: Annotated[bool, typer.Option("--simplify", help="Simplify with onnxslim (verified not to change outputs).")] = False,
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Skip the exact graph rewrites (decoder/BatchNorm folding).")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16-io", help="fp16: float16 graph input/output (default float32).")] = False,
     calib: Annotated[str, typer.Option("--calib", help="int8: calibration data spec (its calib split).")] = "synthetic",
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="int8: calibration images.")] = 32,
@@ -70,7 +71,8 @@ def export(
     size = parse_size(image_size) if image_size else None
     loaded = load_checkpoint(checkpoint)
     settings = OnnxExportSettings(precision=precision, opset=opset, image_size=size, dynamic_batch=dynamic_batch,
-                                  dynamic_size=dynamic_size, outputs=outputs, simplify=simplify, fp16_io=fp16_io)
+                                  dynamic_size=dynamic_size, outputs=outputs, simplify=simplify, fp16_io=fp16_io,
+                                  fold=not no_fold)
     int8 = Int8Settings(calib=calib, calib_images=calib_images, method=calib_method,
                         target=target or ("trt" if format == "trt" else "cpu"),
                         min_agreement=min_agreement if min_agreement is not None else PRESETS["int8"].min_agreement,

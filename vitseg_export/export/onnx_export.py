@@ -53,6 +53,7 @@ class OnnxExportSettings:
     simplify: bool = False
     parity_inputs: int = 3
     fp16_io: bool = False
+    fold: bool = True  # exact rewrites (vitseg_export.optimize); parity is still judged against the unfolded model
 
     @property
     def output_names(self) -> list[str]:
@@ -194,8 +195,16 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         raise VitsegError("int8 export needs the logits output (calibration and fallback compare logits)",
                           "use --outputs logits or both")
     size = check_export_request(loaded, settings)
-    segmenter = loaded.segmenter().eval()
-    graph = ExportGraph(segmenter, settings.output_names).eval()
+    from vitseg_export.modeling.registry import Segmenter as _Segmenter
+    from vitseg_export.optimize import fold
+
+    segmenter = loaded.segmenter().eval()  # the reference every parity check compares against
+    rewrites: list[str] = []
+    exported = segmenter
+    if settings.fold:
+        folded_net, rewrites = fold(loaded.model.eval())
+        exported = _Segmenter(folded_net, loaded.meta.mean, loaded.meta.std).eval()
+    graph = ExportGraph(exported, settings.output_names).eval()
     # Dynamic batch needs a batch-2 example, or the batch dimension may specialize to 1.
     batch = 2 if settings.dynamic_batch else 1
     example = torch.rand(batch, 3, *size)
@@ -271,6 +280,7 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         "export_settings": {**asdict(settings), "image_size": list(size), "exporter": "torch.onnx (TorchScript)",
                             "torch_version": torch.__version__, "onnx_version": onnx.__version__},
         "self_parity": parity,
+        "rewrites": rewrites,
         "fp32_graph_parity": fp32_parity,
         settings.precision: precision_info,
         "export_seconds": round(export_seconds, 2),
