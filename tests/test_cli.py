@@ -35,10 +35,14 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
     result = cli("demo", "--model", "segformer-b0-test", "--output", str(tmp_path / "demo"), "--epochs", "1",
                  "--train-images", "8", "--verify-images", "2", "--image-size", "64")
     assert result.exit_code == 0, result.stderr
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    onnx_row = summary["rows"][1]
-    assert onnx_row["status"] == "verified" and onnx_row["agreement"] >= 0.9999 and onnx_row["latency_p50_ms"] > 0
+    report = json.loads((tmp_path / "demo" / "benchmark.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["pytorch-eager-fp32", "onnx-fp32", "onnx-fp16", "onnx-int8"]
+    for row in report["rows"][1:]:
+        assert row["status"] == "verified" and row["latency_p50_ms"] > 0 and row["speedup"] > 0, row
+    assert report["rows"][1]["pixel_agreement"] >= 0.9999
     assert (tmp_path / "demo" / "artifacts" / "segformer-b0-test-fp32.onnx.json").is_file()
     assert len(list((tmp_path / "demo" / "predictions").glob("*_mask.png"))) == 4
-    assert json.loads((tmp_path / "demo" / "reports" / "verify-fp32.json").read_text())["passed"] is True
-    assert "ONNX fp32" in result.stdout and "verified" in result.stdout
+    assert json.loads((tmp_path / "demo" / "reports" / "verify-onnx-int8.json").read_text())["precision"] == "int8"
+    for name in ("benchmark.md", "pareto.png", "overlays.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+    assert "onnx-int8" in result.stdout and "verified" in result.stdout

@@ -1,8 +1,16 @@
-"""runner -> latency figures. Torch-free; CUDA runners synchronize inside infer (outputs come back as numpy)."""
+"""runner -> latency, throughput, memory and compute figures. Torch-free unless profiling a checkpoint.
+
+CUDA runners synchronize inside `infer` (outputs come back as numpy), so wall-clock timing around
+`infer` is end to end; the torch CUDA path additionally times with CUDA events.
+"""
 
 from __future__ import annotations
 
+import importlib
+import platform
+import resource
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -23,3 +31,108 @@ def measure_latency(runner: Runner, pixels: np.ndarray, warmup: int = 5, iters: 
     return {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
             "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()), "iters": iters, "warmup": warmup,
             "batch": int(pixels.shape[0]), "images_per_s": float(pixels.shape[0] * 1e3 / t.mean())}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment(threads: int | None = None) -> dict:
+    from vitseg_export.doctor import cpu_info
+
+    env = {"cpu": cpu_info(), "threads": threads, "python": platform.python_version(), "platform": platform.platform()}
+    for lib in ("numpy", "onnxruntime", "onnx", "torch", "tensorrt"):
+        try:
+            env[f"{lib}_version"] = importlib.import_module(lib).__version__
+        except Exception:
+            env[f"{lib}_version"] = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            env["gpu"] = {"name": p.name, "compute_capability": f"{p.major}.{p.minor}"}
+    except ImportError:
+        pass
+    jetson = Path("/etc/nv_tegra_release")
+    if jetson.is_file():
+        env["jetson"] = {"release": jetson.read_text().strip()[:200]}
+    return env
+
+
+def onnx_compute(path: Path, size: tuple[int, int]) -> dict:
+    """Parameters and executed GFLOPs (2 x MACs of Conv/MatMul/Gemm) per image of an ONNX artifact."""
+    try:
+        import onnx
+
+        from vitseg_export.export.precision import node_macs
+    except ImportError:
+        return {"params": None, "gflops": None}
+    model = onnx.load(str(path))
+    params = sum(int(np.prod(i.dims)) for i in model.graph.initializer
+                 if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8))
+    pixels = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+    if model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+        pixels = pixels.astype(np.float16)
+    return {"params": params, "gflops": 2 * sum(node_macs(model, pixels).values()) / 1e9}
+
+
+def torch_compute(runner: Runner, size: tuple[int, int]) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitseg_export.modeling.registry import count_parameters
+
+    segmenter = runner.segmenter  # type: ignore[attr-defined]
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        segmenter(torch.rand(1, 3, *size, device=runner.device))
+    return {"params": count_parameters(segmenter), "gflops": counter.get_total_flops() / 1e9}
+
+
+def profile(model: str | Path, batches: list[int], device: str = "cpu", threads: int | None = None,
+            warmup: int = 5, iters: int = 20, size: tuple[int, int] | None = None) -> dict:
+    """Per batch size: p50/p90/p99/mean latency, throughput and memory; plus file size, params, GFLOPs."""
+    from vitseg_export.runners import runner_for
+
+    path = Path(str(model))
+    runner = runner_for(model, device=device)
+    if threads:
+        if hasattr(runner, "threads"):
+            runner.threads = threads  # type: ignore[attr-defined]
+        else:
+            import torch
+
+            torch.set_num_threads(threads)
+    rows = []
+    with runner:
+        size = size or tuple(runner.input_size)
+        is_torch = runner.backend == "torch"
+        compute = torch_compute(runner, size) if is_torch else (onnx_compute(path, size) if path.suffix == ".onnx"
+                                                                 else {"params": None, "gflops": None})
+        for batch in batches:
+            if batch > 1 and not runner.dynamic_batch:
+                rows.append({"batch": batch, "skipped": "static batch of 1 (export with --dynamic-batch)"})
+                continue
+            pixels = np.random.default_rng(0).random((batch, 3, *size), dtype=np.float32)
+            cuda_peak = None
+            if device == "cuda" and is_torch:
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+            row = measure_latency(runner, pixels, warmup, iters)
+            if device == "cuda" and is_torch:
+                import torch
+
+                cuda_peak = torch.cuda.max_memory_allocated() / 2**20
+            row.update(peak_rss_mb=peak_rss_mb(), peak_cuda_mb=cuda_peak)
+            if compute["gflops"]:
+                row["achieved_gflop_per_s"] = compute["gflops"] * batch / (row["mean_ms"] / 1e3)
+            rows.append(row)
+        backend, precision = runner.backend, runner.precision
+    file_path = path if path.suffix else (path / "model.safetensors" if path.is_dir() else None)
+    return {
+        "model": str(model), "backend": backend, "device": device, "precision": precision,
+        "input_size": list(size), "file_size_mb": file_path.stat().st_size / 1e6 if file_path and file_path.exists() else None,
+        **compute, "batches": rows, "environment": environment(threads),
+    }

@@ -14,6 +14,7 @@ from vitseg_export.cli import doctor as doctor_cmd
 from vitseg_export.cli import export as export_cmd
 from vitseg_export.cli import models as models_cmd
 from vitseg_export.cli import predict as predict_cmd
+from vitseg_export.cli import profile as profile_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
@@ -32,6 +33,8 @@ app.command("verify")(verify_cmd.verify)
 app.command("predict")(predict_cmd.predict)
 app.command("demo")(demo_cmd.demo)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("profile")(profile_cmd.profile)
+app.command("benchmark")(profile_cmd.benchmark)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

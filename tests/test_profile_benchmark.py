@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from vitseg_export.checkpoint import load_checkpoint
+from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
+
+
+def _export(tmp_path, name="segformer-b0-test", **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(load_checkpoint(name), tmp_path / f"{name}.onnx", OnnxExportSettings(**kw))
+    return tmp_path / f"{name}.onnx"
+
+
+def test_profile_json_schema(tmp_path, cli):
+    onnx_path = _export(tmp_path)
+    static = _export(tmp_path, "vit-seg-tiny-test", dynamic_batch=False)
+    r = cli("profile", str(onnx_path), str(static), "segformer-b0-test", "--batch", "1,2", "--iters", "3",
+            "--warmup", "1", "--threads", "1", "--json", str(tmp_path / "p.json"))
+    assert r.exit_code == 0, r.stderr
+    results = json.loads((tmp_path / "p.json").read_text())
+    assert [x["backend"] for x in results] == ["onnxruntime", "onnxruntime", "torch"]
+    for x in results:
+        assert {"model", "backend", "device", "precision", "input_size", "file_size_mb", "params", "gflops", "batches",
+                "environment"} <= set(x)
+        assert x["gflops"] > 0 and x["params"] > 0
+        assert x["environment"]["cpu"]["cores"] >= 1 and x["environment"]["onnxruntime_version"]
+    onnx_rows, static_rows, torch_rows = (x["batches"] for x in results)
+    for row in onnx_rows + torch_rows:
+        assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s", "peak_rss_mb", "batch"} <= set(row)
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["images_per_s"] > 0
+    assert static_rows[1]["skipped"].startswith("static batch")
+    # ONNX and torch count the same convolutions and matmuls (fold removes the decoder's fuse conv)
+    assert results[0]["gflops"] < results[2]["gflops"]
+    bad = cli("profile", str(onnx_path), "--batch", "0")
+    assert bad.exit_code == 2 and "positive integers" in bad.stderr
+
+
+def test_benchmark_schema_and_files(tmp_path, cli):
+    r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--precisions", "fp32,int8",
+            "--verify-images", "2", "--iters", "3", "--calib", "synthetic[:4]")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    assert {"checkpoint", "architecture", "image_size", "device", "batch", "rows", "environment"} <= set(report)
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["pytorch-eager-fp32", "onnx-fp32", "onnx-int8"]
+    for row in report["rows"]:
+        assert {"name", "format", "precision", "status", "latency_p50_ms", "speedup", "pixel_agreement"} <= set(row)
+    assert 0 <= report["rows"][2]["int8_mac_share"] <= 1
+    md = (tmp_path / "b" / "benchmark.md").read_text()
+    assert "| onnx-int8 |" in md and "speedup" in md
+    assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_benchmark_cell_failure_does_not_stop_the_others(tmp_path, cli):
+    r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--formats", "trt,onnx",
+            "--precisions", "fp32", "--verify-images", "2", "--iters", "2")
+    assert r.exit_code == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads((tmp_path / "b" / "benchmark.json").read_text())["rows"]}
+    assert rows["trt-fp32"]["status"].startswith("failed: TensorRT is not available")
+    assert rows["onnx-fp32"]["status"] == "verified"

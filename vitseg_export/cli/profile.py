@@ -1,0 +1,116 @@
+"""`vitseg profile` and `vitseg benchmark`: latency figures and the format x precision matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from vitseg_export.cli.common import DataSpec, console, err_console, parse_size, print_json
+from vitseg_export.errors import VitsegError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise VitsegError(f"'{text}' is not a comma-separated list of positive integers", "e.g. --batch 1,4,8")
+    return values
+
+
+def profile(
+    models: Annotated[list[str], typer.Argument(help="ONNX artifacts, engines or checkpoints (PyTorch eager).")],
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: the runtime's).")] = None,
+    warmup: Annotated[int, typer.Option(min=0)] = 5,
+    iters: Annotated[int, typer.Option(min=1)] = 20,
+    image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW for dynamic-size models.")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""
+    from vitseg_export.files import atomic_write_bytes
+    from vitseg_export.profiling import profile as run_profile
+
+    batches = _ints(batch)
+    size = parse_size(image_size) if image_size else None
+    results = []
+    with err_console.status("profiling") as status:
+        for model in models:
+            status.update(f"profiling {model}")
+            results.append(run_profile(model, batches, device, threads, warmup, iters, size))
+    table = Table(title=f"vitseg profile ({device}, {warmup} warm-up, {iters} timed runs)")
+    for col in ("model", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "peak RSS MB",
+                "size MB", "params", "GFLOPs/img"):
+        table.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right")
+    for r in results:
+        for b in r["batches"]:
+            if "skipped" in b:
+                table.add_row(Path(r["model"]).name, r["backend"], r["precision"], str(b["batch"]), b["skipped"], *[""] * 8)
+                continue
+            table.add_row(Path(r["model"]).name, r["backend"], r["precision"], str(b["batch"]), f"{b['p50_ms']:.2f}",
+                          f"{b['p90_ms']:.2f}", f"{b['p99_ms']:.2f}", f"{b['mean_ms']:.2f}", f"{b['images_per_s']:.1f}",
+                          f"{b['peak_rss_mb']:.0f}", "-" if r["file_size_mb"] is None else f"{r['file_size_mb']:.2f}",
+                          "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
+                          "-" if r["gflops"] is None else f"{r['gflops']:.2f}")
+    console.print(table)
+    if json_file:
+        import json
+
+        atomic_write_bytes(json_file, (json.dumps(results, indent=2) + "\n").encode())
+
+
+def benchmark(
+    checkpoint: Annotated[str, typer.Argument(help="Run dir, Hugging Face SegFormer dir, or architecture name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for benchmark.json/.md, pareto.png, overlays.png.")] = Path("benchmark"),
+    formats: Annotated[str, typer.Option("--formats", help="Comma-separated: onnx, trt.")] = "onnx",
+    precisions: Annotated[str, typer.Option("--precisions", help="Comma-separated: fp32, fp16, int8.")] = "fp32,fp16,int8",
+    image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (default: the checkpoint's).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    data: DataSpec = "synthetic",
+    verify_images: Annotated[int, typer.Option("--verify-images", min=1)] = 32,
+    calib: Annotated[str, typer.Option("--calib", help="int8 calibration data spec.")] = "synthetic",
+    iters: Annotated[int, typer.Option(min=1)] = 20,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without the exact rewrites.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print benchmark.json on stdout.")] = False,
+) -> None:
+    """Export, verify and profile every format x precision; one table with speedups vs PyTorch eager fp32."""
+    from vitseg_export.benchmark import BenchmarkSettings, run_benchmark
+
+    settings = BenchmarkSettings(formats=tuple(f.strip() for f in formats.split(",")),
+                                 precisions=tuple(p.strip() for p in precisions.split(",")),
+                                 image_size=parse_size(image_size) if image_size else None, device=device,
+                                 verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
+                                 fold=not no_fold, calib=calib)
+    report = run_benchmark(checkpoint, output, settings, log=lambda m: err_console.print(m, highlight=False))
+    if json_output:
+        print_json(report)
+    else:
+        print_benchmark_table(report)
+        console.print(f"wrote {output / 'benchmark.json'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
+                      f"{output / 'overlays.png'}", soft_wrap=True)
+
+
+def print_benchmark_table(report: dict, title: str | None = None) -> None:
+    table = Table(title=title or f"vitseg benchmark: {report['architecture']} "
+                                 f"{report['image_size'][0]}x{report['image_size'][1]}, batch 1, {report['device']}")
+    for col in ("artifact", "status", "size", "agreement", "mIoU drop vs labels", "p50 latency", "speedup vs eager"):
+        table.add_column(col, justify="left" if col in ("artifact", "status") else "right")
+
+    def fmt(v, pattern):
+        return "-" if v is None else pattern.format(v)
+
+    for r in report["rows"]:
+        status = r["status"]
+        if r.get("int8_mac_share") is not None:
+            status += f" ({r['int8_mac_share'] * 100:.0f}% MACs int8)"
+        table.add_row(r["name"], status, fmt(r.get("size_mb"), "{:.2f} MB"),
+                      fmt(None if r.get("pixel_agreement") is None else r["pixel_agreement"] * 100, "{:.3f}%"),
+                      fmt(None if r.get("miou_drop_vs_labels") is None else r["miou_drop_vs_labels"] * 100, "{:+.2f} pt"),
+                      fmt(r.get("latency_p50_ms"), "{:.2f} ms"), fmt(r.get("speedup"), "{:.2f}x"))
+    console.print(table)
