@@ -76,11 +76,12 @@ def test_segmenter_normalizes_and_returns_logits_at_input_resolution():
 
 # Valid alternatives for fields whose doubled value would not fit a 64 px input.
 ALTERNATIVES = {"sr_ratios": (4, 2, 2, 1), "strides": (4, 2, 2, 1), "patch_sizes": (7, 5, 3, 3),
-                "num_heads": (1, 1, 2, 1), "depths": (1, 2, 1, 1)}
+                "num_heads": (1, 1, 2, 1), "depths": (1, 2, 1, 1),
+                "block_widths": ((1, 24),), "layer_widths": ((1, 16), (1, 40), (2, 64), (1, 8))}
 
 
 def _perturbed(name, value):
-    if name in ALTERNATIVES and isinstance(value, tuple):
+    if name in ALTERNATIVES and (isinstance(value, tuple) or value is None):
         return ALTERNATIVES[name]
     if isinstance(value, bool):
         return not value

@@ -117,9 +117,11 @@ def train(
     settings: TrainSettings,
     output: Path,
     progress: Callable[[str, int, int, dict], None] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> list[EpochMetrics]:
     """Train `start` (random or loaded weights) and write the best (by val mIoU) checkpoint to `output`,
-    the last one to `output/last`, and per-epoch metrics to `output/metrics.json`."""
+    the last one to `output/last`, and per-epoch metrics to `output/metrics.json`. `after_step(net)` runs
+    after every optimizer step (e.g. to keep 2:4 sparsity masks applied)."""
     distributed, rank, world, local_rank = _dist_info()
     torch.manual_seed(settings.seed)
     if torch.cuda.is_available():
@@ -184,6 +186,8 @@ def train(
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if after_step is not None:
+                after_step(segmenter.net)
             loss_sum += loss.item()
             batches += 1
             if progress and rank == 0:

@@ -15,6 +15,7 @@ from vitseg_export.cli import export as export_cmd
 from vitseg_export.cli import models as models_cmd
 from vitseg_export.cli import predict as predict_cmd
 from vitseg_export.cli import profile as profile_cmd
+from vitseg_export.cli import prune as prune_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
@@ -35,6 +36,7 @@ app.command("demo")(demo_cmd.demo)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("profile")(profile_cmd.profile)
 app.command("benchmark")(profile_cmd.benchmark)
+app.command("prune")(prune_cmd.prune)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -87,8 +87,16 @@ def get_architecture(name: str) -> Architecture:
         raise VitsegError(f"unknown architecture '{name}'", f"use one of: {known} (see `vitseg models`)") from None
 
 
+def _jsonable(v: Any) -> Any:
+    return [_jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def _tupled(v: Any) -> Any:
+    return tuple(_tupled(x) for x in v) if isinstance(v, list) else v
+
+
 def config_to_dict(config: Any) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    return {k: _jsonable(v) for k, v in asdict(config).items()}
 
 
 def config_from_dict(family: str, data: dict) -> Any:
@@ -99,7 +107,7 @@ def config_from_dict(family: str, data: dict) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise VitsegError(f"unknown {family} config fields {unknown}", "the checkpoint was written by a newer vitseg")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return cls(**{k: _tupled(v) for k, v in data.items()})
 
 
 def build_model(family: str, config: Any) -> nn.Module:

@@ -35,8 +35,15 @@ class SegformerConfig:
     classifier_dropout: float = 0.1
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Structured pruning: per encoder layer (in stage order) the kept (heads, Mix-FFN hidden width);
+    # None = the uniform widths above. Head width stays hidden_size / num_heads of its stage.
+    layer_widths: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.layer_widths is not None:
+            object.__setattr__(self, "layer_widths", tuple(tuple(w) for w in self.layer_widths))
+            if len(self.layer_widths) != sum(self.depths):
+                raise ValueError(f"layer_widths has {len(self.layer_widths)} entries for {sum(self.depths)} layers")
         n = len(self.hidden_sizes)
         for name in ("depths", "num_heads", "sr_ratios", "patch_sizes", "strides"):
             if len(getattr(self, name)) != n:
@@ -60,13 +67,14 @@ class SegformerOverlapPatchEmbeddings(nn.Module):
 
 
 class SegformerEfficientSelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, sr_ratio: int, attention_dropout: float):
+    def __init__(self, hidden_size: int, num_heads: int, sr_ratio: int, attention_dropout: float, head_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
+        self.head_dim = head_dim or hidden_size // num_heads
+        inner = self.num_heads * self.head_dim  # smaller than hidden_size once heads are pruned
+        self.query = nn.Linear(hidden_size, inner)
+        self.key = nn.Linear(hidden_size, inner)
+        self.value = nn.Linear(hidden_size, inner)
         self.dropout = nn.Dropout(attention_dropout)
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
@@ -89,13 +97,13 @@ class SegformerEfficientSelfAttention(nn.Module):
         k, v = self._heads(self.key(kv)), self._heads(self.value(kv))
         scores = (q @ k.transpose(-1, -2)) / (self.head_dim**0.5)  # N,heads,T,Tkv
         probs = self.dropout(scores.softmax(dim=-1))
-        return (probs @ v).transpose(1, 2).reshape(n, t, c)  # N,T,C
+        return (probs @ v).transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim)  # N,T,heads*d
 
 
 class SegformerSelfOutput(nn.Module):
-    def __init__(self, hidden_size: int, dropout: float):
+    def __init__(self, inner: int, hidden_size: int, dropout: float):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(inner, hidden_size)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +111,10 @@ class SegformerSelfOutput(nn.Module):
 
 
 class SegformerAttention(nn.Module):
-    def __init__(self, config: SegformerConfig, hidden_size: int, num_heads: int, sr_ratio: int):
+    def __init__(self, config: SegformerConfig, hidden_size: int, num_heads: int, sr_ratio: int, head_dim: int):
         super().__init__()
-        self.self = SegformerEfficientSelfAttention(hidden_size, num_heads, sr_ratio, config.attention_dropout)
-        self.output = SegformerSelfOutput(hidden_size, config.hidden_dropout)
+        self.self = SegformerEfficientSelfAttention(hidden_size, num_heads, sr_ratio, config.attention_dropout, head_dim)
+        self.output = SegformerSelfOutput(num_heads * head_dim, hidden_size, config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return self.output(self.self(x, height, width))
@@ -153,13 +161,16 @@ class DropPath(nn.Module):
 
 
 class SegformerLayer(nn.Module):
-    def __init__(self, config: SegformerConfig, hidden_size: int, num_heads: int, sr_ratio: int, drop_path: float):
+    def __init__(self, config: SegformerConfig, hidden_size: int, num_heads: int, sr_ratio: int, drop_path: float,
+                 widths: tuple[int, int] | None = None):
         super().__init__()
+        head_dim = hidden_size // num_heads
+        heads, mlp_hidden = widths or (num_heads, hidden_size * config.mlp_ratio)
         self.layer_norm_1 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
-        self.attention = SegformerAttention(config, hidden_size, num_heads, sr_ratio)
+        self.attention = SegformerAttention(config, hidden_size, heads, sr_ratio, head_dim)
         self.drop_path = DropPath(drop_path)
         self.layer_norm_2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
-        self.mlp = SegformerMixFFN(hidden_size, hidden_size * config.mlp_ratio, config.hidden_dropout)
+        self.mlp = SegformerMixFFN(hidden_size, mlp_hidden, config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = x + self.drop_path(self.attention(self.layer_norm_1(x), height, width))
@@ -181,7 +192,8 @@ class SegformerEncoder(nn.Module):
         start = 0
         for i, depth in enumerate(config.depths):
             self.block.append(nn.ModuleList(
-                SegformerLayer(config, config.hidden_sizes[i], config.num_heads[i], config.sr_ratios[i], rates[start + j])
+                SegformerLayer(config, config.hidden_sizes[i], config.num_heads[i], config.sr_ratios[i], rates[start + j],
+                               config.layer_widths[start + j] if config.layer_widths else None)
                 for j in range(depth)
             ))
             start += depth

@@ -38,8 +38,15 @@ class ViTSegConfig:
     # timm ViTs carry a class token (its position-embedding row is kept) and a final LayerNorm.
     class_token: bool = False
     final_norm: bool = False
+    # Structured pruning: per block the kept (heads, MLP hidden width); None = uniform. Head width
+    # stays embed_dim / num_heads.
+    block_widths: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.block_widths is not None:
+            object.__setattr__(self, "block_widths", tuple(tuple(w) for w in self.block_widths))
+            if len(self.block_widths) != self.depth:
+                raise ValueError(f"block_widths has {len(self.block_widths)} entries for depth {self.depth}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
@@ -107,13 +114,14 @@ class MLP(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, config: ViTSegConfig):
+    def __init__(self, config: ViTSegConfig, index: int = 0):
         super().__init__()
         e = config.embed_dim
+        heads, hidden = config.block_widths[index] if config.block_widths else (config.num_heads, int(e * config.mlp_ratio))
         self.norm1 = nn.LayerNorm(e, eps=config.layer_norm_eps)
-        self.attn = MultiHeadSelfAttention(e, config.num_heads, e // config.num_heads, config.dropout)
+        self.attn = MultiHeadSelfAttention(e, heads, e // config.num_heads, config.dropout)
         self.norm2 = nn.LayerNorm(e, eps=config.layer_norm_eps)
-        self.mlp = MLP(e, int(e * config.mlp_ratio), config.dropout)
+        self.mlp = MLP(e, hidden, config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -132,7 +140,7 @@ class VisionTransformerForSegmentation(nn.Module):
         self.patch_embed = nn.Linear(c * p * p, e)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, e)) if config.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(num_tokens, e))
-        self.blocks = nn.Sequential(*(EncoderBlock(config) for _ in range(config.depth)))
+        self.blocks = nn.Sequential(*(EncoderBlock(config, i) for i in range(config.depth)))
         self.norm = nn.LayerNorm(e, eps=config.layer_norm_eps) if config.final_norm else nn.Identity()
         self.head = nn.Linear(e, p * p * config.num_classes)
 
