@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vitseg_export.benchmark import BenchmarkSettings, run_benchmark
@@ -80,6 +81,18 @@ def main() -> None:
     if efficiency is not None:
         print(f"fp32 artifact: {fp32['gflops']:.2f} GFLOPs in {fp32['latency_p50_ms']:.1f} ms = "
               f"{fp32['gflops'] / (fp32['latency_p50_ms'] / 1e3):.1f} GFLOP/s, {efficiency * 100:.1f}% of the matmul peak")
+    # where the time goes (onnxruntime's profiler, per op type), for the figures above
+    from vitseg_export.profiling import onnx_op_breakdown
+
+    breakdown = {}
+    for label, row, size in (("segformer fp32", fp32, args.size), ("segformer int8", rows["onnx-int8"], args.size),
+                             ("vit fp32", vrows["onnx-fp32"], 128), ("vit int8", vrows["onnx-int8"], 128)):
+        if not row.get("path"):
+            continue
+        ops = onnx_op_breakdown(Path(row["path"]), np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32))
+        breakdown[label] = ops[:8]
+        print(f"{label}: " + ", ".join(f"{o['op']} {o['share'] * 100:.0f}% ({o['ms_per_run']:.1f} ms)" for o in ops[:6]))
+    summary["op_breakdown"] = breakdown
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -64,3 +64,15 @@ def test_benchmark_cell_failure_does_not_stop_the_others(tmp_path, cli):
     rows = {row["name"]: row for row in json.loads((tmp_path / "b" / "benchmark.json").read_text())["rows"]}
     assert rows["trt-fp32"]["status"].startswith("failed: TensorRT is not available")
     assert rows["onnx-fp32"]["status"] == "verified"
+
+
+def test_benchmark_with_pruned_variants(tmp_path, cli):
+    r = cli("benchmark", "segformer-b0-test", "--output", str(tmp_path / "b"), "--precisions", "fp32",
+            "--prune", "0.5", "--verify-images", "2", "--iters", "2")
+    assert r.exit_code == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads((tmp_path / "b" / "benchmark.json").read_text())["rows"]}
+    assert set(rows) == {"pytorch-eager-fp32", "onnx-fp32", "onnx-fp32-pruned0.5"}
+    pruned = rows["onnx-fp32-pruned0.5"]
+    assert pruned["status"] == "verified" and pruned["params"] < rows["onnx-fp32"]["params"]
+    assert pruned["miou_drop_vs_labels"] is not None
+    assert (tmp_path / "b" / "pruned-0.5" / "config.json").is_file()

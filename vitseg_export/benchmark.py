@@ -4,10 +4,11 @@ A failure in one cell is recorded in its status and does not stop the others."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,7 @@ class BenchmarkSettings:
     fold: bool = True
     calib: str = "synthetic"
     calib_images: int = 32
-    extra: dict = field(default_factory=dict)
+    prune_ratios: tuple[float, ...] = ()  # also benchmark structurally pruned copies (method "all", no fine-tuning)
 
 
 def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
@@ -68,48 +69,69 @@ def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
              "miou_vs_reference": 1.0, "miou_drop_vs_labels": 0.0, "latency_p50_ms": eager_ms,
              "latency_p90_ms": eager["batches"][0]["p90_ms"], "speedup": 1.0, "gflops": eager["gflops"],
              "params": eager["params"]}]
-    for fmt in settings.formats:
-        for precision in settings.precisions:
-            name = f"{fmt}-{precision}"
-            log(f"{name}: export, verify on {settings.verify_images} held-out images, profile")
-            row: dict = {"name": name, "format": fmt, "precision": precision}
-            try:
-                onnx_path = artifacts / f"{loaded.meta.architecture}-{precision}.onnx"
-                int8 = Int8Settings(calib=settings.calib, calib_images=settings.calib_images,
-                                    target="trt" if fmt == "trt" else "cpu",
-                                    min_agreement=PRESETS["int8"].min_agreement)
-                if fmt == "trt":
-                    from vitseg_export.export.tensorrt_engine import require_tensorrt
+    variants = [("", checkpoint, loaded)]
+    for ratio in settings.prune_ratios:
+        from vitseg_export.checkpoint import save_checkpoint
+        from vitseg_export.pruning import prune_model
 
-                    require_tensorrt()
-                    onnx_path = artifacts / f"{loaded.meta.architecture}-{precision}-trt.onnx"
-                result = export_onnx(loaded, onnx_path, OnnxExportSettings(precision=precision, image_size=size,
-                                     outputs="both", fold=settings.fold), progress=lambda m: log(f"  {m}"), int8=int8)
-                path = onnx_path
-                if fmt == "trt":
-                    from vitseg_export.export.tensorrt_engine import EngineSettings, engine_from_onnx
+        pruned, _ = prune_model(loaded.model, loaded.meta.family, ratio, "all")
+        meta = copy.deepcopy(loaded.meta)
+        meta.config = pruned.config
+        meta.training = {**meta.training, "pruned_from": checkpoint, "prune": {"ratio": ratio, "method": "all"}}
+        run_dir = output / f"pruned-{ratio:g}"
+        save_checkpoint(pruned, meta, run_dir)
+        variants.append((f"-pruned{ratio:g}", str(run_dir), load_checkpoint(run_dir)))
+    base_label_miou = None
+    for suffix, variant_ckpt, variant in variants:
+        for fmt in settings.formats:
+            for precision in settings.precisions:
+                name = f"{fmt}-{precision}{suffix}"
+                log(f"{name}: export, verify on {settings.verify_images} held-out images, profile")
+                row: dict = {"name": name, "format": fmt, "precision": precision}
+                try:
+                    onnx_path = artifacts / f"{variant.meta.architecture}-{precision}{suffix}.onnx"
+                    int8 = Int8Settings(calib=settings.calib, calib_images=settings.calib_images,
+                                        target="trt" if fmt == "trt" else "cpu",
+                                        min_agreement=PRESETS["int8"].min_agreement)
+                    if fmt == "trt":
+                        from vitseg_export.export.tensorrt_engine import require_tensorrt
 
-                    path = onnx_path.with_suffix(".engine")
-                    engine_from_onnx(onnx_path, path, EngineSettings(), progress=lambda m: log(f"  {m}"))
-                verdict = verify_artifact(path, checkpoint, settings.verify_data, settings.verify_images, settings.device)
-                write_report(verdict.report, output / "reports" / f"verify-{name}.json")
-                prof = profile(path, [1], settings.device, settings.threads, settings.warmup, settings.iters)
-                r = verdict.report
-                b1 = prof["batches"][0]
-                row.update(
-                    status="verified" if verdict.passed else "failed: " + "; ".join(verdict.failures),
-                    path=str(path), size_mb=path.stat().st_size / 1e6, pixel_agreement=r["pixel_agreement"],
-                    miou_vs_reference=r["miou_vs_reference"], miou_drop_vs_labels=r.get("miou_drop_vs_labels"),
-                    max_abs_logit_diff=r["max_abs_logit_diff"], latency_p50_ms=b1["p50_ms"], latency_p90_ms=b1["p90_ms"],
-                    speedup=eager_ms / b1["p50_ms"], gflops=prof["gflops"], params=prof["params"],
-                    rewrites=result.manifest.get("rewrites"),
-                )
-                if precision == "int8":
-                    row["int8_mac_share"] = result.manifest["int8"]["int8_mac_share"]
-                    row["fallback_layers"] = [f["node"] for f in result.manifest["int8"]["fallback_layers"]]
-            except VitsegError as e:
-                row.update(status=f"failed: {e.message}")
-            rows.append(row)
+                        require_tensorrt()
+                        onnx_path = artifacts / f"{variant.meta.architecture}-{precision}{suffix}-trt.onnx"
+                    result = export_onnx(variant, onnx_path, OnnxExportSettings(precision=precision, image_size=size,
+                                         outputs="both", fold=settings.fold), progress=lambda m: log(f"  {m}"), int8=int8)
+                    path = onnx_path
+                    if fmt == "trt":
+                        from vitseg_export.export.tensorrt_engine import EngineSettings, engine_from_onnx
+
+                        path = onnx_path.with_suffix(".engine")
+                        engine_from_onnx(onnx_path, path, EngineSettings(), progress=lambda m: log(f"  {m}"))
+                    # parity against the checkpoint this artifact came from; the label mIoU shows what pruning cost
+                    verdict = verify_artifact(path, variant_ckpt, settings.verify_data, settings.verify_images, settings.device)
+                    write_report(verdict.report, output / "reports" / f"verify-{name}.json")
+                    prof = profile(path, [1], settings.device, settings.threads, settings.warmup, settings.iters)
+                    r = verdict.report
+                    b1 = prof["batches"][0]
+                    if not suffix and base_label_miou is None:
+                        base_label_miou = r.get("reference_miou_vs_labels")
+                    label_drop = r.get("miou_drop_vs_labels")
+                    if suffix and base_label_miou is not None and r.get("artifact_miou_vs_labels") is not None:
+                        label_drop = base_label_miou - r["artifact_miou_vs_labels"]  # pruning's cost included
+                    row.update(
+                        status="verified" if verdict.passed else "failed: " + "; ".join(verdict.failures),
+                        path=str(path), size_mb=path.stat().st_size / 1e6, pixel_agreement=r["pixel_agreement"],
+                        miou_vs_reference=r["miou_vs_reference"], miou_drop_vs_labels=label_drop,
+                        miou_vs_labels=r.get("artifact_miou_vs_labels"),
+                        max_abs_logit_diff=r["max_abs_logit_diff"], latency_p50_ms=b1["p50_ms"], latency_p90_ms=b1["p90_ms"],
+                        speedup=eager_ms / b1["p50_ms"], gflops=prof["gflops"], params=prof["params"],
+                        rewrites=result.manifest.get("rewrites"),
+                    )
+                    if precision == "int8":
+                        row["int8_mac_share"] = result.manifest["int8"]["int8_mac_share"]
+                        row["fallback_layers"] = [f["node"] for f in result.manifest["int8"]["fallback_layers"]]
+                except VitsegError as e:
+                    row.update(status=f"failed: {e.message}")
+                rows.append(row)
     report = {"checkpoint": checkpoint, "architecture": loaded.meta.architecture, "image_size": list(size),
               "device": settings.device, "batch": 1, "rows": rows, "environment": environment(settings.threads)}
     output.mkdir(parents=True, exist_ok=True)

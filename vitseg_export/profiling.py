@@ -57,8 +57,53 @@ def environment(threads: int | None = None) -> dict:
         pass
     jetson = Path("/etc/nv_tegra_release")
     if jetson.is_file():
-        env["jetson"] = {"release": jetson.read_text().strip()[:200]}
+        env["jetson"] = {"release": jetson.read_text().strip()[:200], **_jetson_power()}
     return env
+
+
+def _jetson_power() -> dict:
+    """Power mode (nvpmodel -q) and clocks (jetson_clocks --show) when readable: latency depends on them."""
+    import shutil
+    import subprocess
+
+    out = {}
+    for key, cmd in (("power_mode", ["nvpmodel", "-q"]), ("clocks", ["jetson_clocks", "--show"])):
+        if shutil.which(cmd[0]):
+            try:
+                out[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()[:2000]
+            except (OSError, subprocess.SubprocessError) as e:
+                out[key] = f"unreadable: {e}"
+    return out
+
+
+def onnx_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: int | None = None) -> list[dict]:
+    """Where an ONNX artifact spends its time: onnxruntime's own profiler, summed per op type over
+    `runs` inferences, sorted by share."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"pixels": pixels.astype(np.float16) if sess.get_inputs()[0].type == "tensor(float16)" else pixels}
+    for _ in range(runs):
+        sess.run(None, feed)
+    trace = Path(sess.end_profiling())
+    totals: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event.get("dur", 0) / 1e3
+    trace.unlink(missing_ok=True)
+    total = sum(totals.values()) or 1.0
+    return [{"op": op, "ms_per_run": ms / runs, "share": ms / total}
+            for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
 def onnx_compute(path: Path, size: tuple[int, int]) -> dict:

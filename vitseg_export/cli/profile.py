@@ -77,6 +77,7 @@ def benchmark(
     iters: Annotated[int, typer.Option(min=1)] = 20,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without the exact rewrites.")] = False,
+    prune: Annotated[Optional[str], typer.Option("--prune", help="Also benchmark pruned copies at these ratios (e.g. 0.25,0.5; method all, no fine-tuning: use `vitseg prune` for that).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print benchmark.json on stdout.")] = False,
 ) -> None:
     """Export, verify and profile every format x precision; one table with speedups vs PyTorch eager fp32."""
@@ -86,7 +87,8 @@ def benchmark(
                                  precisions=tuple(p.strip() for p in precisions.split(",")),
                                  image_size=parse_size(image_size) if image_size else None, device=device,
                                  verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
-                                 fold=not no_fold, calib=calib)
+                                 fold=not no_fold, calib=calib,
+                                 prune_ratios=tuple(float(r) for r in prune.split(",")) if prune else ())
     report = run_benchmark(checkpoint, output, settings, log=lambda m: err_console.print(m, highlight=False))
     if json_output:
         print_json(report)

@@ -21,6 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.modeling.registry import Segmenter
 from vitseg_export.parity import ParityAccumulator, judge, thresholds_for
 
-if False:  # typing only
-    from vitseg_export.export.precision import Int8Settings  # noqa: F401
+if TYPE_CHECKING:
+    from vitseg_export.export.precision import Int8Settings
 
 OUTPUT_CHOICES = ("logits", "mask", "both")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -184,7 +185,7 @@ def self_parity(segmenter: Segmenter, session, batches: list[np.ndarray], output
 
 
 def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSettings,
-                progress=lambda msg: None, int8: "Int8Settings | None" = None) -> ExportResult:
+                progress=lambda msg: None, int8: Int8Settings | None = None) -> ExportResult:
     import onnx
 
     from vitseg_export.export.precision import FP16_ISLANDS, Int8Settings, onnx_fp16, quantize_int8
@@ -195,7 +196,6 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         raise VitsegError("int8 export needs the logits output (calibration and fallback compare logits)",
                           "use --outputs logits or both")
     size = check_export_request(loaded, settings)
-    from vitseg_export.modeling.registry import Segmenter as _Segmenter
     from vitseg_export.optimize import fold
 
     segmenter = loaded.segmenter().eval()  # the reference every parity check compares against
@@ -203,7 +203,7 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     exported = segmenter
     if settings.fold:
         folded_net, rewrites = fold(loaded.model.eval())
-        exported = _Segmenter(folded_net, loaded.meta.mean, loaded.meta.std).eval()
+        exported = Segmenter(folded_net, loaded.meta.mean, loaded.meta.std).eval()
     graph = ExportGraph(exported, settings.output_names).eval()
     # Dynamic batch needs a batch-2 example, or the batch dimension may specialize to 1.
     batch = 2 if settings.dynamic_batch else 1
