@@ -29,7 +29,7 @@ import onnx
 # fp32 islands in fp16 graphs. LayerNormalization: the mean/variance of 768-wide ViT tokens overflow
 # fp16's 65504 when squared (the well-known TensorRT ViT failure); ReduceMean/Pow/Sqrt cover decomposed
 # norms. Softmax: exp-sum accumulation over long sequences (SegFormer stage 1 has H/4*W/4 queries).
-# Resize keeps fp32 because onnxruntime's CPU provider has no fp16 Resize kernel.
+# Resize stays fp32: it produces the full-resolution logits the argmax reads.
 FP16_ISLANDS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Resize")
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
