@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_cuda = False
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        if item.get_closest_marker("gpu") and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here"))
-        if "trt" in item.keywords and not has_trt:
+        if item.get_closest_marker("trt") and not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs TensorRT: `import tensorrt` fails here (not installable on CI)"))

@@ -63,8 +63,9 @@ def _int8(tmp_path, name, **kw):
     return path, result.manifest
 
 
-def test_int8_qdq_is_symmetric_per_channel_and_leaves_norms_in_float(tmp_path):
-    path, manifest = _int8(tmp_path, "segformer-b0-test")
+@pytest.mark.parametrize("target", ["trt", "cpu"])
+def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, target):
+    path, manifest = _int8(tmp_path, "segformer-b0-test", target=target)
     model = onnx.load(path)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = _producers(model)
@@ -75,24 +76,36 @@ def test_int8_qdq_is_symmetric_per_channel_and_leaves_norms_in_float(tmp_path):
         # symmetric: zero point 0; int8 everywhere except the cpu target's int32 biases (Conv/MatMul bias path)
         assert zp is not None and not zp.any(), n.name
         assert zp.dtype == np.int8 or (zp.dtype == np.int32 and "bias" in n.name), n.name
-    # weights: per-channel on the output-channel axis (Conv: 0; MatMul with constant B [K, N]: 1)
+    # trt: per-channel weights on the output-channel axis (Conv: 0; MatMul with constant B [K, N]: 1);
+    # cpu: per-tensor weights (faster in onnxruntime's CPU kernels)
+    weights_seen = 0
     for n in model.graph.node:
         if n.op_type not in ("Conv", "MatMul"):
             continue
         w = producers.get(n.input[1])
+        if w is not None and w.op_type == "Cast":  # trt target: fp16 float part, DQ -> Cast -> op
+            w = producers.get(w.input[0])
         if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits:
-            axis = next((a.i for a in w.attribute if a.name == "axis"), 1)
-            assert axis == (0 if n.op_type == "Conv" else 1), n.name
-            assert inits[w.input[1]].size == inits[w.input[0]].shape[axis]
+            weights_seen += 1
+            if target == "trt":
+                axis = next((a.i for a in w.attribute if a.name == "axis"), 1)
+                assert axis == (0 if n.op_type == "Conv" else 1), n.name
+                assert inits[w.input[1]].size == inits[w.input[0]].shape[axis]
+            else:
+                assert inits[w.input[1]].size == 1, n.name
+    assert weights_seen > 5
     # only Conv/MatMul/Gemm inputs are quantized: a DequantizeLinear output feeds nothing else
     # (LayerNorm, Softmax, GELU/Erf and residual Adds stay float)
     consumers = [n for n in model.graph.node for i in n.input if i in producers and producers[i].op_type == "DequantizeLinear"]
-    assert consumers and {n.op_type for n in consumers} <= {"Conv", "MatMul", "Gemm"}
+    assert consumers and {n.op_type for n in consumers} <= {"Conv", "MatMul", "Gemm", "Cast"}
+    for cast in (n for n in consumers if n.op_type == "Cast"):  # trt: the Cast into fp16 feeds the quantized op only
+        after = [n.op_type for n in model.graph.node if cast.output[0] in n.input]
+        assert set(after) <= {"Conv", "MatMul", "Gemm"}, cast.name
     q = manifest["int8"]
     assert manifest["metadata"]["precision"] == "int8" and 0 <= q["int8_mac_share"] <= 1
     assert q["calibration"]["images"] == 8 and q["calibration"]["method"] == "minmax"
     assert len(q["calibration"]["image_list_sha256"]) == 16 and q["calibration"]["ranges"]
-    assert q["quantization"]["target"] == "cpu"
+    assert q["quantization"]["target"] == target
     assert verify_artifact(path, "segformer-b0-test", "synthetic[:6]", 6).report["precision"] == "int8"
 
 
