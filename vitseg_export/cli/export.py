@@ -119,9 +119,10 @@ def export(
         console.print("TensorRT lint: every op and attribute is supported by the TensorRT ONNX parser")
     console.print(f"wrote {path} ({m['size_bytes'] / 1e6:.2f} MB, opset {m['metadata']['opset']}, "
                   f"outputs {', '.join(m['metadata']['outputs'])}) and {path.name}.json")
-    console.print(f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%, "
-                  f"max |logit diff| {parity['max_abs_logit_diff']:.2e}" if parity["max_abs_logit_diff"] is not None else
-                  f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%")
+    line = f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%"
+    if parity["max_abs_logit_diff"] is not None:
+        line += f", max |logit diff| {parity['max_abs_logit_diff']:.2e}"
+    console.print(line)
 
 
 def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
