@@ -1,10 +1,16 @@
+"""Shared fixtures: the CLI runner, and the fixture zoo of tiny twins (built once per session, handed
+out as copies so a test may change its model) and their fp32 ONNX exports (shared, read-only)."""
+
 from __future__ import annotations
 
+import copy
 import io
+import shutil
 import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +46,70 @@ def run_cli(*args: str) -> CliResult:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def _twin_cache() -> dict:
+    return {}
+
+
+@pytest.fixture
+def twin(_twin_cache):
+    """twin(name) -> a LoadedCheckpoint of an architecture with its deterministic random weights (a copy:
+    change it freely). Tiny twins (`*-test`) keep the suite fast."""
+    from vitseg_export.checkpoint import load_checkpoint
+
+    def get(name: str):
+        if name not in _twin_cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "RANDOM weights" is the point here
+                _twin_cache[name] = load_checkpoint(name)
+        return copy.deepcopy(_twin_cache[name])
+
+    return get
+
+
+@pytest.fixture
+def random_model():
+    """random_model(name, seed=0) -> (network in eval mode, Architecture), weights drawn from `seed`."""
+    import torch
+
+    from vitseg_export.modeling import registry
+
+    def get(name: str, seed: int = 0):
+        arch = registry.get_architecture(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return registry.build_model(arch.family, arch.config).eval(), arch
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def _export_cache(tmp_path_factory) -> dict:
+    return {"dir": tmp_path_factory.mktemp("exports")}
+
+
+@pytest.fixture
+def exported(_export_cache, twin, tmp_path):
+    """exported(name, copy=False, **OnnxExportSettings fields) -> path of the twin's ONNX export, made once per
+    session for each (name, settings); with copy=True a private copy in tmp_path (to tamper with)."""
+    from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
+
+    def get(name: str, copy: bool = False, **settings) -> Path:
+        key = (name, tuple(sorted(settings.items())))
+        if key not in _export_cache:
+            path = _export_cache["dir"] / f"{len(_export_cache)}-{name}.onnx"
+            export_onnx(twin(name), path, OnnxExportSettings(**settings))
+            _export_cache[key] = path
+        path = _export_cache[key]
+        if not copy:
+            return path
+        shutil.copy(path, tmp_path / path.name)
+        shutil.copy(path.with_name(path.name + ".json"), tmp_path / (path.name + ".json"))
+        return tmp_path / path.name
+
+    return get
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.modeling import registry
-from vitseg_export.optimize import FoldedSegformerDecodeHead, fold
+from vitseg_export.modeling.segformer import FoldedSegformerDecodeHead
+from vitseg_export.optimize import fold
 
 SEGFORMERS = [f"segformer-b{i}" for i in range(6)]
 
@@ -23,10 +21,8 @@ def _randomize_batchnorms(model):
 
 
 @pytest.mark.parametrize("name", SEGFORMERS)
-def test_segformer_decoder_fold_is_exact_on_every_size(name):
-    arch = registry.get_architecture(name)
-    torch.manual_seed(0)
-    model = registry.build_model(arch.family, arch.config).eval()
+def test_segformer_decoder_fold_is_exact_on_every_size(random_model, name):
+    model, _ = random_model(name)
     _randomize_batchnorms(model)
     folded, rewrites = fold(model)
     assert isinstance(folded.decode_head, FoldedSegformerDecodeHead) and rewrites
@@ -39,10 +35,8 @@ def test_segformer_decoder_fold_is_exact_on_every_size(name):
     assert registry.count_parameters(folded) < registry.count_parameters(model)
 
 
-def test_vit_input_batchnorm_fold_is_exact():
-    arch = registry.get_architecture("vit-seg-small-test")
-    torch.manual_seed(0)
-    model = registry.build_model(arch.family, arch.config).eval()
+def test_vit_input_batchnorm_fold_is_exact(random_model):
+    model, _ = random_model("vit-seg-small-test")
     _randomize_batchnorms(model)
     folded, rewrites = fold(model)
     assert rewrites == ["vit: input BatchNorm folded into the patch embedding"]
@@ -52,24 +46,20 @@ def test_vit_input_batchnorm_fold_is_exact():
         assert (model(x) - folded(x)).abs().max().item() <= 1e-5
 
 
-def test_fold_does_not_touch_the_original():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_checkpoint("segformer-b0-test")
+def test_fold_does_not_touch_the_original(twin):
+    loaded = twin("segformer-b0-test")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     fold(loaded.model)
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
 
 
-def test_export_folds_by_default_and_the_graph_is_smaller(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_checkpoint("segformer-b2-test")
+def test_export_folds_by_default_and_the_graph_is_smaller(tmp_path, twin):
+    loaded = twin("segformer-b2-test")
     _randomize_batchnorms(loaded.model)
     folded = export_onnx(loaded, tmp_path / "f.onnx", OnnxExportSettings())
     plain = export_onnx(loaded, tmp_path / "p.onnx", OnnxExportSettings(fold=False))
-    assert folded.manifest["rewrites"] and plain.manifest["rewrites"] == []
-    assert folded.manifest["self_parity"]["max_abs_logit_diff"] < 1e-4  # judged against the unfolded model
+    assert folded.manifest.rewrites and plain.manifest.rewrites == []
+    assert folded.manifest.self_parity["max_abs_logit_diff"] < 1e-4  # judged against the unfolded model
     ops = lambda m: [n.op_type for n in m.graph.node]  # noqa: E731
     assert "BatchNormalization" not in ops(folded.model_proto)
-    assert folded.manifest["size_bytes"] < plain.manifest["size_bytes"]
+    assert folded.manifest.size_bytes < plain.manifest.size_bytes

@@ -1,24 +1,17 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
 
-from vitseg_export.checkpoint import load_checkpoint
+from vitseg_export.export.fp16 import FP16_ISLANDS
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-from vitseg_export.export.precision import FP16_ISLANDS, Int8Settings
+from vitseg_export.export.settings import Int8Settings
 from vitseg_export.runners import runner_for
 from vitseg_export.verify import verify_artifact
-
-
-def _random(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_checkpoint(name)
 
 
 def _producers(model):
@@ -26,10 +19,10 @@ def _producers(model):
 
 
 @pytest.mark.parametrize("name", ["segformer-b0-test", "vit-seg-tiny-test"])
-def test_fp16_export_keeps_islands_in_fp32_and_passes_the_fp16_preset(tmp_path, name):
+def test_fp16_export_keeps_islands_in_fp32_and_passes_the_fp16_preset(tmp_path, twin, name):
     path = tmp_path / "m16.onnx"
-    result = export_onnx(_random(name), path, OnnxExportSettings(precision="fp16", outputs="both"))
-    assert result.manifest["fp16"]["fp32_islands"] == list(FP16_ISLANDS)
+    result = export_onnx(twin(name), path, OnnxExportSettings(precision="fp16", outputs="both"))
+    assert result.manifest.precision_details["fp32_islands"] == list(FP16_ISLANDS)
     model = onnx.load(path)
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # fp32 I/O by default
     inits = {i.name: i for i in model.graph.initializer}
@@ -43,12 +36,11 @@ def test_fp16_export_keeps_islands_in_fp32_and_passes_the_fp16_preset(tmp_path, 
     assert props["vitseg.precision"] == "fp16"
     verdict = verify_artifact(path, name, "synthetic[:4]", 4)
     assert verdict.passed, verdict.failures
-    assert verdict.report["thresholds"]["min_agreement"] == 0.999
+    assert verdict.thresholds.min_agreement == 0.999
 
 
-def test_fp16_io(tmp_path):
-    path = tmp_path / "io16.onnx"
-    export_onnx(_random("segformer-b1-test"), path, OnnxExportSettings(precision="fp16", fp16_io=True))
+def test_fp16_io(exported):
+    path = exported("segformer-b1-test", precision="fp16", fp16_io=True)
     model = onnx.load(path)
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     with runner_for(path) as runner:  # the runner feeds float16 itself and returns float32 logits
@@ -56,16 +48,16 @@ def test_fp16_io(tmp_path):
     assert out["logits"].dtype == np.float32 and np.isfinite(out["logits"]).all()
 
 
-def _int8(tmp_path, name, **kw):
+def _int8(tmp_path, twin, name, **kw):
     settings = Int8Settings(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", heldout_images=6, **kw)
     path = tmp_path / f"{name}-int8.onnx"
-    result = export_onnx(_random(name), path, OnnxExportSettings(precision="int8", outputs="both"), int8=settings)
-    return path, result.manifest
+    result = export_onnx(twin(name), path, OnnxExportSettings(precision="int8", outputs="both"), int8=settings)
+    return path, result.manifest.to_json()
 
 
 @pytest.mark.parametrize("target", ["trt", "cpu"])
-def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, target):
-    path, manifest = _int8(tmp_path, "segformer-b0-test", target=target)
+def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, target):
+    path, manifest = _int8(tmp_path, twin, "segformer-b0-test", target=target)
     model = onnx.load(path)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = _producers(model)
@@ -106,11 +98,11 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, target):
     assert q["calibration"]["images"] == 8 and q["calibration"]["method"] == "minmax"
     assert len(q["calibration"]["image_list_sha256"]) == 16 and q["calibration"]["ranges"]
     assert q["quantization"]["target"] == target
-    assert verify_artifact(path, "segformer-b0-test", "synthetic[:6]", 6).report["precision"] == "int8"
+    assert verify_artifact(path, "segformer-b0-test", "synthetic[:6]", 6).precision == "int8"
 
 
-def test_calibration_cache_is_reused(tmp_path, monkeypatch):
-    _int8(tmp_path, "vit-seg-tiny-test")
+def test_calibration_cache_is_reused(tmp_path, monkeypatch, twin):
+    _int8(tmp_path, twin, "vit-seg-tiny-test")
     caches = list((tmp_path / ".vitseg-calibration-cache").glob("ranges-*.json"))
     assert len(caches) == 1
     import importlib
@@ -121,11 +113,11 @@ def test_calibration_cache_is_reused(tmp_path, monkeypatch):
         raise AssertionError("re-calibrated although ranges were cached")
 
     monkeypatch.setattr(q, "create_calibrator", no_calibration)
-    _int8(tmp_path, "vit-seg-tiny-test")
+    _int8(tmp_path, twin, "vit-seg-tiny-test")
 
 
-def test_fallback_keeps_sensitive_layers_in_float_until_the_target_is_met(tmp_path, cli):
-    path, manifest = _int8(tmp_path, "vit-seg-tiny-test", min_agreement=1.0, min_miou_vs_reference=1.0)
+def test_fallback_keeps_sensitive_layers_in_float_until_the_target_is_met(tmp_path, twin):
+    path, manifest = _int8(tmp_path, twin, "vit-seg-tiny-test", min_agreement=1.0, min_miou_vs_reference=1.0)
     q = manifest["int8"]
     assert q["fallback_layers"], "an exact target must force layers back to float"
     assert all("SQNR" in row["reason"] for row in q["fallback_layers"])
@@ -140,8 +132,8 @@ def test_fallback_keeps_sensitive_layers_in_float_until_the_target_is_met(tmp_pa
             assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input), n.name
 
 
-def test_int8_trt_target_runs_float_part_in_fp16(tmp_path):
-    path, manifest = _int8(tmp_path, "segformer-b0-test", target="trt")
+def test_int8_trt_target_runs_float_part_in_fp16(tmp_path, twin):
+    path, manifest = _int8(tmp_path, twin, "segformer-b0-test", target="trt")
     assert manifest["int8"]["float_part"] == "fp16" and manifest["int8"]["quantization"]["extra_options"]["QuantizeBias"] is False
     model = onnx.load(path)
     types = {i.data_type for i in model.graph.initializer}

@@ -35,15 +35,12 @@ def _images(tmp_path, sizes):
     return paths
 
 
-def test_predict_from_onnx_never_imports_torch(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_checkpoint("segformer-b0-test")
-    export_onnx(loaded, tmp_path / "m.onnx", OnnxExportSettings(outputs="mask"))
+def test_predict_from_onnx_never_imports_torch(tmp_path, exported):
+    model = exported("segformer-b0-test", outputs="mask")
     images = _images(tmp_path, [(90, 70), (64, 64)])
     script = tmp_path / "edge.py"
     script.write_text(BLOCK_TORCH)
-    proc = subprocess.run([sys.executable, str(script), "predict", str(tmp_path / "m.onnx"), *map(str, images),
+    proc = subprocess.run([sys.executable, str(script), "predict", str(model), *map(str, images),
                            "--output", str(tmp_path / "out"), "--overlay", "--json"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
@@ -59,10 +56,8 @@ def test_predict_from_onnx_never_imports_torch(tmp_path):
     assert bad.returncode != 0 and "blocked import of torch" in bad.stderr
 
 
-def test_predict_from_checkpoint_matches_onnx(tmp_path, cli):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_checkpoint("vit-seg-tiny-test")
+def test_predict_from_checkpoint_matches_onnx(tmp_path, cli, twin):
+    loaded = twin("vit-seg-tiny-test")
     from vitseg_export.checkpoint import save_checkpoint
 
     save_checkpoint(loaded.model, loaded.meta, tmp_path / "run")

@@ -1,24 +1,13 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 
-from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 
-
-def _export(tmp_path, name="segformer-b0-test", **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(load_checkpoint(name), tmp_path / f"{name}.onnx", OnnxExportSettings(**kw))
-    return tmp_path / f"{name}.onnx"
-
-
-def test_profile_json_schema(tmp_path, cli):
-    onnx_path = _export(tmp_path)
-    static = _export(tmp_path, "vit-seg-tiny-test", dynamic_batch=False)
+def test_profile_json_schema(tmp_path, cli, exported):
+    onnx_path = exported("segformer-b0-test")
+    static = exported("vit-seg-tiny-test", dynamic_batch=False)
     r = cli("profile", str(onnx_path), str(static), "segformer-b0-test", "--batch", "1,2", "--iters", "3",
             "--warmup", "1", "--threads", "1", "--json", str(tmp_path / "p.json"))
     assert r.exit_code == 0, r.stderr

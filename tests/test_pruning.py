@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -14,18 +13,12 @@ from vitseg_export.pruning import apply_2to4, check_2to4, mask_2to4, prune_model
 from vitseg_export.verify import verify_artifact
 
 
-def _model(name, seed=0):
-    arch = registry.get_architecture(name)
-    torch.manual_seed(seed)
-    return registry.build_model(arch.family, arch.config).eval(), arch
-
-
 @torch.no_grad()
-def test_pruning_units_that_contribute_nothing_leaves_outputs_unchanged():
+def test_pruning_units_that_contribute_nothing_leaves_outputs_unchanged(random_model):
     """Zero the output weights of half the heads / MLP channels / decoder channels: importance 0, so
     exactly those are removed, and the pruned model must compute the same function. This checks the
     index bookkeeping of every tensor the pruning touches."""
-    model, arch = _model("segformer-b2-test")
+    model, arch = random_model("segformer-b2-test")
     cfg = arch.config
     for s, depth in enumerate(cfg.depths):
         d = cfg.hidden_sizes[s] // cfg.num_heads[s]
@@ -46,8 +39,8 @@ def test_pruning_units_that_contribute_nothing_leaves_outputs_unchanged():
 
 
 @torch.no_grad()
-def test_vit_head_and_mlp_pruning_is_exact_on_dead_units():
-    model, arch = _model("vit-seg-small-test")
+def test_vit_head_and_mlp_pruning_is_exact_on_dead_units(random_model):
+    model, arch = random_model("vit-seg-small-test")
     e, h = arch.config.embed_dim, arch.config.num_heads
     d = e // h
     for block in model.blocks:
@@ -59,9 +52,9 @@ def test_vit_head_and_mlp_pruning_is_exact_on_dead_units():
     assert (pruned(x) - model(x)).abs().max().item() < 1e-5
 
 
-def test_bad_prune_requests():
-    model, _ = _model("vit-seg-tiny-test")
-    with pytest.raises(VitsegError, match="channels prunes SegFormer decoder"):
+def test_bad_prune_requests(random_model):
+    model, _ = random_model("vit-seg-tiny-test")
+    with pytest.raises(VitsegError, match="vit family has no channels to prune"):
         prune_model(model, "vit", 0.25, "channels")
     with pytest.raises(VitsegError, match="outside"):
         prune_model(model, "vit", 1.0, "all")
@@ -84,7 +77,7 @@ def test_pruned_checkpoint_exports_verifies_and_loads_without_the_original(tmp_p
     assert verify_artifact(tmp_path / "p.onnx", str(tmp_path / "p"), "synthetic[:3]", 3).passed
 
 
-def test_2to4_masks_and_checker():
+def test_2to4_masks_and_checker(random_model):
     w = torch.randn(8, 16)
     m = mask_2to4(w)
     assert m.shape == w.shape and (m.reshape(-1, 4).sum(1) == 2).all()
@@ -93,7 +86,7 @@ def test_2to4_masks_and_checker():
     conv = torch.randn(4, 8, 3, 3)
     mc = mask_2to4(conv)
     assert (mc.permute(0, 2, 3, 1).reshape(-1, 4).sum(1) == 2).all()  # groups run along input channels
-    model, _ = _model("segformer-b0-test")
+    model, _ = random_model("segformer-b0-test")
     before = check_2to4(model)
     assert before["violations"] and not before["sparse_layers"]  # a dense model fails the check
     apply_2to4(model)
@@ -106,8 +99,6 @@ def test_2to4_survives_finetuning(tmp_path, cli):
             "--finetune-epochs", "1", "--data", "synthetic[:8]", "--eval-images", "2", "--batch-size", "4",
             "--output", str(tmp_path / "s"))
     assert r.exit_code == 0, r.stderr
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_checkpoint(tmp_path / "s").model
+    model = load_checkpoint(tmp_path / "s").model
     assert check_2to4(model)["violations"] == []
     assert json.loads((tmp_path / "s" / "prune.json").read_text())["sparsity_check"]["sparse_layers"]

@@ -1,23 +1,17 @@
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 
-from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.runners import runner_for
 
 
-def _available_runners(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_checkpoint("segformer-b0-test")
-    export_onnx(loaded, tmp_path / "m.onnx", OnnxExportSettings(outputs="both", dynamic_size=True))
+def _available_runners(twin, exported):
+    loaded = twin("segformer-b0-test")
+    path = exported("segformer-b0-test", outputs="both", dynamic_size=True)
     runners = [("torch-cpu", runner_for(loaded, "cpu", backend="torch", outputs=("logits", "mask"))),
-               ("onnxruntime-cpu", runner_for(tmp_path / "m.onnx", "cpu"))]
+               ("onnxruntime-cpu", runner_for(path, "cpu"))]
     try:
         import torch
 
@@ -28,14 +22,14 @@ def _available_runners(tmp_path):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        runners.append(("onnxruntime-cuda", runner_for(tmp_path / "m.onnx", "cuda")))
+        runners.append(("onnxruntime-cuda", runner_for(path, "cuda")))
     return runners
 
 
-def test_every_available_runner_obeys_one_interface(tmp_path):
+def test_every_available_runner_obeys_one_interface(twin, exported):
     pixels = np.random.default_rng(0).random((2, 3, 64, 80), dtype=np.float32)
     outputs = {}
-    for name, runner in _available_runners(tmp_path):
+    for name, runner in _available_runners(twin, exported):
         with pytest.raises(RuntimeError, match="activate"):
             runner.infer({"pixels": pixels})
         with runner:
@@ -53,40 +47,33 @@ def test_every_available_runner_obeys_one_interface(tmp_path):
         assert np.abs(out["logits"] - ref["logits"]).max() < 1e-3, name
 
 
-def test_static_size_runner_refuses_other_sizes(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(load_checkpoint("vit-seg-tiny-test"), tmp_path / "v.onnx", OnnxExportSettings())
-    with runner_for(tmp_path / "v.onnx") as runner:
+def test_static_size_runner_refuses_other_sizes(exported):
+    with runner_for(exported("vit-seg-tiny-test")) as runner:
         with pytest.raises(VitsegError, match="takes 32x32 images, got 40x40"):
             runner.infer({"pixels": np.zeros((1, 3, 40, 40), np.float32)})
 
 
-def test_missing_backends_say_how_to_install(tmp_path):
+def test_missing_backends_say_how_to_install(exported):
     import onnxruntime as ort
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(load_checkpoint("vit-seg-tiny-test"), tmp_path / "v.onnx", OnnxExportSettings())
+    path = exported("vit-seg-tiny-test")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(BackendMissingError, match="pip install onnxruntime-gpu"):
-            runner_for(tmp_path / "v.onnx", "cuda").activate()
+            runner_for(path, "cuda").activate()
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(BackendMissingError, match="no CUDA GPU"):
             runner_for("vit-seg-tiny-test", "cuda", backend="torch").activate()
     with pytest.raises(VitsegError, match="unknown device"):
-        runner_for(tmp_path / "v.onnx", "tpu")
+        runner_for(path, "tpu")
 
 
 @pytest.mark.gpu
-def test_cuda_torch_runner_matches_cpu():
+def test_cuda_torch_runner_matches_cpu(twin):
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_checkpoint("segformer-b0-test")
+    loaded = twin("segformer-b0-test")
     pixels = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     with runner_for(loaded, "cpu", backend="torch") as cpu, runner_for(loaded, "cuda", backend="torch") as gpu:
         a, b = cpu.infer({"pixels": pixels})["logits"], gpu.infer({"pixels": pixels})["logits"]

@@ -2,25 +2,17 @@ from __future__ import annotations
 
 import importlib.util
 import time
-import warnings
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-from vitseg_export.export.precision import Int8Settings
+from vitseg_export.export.settings import Int8Settings
 from vitseg_export.export.trt_lint import lint_for_tensorrt
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def _random(name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_checkpoint(name)
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message shown where TensorRT is missing; TensorRT is installed here")
@@ -63,37 +55,37 @@ def test_lint_flags_what_the_tensorrt_parser_rejects():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_vitseg_graphs_lint_clean(tmp_path, precision):
+def test_vitseg_graphs_lint_clean(tmp_path, twin, precision):
     for name in ("segformer-b2-test", "vit-seg-base-test"):
-        result = export_onnx(_random(name), tmp_path / f"{name}.onnx",
+        result = export_onnx(twin(name), tmp_path / f"{name}.onnx",
                              OnnxExportSettings(precision=precision, outputs="both", dynamic_size=name.startswith("seg")))
         assert lint_for_tensorrt(result.model_proto) == [], name
 
 
-def test_int8_trt_target_lints_clean_and_cpu_target_is_flagged(tmp_path):
+def test_int8_trt_target_lints_clean_and_cpu_target_is_flagged(tmp_path, twin):
     kw = dict(calib="synthetic[:4]", calib_images=4, heldout="synthetic[:4]", heldout_images=4)
-    trt_q = export_onnx(_random("segformer-b0-test"), tmp_path / "t.onnx", OnnxExportSettings(precision="int8"),
+    trt_q = export_onnx(twin("segformer-b0-test"), tmp_path / "t.onnx", OnnxExportSettings(precision="int8"),
                         int8=Int8Settings(target="trt", **kw))
     assert lint_for_tensorrt(trt_q.model_proto) == []
-    cpu_q = export_onnx(_random("segformer-b0-test"), tmp_path / "c.onnx", OnnxExportSettings(precision="int8"),
+    cpu_q = export_onnx(twin("segformer-b0-test"), tmp_path / "c.onnx", OnnxExportSettings(precision="int8"),
                         int8=Int8Settings(target="cpu", **kw))
     assert any("int32" in p.reason for p in lint_for_tensorrt(cpu_q.model_proto))
 
 
 @pytest.mark.trt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_tensorrt_build_run_verify(tmp_path, precision):
+def test_tensorrt_build_run_verify(tmp_path, twin, precision):
     """Real TensorRT: build an engine from the exported ONNX, run it through the runner, verify it."""
     from vitseg_export.export.tensorrt_engine import EngineSettings, engine_from_onnx
     from vitseg_export.verify import verify_artifact
 
     onnx_path = tmp_path / f"m-{precision}.onnx"
-    export_onnx(_random("segformer-b0-test"), onnx_path, OnnxExportSettings(precision=precision, outputs="both"),
+    export_onnx(twin("segformer-b0-test"), onnx_path, OnnxExportSettings(precision=precision, outputs="both"),
                 int8=Int8Settings(target="trt", calib="synthetic[:8]", calib_images=8, heldout="synthetic[:8]"))
     manifest = engine_from_onnx(onnx_path, tmp_path / f"m-{precision}.engine",
                                 EngineSettings(workspace_gb=1, timing_cache=tmp_path / "timing.cache"))
-    assert manifest["tensorrt_version"] and (tmp_path / "timing.cache").is_file()
+    assert manifest.extra["tensorrt_version"] and (tmp_path / "timing.cache").is_file()
     report = verify_artifact(tmp_path / f"m-{precision}.engine", "segformer-b0-test", "synthetic[:4]", 4, device="cuda")
     assert report.passed, report.failures
     onnx.load(onnx_path)  # the ONNX the engine came from stays beside it
-    assert np.isfinite(report.report["mean_abs_logit_diff"])
+    assert np.isfinite(report.summary.mean_abs_logit_diff)

@@ -23,10 +23,8 @@ def test_metrics_from_confusion():
 
 
 @pytest.mark.parametrize("arch", ["segformer-b0-test", "vit-seg-tiny-test"])
-def test_train_writes_best_last_and_metrics(tmp_path, arch):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        start = load_checkpoint(arch)
+def test_train_writes_best_last_and_metrics(tmp_path, twin, arch):
+    start = twin(arch)
     settings = TrainSettings(data="synthetic[:8]", epochs=2, batch_size=4, num_workers=0,
                              image_size=None)
     history = train(start, settings, tmp_path / "run")

@@ -1,29 +1,35 @@
-"""What an exported artifact says about itself, and the preprocessing every backend shares.
+"""What an exported artifact says about itself (its embedded metadata and its manifest), and the
+preprocessing every backend shares.
 
-Torch-free on purpose: `vitseg predict` on an ONNX artifact runs from this metadata alone on devices
-that have only numpy, Pillow and onnxruntime.
+Torch-free on purpose: `vitseg predict` on an artifact runs from this metadata alone on devices that
+have only numpy, Pillow and a runtime. Reading metadata never builds an inference session: ONNX
+metadata is read straight from the file's protobuf (only the top-level fields, skipping the graph), other
+formats read theirs through the format table (vitseg_export/formats.py).
 """
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from vitseg_export.errors import VitsegError
+from vitseg_export.files import atomic_write_bytes
 
 META_PREFIX = "vitseg."
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".engine", ".plan")
 
 
 @dataclass
 class ArtifactInfo:
+    """The vitseg metadata every artifact carries: written by the exporters, read by every runner."""
+
     path: Path
-    format: str  # "onnx" | "trt"
+    format: str  # a row of the format table: "onnx", "trt", ...
     architecture: str
     class_names: list[str]
     input_size: tuple[int, int]  # (H, W) the artifact was exported for (its opt size when dynamic)
@@ -36,10 +42,26 @@ class ArtifactInfo:
     dynamic_size: bool
     source_sha256: str | None
     vitseg_version: str
-    extra: dict
+    family: str = ""
+    source_checkpoint: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def metadata_json(self) -> dict:
+        """The embedded metadata (keys without the `vitseg.` prefix), as the manifest's `metadata`."""
+        return {"architecture": self.architecture, "family": self.family, "class_names": list(self.class_names),
+                "input_size": list(self.input_size), "normalization": {"mean": list(self.mean), "std": list(self.std)},
+                "precision": self.precision, "opset": self.opset, "outputs": list(self.outputs),
+                "dynamic_batch": self.dynamic_batch, "dynamic_size": self.dynamic_size,
+                "source_checkpoint": self.source_checkpoint, "source_sha256": self.source_sha256 or "",
+                "vitseg_version": self.vitseg_version}
+
+    def metadata_props(self) -> dict[str, str]:
+        """The metadata as `vitseg.KEY` -> JSON text pairs (ONNX metadata_props, OpenVINO rt_info)."""
+        return {META_PREFIX + k: json.dumps(v) for k, v in self.metadata_json().items()}
 
     @classmethod
     def from_metadata(cls, path: Path, fmt: str, meta: dict[str, str]) -> "ArtifactInfo":
+        """Parse `vitseg.KEY` -> JSON text pairs; VitsegError when a required key is missing or invalid."""
         def get(key: str, default=None):
             value = meta.get(META_PREFIX + key)
             if value is None:
@@ -47,7 +69,10 @@ class ArtifactInfo:
                     return default
                 raise VitsegError(f"{path} carries no vitseg metadata '{key}'",
                                   "it was not exported by vitseg; re-export it with `vitseg export`")
-            return json.loads(value)
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                raise VitsegError(f"{path}: vitseg metadata '{key}' is not valid JSON", "re-export the artifact") from None
 
         norm = get("normalization")
         return cls(
@@ -56,44 +81,166 @@ class ArtifactInfo:
             precision=get("precision"), opset=get("opset", 0) or None, outputs=list(get("outputs")),
             dynamic_batch=bool(get("dynamic_batch", False)), dynamic_size=bool(get("dynamic_size", False)),
             source_sha256=get("source_sha256", "") or None, vitseg_version=get("vitseg_version", "unknown"),
+            family=get("family", ""), source_checkpoint=get("source_checkpoint", ""),
             extra={k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)},
         )
 
 
-def is_artifact(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in ONNX_SUFFIXES + ENGINE_SUFFIXES
+@dataclass
+class ExportManifest:
+    """The `<artifact>.json` sidecar. JSON form: the fields below (those that are None left out), the
+    precision section under the precision's own name, and `extra` (format-specific keys) spread in."""
 
+    artifact: str
+    format: str
+    sha256: str
+    size_bytes: int
+    metadata: dict
+    export_settings: dict | None = None
+    self_parity: dict | None = None
+    rewrites: list[str] | None = None
+    fp32_graph_parity: dict | None = None
+    precision_details: dict | None = None
+    export_seconds: float | None = None
+    random_weights: bool | None = None
+    extra: dict = field(default_factory=dict)
 
-def read_artifact_info(path: str | Path) -> ArtifactInfo:
-    """Metadata of an ONNX artifact (its metadata_props, read through onnxruntime) or of a TensorRT engine
-    (its sidecar manifest; the engine file stays a plain plan)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitsegError(f"artifact {path} does not exist", "check the path, or export one with `vitseg export`")
-    if path.suffix.lower() in ENGINE_SUFFIXES:
-        manifest = manifest_path(path)
-        if not manifest.is_file():
-            raise VitsegError(f"{path} has no manifest {manifest.name} beside it", "keep the engine and its .json together")
-        data = json.loads(manifest.read_text())
-        return ArtifactInfo.from_metadata(path, "trt", {META_PREFIX + k: json.dumps(v) for k, v in data["metadata"].items()})
-    if path.suffix.lower() not in ONNX_SUFFIXES:
-        raise VitsegError(f"{path} is not an artifact vitseg knows", "expected .onnx, .engine or .plan")
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise VitsegError("onnxruntime is not installed", "pip install onnxruntime (or onnxruntime-gpu)") from None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
-        raise VitsegError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})",
-                          "the file is damaged or truncated; export it again") from None
-    return ArtifactInfo.from_metadata(path, "onnx", dict(session.get_modelmeta().custom_metadata_map))
+    def to_json(self) -> dict:
+        """The manifest as written to disk."""
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key == "precision_details" and value is not None:
+                out[self.metadata["precision"]] = value
+            elif key != "extra" and value is not None:
+                out[key] = value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ExportManifest":
+        """Parse a manifest written by `to_json`."""
+        known = {"artifact", "format", "sha256", "size_bytes", "metadata", "export_settings", "self_parity", "rewrites",
+                 "fp32_graph_parity", "export_seconds", "random_weights"}
+        precision = data.get("metadata", {}).get("precision")
+        extra = {k: v for k, v in data.items() if k not in known and k != precision}
+        return cls(**{k: v for k, v in data.items() if k in known}, precision_details=data.get(precision), extra=extra)
 
 
 def manifest_path(artifact: Path) -> Path:
+    """Where an artifact's manifest lives: beside it, named `<artifact>.json`."""
     return artifact.with_name(artifact.name + ".json")
+
+
+def write_artifact(path: Path, files: dict[Path, bytes], manifest: ExportManifest) -> None:
+    """Write an artifact's files and then its manifest, each atomically (manifest last, so a manifest
+    never describes a missing artifact)."""
+    for file_path, data in files.items():
+        atomic_write_bytes(file_path, data)
+    atomic_write_bytes(manifest_path(path), (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+
+
+def read_manifest(path: Path) -> ExportManifest:
+    """The manifest beside an artifact; VitsegError when it is missing or unreadable."""
+    manifest = manifest_path(path)
+    if not manifest.is_file():
+        raise VitsegError(f"{path} has no manifest {manifest.name} beside it", "keep the artifact and its .json together")
+    try:
+        return ExportManifest.from_json(json.loads(manifest.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise VitsegError(f"{manifest} is not a valid vitseg manifest ({e})", "re-export the artifact") from None
+
+
+def is_artifact(path: str | Path) -> bool:
+    """Whether the path names a file of a registered artifact format (by suffix)."""
+    from vitseg_export.formats import format_for_path
+
+    return format_for_path(Path(path)) is not None
+
+
+def read_artifact_info(path: str | Path) -> ArtifactInfo:
+    """The metadata of an artifact of any registered format, read without building an inference session.
+    Raises VitsegError for a missing file, an unknown suffix or missing metadata."""
+    from vitseg_export.formats import format_for_path, format_names
+
+    path = Path(path)
+    if not path.is_file():
+        raise VitsegError(f"artifact {path} does not exist", "check the path, or export one with `vitseg export`")
+    fmt = format_for_path(path)
+    if fmt is None:
+        suffixes = ", ".join(s for name in format_names() for s in _suffixes(name))
+        raise VitsegError(f"{path} is not an artifact vitseg knows", f"expected {suffixes}")
+    return fmt.read_info(path)
+
+
+def _suffixes(name: str) -> tuple[str, ...]:
+    from vitseg_export.formats import get_format
+
+    return get_format(name).suffixes
+
+
+# ---- ONNX metadata without onnx or an inference session ------------------------------------------------
+# ModelProto's top-level fields are read with the protobuf wire format and the graph (field 7) skipped
+# by its length, so reading the metadata of a 300 MB model costs a few seeks. Field numbers from onnx.proto:
+# ir_version 1, graph 7, metadata_props 14 (StringStringEntryProto: key 1, value 2).
+
+def _varint(f: io.BufferedIOBase | io.BytesIO) -> int | None:
+    shift = result = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            return None if shift == 0 else -1
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            return -1
+
+
+def _fields(f: io.BufferedIOBase | io.BytesIO, size: int, keep: set[int]):
+    """(field number, wire type, payload bytes of the `keep` fields else None) of one message, skipping
+    the rest; ValueError if malformed."""
+    while f.tell() < size:
+        key = _varint(f)
+        if key is None or key < 0 or key >> 3 == 0:
+            raise ValueError("bad field key")
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            if _varint(f) in (None, -1):
+                raise ValueError("bad varint")
+            yield number, wire, None
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, 1)
+            yield number, wire, None
+        elif wire == 2:
+            length = _varint(f)
+            if length is None or length < 0 or f.tell() + length > size:
+                raise ValueError("length beyond the end of the data")
+            payload = f.read(length) if number in keep else None
+            if payload is None:
+                f.seek(length, 1)
+            yield number, wire, payload
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """metadata_props of an ONNX model file; VitsegError when the file is not a (complete) ONNX model."""
+    props: dict[str, str] = {}
+    seen: set[int] = set()
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            for number, _, payload in _fields(f, size, {14}):
+                seen.add(number)
+                if number == 14 and payload is not None:
+                    entry = {n: p for n, _, p in _fields(io.BytesIO(payload), len(payload), {1, 2})}
+                    props[(entry.get(1) or b"").decode()] = (entry.get(2) or b"").decode()
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise VitsegError(f"{path} is not a loadable ONNX model ({e})", "the file is damaged or truncated; export it again") from None
+    if not {1, 7} <= seen:
+        raise VitsegError(f"{path} is not a loadable ONNX model (no IR version or graph)",
+                          "the file is damaged or truncated; export it again")
+    return props
 
 
 # ---- preprocessing: identical for every backend, training included ---------------------------------

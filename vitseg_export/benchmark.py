@@ -1,5 +1,6 @@
-"""The benchmark matrix: export every requested format x precision, verify each against PyTorch,
-profile each, and write benchmark.json, benchmark.md, pareto.png and a mask-overlay grid.
+"""The benchmark matrix: export every requested format x precision (the format and precision tables),
+verify all artifacts against PyTorch in ONE comparator loop (the reference is computed once per input
+set), profile each, and write benchmark.json, benchmark.md, pareto.png and a mask-overlay grid.
 A failure in one cell is recorded in its status and does not stop the others."""
 
 from __future__ import annotations
@@ -8,25 +9,26 @@ import copy
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from vitseg_export.artifact import colorize, pixels_from_image
+from vitseg_export.artifact import colorize
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes
+from vitseg_export.formats import Format, get_format
+from vitseg_export.precisions import get_precision, precision_names, thresholds_for
 
-FORMATS = ("onnx", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
+OVERLAY_IMAGES = 3
 
 
 @dataclass
 class BenchmarkSettings:
     formats: tuple[str, ...] = ("onnx",)
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = field(default_factory=precision_names)
     image_size: tuple[int, int] | None = None
     device: str = "cpu"
     verify_data: str = "synthetic"
@@ -40,145 +42,305 @@ class BenchmarkSettings:
     prune_ratios: tuple[float, ...] = ()  # also benchmark structurally pruned copies (method "all", no fine-tuning)
 
 
-def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
-                  log: Callable[[str], None] = lambda m: None) -> dict:
-    from vitseg_export.checkpoint import load_checkpoint
-    from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-    from vitseg_export.export.precision import Int8Settings
-    from vitseg_export.parity import PRESETS
-    from vitseg_export.profiling import environment, profile
-    from vitseg_export.runners import runner_for
-    from vitseg_export.verify import verify_artifact, write_report
+@dataclass
+class BenchmarkRow:
+    """One cell of the matrix (or the PyTorch reference). JSON form: the field names."""
 
-    for f in settings.formats:
-        if f not in FORMATS:
-            raise VitsegError(f"format '{f}' is unknown", f"use {', '.join(FORMATS)}")
+    name: str
+    format: str
+    precision: str
+    status: str = "pending"
+    path: str | None = None
+    size_mb: float | None = None
+    pixel_agreement: float | None = None
+    miou_vs_reference: float | None = None
+    miou_drop_vs_labels: float | None = None
+    miou_vs_labels: float | None = None
+    max_abs_logit_diff: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p90_ms: float | None = None
+    speedup: float | None = None
+    gflops: float | None = None
+    params: int | None = None
+    rewrites: list[str] | None = None
+    int8_mac_share: float | None = None
+    fallback_layers: list[str] | None = None
+
+    def to_json(self) -> dict:
+        """The row as in benchmark.json."""
+        return asdict(self)
+
+    @property
+    def failed(self) -> bool:
+        """The cell has a failure status."""
+        return self.status.startswith("failed")
+
+
+@dataclass
+class BenchmarkReport:
+    checkpoint: str
+    architecture: str
+    image_size: list[int]
+    device: str
+    batch: int
+    rows: list[BenchmarkRow]
+    environment: dict
+
+    def to_json(self) -> dict:
+        """benchmark.json."""
+        return {**{k: v for k, v in asdict(self).items() if k != "rows"}, "rows": [r.to_json() for r in self.rows]}
+
+    def row(self, name: str) -> BenchmarkRow:
+        """The row called `name`."""
+        return next(r for r in self.rows if r.name == name)
+
+
+@dataclass
+class _Cell:
+    row: BenchmarkRow
+    path: Path | None = None
+
+
+@dataclass
+class _Variant:
+    suffix: str  # "" or "-pruned0.5"
+    checkpoint: str
+    loaded: object
+
+
+def _validate(settings: BenchmarkSettings) -> list[Format]:
+    formats = [get_format(f) for f in settings.formats]
     for p in settings.precisions:
-        if p not in PRECISIONS:
-            raise VitsegError(f"precision '{p}' is unknown", f"use {', '.join(PRECISIONS)}")
-    loaded = load_checkpoint(checkpoint)
-    size = tuple(settings.image_size or loaded.meta.image_size)
-    artifacts = output / "artifacts"
-    log(f"profiling PyTorch eager fp32 ({loaded.meta.architecture}, {size[0]}x{size[1]})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        eager = profile(checkpoint, [1], settings.device, settings.threads, settings.warmup, settings.iters, size)
-    eager_ms = eager["batches"][0]["p50_ms"]
-    rows = [{"name": "pytorch-eager-fp32", "format": "pytorch", "precision": "fp32", "status": "reference",
-             "path": str(loaded.source), "size_mb": eager["file_size_mb"], "pixel_agreement": 1.0,
-             "miou_vs_reference": 1.0, "miou_drop_vs_labels": 0.0, "latency_p50_ms": eager_ms,
-             "latency_p90_ms": eager["batches"][0]["p90_ms"], "speedup": 1.0, "gflops": eager["gflops"],
-             "params": eager["params"]}]
-    variants = [("", checkpoint, loaded)]
-    for ratio in settings.prune_ratios:
-        from vitseg_export.checkpoint import save_checkpoint
-        from vitseg_export.pruning import prune_model
+        get_precision(p)
+    return formats
 
+
+def _variants(checkpoint: str, loaded, output: Path, settings: BenchmarkSettings) -> list[_Variant]:
+    """The checkpoint, plus a structurally pruned copy per ratio (method "all", saved under output/)."""
+    from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
+    from vitseg_export.pruning import prune_model
+
+    variants = [_Variant("", checkpoint, loaded)]
+    for ratio in settings.prune_ratios:
         pruned, _ = prune_model(loaded.model, loaded.meta.family, ratio, "all")
         meta = copy.deepcopy(loaded.meta)
         meta.config = pruned.config
         meta.training = {**meta.training, "pruned_from": checkpoint, "prune": {"ratio": ratio, "method": "all"}}
         run_dir = output / f"pruned-{ratio:g}"
         save_checkpoint(pruned, meta, run_dir)
-        variants.append((f"-pruned{ratio:g}", str(run_dir), load_checkpoint(run_dir)))
+        variants.append(_Variant(f"-pruned{ratio:g}", str(run_dir), load_checkpoint(run_dir)))
+    return variants
+
+
+def _artifact_path(artifacts: Path, variant: _Variant, fmt: Format, precision: str) -> Path:
+    stem = f"{variant.loaded.meta.architecture}-{precision}{variant.suffix}"
+    return artifacts / (stem + ("" if fmt.name == "onnx" else f"-{fmt.name}") + fmt.suffixes[0])
+
+
+def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings: BenchmarkSettings, artifacts: Path,
+                 log: Callable[[str], None]) -> _Cell:
+    from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings
+
+    row = BenchmarkRow(f"{fmt.name}-{precision}{variant.suffix}", fmt.name, precision)
+    cell = _Cell(row)
+    availability = fmt.probe()
+    if not availability.ok:
+        row.status = f"failed: {availability.detail}"
+        return cell
+    log(f"{row.name}: export")
+    request = ExportRequest(fmt.name, OnnxExportSettings(precision=precision, image_size=size, outputs="both", fold=settings.fold),
+                            Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target,
+                                         min_agreement=get_precision("int8").thresholds.min_agreement))
+    try:
+        path = _artifact_path(artifacts, variant, fmt, precision)
+        result = fmt.export(variant.loaded, path, request, lambda m: log(f"  {m}"))
+    except VitsegError as e:
+        row.status = f"failed: {e.message}"
+        return cell
+    cell.path = path
+    manifest = result.manifest
+    row.path, row.size_mb, row.rewrites = str(path), path.stat().st_size / 1e6, manifest.rewrites
+    if precision == "int8" and manifest.precision_details:
+        row.int8_mac_share = manifest.precision_details.get("int8_mac_share")
+        row.fallback_layers = [f["node"] for f in manifest.precision_details.get("fallback_layers", [])]
+    return cell
+
+
+def _verify_cells(variant: _Variant, cells: list[_Cell], settings: BenchmarkSettings, size, output: Path,
+                  overlay: dict | None, log: Callable[[str], None]) -> float | None:
+    """One comparator loop: the variant's PyTorch reference once per batch against every exported cell.
+    Returns the reference's mIoU vs labels (where the data has labels)."""
+    from vitseg_export.comparator import compare, load_inputs
+    from vitseg_export.runners import runner_for
+    from vitseg_export.verify import report_from_comparison, write_report
+
+    live = [c for c in cells if c.path is not None]
+    inputs = load_inputs(settings.verify_data, "val", settings.verify_images, size)
+    log(f"verifying {len(live)} artifacts{variant.suffix} on {len(inputs)} held-out images in one pass")
+    runners = {c.row.name: runner_for(c.path, device=settings.device) for c in live}
+    with _all_active(runners) as active, runner_for(variant.loaded, device=settings.device, backend="torch") as reference:
+        for name in set(runners) - set(active):
+            next(c for c in live if c.row.name == name).row.status = f"failed: {runners[name].activation_error}"
+        result = compare(reference, active, inputs, {c.row.name: thresholds_for(c.row.precision) for c in live},
+                         len(variant.loaded.meta.class_names), on_image=_collect(overlay) if overlay is not None else None)
+    reference_miou = None
+    for cell in live:
+        comparison = result.comparisons.get(cell.row.name)
+        if comparison is None:
+            continue
+        report = report_from_comparison(comparison, cell.path, variant.checkpoint, cell.row.precision, runners[cell.row.name],
+                                        settings.device, settings.verify_data, result.reference_seconds_per_image)
+        write_report(report, output / "reports" / f"verify-{cell.row.name}.json")
+        _fill_parity(cell.row, report)
+        if report.summary is not None and report.summary.labels is not None:
+            reference_miou = report.summary.labels.reference_miou_vs_labels
+    return reference_miou
+
+
+class _all_active:
+    """Activate every runner that can be activated; the others keep their error in `activation_error`."""
+
+    def __init__(self, runners: dict):
+        self.runners = runners
+        self.active: dict = {}
+
+    def __enter__(self) -> dict:
+        for name, runner in self.runners.items():
+            try:
+                self.active[name] = runner.activate()
+            except VitsegError as e:
+                runner.activation_error = e.message
+        return self.active
+
+    def __exit__(self, *exc) -> None:
+        for runner in self.active.values():
+            runner.deactivate()
+
+
+def _collect(overlay: dict):
+    def on_image(image, ref_logits, masks) -> None:
+        if len(overlay.setdefault("pytorch-eager-fp32", [])) >= OVERLAY_IMAGES:
+            return
+        overlay.setdefault("input", []).append(image.pixels)
+        overlay["pytorch-eager-fp32"].append(ref_logits.argmax(0))
+        for name, mask in masks.items():
+            overlay.setdefault(name, []).append(mask)
+
+    return on_image
+
+
+def _fill_parity(row: BenchmarkRow, report) -> None:
+    summary = report.summary
+    row.status = "verified" if report.passed else "failed: " + "; ".join(report.failures)
+    if summary is None:
+        return
+    row.pixel_agreement, row.miou_vs_reference = summary.pixel_agreement, summary.miou_vs_reference
+    row.max_abs_logit_diff = summary.max_abs_logit_diff
+    if summary.labels is not None:
+        row.miou_drop_vs_labels, row.miou_vs_labels = summary.labels.miou_drop_vs_labels, summary.labels.artifact_miou_vs_labels
+
+
+def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSettings, log: Callable[[str], None]) -> None:
+    from vitseg_export.profiling import profile
+
+    for cell in cells:
+        if cell.path is None or (cell.row.failed and cell.row.pixel_agreement is None):
+            continue
+        log(f"{cell.row.name}: profile")
+        prof = profile(cell.path, [1], settings.device, settings.threads, settings.warmup, settings.iters)
+        b1 = prof.batch(1)
+        cell.row.latency_p50_ms, cell.row.latency_p90_ms = b1["p50_ms"], b1["p90_ms"]
+        cell.row.speedup, cell.row.gflops, cell.row.params = eager_ms / b1["p50_ms"], prof.gflops, prof.params
+
+
+def _reference_row(checkpoint: str, loaded, size, settings: BenchmarkSettings, log) -> BenchmarkRow:
+    from vitseg_export.profiling import profile
+
+    log(f"profiling PyTorch eager fp32 ({loaded.meta.architecture}, {size[0]}x{size[1]})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = profile(checkpoint, [1], settings.device, settings.threads, settings.warmup, settings.iters, size)
+    b1 = eager.batch(1)
+    return BenchmarkRow("pytorch-eager-fp32", "pytorch", "fp32", "reference", str(loaded.source), eager.file_size_mb, 1.0,
+                        1.0, 0.0, latency_p50_ms=b1["p50_ms"], latency_p90_ms=b1["p90_ms"], speedup=1.0,
+                        gflops=eager.gflops, params=eager.params)
+
+
+def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
+                  log: Callable[[str], None] = lambda m: None) -> BenchmarkReport:
+    """Export, verify and profile every format x precision of `checkpoint` (and its pruned copies); write
+    the report files under `output`. Raises VitsegError for unknown formats/precisions or checkpoints;
+    a failing cell is recorded in its row."""
+    from vitseg_export.checkpoint import load_checkpoint
+    from vitseg_export.profiling import environment
+
+    formats = _validate(settings)
+    loaded = load_checkpoint(checkpoint)
+    size = tuple(settings.image_size or loaded.meta.image_size)
+    rows = [_reference_row(checkpoint, loaded, size, settings, log)]
+    overlay: dict = {}
     base_label_miou = None
-    for suffix, variant_ckpt, variant in variants:
-        for fmt in settings.formats:
-            for precision in settings.precisions:
-                name = f"{fmt}-{precision}{suffix}"
-                log(f"{name}: export, verify on {settings.verify_images} held-out images, profile")
-                row: dict = {"name": name, "format": fmt, "precision": precision}
-                try:
-                    onnx_path = artifacts / f"{variant.meta.architecture}-{precision}{suffix}.onnx"
-                    int8 = Int8Settings(calib=settings.calib, calib_images=settings.calib_images,
-                                        target="trt" if fmt == "trt" else "cpu",
-                                        min_agreement=PRESETS["int8"].min_agreement)
-                    if fmt == "trt":
-                        from vitseg_export.export.tensorrt_engine import require_tensorrt
+    for variant in _variants(checkpoint, loaded, output, settings):
+        cells = [_export_cell(variant, fmt, p, size, settings, output / "artifacts", log)
+                 for fmt in formats for p in settings.precisions if p in fmt.precisions]
+        label_miou = _verify_cells(variant, cells, settings, size, output, overlay if not variant.suffix else None, log)
+        base_label_miou = label_miou if not variant.suffix else base_label_miou
+        for cell in cells:  # pruning's cost included: against the unpruned reference's label mIoU
+            if variant.suffix and base_label_miou is not None and cell.row.miou_vs_labels is not None:
+                cell.row.miou_drop_vs_labels = base_label_miou - cell.row.miou_vs_labels
+        _profile_cells(cells, rows[0].latency_p50_ms, settings, log)
+        rows += [c.row for c in cells]
+    report = BenchmarkReport(checkpoint, loaded.meta.architecture, list(size), settings.device, 1, rows,
+                             environment(settings.threads))
+    _write(report, output, overlay)
+    return report
 
-                        require_tensorrt()
-                        onnx_path = artifacts / f"{variant.meta.architecture}-{precision}{suffix}-trt.onnx"
-                    result = export_onnx(variant, onnx_path, OnnxExportSettings(precision=precision, image_size=size,
-                                         outputs="both", fold=settings.fold), progress=lambda m: log(f"  {m}"), int8=int8)
-                    path = onnx_path
-                    if fmt == "trt":
-                        from vitseg_export.export.tensorrt_engine import EngineSettings, engine_from_onnx
 
-                        path = onnx_path.with_suffix(".engine")
-                        engine_from_onnx(onnx_path, path, EngineSettings(), progress=lambda m: log(f"  {m}"))
-                    # parity against the checkpoint this artifact came from; the label mIoU shows what pruning cost
-                    verdict = verify_artifact(path, variant_ckpt, settings.verify_data, settings.verify_images, settings.device)
-                    write_report(verdict.report, output / "reports" / f"verify-{name}.json")
-                    prof = profile(path, [1], settings.device, settings.threads, settings.warmup, settings.iters)
-                    r = verdict.report
-                    b1 = prof["batches"][0]
-                    if not suffix and base_label_miou is None:
-                        base_label_miou = r.get("reference_miou_vs_labels")
-                    label_drop = r.get("miou_drop_vs_labels")
-                    if suffix and base_label_miou is not None and r.get("artifact_miou_vs_labels") is not None:
-                        label_drop = base_label_miou - r["artifact_miou_vs_labels"]  # pruning's cost included
-                    row.update(
-                        status="verified" if verdict.passed else "failed: " + "; ".join(verdict.failures),
-                        path=str(path), size_mb=path.stat().st_size / 1e6, pixel_agreement=r["pixel_agreement"],
-                        miou_vs_reference=r["miou_vs_reference"], miou_drop_vs_labels=label_drop,
-                        miou_vs_labels=r.get("artifact_miou_vs_labels"),
-                        max_abs_logit_diff=r["max_abs_logit_diff"], latency_p50_ms=b1["p50_ms"], latency_p90_ms=b1["p90_ms"],
-                        speedup=eager_ms / b1["p50_ms"], gflops=prof["gflops"], params=prof["params"],
-                        rewrites=result.manifest.get("rewrites"),
-                    )
-                    if precision == "int8":
-                        row["int8_mac_share"] = result.manifest["int8"]["int8_mac_share"]
-                        row["fallback_layers"] = [f["node"] for f in result.manifest["int8"]["fallback_layers"]]
-                except VitsegError as e:
-                    row.update(status=f"failed: {e.message}")
-                rows.append(row)
-    report = {"checkpoint": checkpoint, "architecture": loaded.meta.architecture, "image_size": list(size),
-              "device": settings.device, "batch": 1, "rows": rows, "environment": environment(settings.threads)}
+def _write(report: BenchmarkReport, output: Path, overlay: dict) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output / "benchmark.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(output / "benchmark.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
     atomic_write_bytes(output / "benchmark.md", markdown_table(report).encode())
     _pareto_plot(report, output / "pareto.png")
-    _overlay_grid(loaded, rows, size, settings, output / "overlays.png", runner_for)
-    return report
+    if overlay:
+        _overlay_grid(overlay, output / "overlays.png")
 
 
 def _fmt(value, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def markdown_table(report: dict) -> str:
-    env = report["environment"]
-    lines = [f"# {report['architecture']} at {report['image_size'][0]}x{report['image_size'][1]}, batch 1, "
-             f"{report['device']} ({env['cpu']['model']}, {env['cpu']['cores']} cores)", "",
+def markdown_table(report: BenchmarkReport) -> str:
+    """benchmark.md: one row per artifact, with the machine it was measured on."""
+    env = report.environment
+    lines = [f"# {report.architecture} at {report.image_size[0]}x{report.image_size[1]}, batch 1, "
+             f"{report.device} ({env['cpu']['model']}, {env['cpu']['cores']} cores)", "",
              "| artifact | status | size | agreement | mIoU vs ref | mIoU drop vs labels | p50 latency | speedup | GFLOPs |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
+    for r in report.rows:
         lines.append(
-            f"| {r['name']} | {r['status']} | {_fmt(r.get('size_mb'), '{:.2f} MB')} "
-            f"| {_fmt(r.get('pixel_agreement') and r['pixel_agreement'] * 100, '{:.3f}%')} "
-            f"| {_fmt(r.get('miou_vs_reference') and r['miou_vs_reference'] * 100, '{:.2f}')} "
-            f"| {_fmt(None if r.get('miou_drop_vs_labels') is None else r['miou_drop_vs_labels'] * 100, '{:+.2f} pt')} "
-            f"| {_fmt(r.get('latency_p50_ms'), '{:.2f} ms')} | {_fmt(r.get('speedup'), '{:.2f}x')} "
-            f"| {_fmt(r.get('gflops'), '{:.2f}')} |")
+            f"| {r.name} | {r.status} | {_fmt(r.size_mb, '{:.2f} MB')} "
+            f"| {_fmt(None if r.pixel_agreement is None else r.pixel_agreement * 100, '{:.3f}%')} "
+            f"| {_fmt(None if r.miou_vs_reference is None else r.miou_vs_reference * 100, '{:.2f}')} "
+            f"| {_fmt(None if r.miou_drop_vs_labels is None else r.miou_drop_vs_labels * 100, '{:+.2f} pt')} "
+            f"| {_fmt(r.latency_p50_ms, '{:.2f} ms')} | {_fmt(r.speedup, '{:.2f}x')} | {_fmt(r.gflops, '{:.2f}')} |")
     return "\n".join(lines) + "\n"
 
 
-def _pareto_plot(report: dict, path: Path) -> None:
+def _pareto_plot(report: BenchmarkReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in report["rows"]:
-        if r.get("latency_p50_ms") is None or r.get("pixel_agreement") is None:
+    for r in report.rows:
+        if r.latency_p50_ms is None or r.pixel_agreement is None:
             continue
-        ax.scatter(r["latency_p50_ms"], r["pixel_agreement"] * 100, s=40)
-        ax.annotate(r["name"], (r["latency_p50_ms"], r["pixel_agreement"] * 100), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+        ax.scatter(r.latency_p50_ms, r.pixel_agreement * 100, s=40)
+        ax.annotate(r.name, (r.latency_p50_ms, r.pixel_agreement * 100), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("p50 latency, batch 1 (ms)")
     ax.set_ylabel("pixel agreement with PyTorch fp32 (%)")
-    ax.set_title(f"{report['architecture']} {report['image_size'][0]}x{report['image_size'][1]} on {report['device']}")
+    ax.set_title(f"{report.architecture} {report.image_size[0]}x{report.image_size[1]} on {report.device}")
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.tight_layout()
@@ -187,29 +349,11 @@ def _pareto_plot(report: dict, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _overlay_grid(loaded, rows: list[dict], size, settings: BenchmarkSettings, path: Path, runner_for) -> None:
-    """One row per image: input, reference mask, then each artifact's mask."""
-    from vitseg_export.data.sources import open_source
-
-    source = open_source(settings.verify_data, "val")
-    images = [source[i].image for i in range(min(3, len(source)))]
-    pixels = np.stack([pixels_from_image(im, size) for im in images])
-    columns = [(pixels.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for r in rows:
-            model = loaded if r["format"] == "pytorch" else r.get("path")
-            if model is None or r["status"].startswith("failed: export") or not (r["format"] == "pytorch" or Path(model).exists()):
-                continue
-            try:
-                with runner_for(model, device=settings.device, backend="torch" if r["format"] == "pytorch" else None,
-                                outputs=("mask",)) as runner:
-                    masks = np.concatenate([runner.infer({"pixels": pixels[i:i + 1]})["mask"] if "mask" in runner.output_names
-                                            else runner.infer({"pixels": pixels[i:i + 1]})["logits"].argmax(1)
-                                            for i in range(len(pixels))])
-                columns.append(colorize(masks))
-            except VitsegError:
-                continue
+def _overlay_grid(overlay: dict, path: Path) -> None:
+    """One row per image: input, reference mask, then each artifact's mask (collected in the verify loop)."""
+    images = overlay.pop("input")
+    columns = [np.stack([(p.transpose(1, 2, 0) * 255).round().astype(np.uint8) for p in images])]
+    columns += [colorize(np.stack(masks)) for masks in overlay.values() if len(masks) == len(images)]
     grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")

@@ -2,12 +2,13 @@
 
 - a vitseg run directory (`model.safetensors` + `config.json` with "format": "vitseg"), or a
   `.safetensors` file with that `config.json` beside it;
-- a Hugging Face SegFormer directory (`config.json` with model_type "segformer" + `model.safetensors`
-  or `pytorch_model.bin`), semantic-segmentation or encoder-only MiT;
+- a Hugging Face directory (`config.json` + `model.safetensors` or `pytorch_model.bin`) of a model type a
+  family maps (`ModelFamily.huggingface`: SegFormer), with or without its segmentation head;
 - an architecture name (random weights, with a warning).
 
-Foreign weights (timm ViT, the seed article's own state dicts) come in through `--init` via
-`init_from_foreign`. No pickle anywhere: safetensors, or `torch.load(weights_only=True)`.
+Foreign weights (a family's `foreign_formats`: timm ViT, the seed article's own state dicts) come in
+through `--init` via `init_from_foreign`. No pickle anywhere: safetensors, or
+`torch.load(weights_only=True)`. Family specifics (key names, configs) live in the family modules.
 """
 
 from __future__ import annotations
@@ -26,15 +27,7 @@ from vitseg_export import __version__
 from vitseg_export.errors import CheckpointError
 from vitseg_export.files import atomic_write_bytes, sha256_file
 from vitseg_export.modeling import registry
-from vitseg_export.modeling.registry import Architecture, Segmenter
-from vitseg_export.modeling.segformer import segformer_config_from_hf, segformer_state_dict_from_hf
-from vitseg_export.modeling.vit import (
-    is_seed_article_state_dict,
-    is_timm_vit_state_dict,
-    vit_config_from_timm,
-    vit_state_dict_from_seed_article,
-    vit_state_dict_from_timm,
-)
+from vitseg_export.modeling.registry import PET_CLASSES, Architecture, ModelFamily, Segmenter
 
 FORMAT = "vitseg"
 FORMAT_VERSION = 1
@@ -93,7 +86,7 @@ class CheckpointMeta:
                          class_names: list[str] | None = None) -> "CheckpointMeta":
         config = arch.config if num_classes is None else replace(arch.config, num_classes=num_classes)
         n = config.num_classes
-        names = class_names or (list(registry.PET_CLASSES) if n == 3 else [f"class_{i}" for i in range(n)])
+        names = class_names or (list(PET_CLASSES) if n == 3 else [f"class_{i}" for i in range(n)])
         return cls(arch.name, arch.family, config, names, (arch.image_size, arch.image_size), arch.mean, arch.std)
 
 
@@ -124,7 +117,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from .safetensors, or from .bin/.pth/.pt with torch.load(weights_only=True) (no code is unpickled)."""
+    """Weights from .safetensors, or from .bin/.pth/.pt with torch.load(weights_only=True) (no code is
+    unpickled). Raises CheckpointError for missing, damaged or non-tensor files."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist", "check the path")
     if path.suffix == ".safetensors":
@@ -186,41 +180,40 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _family_for_hf(directory: Path, hf: dict) -> ModelFamily:
+    model_type = hf.get("model_type")
+    readers = [f for f in registry.FAMILIES.values() if f.huggingface is not None]
+    for family in readers:
+        if family.huggingface.model_type == model_type:  # type: ignore[union-attr]
+            return family
+    names = " or ".join(f.display_name for f in readers)
+    kinds = ", ".join(f"{f.display_name} (model_type '{f.huggingface.model_type}')" for f in readers)  # type: ignore[union-attr]
+    raise CheckpointError(f"{directory} is a Hugging Face '{model_type}' checkpoint, not {names}",
+                          f"vitseg loads Hugging Face {kinds} and its own run directories")
+
+
 def _load_huggingface(directory: Path, hf: dict) -> LoadedCheckpoint:
-    if hf.get("model_type") != "segformer":
-        raise CheckpointError(
-            f"{directory} is a Hugging Face '{hf.get('model_type')}' checkpoint, not SegFormer",
-            "vitseg loads Hugging Face SegFormer (model_type 'segformer') and its own run directories")
+    family = _family_for_hf(directory, hf)
+    mapping = family.huggingface
+    assert mapping is not None
     weights = next((directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin",
                               "download or copy the weights file into the directory")
-    state, has_head = segformer_state_dict_from_hf(read_state_dict(weights))
-    archs = hf.get("architectures") or []
-    semantic = has_head or "SegformerForSemanticSegmentation" in archs
-    # Encoder-only MiT: its id2label are ImageNet's; the decode head is new, for our default 3 classes.
-    num_classes = None if semantic else len(registry.PET_CLASSES)
-    config = segformer_config_from_hf(hf, num_classes)
-    model = registry.build_model("segformer", config)
-    new = _load_into(model, state, str(weights), strict_prefixes=() if has_head else ("decode_head.",))
+    state, has_head = mapping.state_dict_from_hf(read_state_dict(weights))
+    semantic = has_head or mapping.semantic_class in (hf.get("architectures") or [])
+    # Encoder-only (e.g. ImageNet MiT): its id2label are ImageNet's; the head is new, for our default 3 classes.
+    config = mapping.config_from_hf(hf, None if semantic else len(PET_CLASSES))
+    model = family.build(config)
+    new = _load_into(model, state, str(weights), strict_prefixes=() if has_head else (family.head_prefix,))
     if new:
-        warnings.warn(f"{weights}: encoder-only MiT checkpoint; the decode head ({len(new)} tensors) is randomly "
+        warnings.warn(f"{weights}: encoder-only checkpoint; the segmentation head ({len(new)} tensors) is randomly "
                       "initialized and must be trained (vitseg train --init ...)", stacklevel=2)
-    if semantic:
-        labels = hf.get("id2label") or {}
-        class_names = [labels.get(str(i), labels.get(i, f"class_{i}")) for i in range(config.num_classes)]
-    else:
-        class_names = list(registry.PET_CLASSES)
-    meta = CheckpointMeta(
-        architecture=_segformer_name_for(config),
-        family="segformer",
-        config=config,
-        class_names=class_names,
-        image_size=(512, 512),
-        mean=registry.IMAGENET_MEAN,
-        std=registry.IMAGENET_STD,
-        training={"source": "huggingface", "path": str(directory)},
-    )
+    labels = hf.get("id2label") or {}
+    class_names = ([labels.get(str(i), labels.get(i, f"class_{i}")) for i in range(config.num_classes)]
+                   if semantic else list(PET_CLASSES))
+    meta = CheckpointMeta(family.name_for(config), family.name, config, class_names, mapping.image_size,
+                          mapping.mean, mapping.std, training={"source": "huggingface", "path": str(directory)})
     _hf_preprocessing(directory, meta)
     return LoadedCheckpoint(model.eval(), meta, str(directory), sha256_file(weights), "huggingface")
 
@@ -238,27 +231,25 @@ def _hf_preprocessing(directory: Path, meta: CheckpointMeta) -> None:
         meta.image_size = (int(size["height"]), int(size["width"]))
 
 
-def _segformer_name_for(config) -> str:
-    from vitseg_export.modeling.segformer import SEGFORMER_VARIANTS
-
-    for v, d in SEGFORMER_VARIANTS.items():
-        if tuple(config.hidden_sizes) == d["hidden_sizes"] and tuple(config.depths) == d["depths"]:
-            return f"segformer-{v}"
-    return "segformer-custom"
+def _random_weights(name: str) -> LoadedCheckpoint:
+    """An architecture with random weights, the same on every call, without touching the caller's RNG."""
+    arch = registry.get_architecture(name)
+    warnings.warn(f"'{name}' is an architecture name: using RANDOM weights (pass a checkpoint for real ones)",
+                  stacklevel=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = registry.build_model(arch.family, arch.config)
+    return LoadedCheckpoint(model.eval(), CheckpointMeta.for_architecture(arch), name, None, "random")
 
 
 def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
-    """The one way in: run dir, .safetensors file, Hugging Face SegFormer dir, or architecture name."""
+    """The one way in: run dir, .safetensors file, Hugging Face directory, or architecture name.
+    Returns the model in eval mode with its meta; raises CheckpointError (one line) for anything else."""
     text = str(spec)
     path = Path(text)
     if not path.exists():
         if text in registry.ARCHITECTURES:
-            arch = registry.get_architecture(text)
-            warnings.warn(f"'{text}' is an architecture name: using RANDOM weights (pass a checkpoint for real ones)",
-                          stacklevel=2)
-            torch.manual_seed(0)
-            model = registry.build_model(arch.family, arch.config)
-            return LoadedCheckpoint(model.eval(), CheckpointMeta.for_architecture(arch), text, None, "random")
+            return _random_weights(text)
         looks_like_path = os.sep in text or text.endswith((".safetensors", ".bin", ".pth", ".pt", ".json"))
         hint = "check the path" if looks_like_path else "pass a run directory, a .safetensors file, or a name from `vitseg models`"
         raise CheckpointError(f"checkpoint '{text}' does not exist and is not an architecture name", hint)
@@ -288,27 +279,26 @@ def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
 
 
 def init_from_foreign(arch: Architecture, path: Path, num_classes: int | None = None) -> LoadedCheckpoint:
-    """A model of `arch`'s family initialized from foreign weights: timm ViT (key mapping, position-embedding
-    resampling, eps 1e-6, class token, final norm) or a state dict saved from the seed article's code."""
+    """A model of `arch`'s family initialized from foreign weights in one of the family's
+    `foreign_formats` (timm ViT, the seed article's state dicts, ...). Raises CheckpointError when the
+    weights are in no layout the family knows or do not fit."""
     state = read_state_dict(path)
+    family = registry.get_family(arch.family)
     meta = CheckpointMeta.for_architecture(arch, num_classes)
-    if arch.family == "vit" and is_timm_vit_state_dict(state):
-        config = vit_config_from_timm(state, meta.config)
+    for foreign in family.foreign_formats:
+        if not foreign.detect(state):
+            continue
+        config, mapped, may_be_new, mean, std = foreign.convert(state, meta.config)
         meta.config = config
-        # timm's augreg ViTs are trained on mean/std 0.5 input
-        meta.mean, meta.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        model = registry.build_model("vit", config)
-        new = _load_into(model, vit_state_dict_from_timm(state, config), str(path), strict_prefixes=("head.",))
-        meta.training = {"init": str(path), "init_kind": "timm", "new_tensors": new}
-        return LoadedCheckpoint(model, meta, str(path), sha256_file(path), "timm")
-    if arch.family == "vit" and is_seed_article_state_dict(state):
-        model = registry.build_model("vit", meta.config)
-        _load_into(model, vit_state_dict_from_seed_article(state), str(path))
-        meta.training = {"init": str(path), "init_kind": "seed-article"}
-        return LoadedCheckpoint(model, meta, str(path), sha256_file(path), "seed-article")
+        if mean is not None and std is not None:
+            meta.mean, meta.std = tuple(mean), tuple(std)
+        model = family.build(config)
+        new = _load_into(model, mapped, str(path), strict_prefixes=may_be_new)
+        meta.training = {"init": str(path), "init_kind": foreign.kind, **({"new_tensors": new} if may_be_new else {})}
+        return LoadedCheckpoint(model, meta, str(path), sha256_file(path), foreign.kind)
+    kinds = ", ".join(f.kind for f in family.foreign_formats) or "none"
     raise CheckpointError(f"{path}: weight layout not recognized for the {arch.family} family",
-                          "expected timm ViT keys (patch_embed.proj, blocks.N.attn.qkv) or the seed article's; "
-                          "Hugging Face SegFormer loads as a directory")
+                          f"it reads {kinds} weights; a Hugging Face checkpoint loads as a directory")
 
 
 # ---- writing ------------------------------------------------------------------------------------

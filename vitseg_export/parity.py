@@ -1,23 +1,15 @@
-"""outputs -> comparator: mask-level parity between an artifact and the PyTorch reference.
+"""outputs -> comparator: mask-level parity between an artifact's outputs and the PyTorch reference's.
 
-Numpy only. The thresholds come from ONE table of per-precision presets; flags override single values.
-
-Why these numbers:
-- fp32: the same math in another runtime. Kernel order changes leave logits within ~1e-5 of each
-  other; a flipped argmax can only happen at near-ties, so agreement must be >= 99.99% and the largest
-  logit difference <= 1e-3 (100x the observed noise: anything above is a real graph difference).
-- fp16: 10-bit mantissa, so logits of magnitude ~10 move by ~1e-2; a pixel flips only where the top-2
-  margin is below that. Agreement >= 99.9% and mIoU against the reference >= 99.5%; logit limits are
-  loose (max 0.5, mean 0.05) to catch overflow and broken islands, not rounding.
-- int8: quantization noise is a few percent of each activation range; the mask is what must survive:
-  agreement >= 99.0% and mIoU against the reference >= 98.0%; no logit limit beyond finiteness.
-Every preset requires zero non-finite values.
+Numpy only. `ParityAccumulator` takes one image at a time and gives a typed `ParitySummary`; `judge`
+checks a summary against `Thresholds` (the per-precision presets and their reasons live in the
+precision table, vitseg_export/precisions.py). The loop that runs the runners is
+vitseg_export/comparator.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -33,32 +25,55 @@ class Thresholds:
     max_nonfinite: int = 0
 
 
-PRESETS: dict[str, Thresholds] = {
-    "fp32": Thresholds(min_agreement=0.9999, min_miou_vs_reference=0.999, max_abs_logit_diff=1e-3,
-                       max_mean_abs_logit_diff=1e-4),
-    "fp16": Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
-                       max_mean_abs_logit_diff=0.05),
-    "int8": Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
-                       max_mean_abs_logit_diff=None),
-}
-
-
-def thresholds_for(precision: str, **overrides) -> Thresholds:
-    base = PRESETS[precision]
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def _confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
+def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
+    """(num_classes, num_classes) counts, rows = target, columns = prediction; `ignore` pixels skipped."""
     valid = target != ignore
     idx = target[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def miou(cm: np.ndarray) -> float:
+    """Mean IoU over the classes present in target or prediction (NaN when none is)."""
     inter = np.diag(cm).astype(np.float64)
     union = cm.sum(0) + cm.sum(1) - inter
     present = union > 0
     return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+
+
+@dataclass(frozen=True)
+class LabelScores:
+    """Each side's agreement with dataset labels, where the inputs have them."""
+
+    reference_miou_vs_labels: float
+    artifact_miou_vs_labels: float
+    miou_drop_vs_labels: float
+    reference_pixel_accuracy_vs_labels: float
+    artifact_pixel_accuracy_vs_labels: float
+
+
+@dataclass(frozen=True)
+class ParitySummary:
+    """Totals of a comparison. JSON form: the field names, `low_margin`, and the label scores spread in
+    (only where the inputs had labels)."""
+
+    images: int
+    pixels: int
+    pixel_agreement: float
+    miou_vs_reference: float
+    max_abs_logit_diff: float | None
+    mean_abs_logit_diff: float | None
+    nonfinite: int
+    flips: int
+    low_margin_flips: int
+    labels: LabelScores | None = None
+
+    def to_json(self) -> dict:
+        """The documented JSON keys (`self_parity` in manifests, the head of a verify report)."""
+        out = {k: v for k, v in asdict(self).items() if k != "labels"}
+        out["low_margin"] = LOW_MARGIN
+        if self.labels is not None:
+            out.update(asdict(self.labels))
+        return out
 
 
 @dataclass
@@ -98,7 +113,7 @@ class ParityAccumulator:
         flipped = ref_mask != art_mask
         low = int((flipped & (margin < LOW_MARGIN)).sum())
         row = {"name": name, "pixel_agreement": agree / n, "flips": n - agree, "low_margin_flips": low}
-        self.cm_vs_ref += _confusion(art_mask, ref_mask, self.num_classes)
+        self.cm_vs_ref += confusion(art_mask, ref_mask, self.num_classes)
         if art_logits is not None:
             finite = np.isfinite(art_logits)
             nonfinite = int((~finite).sum())
@@ -110,9 +125,9 @@ class ParityAccumulator:
             self.logit_values += diff.size
         if label is not None and (label != 255).any():
             self.has_labels = True
-            self.cm_ref_gt += _confusion(ref_mask, label, self.num_classes)
-            self.cm_art_gt += _confusion(art_mask, label, self.num_classes)
-        row["miou_vs_reference"] = miou(_confusion(art_mask, ref_mask, self.num_classes))
+            self.cm_ref_gt += confusion(ref_mask, label, self.num_classes)
+            self.cm_art_gt += confusion(art_mask, label, self.num_classes)
+        row["miou_vs_reference"] = miou(confusion(art_mask, ref_mask, self.num_classes))
         self.images += 1
         self.pixels += n
         self.agree += agree
@@ -121,40 +136,35 @@ class ParityAccumulator:
         self.per_image.append(row)
         return row
 
-    def summary(self) -> dict:
-        out = {
-            "images": self.images,
-            "pixels": self.pixels,
-            "pixel_agreement": self.agree / max(1, self.pixels),
-            "miou_vs_reference": miou(self.cm_vs_ref),
-            "max_abs_logit_diff": self.max_abs if self.logit_values else None,
-            "mean_abs_logit_diff": self.sum_abs / self.logit_values if self.logit_values else None,
-            "nonfinite": self.nonfinite,
-            "flips": self.flips,
-            "low_margin_flips": self.low_margin_flips,
-            "low_margin": LOW_MARGIN,
-        }
+    def summary(self) -> ParitySummary:
+        """The totals over every image added so far."""
+        labels = None
         if self.has_labels:
             ref, art = miou(self.cm_ref_gt), miou(self.cm_art_gt)
-            out.update(reference_miou_vs_labels=ref, artifact_miou_vs_labels=art, miou_drop_vs_labels=ref - art,
-                       reference_pixel_accuracy_vs_labels=float(np.trace(self.cm_ref_gt) / max(1, self.cm_ref_gt.sum())),
-                       artifact_pixel_accuracy_vs_labels=float(np.trace(self.cm_art_gt) / max(1, self.cm_art_gt.sum())))
-        return out
+            labels = LabelScores(reference_miou_vs_labels=ref, artifact_miou_vs_labels=art, miou_drop_vs_labels=ref - art,
+                                 reference_pixel_accuracy_vs_labels=float(np.trace(self.cm_ref_gt) / max(1, self.cm_ref_gt.sum())),
+                                 artifact_pixel_accuracy_vs_labels=float(np.trace(self.cm_art_gt) / max(1, self.cm_art_gt.sum())))
+        return ParitySummary(
+            images=self.images, pixels=self.pixels, pixel_agreement=self.agree / max(1, self.pixels),
+            miou_vs_reference=miou(self.cm_vs_ref),
+            max_abs_logit_diff=self.max_abs if self.logit_values else None,
+            mean_abs_logit_diff=self.sum_abs / self.logit_values if self.logit_values else None,
+            nonfinite=self.nonfinite, flips=self.flips, low_margin_flips=self.low_margin_flips, labels=labels)
 
 
-def judge(summary: dict, thresholds: Thresholds) -> list[str]:
+def judge(summary: ParitySummary, thresholds: Thresholds) -> list[str]:
     """The failed checks, each saying what and by how much; empty means pass."""
     failures = []
-    agreement = summary["pixel_agreement"]
+    agreement = summary.pixel_agreement
     if agreement < thresholds.min_agreement:
         failures.append(f"pixel agreement {agreement * 100:.4f}% < {thresholds.min_agreement * 100:.2f}% "
-                        f"({summary['flips']} pixels flipped, {summary['low_margin_flips']} of them near-ties)")
-    m = summary["miou_vs_reference"]
+                        f"({summary.flips} pixels flipped, {summary.low_margin_flips} of them near-ties)")
+    m = summary.miou_vs_reference
     if math.isnan(m) or m < thresholds.min_miou_vs_reference:
         failures.append(f"mIoU vs reference {m * 100:.3f} < {thresholds.min_miou_vs_reference * 100:.2f}")
-    if summary["nonfinite"] > thresholds.max_nonfinite:
-        failures.append(f"{summary['nonfinite']} non-finite logits (NaN/Inf) > {thresholds.max_nonfinite}")
-    mx, mean = summary["max_abs_logit_diff"], summary["mean_abs_logit_diff"]
+    if summary.nonfinite > thresholds.max_nonfinite:
+        failures.append(f"{summary.nonfinite} non-finite logits (NaN/Inf) > {thresholds.max_nonfinite}")
+    mx, mean = summary.max_abs_logit_diff, summary.mean_abs_logit_diff
     if thresholds.max_abs_logit_diff is not None and mx is not None and mx > thresholds.max_abs_logit_diff:
         failures.append(f"max |logit diff| {mx:.3g} > {thresholds.max_abs_logit_diff:.3g}")
     if thresholds.max_mean_abs_logit_diff is not None and mean is not None and mean > thresholds.max_mean_abs_logit_diff:
@@ -163,4 +173,5 @@ def judge(summary: dict, thresholds: Thresholds) -> list[str]:
 
 
 def thresholds_dict(t: Thresholds) -> dict:
+    """The JSON form of a set of thresholds."""
     return asdict(t)

@@ -17,6 +17,7 @@ from PIL import Image
 from vitseg_export.artifact import colorize, is_artifact, load_rgb, pixels_from_image
 from vitseg_export.files import atomic_write_bytes
 from vitseg_export.runners import runner_for
+from vitseg_export.runners.base import mask_of
 
 
 @dataclass
@@ -45,8 +46,7 @@ def predict_images(model: str, images: list[Path], output: Path, overlay: bool =
         for i, path in enumerate(images):
             image = load_rgb(path)
             out = runner.infer({"pixels": pixels_from_image(image, size)[None]})
-            mask = out["mask"][0] if "mask" in out else out["logits"][0].argmax(0)
-            mask = mask.astype(np.uint8)
+            mask = mask_of(out)[0].astype(np.uint8)
             # Back to the image's own resolution; nearest keeps class indices intact.
             full = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
             mask_path = output / f"{path.stem}_mask.png"

@@ -10,6 +10,7 @@ import importlib
 import platform
 import resource
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,29 +79,28 @@ def _jetson_power() -> dict:
 
 def onnx_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: int | None = None) -> list[dict]:
     """Where an ONNX artifact spends its time: onnxruntime's own profiler, summed per op type over
-    `runs` inferences, sorted by share."""
+    `runs` inferences, sorted by share (its trace file goes to a temp dir that is removed)."""
     import json
     import tempfile
 
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    from vitseg_export.runners.onnxruntime_runner import session_options
+
+    opts = session_options(threads)
     opts.enable_profiling = True
-    opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {"pixels": pixels.astype(np.float16) if sess.get_inputs()[0].type == "tensor(float16)" else pixels}
-    for _ in range(runs):
-        sess.run(None, feed)
-    trace = Path(sess.end_profiling())
+    with tempfile.TemporaryDirectory(prefix="vitseg-ort-profile-") as tmp:
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {"pixels": pixels.astype(np.float16) if sess.get_inputs()[0].type == "tensor(float16)" else pixels}
+        for _ in range(runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
     totals: dict[str, float] = {}
-    for event in json.loads(trace.read_text()):
+    for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
             op = event.get("args", {}).get("op_name", "?")
             totals[op] = totals.get(op, 0.0) + event.get("dur", 0) / 1e3
-    trace.unlink(missing_ok=True)
     total = sum(totals.values()) or 1.0
     return [{"op": op, "ms_per_run": ms / runs, "share": ms / total}
             for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
@@ -111,7 +111,7 @@ def onnx_compute(path: Path, size: tuple[int, int]) -> dict:
     try:
         import onnx
 
-        from vitseg_export.export.precision import node_macs
+        from vitseg_export.export.int8 import node_macs
     except ImportError:
         return {"params": None, "gflops": None}
     model = onnx.load(str(path))
@@ -135,49 +135,74 @@ def torch_compute(runner: Runner, size: tuple[int, int]) -> dict:
     return {"params": count_parameters(segmenter), "gflops": counter.get_total_flops() / 1e9}
 
 
+@dataclass
+class ProfileResult:
+    """`vitseg profile` figures for one model. JSON form: the field names."""
+
+    model: str
+    backend: str
+    device: str
+    precision: str
+    input_size: list[int]
+    file_size_mb: float | None
+    params: int | None
+    gflops: float | None
+    batches: list[dict]
+    environment: dict
+
+    def to_json(self) -> dict:
+        """The JSON written by `vitseg profile --json`."""
+        return asdict(self)
+
+    def batch(self, n: int) -> dict:
+        """The figures of batch size `n`."""
+        return next(b for b in self.batches if b["batch"] == n)
+
+
+def _file_size_mb(path: Path) -> float | None:
+    file_path = path if path.suffix else (path / "model.safetensors" if path.is_dir() else None)
+    return file_path.stat().st_size / 1e6 if file_path and file_path.exists() else None
+
+
+def _profile_batch(runner: Runner, batch: int, size: tuple[int, int], warmup: int, iters: int, gflops: float | None) -> dict:
+    if batch > 1 and not runner.dynamic_batch:
+        return {"batch": batch, "skipped": "static batch of 1 (export with --dynamic-batch)"}
+    pixels = np.random.default_rng(0).random((batch, 3, *size), dtype=np.float32)
+    torch_cuda = runner.device == "cuda" and runner.backend == "torch"
+    if torch_cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    row = measure_latency(runner, pixels, warmup, iters)
+    cuda_peak = None
+    if torch_cuda:
+        import torch
+
+        cuda_peak = torch.cuda.max_memory_allocated() / 2**20
+    row.update(peak_rss_mb=peak_rss_mb(), peak_cuda_mb=cuda_peak)
+    if gflops:
+        row["achieved_gflop_per_s"] = gflops * batch / (row["mean_ms"] / 1e3)
+    return row
+
+
 def profile(model: str | Path, batches: list[int], device: str = "cpu", threads: int | None = None,
-            warmup: int = 5, iters: int = 20, size: tuple[int, int] | None = None) -> dict:
-    """Per batch size: p50/p90/p99/mean latency, throughput and memory; plus file size, params, GFLOPs."""
+            warmup: int = 5, iters: int = 20, size: tuple[int, int] | None = None, backend: str | None = None) -> ProfileResult:
+    """Per batch size: p50/p90/p99/mean latency, throughput and memory; plus file size, params, GFLOPs.
+    `model` is an artifact (its format's backend, or `backend`) or a checkpoint (PyTorch eager); `threads`
+    applies while profiling only. Raises VitsegError/BackendMissingError when it cannot run here."""
     from vitseg_export.runners import runner_for
 
     path = Path(str(model))
-    runner = runner_for(model, device=device)
-    if threads:
-        if hasattr(runner, "threads"):
-            runner.threads = threads  # type: ignore[attr-defined]
-        else:
-            import torch
-
-            torch.set_num_threads(threads)
-    rows = []
+    runner = runner_for(model, device=device, backend=backend, **({"threads": threads} if threads else {}))
     with runner:
         size = size or tuple(runner.input_size)
-        is_torch = runner.backend == "torch"
-        compute = torch_compute(runner, size) if is_torch else (onnx_compute(path, size) if path.suffix == ".onnx"
-                                                                 else {"params": None, "gflops": None})
-        for batch in batches:
-            if batch > 1 and not runner.dynamic_batch:
-                rows.append({"batch": batch, "skipped": "static batch of 1 (export with --dynamic-batch)"})
-                continue
-            pixels = np.random.default_rng(0).random((batch, 3, *size), dtype=np.float32)
-            cuda_peak = None
-            if device == "cuda" and is_torch:
-                import torch
-
-                torch.cuda.reset_peak_memory_stats()
-            row = measure_latency(runner, pixels, warmup, iters)
-            if device == "cuda" and is_torch:
-                import torch
-
-                cuda_peak = torch.cuda.max_memory_allocated() / 2**20
-            row.update(peak_rss_mb=peak_rss_mb(), peak_cuda_mb=cuda_peak)
-            if compute["gflops"]:
-                row["achieved_gflop_per_s"] = compute["gflops"] * batch / (row["mean_ms"] / 1e3)
-            rows.append(row)
-        backend, precision = runner.backend, runner.precision
-    file_path = path if path.suffix else (path / "model.safetensors" if path.is_dir() else None)
-    return {
-        "model": str(model), "backend": backend, "device": device, "precision": precision,
-        "input_size": list(size), "file_size_mb": file_path.stat().st_size / 1e6 if file_path and file_path.exists() else None,
-        **compute, "batches": rows, "environment": environment(threads),
-    }
+        if runner.backend == "torch":
+            compute = torch_compute(runner, size)
+        elif path.suffix == ".onnx":
+            compute = onnx_compute(path, size)
+        else:
+            compute = {"params": None, "gflops": None}
+        rows = [_profile_batch(runner, b, size, warmup, iters, compute["gflops"]) for b in batches]
+        backend_name, precision = runner.backend, runner.precision
+    return ProfileResult(str(model), backend_name, device, precision, list(size), _file_size_mb(path), compute["params"],
+                         compute["gflops"], rows, environment(threads))

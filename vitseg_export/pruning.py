@@ -1,6 +1,8 @@
 """nn.Module -> smaller dense nn.Module: structured pruning that physically removes attention heads,
 MLP hidden channels (ViT MLP, SegFormer Mix-FFN incl. its depthwise conv) and SegFormer decoder
 channels, by an L1 importance score; plus magnitude 2:4 sparsity for TensorRT's sparse kernels.
+Each family prunes its own layers (`ModelFamily.prune`, with the helpers below); this module is the
+one entry point and the family-independent 2:4 sparsity.
 
 Written here rather than with Torch-Pruning because the result must be described by the config
 (per-layer widths), so a pruned checkpoint loads without the original: the pruned state dict is
@@ -10,7 +12,12 @@ Head width is never changed (heads are removed whole), so attention scaling stay
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -18,126 +25,42 @@ from torch import nn
 from vitseg_export.errors import VitsegError
 from vitseg_export.modeling import registry
 
-METHODS = ("heads", "mlp", "channels", "all")
 
-
-def _keep(count: int, ratio: float) -> int:
+def keep_count(count: int, ratio: float) -> int:
+    """How many of `count` units survive pruning `ratio` of them (at least one)."""
     return max(1, int(round(count * (1.0 - ratio))))
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, in ascending index order (so kept units keep their order)."""
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of the given attention heads in a (heads*head_dim, ...) projection."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
 @torch.no_grad()
 def prune_model(model: nn.Module, family: str, ratio: float, method: str) -> tuple[nn.Module, dict]:
-    """Returns (pruned model, report). The input model is not modified."""
-    if method not in METHODS:
-        raise VitsegError(f"--method {method} is unknown", f"use one of {', '.join(METHODS)}")
+    """Structured pruning of `model` (of `family`) by `ratio` of the units `method` names: one of the
+    family's pruning parts, or "all". Returns (pruned model, report); the input model is not modified.
+    Raises VitsegError for a method the family lacks or a ratio outside (0, 1)."""
+    fam = registry.get_family(family)
+    methods = fam.pruning_parts + ("all",)
+    if method not in methods:
+        raise VitsegError(f"--method {method}: the {family} family has no {method} to prune",
+                          f"use one of {', '.join(methods)}")
     if not 0.0 < ratio < 1.0:
         raise VitsegError(f"--ratio {ratio} is outside (0, 1)", "e.g. --ratio 0.25 removes a quarter of the units")
-    if method == "channels" and family == "vit":
-        raise VitsegError("--method channels prunes SegFormer decoder channels; the ViT has none",
-                          "use heads, mlp or all for the ViT")
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    config = model.config
-    heads_on = method in ("heads", "all")
-    mlp_on = method in ("mlp", "all")
-    if family == "vit":
-        new_config = _prune_vit(sd, config, ratio, heads_on, mlp_on)
-    else:
-        new_config = _prune_segformer(sd, config, ratio, heads_on, mlp_on, method in ("channels", "all"))
-    pruned = registry.build_model(family, new_config)
+    parts = set(fam.pruning_parts) if method == "all" else {method}
+    new_config = fam.prune(sd, model.config, ratio, parts)
+    pruned = fam.build(new_config)
     pruned.load_state_dict(sd, strict=True)  # the config alone must describe the pruned widths
     report = {"method": method, "ratio": ratio, "params_before": registry.count_parameters(model),
               "params_after": registry.count_parameters(pruned)}
     return pruned.eval(), report
-
-
-def _prune_vit(sd: dict, config, ratio: float, heads_on: bool, mlp_on: bool):
-    e = config.embed_dim
-    d = e // config.num_heads
-    widths = []
-    for i in range(config.depth):
-        p = f"blocks.{i}."
-        w_in, b_in, w_out = sd[p + "attn.in_proj.weight"], sd[p + "attn.in_proj.bias"], sd[p + "attn.out_proj.weight"]
-        h = w_out.shape[1] // d
-        if heads_on and h > 1:
-            # importance: how much each head writes to the residual stream, times its value weights
-            score = w_out.abs().reshape(e, h, d).sum(dim=(0, 2)) * w_in[2 * h * d:].abs().reshape(h, d, e).sum(dim=(1, 2))
-            kept = _top(score, _keep(h, ratio))
-            rows = _head_rows(kept, d)
-            qkv = torch.cat([rows + j * h * d for j in range(3)])
-            sd[p + "attn.in_proj.weight"], sd[p + "attn.in_proj.bias"] = w_in[qkv], b_in[qkv]
-            sd[p + "attn.out_proj.weight"] = w_out[:, rows]
-            h = len(kept)
-        fc1_w, fc1_b, fc2_w = sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"], sd[p + "mlp.fc2.weight"]
-        if mlp_on:
-            score = fc1_w.abs().sum(1) * fc2_w.abs().sum(0)
-            kept = _top(score, _keep(fc1_w.shape[0], ratio))
-            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = fc1_w[kept], fc1_b[kept]
-            sd[p + "mlp.fc2.weight"] = fc2_w[:, kept]
-        widths.append((h, sd[p + "mlp.fc1.weight"].shape[0]))
-    return replace(config, block_widths=tuple(widths))
-
-
-def _prune_segformer(sd: dict, config, ratio: float, heads_on: bool, mlp_on: bool, channels_on: bool):
-    widths = []
-    for s, depth in enumerate(config.depths):
-        hidden = config.hidden_sizes[s]
-        d = hidden // config.num_heads[s]
-        for j in range(depth):
-            p = f"encoder.block.{s}.{j}."
-            a = p + "attention."
-            h = sd[a + "self.query.weight"].shape[0] // d
-            if heads_on and h > 1:
-                w_out = sd[a + "output.dense.weight"]
-                score = (w_out.abs().reshape(hidden, h, d).sum(dim=(0, 2))
-                         * sd[a + "self.value.weight"].abs().reshape(h, d, hidden).sum(dim=(1, 2)))
-                kept = _top(score, _keep(h, ratio))
-                rows = _head_rows(kept, d)
-                for name in ("query", "key", "value"):
-                    sd[f"{a}self.{name}.weight"] = sd[f"{a}self.{name}.weight"][rows]
-                    sd[f"{a}self.{name}.bias"] = sd[f"{a}self.{name}.bias"][rows]
-                sd[a + "output.dense.weight"] = w_out[:, rows]
-                h = len(kept)
-            m = p + "mlp."
-            if mlp_on:
-                score = sd[m + "dense1.weight"].abs().sum(1) * sd[m + "dense2.weight"].abs().sum(0)
-                kept = _top(score, _keep(score.numel(), ratio))
-                for key in ("dense1.weight", "dense1.bias", "dwconv.dwconv.weight", "dwconv.dwconv.bias"):
-                    sd[m + key] = sd[m + key][kept]
-                sd[m + "dense2.weight"] = sd[m + "dense2.weight"][:, kept]
-            widths.append((h, sd[m + "dense1.weight"].shape[0]))
-    new_config = replace(config, layer_widths=tuple(widths))
-    if channels_on:
-        dd = config.decoder_dim
-        keep = _keep(dd, ratio)
-        n = len(config.hidden_sizes)
-        fuse = sd["decode_head.linear_fuse.weight"][:, :, 0, 0]  # D x nD, input order [c4 .. c1]
-        columns = []
-        for i in range(n):
-            sl = slice((n - 1 - i) * dd, (n - i) * dd)
-            proj = sd[f"decode_head.linear_c.{i}.proj.weight"]
-            score = proj.abs().sum(1) * fuse[:, sl].abs().sum(0)
-            kept = _top(score, keep)
-            sd[f"decode_head.linear_c.{i}.proj.weight"] = proj[kept]
-            sd[f"decode_head.linear_c.{i}.proj.bias"] = sd[f"decode_head.linear_c.{i}.proj.bias"][kept]
-            columns.append((n - 1 - i, kept + (n - 1 - i) * dd))
-        in_cols = torch.cat([c for _, c in sorted(columns)])  # back in concatenation order
-        g = sd["decode_head.batch_norm.weight"].abs() / torch.sqrt(sd["decode_head.batch_norm.running_var"] + 1e-5)
-        out_score = fuse.abs().sum(1) * g * sd["decode_head.classifier.weight"][:, :, 0, 0].abs().sum(0)
-        out_kept = _top(out_score, keep)
-        sd["decode_head.linear_fuse.weight"] = sd["decode_head.linear_fuse.weight"][out_kept][:, in_cols]
-        for key in ("weight", "bias", "running_mean", "running_var"):
-            sd[f"decode_head.batch_norm.{key}"] = sd[f"decode_head.batch_norm.{key}"][out_kept]
-        sd["decode_head.classifier.weight"] = sd["decode_head.classifier.weight"][:, out_kept]
-        new_config = replace(new_config, decoder_dim=keep)
-    return new_config
 
 
 # ---- 2:4 sparsity -------------------------------------------------------------------------------
@@ -197,3 +120,86 @@ def check_2to4(model: nn.Module) -> dict:
             zeros = (_grouped(module.weight.detach()) == 0).sum(1)
             (ok if bool((zeros >= 2).all()) else violations).append(name)
     return {"sparse_layers": ok, "violations": violations, "checked": len(ok) + len(violations)}
+
+
+# ---- prune a checkpoint, fine-tune, report ----------------------------------------------------------
+
+@dataclass
+class PruneSettings:
+    ratio: float = 0.25
+    method: str = "all"
+    sparsity: str | None = None  # "2:4"
+    finetune_epochs: int = 0
+    data: str = "synthetic"
+    image_size: int | None = None
+    batch_size: int = 16
+    eval_images: int = 64
+
+
+def _scorer(loaded, settings: PruneSettings) -> Callable[[nn.Module], dict]:
+    """Validation pixel accuracy and mIoU of a network (same normalization as the checkpoint)."""
+    from vitseg_export.data.sources import open_source
+    from vitseg_export.data.transforms import SegmentationDataset
+    from vitseg_export.modeling.registry import Segmenter
+    from vitseg_export.training import evaluate
+
+    size = settings.image_size or loaded.meta.image_size[0]
+    val = open_source(settings.data, "val")
+    subset = torch.utils.data.Subset(SegmentationDataset(val, (size, size), train=False),
+                                     range(min(settings.eval_images, len(val))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=settings.batch_size)
+
+    def score(net: nn.Module) -> dict:
+        acc, miou, _ = evaluate(Segmenter(net, loaded.meta.mean, loaded.meta.std), loader,
+                                loaded.meta.config.num_classes, torch.device("cpu"))
+        return {"pixel_accuracy": acc, "miou": miou}
+
+    return score
+
+
+def _finetune(pruned: nn.Module, meta, checkpoint: str, output: Path, settings: PruneSettings, masks: dict) -> nn.Module:
+    from vitseg_export.checkpoint import LoadedCheckpoint, load_checkpoint
+    from vitseg_export.training import TrainSettings, train
+
+    start = LoadedCheckpoint(pruned.train(), meta, checkpoint, None, "pruned")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(start, TrainSettings(data=settings.data, epochs=settings.finetune_epochs, image_size=settings.image_size,
+                                   batch_size=settings.batch_size, num_workers=1), output,
+              after_step=(lambda net: reapply_masks(net, masks)) if masks else None)
+    return load_checkpoint(output).model
+
+
+def prune_checkpoint(checkpoint: str, output: Path, settings: PruneSettings,
+                     log: Callable[[str], None] = lambda m: None) -> dict:
+    """Prune a checkpoint, optionally sparsify (2:4) and fine-tune, and write the pruned run directory with
+    `prune.json` (accuracy before, after pruning and after fine-tuning). Returns that report; raises
+    VitsegError for bad settings or a lost 2:4 pattern."""
+    from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
+    from vitseg_export.files import atomic_write_bytes
+
+    if settings.sparsity not in (None, "2:4"):
+        raise VitsegError(f"--sparsity {settings.sparsity} is not supported", "use --sparsity 2:4")
+    loaded = load_checkpoint(checkpoint)
+    score = _scorer(loaded, settings)
+    report: dict = {"source": checkpoint, "before": score(loaded.model)}
+    pruned, prune_report = prune_model(loaded.model, loaded.meta.family, settings.ratio, settings.method)
+    report.update(prune_report)
+    masks = apply_2to4(pruned) if settings.sparsity else {}
+    report["after_pruning"] = score(pruned)
+    meta = copy.deepcopy(loaded.meta)
+    meta.config = pruned.config
+    meta.training = {**meta.training, "pruned_from": checkpoint,
+                     "prune": {"ratio": settings.ratio, "method": settings.method, "sparsity": settings.sparsity}}
+    if settings.finetune_epochs:
+        log(f"fine-tuning for {settings.finetune_epochs} epochs on {settings.data}")
+        pruned = _finetune(pruned, meta, checkpoint, output, settings, masks)
+    else:
+        save_checkpoint(pruned, meta, output)
+    report["after_finetuning"] = score(pruned) if settings.finetune_epochs else None
+    if settings.sparsity:
+        report["sparsity_check"] = check_2to4(pruned)
+        if report["sparsity_check"]["violations"]:
+            raise VitsegError(f"2:4 pattern lost in {report['sparsity_check']['violations'][:3]}", "report this as a bug")
+    atomic_write_bytes(output / "prune.json", (json.dumps(report, indent=2) + "\n").encode())
+    return report

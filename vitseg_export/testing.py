@@ -15,8 +15,10 @@ from pathlib import Path
 
 def assert_mask_parity(artifact: str | Path, reference: str, data: str = "synthetic", num_images: int = 8,
                        device: str = "cpu", **threshold_overrides) -> dict:
+    """Verify `artifact` against `reference` on `num_images` images of `data`; raise AssertionError naming
+    every failed check, else return the report's JSON form. Thresholds default to the precision's preset."""
     from vitseg_export.artifact import read_artifact_info
-    from vitseg_export.parity import thresholds_for
+    from vitseg_export.precisions import thresholds_for
     from vitseg_export.verify import verify_artifact
 
     artifact = Path(artifact)
@@ -24,4 +26,4 @@ def assert_mask_parity(artifact: str | Path, reference: str, data: str = "synthe
     result = verify_artifact(artifact, reference, data, num_images, device, thresholds)
     if not result.passed:
         raise AssertionError(f"{artifact.name} does not match {reference}: " + "; ".join(result.failures))
-    return result.report
+    return result.to_json()

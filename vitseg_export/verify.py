@@ -1,32 +1,65 @@
 """runner outputs -> comparator -> report: does an artifact's mask match the PyTorch fp32 reference?
 
 Both sides see the same real inputs (dataset images; default the synthetic validation split),
-preprocessed once by `pixels_from_image`.
+preprocessed once by `pixels_from_image`, through the one comparator loop.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from vitseg_export.artifact import colorize, pixels_from_image, read_artifact_info
-from vitseg_export.files import atomic_write_bytes
+from vitseg_export.artifact import ArtifactInfo, colorize, read_artifact_info
 from vitseg_export.errors import VitsegError
-from vitseg_export.parity import ParityAccumulator, Thresholds, judge, thresholds_dict, thresholds_for
-from vitseg_export.runners import runner_for
+from vitseg_export.files import atomic_write_bytes
+from vitseg_export.parity import ParitySummary, Thresholds, thresholds_dict
+from vitseg_export.precisions import thresholds_for
 
 
 @dataclass
-class VerifyResult:
+class VerifyReport:
+    """The verdict of `vitseg verify`. JSON form: the fields below with the summary's keys spread in (the
+    documented report keys)."""
+
     passed: bool
     failures: list[str]
-    report: dict
+    artifact: str
+    reference: str
+    precision: str
+    backend: str
+    device: str
+    data: str
+    summary: ParitySummary | None
+    thresholds: Thresholds
+    reference_seconds_per_image: float
+    artifact_seconds_per_image: float
+    architecture: str
+    per_image: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """The report as written by `--report` and printed by `--json`."""
+        head = {"passed": self.passed, "failures": self.failures, "artifact": self.artifact, "reference": self.reference,
+                "precision": self.precision, "backend": self.backend, "device": self.device, "data": self.data}
+        return {**head, **(self.summary.to_json() if self.summary else {}), "thresholds": thresholds_dict(self.thresholds),
+                "reference_seconds_per_image": self.reference_seconds_per_image,
+                "artifact_seconds_per_image": self.artifact_seconds_per_image, "per_image": self.per_image,
+                "architecture": self.architecture}
+
+
+def check_reference(info: ArtifactInfo, loaded) -> None:
+    """Refuse a reference checkpoint the artifact was not exported from (VitsegError)."""
+    if loaded.sha256 and info.source_sha256 and loaded.sha256 != info.source_sha256:
+        raise VitsegError(f"{info.path.name} was exported from another checkpoint (sha256 {info.source_sha256[:12]}…, "
+                          f"reference {loaded.sha256[:12]}…)", "pass the checkpoint the artifact was exported from")
+    if len(loaded.meta.class_names) != len(info.class_names):
+        raise VitsegError(f"the artifact predicts {len(info.class_names)} classes, the reference {len(loaded.meta.class_names)}",
+                          "pass the checkpoint the artifact was exported from")
 
 
 def verify_artifact(
@@ -38,69 +71,47 @@ def verify_artifact(
     thresholds: Thresholds | None = None,
     save_diff: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> VerifyResult:
+    backend: str | None = None,
+) -> VerifyReport:
+    """Compare `artifact` (run by its format's backend, or `backend`) with the PyTorch reference checkpoint
+    on `num_images` images of `data`. Returns the report (passed or not); raises VitsegError for a mismatched
+    reference, a data spec without images or a backend that cannot run here."""
     from vitseg_export.checkpoint import load_checkpoint
-    from vitseg_export.data.sources import open_source
+    from vitseg_export.comparator import compare, load_inputs
+    from vitseg_export.runners import runner_for
 
     info = read_artifact_info(artifact)
     loaded = load_checkpoint(reference)
-    if loaded.sha256 and info.source_sha256 and loaded.sha256 != info.source_sha256:
-        raise VitsegError(f"{artifact.name} was exported from another checkpoint (sha256 {info.source_sha256[:12]}…, "
-                          f"reference {loaded.sha256[:12]}…)", "pass the checkpoint the artifact was exported from")
-    if len(loaded.meta.class_names) != len(info.class_names):
-        raise VitsegError(f"the artifact predicts {len(info.class_names)} classes, the reference {len(loaded.meta.class_names)}",
-                          "pass the checkpoint the artifact was exported from")
+    check_reference(info, loaded)
     thresholds = thresholds or thresholds_for(info.precision)
-    source = open_source(data, "val")
-    count = min(num_images, len(source))
-    if count == 0:
-        raise VitsegError(f"{data} has no images to verify on", "pass --data with images")
-    size = tuple(info.input_size)
-    acc = ParityAccumulator(len(info.class_names))
-    reference_runner = runner_for(loaded, device=device, backend="torch")
-    artifact_runner = runner_for(artifact, device=device)
-    if save_diff:
-        save_diff.mkdir(parents=True, exist_ok=True)
-    ref_seconds = art_seconds = 0.0
-    with reference_runner, artifact_runner:
-        for i in range(count):
-            sample = source[i]
-            pixels = pixels_from_image(sample.image, size)[None]
-            t0 = time.perf_counter()
-            ref_logits = reference_runner.infer({"pixels": pixels})["logits"][0]
-            t1 = time.perf_counter()
-            out = artifact_runner.infer({"pixels": pixels})
-            art_seconds += time.perf_counter() - t1
-            ref_seconds += t1 - t0
-            art_logits = out["logits"][0] if "logits" in out else None
-            art_mask = out["mask"][0] if "mask" in out else art_logits.argmax(0)
-            label = None
-            if sample.mask is not None:
-                label = np.asarray(Image.fromarray(sample.mask).resize((size[1], size[0]), Image.NEAREST))
-            acc.add(sample.name, ref_logits, art_mask, art_logits, label)
-            if save_diff:
-                _save_diff_png(save_diff / f"{i:03d}_{sample.name}.png", pixels[0], ref_logits.argmax(0), art_mask)
-            if progress:
-                progress(i + 1, count)
-    summary = acc.summary()
-    failures = judge(summary, thresholds)
-    report = {
-        "passed": not failures,
-        "failures": failures,
-        "artifact": str(artifact),
-        "reference": reference,
-        "precision": info.precision,
-        "backend": artifact_runner.backend,
-        "device": device,
-        "data": data,
-        **summary,
-        "thresholds": thresholds_dict(thresholds),
-        "reference_seconds_per_image": ref_seconds / count,
-        "artifact_seconds_per_image": art_seconds / count,
-        "per_image": acc.per_image,
-        "architecture": info.architecture,
-    }
-    return VerifyResult(not failures, failures, report)
+    inputs = load_inputs(data, "val", num_images, tuple(info.input_size))
+    candidate = runner_for(artifact, device=device, backend=backend)
+    seen = [0]
+
+    def on_image(image, ref_logits, masks) -> None:
+        if save_diff and "artifact" in masks:
+            _save_diff_png(save_diff / f"{seen[0]:03d}_{image.name}.png", image.pixels, ref_logits.argmax(0), masks["artifact"])
+        seen[0] += 1
+        if progress:
+            progress(seen[0], len(inputs))
+
+    with runner_for(loaded, device=device, backend="torch") as reference_runner, candidate:
+        result = compare(reference_runner, {"artifact": candidate}, inputs, thresholds, len(info.class_names), on_image)
+    verdict = result.comparisons["artifact"]
+    if verdict.error is not None:
+        raise VitsegError(f"{artifact.name} could not be run: {verdict.error}", "see the message; re-export if needed")
+    return report_from_comparison(verdict, artifact, reference, info.precision, candidate, device, data,
+                                  result.reference_seconds_per_image, thresholds, info.architecture)
+
+
+def report_from_comparison(comparison, artifact: Path, reference: str, precision: str, runner, device: str, data: str,
+                           reference_seconds: float, thresholds: Thresholds | None = None,
+                           architecture: str | None = None) -> VerifyReport:
+    """The verify report of one comparator verdict (a Comparison) for `artifact` run by `runner`."""
+    return VerifyReport(comparison.passed, comparison.failures, str(artifact), reference, precision, runner.backend, device,
+                        data, comparison.summary, thresholds or thresholds_for(precision), reference_seconds,
+                        comparison.seconds_per_image, architecture or getattr(runner.info, "architecture", ""),
+                        comparison.per_image)
 
 
 def _save_diff_png(path: Path, pixels: np.ndarray, ref_mask: np.ndarray, art_mask: np.ndarray) -> None:
@@ -108,12 +119,11 @@ def _save_diff_png(path: Path, pixels: np.ndarray, ref_mask: np.ndarray, art_mas
     image = (pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)
     disagree = np.repeat(((ref_mask != art_mask) * 255).astype(np.uint8)[..., None], 3, axis=2)
     panel = np.concatenate([image, colorize(ref_mask), colorize(art_mask), disagree], axis=1)
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(panel).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_report(report: dict, path: Path) -> None:
-    atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
+def write_report(report: VerifyReport, path: Path) -> None:
+    """Write the report's JSON form atomically."""
+    atomic_write_bytes(path, (json.dumps(report.to_json(), indent=2) + "\n").encode())

@@ -30,11 +30,11 @@ def demo(
     from vitseg_export.data.sources import open_source
     from vitseg_export.errors import ParityError
     from vitseg_export.files import atomic_write_bytes
-    from vitseg_export.modeling.registry import get_architecture
+    from vitseg_export.modeling.registry import get_architecture, get_family
     from vitseg_export.predict import predict_images
 
     arch = get_architecture(model)
-    size = arch.config.image_size if arch.family == "vit" else image_size
+    size = get_family(arch.family).fixed_input_size(arch.config) or image_size
     run_dir = output / "run"
     err_console.rule(f"1/3 train {model} on synthetic[:{train_images}] ({epochs} epochs, {size}px)")
     train_command(output=run_dir, model=model, data=f"synthetic[:{train_images}]", epochs=epochs, image_size=size,
@@ -53,18 +53,18 @@ def demo(
         sample.image.save(buf, format="PNG")
         atomic_write_bytes(samples / f"{sample.name}.png", buf.getvalue())
         paths.append(samples / f"{sample.name}.png")
-    first_verified = next((r for r in report["rows"][1:] if r["status"] == "verified"), None)
-    if first_verified:
-        predict_images(first_verified["path"], paths, predictions, overlay=True)
+    first_verified = next((r for r in report.rows[1:] if r.status == "verified"), None)
+    if first_verified and first_verified.path:
+        predict_images(first_verified.path, paths, predictions, overlay=True)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best = max(metrics["epochs"], key=lambda e: e["val_miou"])
-    print_benchmark_table(report, title=f"vitseg demo: {report['architecture']} at {size}x{size}, batch 1, CPU "
+    print_benchmark_table(report, title=f"vitseg demo: {report.architecture} at {size}x{size}, batch 1, CPU "
                                         f"(val pixel accuracy {best['val_pixel_accuracy'] * 100:.2f}%, "
                                         f"mIoU {best['val_miou'] * 100:.2f})")
     console.print(f"files: checkpoint {run_dir}, artifacts {output / 'artifacts'} (each with a .json manifest), "
                   f"verify reports {output / 'reports'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
                   f"{output / 'overlays.png'}, masks and overlays {predictions}", soft_wrap=True)
-    failed = [r["name"] for r in report["rows"] if r["status"] not in ("reference", "verified")]
+    failed = [r.name for r in report.rows if r.status not in ("reference", "verified")]
     if failed:
         raise ParityError(f"{len(failed)} artifact(s) did not verify: {', '.join(failed)}", "see the status column and reports")

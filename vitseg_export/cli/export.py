@@ -1,4 +1,5 @@
-"""`vitseg export`: checkpoint -> ONNX artifact (+ manifest), parity-checked before it is written."""
+"""`vitseg export`: checkpoint -> artifact (+ manifest) of any format in the format table, parity-checked
+before it is written."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import typer
 
 from vitseg_export.cli.common import JsonFlag, console, err_console, parse_size, print_json, status
 from vitseg_export.errors import VitsegError
-
-FORMATS = ("onnx", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
+from vitseg_export.formats import format_names
+from vitseg_export.precisions import precision_names
 
 
 def default_artifact_path(checkpoint: str, architecture: str, precision: str, suffix: str = ".onnx") -> Path:
+    """Beside a run directory (else in the working directory): `<architecture>-<precision><suffix>`."""
     src = Path(checkpoint)
     base = src if src.is_dir() else Path(".")
     return base / f"{architecture}-{precision}{suffix}"
@@ -22,8 +23,8 @@ def default_artifact_path(checkpoint: str, architecture: str, precision: str, su
 
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, .safetensors, Hugging Face SegFormer dir, or architecture name.")],
-    format: Annotated[str, typer.Option("--format", help="Artifact format.")] = "onnx",
-    precision: Annotated[str, typer.Option("--precision", help="Numeric precision of the artifact.")] = "fp32",
+    format: Annotated[str, typer.Option("--format", help=f"Artifact format: {', '.join(format_names())}.")] = "onnx",
+    precision: Annotated[str, typer.Option("--precision", help=f"Numeric precision: {', '.join(precision_names())}.")] = "fp32",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Artifact path (default: beside the checkpoint).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (17: native LayerNormalization, TensorRT-portable).")] = 17,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension.")] = True,
@@ -50,79 +51,70 @@ def export(
     min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="int8: held-out agreement to reach by falling back layers (default: the int8 preset).")] = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Export a checkpoint to ONNX; refuses to write a graph whose outputs differ from PyTorch."""
-    if format not in FORMATS:
-        raise VitsegError(f"--format {format} is unknown", f"use one of: {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise VitsegError(f"--precision {precision} is unknown", f"use one of: {', '.join(PRECISIONS)}")
-    if format == "trt":  # no TensorRT or no GPU: say so before any other work
-        from vitseg_export.export.tensorrt_engine import require_tensorrt
+    """Export a checkpoint (or, for formats that build on one, an ONNX artifact); refuses to write a graph
+    whose outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
+    from vitseg_export.export.settings import EngineSettings, ExportRequest, Int8Settings, OnnxExportSettings
+    from vitseg_export.formats import get_format
+    from vitseg_export.precisions import get_precision
 
-        require_tensorrt()
-    if format == "trt" and checkpoint.endswith(".onnx"):
-        _engine(Path(checkpoint), output, workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache,
-                version_compatible, dla_core, weakly_typed, json_output)
-        return
-    from vitseg_export.checkpoint import load_checkpoint
-    from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-    from vitseg_export.export.precision import Int8Settings
-    from vitseg_export.parity import PRESETS
-
-    size = parse_size(image_size) if image_size else None
-    loaded = load_checkpoint(checkpoint)
-    settings = OnnxExportSettings(precision=precision, opset=opset, image_size=size, dynamic_batch=dynamic_batch,
-                                  dynamic_size=dynamic_size, outputs=outputs, simplify=simplify, fp16_io=fp16_io,
-                                  fold=not no_fold)
-    int8 = Int8Settings(calib=calib, calib_images=calib_images, method=calib_method,
-                        target=target or ("trt" if format == "trt" else "cpu"),
-                        min_agreement=min_agreement if min_agreement is not None else PRESETS["int8"].min_agreement,
-                        min_miou_vs_reference=PRESETS["int8"].min_miou_vs_reference)
-    path = default_artifact_path(checkpoint, loaded.meta.architecture, precision) if output is None or format == "trt" else output
-    if format == "trt" and output is not None:
-        path = output.with_suffix(".onnx")
-    with status("export") as update:
-        result = export_onnx(loaded, path, settings, progress=lambda m: (update(m), err_console.print(f"  {m}")), int8=int8)
-    m = result.manifest
-    lint = []
-    if check_trt or format == "trt":
-        from vitseg_export.export.trt_lint import lint_for_tensorrt
-
-        lint = lint_for_tensorrt(result.model_proto)
-    if format == "trt":
-        if lint:
-            raise VitsegError(f"{path.name} has {len(lint)} TensorRT incompatibilities; first: {lint[0]}", "fix the graph or use --format onnx")
-        _engine(path, output or path.with_suffix(".engine"), workspace, min_shape, opt_shape, max_shape, sparsity,
-                timing_cache, version_compatible, dla_core, weakly_typed, json_output)
-        return
+    fmt = get_format(format)
+    get_precision(precision)
+    fmt.require()  # a missing backend says so before any other work
+    int8_preset = get_precision("int8").thresholds
+    request = ExportRequest(
+        format, OnnxExportSettings(precision=precision, opset=opset, image_size=parse_size(image_size) if image_size else None,
+                                   dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, outputs=outputs,
+                                   simplify=simplify, fp16_io=fp16_io, fold=not no_fold),
+        Int8Settings(calib=calib, calib_images=calib_images, method=calib_method, target=target or fmt.int8_target,
+                     min_agreement=min_agreement if min_agreement is not None else int8_preset.min_agreement,
+                     min_miou_vs_reference=int8_preset.min_miou_vs_reference),
+        EngineSettings(workspace_gb=workspace, min_shape=_shape(min_shape), opt_shape=_shape(opt_shape),
+                       max_shape=_shape(max_shape), sparsity=sparsity, timing_cache=timing_cache,
+                       version_compatible=version_compatible, dla_core=dla_core, weakly_typed=weakly_typed),
+        check_trt)
+    path, result = _run_export(fmt, checkpoint, output, request)
+    lint = _lint(result, check_trt)
     if json_output:
-        if check_trt:
-            m = {**m, "trt_lint": [str(p) for p in lint]}
-        print_json({"artifact": str(path), **m})
+        print_json({"artifact": str(path), **result.manifest.to_json(), **({"trt_lint": [str(p) for p in lint]} if check_trt else {})})
         return
-    parity = m["self_parity"]
-    if precision == "int8":
-        q = m["int8"]
-        share = q["int8_mac_share"]
-        console.print(f"int8 ({q['target']} target): {share * 100:.1f}% of MACs run in int8, "
-                      f"{len(q['fallback_layers'])} layers fell back to float"
-                      + (" [bold yellow](mostly float: most compute is NOT int8)[/]" if share < 0.5 else ""))
-        for row in q["fallback_layers"]:
-            console.print(f"  float: {row['node']} ({row['reason']})", soft_wrap=True)
-    elif precision == "fp16":
-        console.print(f"fp16 with fp32 islands: {', '.join(m['fp16']['fp32_islands'])}; I/O {m['fp16']['io_dtype']}")
+    for line in fmt.summary(path, result.manifest):
+        console.print(line, highlight=False, soft_wrap=True)
     if check_trt:
-        if lint:
-            for problem in lint:
-                console.print(f"  TensorRT: {problem}", soft_wrap=True)
-            raise VitsegError(f"{path.name} has {len(lint)} TensorRT parser incompatibilities (listed above)",
-                              "the ONNX artifact itself is valid for onnxruntime; fix the graph before building an engine")
-        console.print("TensorRT lint: every op and attribute is supported by the TensorRT ONNX parser")
-    console.print(f"wrote {path} ({m['size_bytes'] / 1e6:.2f} MB, opset {m['metadata']['opset']}, "
-                  f"outputs {', '.join(m['metadata']['outputs'])}) and {path.name}.json")
-    line = f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%"
-    if parity["max_abs_logit_diff"] is not None:
-        line += f", max |logit diff| {parity['max_abs_logit_diff']:.2e}"
-    console.print(line)
+        _print_lint(path, lint)
+
+
+def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
+    """(artifact path, ExportResult): from an ONNX artifact where the format builds on one, else from the checkpoint."""
+    if checkpoint.endswith(".onnx"):
+        if fmt.from_onnx is None:
+            raise VitsegError(f"--format {fmt.name} exports checkpoints, and {checkpoint} is an ONNX artifact",
+                              "pass the checkpoint it was exported from")
+        path = output or Path(checkpoint).with_suffix(fmt.suffixes[0])
+        with status(fmt.name) as update:
+            return path, fmt.from_onnx(Path(checkpoint), path, request, update)
+    from vitseg_export.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    path = output or default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0])
+    with status("export") as update:
+        return path, fmt.export(loaded, path, request, lambda m: (update(m), err_console.print(f"  {m}", highlight=False)))
+
+
+def _lint(result, check_trt: bool) -> list:
+    if not check_trt or result.model_proto is None:
+        return []
+    from vitseg_export.export.trt_lint import lint_for_tensorrt
+
+    return lint_for_tensorrt(result.model_proto)
+
+
+def _print_lint(path: Path, lint: list) -> None:
+    if lint:
+        for problem in lint:
+            console.print(f"  TensorRT: {problem}", soft_wrap=True, highlight=False, markup=False)
+        raise VitsegError(f"{path.name} has {len(lint)} TensorRT parser incompatibilities (listed above)",
+                          "the ONNX artifact itself is valid for onnxruntime; fix the graph before building an engine")
+    console.print("TensorRT lint: every op and attribute is supported by the TensorRT ONNX parser")
 
 
 def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -132,22 +124,3 @@ def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
         return tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
         raise VitsegError(f"shape '{text}' is not NxCxHxW", "e.g. 1x3x512x512") from None
-
-
-def _engine(onnx_path: Path, output: Optional[Path], workspace: float, min_shape, opt_shape, max_shape, sparsity: bool,
-            timing_cache: Optional[Path], version_compatible: bool, dla_core: Optional[int], weakly_typed: bool,
-            json_output: bool) -> None:
-    from vitseg_export.export.tensorrt_engine import EngineSettings, engine_from_onnx
-
-    engine_path = output or onnx_path.with_suffix(".engine")
-    settings = EngineSettings(workspace_gb=workspace, min_shape=_shape(min_shape), opt_shape=_shape(opt_shape),
-                              max_shape=_shape(max_shape), sparsity=sparsity, timing_cache=timing_cache,
-                              version_compatible=version_compatible, dla_core=dla_core, weakly_typed=weakly_typed)
-    with status("tensorrt") as update:
-        manifest = engine_from_onnx(onnx_path, engine_path, settings, progress=update)
-    if json_output:
-        print_json({"artifact": str(engine_path), **manifest})
-        return
-    console.print(f"wrote {engine_path} ({manifest['size_bytes'] / 1e6:.2f} MB, TensorRT {manifest['tensorrt_version']}, "
-                  f"{manifest['gpu']} sm {manifest['compute_capability']}, "
-                  f"{'strongly' if manifest['strongly_typed'] else 'weakly'} typed) and {engine_path.name}.json")

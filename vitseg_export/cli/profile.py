@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vitseg_export.cli.common import DataSpec, console, err_console, parse_size, print_json
 from vitseg_export.errors import VitsegError
+from vitseg_export.formats import format_names
+from vitseg_export.precisions import precision_names
 
 
 def _ints(text: str) -> list[int]:
@@ -42,7 +45,7 @@ def profile(
     with err_console.status("profiling") as status:
         for model in models:
             status.update(f"profiling {model}")
-            results.append(run_profile(model, batches, device, threads, warmup, iters, size))
+            results.append(run_profile(model, batches, device, threads, warmup, iters, size).to_json())
     table = Table(title=f"vitseg profile ({device}, {warmup} warm-up, {iters} timed runs)")
     for col in ("model", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "peak RSS MB",
                 "size MB", "params", "GFLOPs/img"):
@@ -67,8 +70,8 @@ def profile(
 def benchmark(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, Hugging Face SegFormer dir, or architecture name.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for benchmark.json/.md, pareto.png, overlays.png.")] = Path("benchmark"),
-    formats: Annotated[str, typer.Option("--formats", help="Comma-separated: onnx, trt.")] = "onnx",
-    precisions: Annotated[str, typer.Option("--precisions", help="Comma-separated: fp32, fp16, int8.")] = "fp32,fp16,int8",
+    formats: Annotated[str, typer.Option("--formats", help=f"Comma-separated: {', '.join(format_names())}.")] = "onnx",
+    precisions: Annotated[str, typer.Option("--precisions", help=f"Comma-separated: {', '.join(precision_names())}.")] = ",".join(precision_names()),
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data: DataSpec = "synthetic",
@@ -91,28 +94,29 @@ def benchmark(
                                  prune_ratios=tuple(float(r) for r in prune.split(",")) if prune else ())
     report = run_benchmark(checkpoint, output, settings, log=lambda m: err_console.print(m, highlight=False))
     if json_output:
-        print_json(report)
+        print_json(report.to_json())
     else:
         print_benchmark_table(report)
         console.print(f"wrote {output / 'benchmark.json'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
                       f"{output / 'overlays.png'}", soft_wrap=True)
 
 
-def print_benchmark_table(report: dict, title: str | None = None) -> None:
-    table = Table(title=title or f"vitseg benchmark: {report['architecture']} "
-                                 f"{report['image_size'][0]}x{report['image_size'][1]}, batch 1, {report['device']}")
+def print_benchmark_table(report, title: str | None = None) -> None:
+    """The benchmark table (a BenchmarkReport) on stdout."""
+    table = Table(title=title or f"vitseg benchmark: {report.architecture} "
+                                 f"{report.image_size[0]}x{report.image_size[1]}, batch 1, {report.device}")
     for col in ("artifact", "status", "size", "agreement", "mIoU drop vs labels", "p50 latency", "speedup vs eager"):
         table.add_column(col, justify="left" if col in ("artifact", "status") else "right")
 
     def fmt(v, pattern):
         return "-" if v is None else pattern.format(v)
 
-    for r in report["rows"]:
-        status = r["status"]
-        if r.get("int8_mac_share") is not None:
-            status += f" ({r['int8_mac_share'] * 100:.0f}% MACs int8)"
-        table.add_row(r["name"], status, fmt(r.get("size_mb"), "{:.2f} MB"),
-                      fmt(None if r.get("pixel_agreement") is None else r["pixel_agreement"] * 100, "{:.3f}%"),
-                      fmt(None if r.get("miou_drop_vs_labels") is None else r["miou_drop_vs_labels"] * 100, "{:+.2f} pt"),
-                      fmt(r.get("latency_p50_ms"), "{:.2f} ms"), fmt(r.get("speedup"), "{:.2f}x"))
+    for r in report.rows:
+        status = r.status
+        if r.int8_mac_share is not None:
+            status += f" ({r.int8_mac_share * 100:.0f}% MACs int8)"
+        table.add_row(r.name, escape(status), fmt(r.size_mb, "{:.2f} MB"),
+                      fmt(None if r.pixel_agreement is None else r.pixel_agreement * 100, "{:.3f}%"),
+                      fmt(None if r.miou_drop_vs_labels is None else r.miou_drop_vs_labels * 100, "{:+.2f} pt"),
+                      fmt(r.latency_p50_ms, "{:.2f} ms"), fmt(r.speedup, "{:.2f}x"))
     console.print(table)

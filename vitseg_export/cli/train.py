@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from vitseg_export.cli.common import DataSpec, console, err_console
-from vitseg_export.errors import VitsegError
 
 
 def train(
@@ -27,47 +25,15 @@ def train(
     seed: int = 0,
 ) -> None:
     """Train a segmentation model; writes the best and last checkpoints atomically and metrics.json."""
-    from vitseg_export.checkpoint import CheckpointMeta, LoadedCheckpoint, init_from_foreign, load_checkpoint
-    from vitseg_export.data.sources import open_source
-    from vitseg_export.modeling import registry
-    from vitseg_export.training import TrainSettings
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vitseg_export.training import TrainSettings, training_start
     from vitseg_export.training import train as run_training
 
-    if model is None and init is None:
-        raise VitsegError("nothing to train", "pass --model ARCH (see `vitseg models`) or --init CHECKPOINT")
-    num_classes = len(open_source(data, "train", seed).class_names)
-    if init is None:
-        arch = registry.get_architecture(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # random weights are the point of training from scratch
-            start = load_checkpoint(model)
-        if num_classes != start.meta.config.num_classes:
-            start = LoadedCheckpoint(registry.build_model(arch.family, registry.replace(arch.config, num_classes=num_classes)),
-                                     CheckpointMeta.for_architecture(arch, num_classes), model, None, "random")
-    else:
-        init_path = Path(init)
-        foreign = init_path.is_file() and not (init_path.parent / "config.json").is_file()
-        if foreign:
-            if model is None:
-                raise VitsegError(f"{init} holds bare weights", "also pass --model ARCH to say what to build")
-            start = init_from_foreign(registry.get_architecture(model), init_path, num_classes)
-        else:
-            start = load_checkpoint(init)
-            if model is not None and registry.get_architecture(model).family != start.meta.family:
-                raise VitsegError(f"--init is a {start.meta.family} checkpoint but --model {model} is not",
-                                  "drop --model or pick a matching architecture")
-            if start.meta.config.num_classes != num_classes:
-                err_console.print(f"[yellow]warning:[/] {init} predicts {start.meta.config.num_classes} classes, "
-                                  f"{data} has {num_classes}: the classifier is re-initialized")
-                registry.reset_classifier(start.model, start.meta.family, num_classes)
-                start.meta.config = start.model.config
-        start.meta.training = {**start.meta.training, "init": init}
-
+    start = training_start(model, init, data, seed)
     settings = TrainSettings(data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                              num_workers=workers, seed=seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=err_console, disable=not rank0) as bar:
         task = bar.add_task(f"train {start.meta.architecture}", total=None, info="")
@@ -85,4 +51,4 @@ def train(
     if rank0:
         best = max(history, key=lambda m: m.val_miou)
         console.print(f"best epoch {best.epoch}: val pixel accuracy {best.val_pixel_accuracy * 100:.2f}%, "
-                      f"mIoU {best.val_miou * 100:.2f}; checkpoint {output} (last: {output / 'last'})")
+                      f"mIoU {best.val_miou * 100:.2f}; checkpoint {output} (last: {output / 'last'})", highlight=False)

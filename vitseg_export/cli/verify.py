@@ -13,7 +13,7 @@ from vitseg_export.errors import ParityError
 
 
 def verify(
-    artifact: Annotated[Path, typer.Argument(help="The exported artifact (.onnx).")],
+    artifact: Annotated[Path, typer.Argument(help="The exported artifact (.onnx, .engine, ...).")],
     reference: Annotated[str, typer.Option("--reference", "-r", help="The checkpoint it was exported from.")],
     data: DataSpec = "synthetic",
     num_images: Annotated[int, typer.Option("--num-images", min=1)] = 16,
@@ -23,13 +23,14 @@ def verify(
     min_miou: Annotated[Optional[float], typer.Option("--min-miou", help="Override min mIoU vs reference (0..1).")] = None,
     max_abs_diff: Annotated[Optional[float], typer.Option("--max-abs-diff", help="Override max |logit diff|.")] = None,
     save_diff: Annotated[Optional[Path], typer.Option("--save-diff", help="Write input/reference/artifact/diff PNGs here.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Run the artifact with this backend (default: its format's).")] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Compare an artifact with its PyTorch reference on real images; exit 0 on pass, 3 on fail."""
     from rich.progress import Progress
 
     from vitseg_export.artifact import read_artifact_info
-    from vitseg_export.parity import thresholds_for
+    from vitseg_export.precisions import thresholds_for
     from vitseg_export.verify import verify_artifact, write_report
 
     precision = read_artifact_info(artifact).precision
@@ -38,10 +39,11 @@ def verify(
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("verify", total=num_images)
         result = verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
-                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
-    r = result.report
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                 backend=backend)
+    r = result.to_json()
     if report:
-        write_report(r, report)
+        write_report(result, report)
     if json_output:
         print_json({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]})
     else:

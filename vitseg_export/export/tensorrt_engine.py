@@ -12,46 +12,43 @@ versions' Python bindings, see scripts/trt_stubs.sh).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from vitseg_export import __version__
-from vitseg_export.artifact import manifest_path, read_artifact_info
+from vitseg_export.artifact import ArtifactInfo, ExportManifest, read_artifact_info, write_artifact
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.files import atomic_write_bytes, sha256_file
+from vitseg_export.export.settings import EngineSettings, ExportRequest
+from vitseg_export.files import sha256_file
+from vitseg_export.precisions import get_precision
+
+__all__ = ["EngineSettings", "engine_from_onnx", "export_engine", "require_tensorrt", "tensorrt_availability"]
 
 
-@dataclass
-class EngineSettings:
-    workspace_gb: float = 4.0
-    min_shape: tuple[int, ...] | None = None  # (N, 3, H, W); default from the artifact
-    opt_shape: tuple[int, ...] | None = None
-    max_shape: tuple[int, ...] | None = None
-    sparsity: bool = False
-    timing_cache: Path | None = None
-    version_compatible: bool = False
-    dla_core: int | None = None
-    weakly_typed: bool = False
-
-
-def require_tensorrt() -> None:
-    """TensorRT and a CUDA GPU, or one clear error (exit 2) before any other work."""
+def tensorrt_availability() -> tuple[bool, str, str]:
+    """(usable, TensorRT version or why not, how to fix) for building and running engines here."""
     try:
         import tensorrt as trt
     except Exception as e:  # ImportError, or OSError from a bindings wheel without its libraries
-        raise BackendMissingError(f"TensorRT is not available here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                                  "install TensorRT (pip install tensorrt, or JetPack on Jetson), or use --format onnx") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return False, f"TensorRT is not available here ({why})", \
+            "install TensorRT (pip install tensorrt, or JetPack on Jetson), or use --format onnx"
     try:
         import torch
     except ImportError:
-        raise BackendMissingError("the TensorRT path needs PyTorch with CUDA for its buffers",
-                                  "pip install 'vitseg-export[torch]'") from None
+        return False, "the TensorRT path needs PyTorch with CUDA for its buffers", "pip install 'vitseg-export[torch]'"
     if not torch.cuda.is_available():
-        raise BackendMissingError("TensorRT needs a CUDA GPU and torch sees none", "run on a machine with an NVIDIA GPU")
-    del trt
+        return False, "TensorRT needs a CUDA GPU and torch sees none", "run on a machine with an NVIDIA GPU"
+    return True, f"TensorRT {trt.__version__}", ""
+
+
+def require_tensorrt() -> None:
+    """TensorRT and a CUDA GPU, or one clear error (BackendMissingError, exit 2) before any other work."""
+    ok, detail, hint = tensorrt_availability()
+    if not ok:
+        raise BackendMissingError(detail, hint)
 
 
 def collecting_logger(trt: Any) -> Any:
@@ -91,37 +88,36 @@ def _profile_shapes(info, settings: EngineSettings) -> tuple[tuple[int, ...], tu
     return mn, opt, mx
 
 
-def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSettings, progress=lambda m: None) -> dict:
-    require_tensorrt()
-    import tensorrt as trt  # typed: mypy checks every call below against the 10.3 and 11.4 bindings
-    import torch
-
-    info = read_artifact_info(onnx_path)
-    logger = collecting_logger(trt)
+def _parse(trt: Any, onnx_path: Path, logger: Any, weakly_typed: bool) -> tuple[Any, Any, Any, bool]:
+    """(builder, network, parser, strongly typed) with the ONNX parsed; VitsegError naming the failing node."""
     builder = trt.Builder(logger)
     flags = 0
-    strongly = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not settings.weakly_typed
+    strongly = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not weakly_typed
     if strongly:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    progress(f"parsing {onnx_path.name}")
     if not parser.parse(onnx_path.read_bytes(), path=str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         where = f" at node '{first.node_name()}' ({first.node_operator()})" if first is not None else ""
         raise VitsegError(f"TensorRT could not parse {onnx_path.name}{where}: {first.desc() if first is not None else 'unknown error'}",
                           "run `vitseg export --check-trt` on the checkpoint to lint the graph")
+    return builder, network, parser, strongly
+
+
+def _configure(trt: Any, builder: Any, info: ArtifactInfo, settings: EngineSettings, strongly: bool, shapes) -> Any:
+    """The builder config: workspace, optimization profile, precision flags (weakly typed only), sparsity,
+    version compatibility, DLA, timing cache."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gb * (1 << 30)))
-    mn, opt, mx = _profile_shapes(info, settings)
+    mn, opt, mx = shapes
     if info.dynamic_batch or info.dynamic_size:
         profile = builder.create_optimization_profile()
         profile.set_shape("pixels", trt.Dims(list(mn)), trt.Dims(list(opt)), trt.Dims(list(mx)))  # 10.3 takes a list
         config.add_optimization_profile(profile)
-    if not strongly and info.precision in ("fp16", "int8"):
-        # TensorRT 10.x weakly typed fallback; these flags no longer exist in 11.x
-        for flag_name in ("FP16", "INT8") if info.precision == "int8" else ("FP16",):
+    if not strongly:  # TensorRT 10.x weakly typed fallback; these flags no longer exist in 11.x
+        for flag_name in get_precision(info.precision).trt_weak_flags:
             flag = getattr(trt.BuilderFlag, flag_name, None)
             if flag is None:
                 raise VitsegError(f"this TensorRT ({trt.__version__}) has no BuilderFlag.{flag_name}",
@@ -138,8 +134,24 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
         config.DLA_core = settings.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     cache_bytes = settings.timing_cache.read_bytes() if settings.timing_cache and settings.timing_cache.is_file() else b""
-    timing_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(timing_cache, False)
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    return config
+
+
+def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSettings,
+                     progress: Callable[[str], None] = lambda m: None) -> ExportManifest:
+    """Build a TensorRT engine from a vitseg ONNX artifact and write it with its manifest. Raises
+    BackendMissingError without TensorRT/GPU and VitsegError when parsing or building fails."""
+    require_tensorrt()
+    import tensorrt as trt  # typed: mypy checks every call below against the 10.3 and 11.4 bindings
+    import torch
+
+    info = read_artifact_info(onnx_path)
+    logger = collecting_logger(trt)
+    progress(f"parsing {onnx_path.name}")
+    builder, network, _parser, strongly = _parse(trt, onnx_path, logger, settings.weakly_typed)
+    shapes = _profile_shapes(info, settings)
+    config = _configure(trt, builder, info, settings, strongly, shapes)
     progress("building the engine (minutes for large models)")
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -149,28 +161,36 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
     build_seconds = time.perf_counter() - t0
     # IHostMemory implements the buffer protocol (the generated stubs do not declare it)
     engine_bytes = bytes(cast(Any, serialized))
+    files = {engine_path: engine_bytes}
     if settings.timing_cache:
-        atomic_write_bytes(settings.timing_cache, bytes(cast(Any, config.get_timing_cache().serialize())))
+        files[settings.timing_cache] = bytes(cast(Any, config.get_timing_cache().serialize()))
     props = torch.cuda.get_device_properties(0)
-    metadata = {k: json.loads(v) for k, v in info.extra.items()}  # the ONNX artifact's vitseg metadata
-    manifest = {
-        "artifact": engine_path.name,
-        "format": "trt",
-        "sha256": hashlib.sha256(engine_bytes).hexdigest(),
-        "size_bytes": len(engine_bytes),
-        "metadata": metadata,
-        "source_onnx": str(onnx_path),
-        "source_onnx_sha256": sha256_file(onnx_path),
-        "tensorrt_version": trt.__version__,
-        "strongly_typed": strongly,
-        "gpu": props.name,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "profile": {"min": list(mn), "opt": list(opt), "max": list(mx)},
-        "engine_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-        "sparse_layers_log": logger.sparse_layers,
-        "build_seconds": round(build_seconds, 1),
-        "vitseg_version": __version__,
-    }
-    atomic_write_bytes(engine_path, engine_bytes)
-    atomic_write_bytes(manifest_path(engine_path), (json.dumps(manifest, indent=2) + "\n").encode())
+    mn, opt, mx = shapes
+    manifest = ExportManifest(
+        artifact=engine_path.name, format="trt", sha256=hashlib.sha256(engine_bytes).hexdigest(),
+        size_bytes=len(engine_bytes), metadata=info.metadata_json(),
+        extra={"source_onnx": str(onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
+               "tensorrt_version": trt.__version__, "strongly_typed": strongly, "gpu": props.name,
+               "compute_capability": f"{props.major}.{props.minor}",
+               "profile": {"min": list(mn), "opt": list(opt), "max": list(mx)},
+               "engine_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+               "sparse_layers_log": logger.sparse_layers, "build_seconds": round(build_seconds, 1),
+               "vitseg_version": __version__})
+    write_artifact(engine_path, files, manifest)
     return manifest
+
+
+def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
+    """checkpoint -> verified ONNX (int8 for TensorRT: no int32 bias, fp16 float part) -> lint -> engine at
+    `output`. The ONNX artifact is kept beside it (`<output>.onnx`)."""
+    from vitseg_export.export.onnx_export import ExportResult, export_onnx
+    from vitseg_export.export.trt_lint import lint_for_tensorrt
+
+    require_tensorrt()
+    onnx_path = output.with_suffix(".onnx")
+    result = export_onnx(loaded, onnx_path, request.onnx, progress=progress, int8=request.int8)
+    lint = lint_for_tensorrt(result.model_proto)
+    if lint:
+        raise VitsegError(f"{onnx_path.name} has {len(lint)} TensorRT incompatibilities; first: {lint[0]}",
+                          "fix the graph or use --format onnx")
+    return ExportResult(output, engine_from_onnx(onnx_path, output, request.engine, progress), result.model_proto)

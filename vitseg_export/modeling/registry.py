@@ -1,37 +1,43 @@
-"""Every architecture by name, its tiny test twin, and the one way to build a model from a name or
-from a (family, config) pair. Weight instances (sources, hashes, classes) are data in `models/`.
+"""The model-family interface and the one registry of families and architectures.
+
+A family (ViT, SegFormer, or your own) is ONE module that subclasses `ModelFamily` and calls
+`register_family(...)`: it owns its config and network, its tiny test twins, its checkpoint key
+mappings, exact folds, pruning, training recipe and export constraints. Everything else in vitseg asks
+the family object; nothing outside a family module compares family names. Weight instances (sources,
+hashes, classes) are data in `models/`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace  # noqa: F401  (replace re-exported)
-from typing import Any
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitseg_export.data.sources import PET_CLASSES
 from vitseg_export.errors import VitsegError
-from vitseg_export.modeling.segformer import SEGFORMER_VARIANTS, SegformerConfig, SegformerForSemanticSegmentation
-from vitseg_export.modeling.vit import ViTSegConfig, VisionTransformerForSegmentation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The seed ViT normalizes raw [0,1] pixels with its own input BatchNorm.
+# A network that normalizes raw [0,1] pixels itself (the seed ViT's input BatchNorm) takes these.
 IDENTITY_MEAN = (0.0, 0.0, 0.0)
 IDENTITY_STD = (1.0, 1.0, 1.0)
 
-PET_CLASSES = ("pet", "background", "border")
-
-FAMILIES = {"vit": (ViTSegConfig, VisionTransformerForSegmentation),
-            "segformer": (SegformerConfig, SegformerForSemanticSegmentation)}
+__all__ = ["PET_CLASSES", "Architecture", "ForeignFormat", "HuggingFaceMapping", "ModelFamily", "Segmenter",
+           "TrainingRecipe", "ARCHITECTURES", "FAMILIES", "register_family", "get_family", "family_of", "get_architecture",
+           "build_model", "config_to_dict", "config_from_dict", "count_parameters", "replace_classes"]
 
 
 @dataclass(frozen=True)
 class Architecture:
+    """A named configuration of a family (e.g. segformer-b0), or a tiny twin of one for fast tests."""
+
     name: str
     family: str
-    config: Any  # ViTSegConfig | SegformerConfig
+    config: Any
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -43,47 +49,147 @@ class Architecture:
         return self.config.num_classes
 
 
-def _vit(name: str, embed: int, depth: int, heads: int, desc: str, twin: str | None = None, **kw) -> Architecture:
-    cfg = ViTSegConfig(embed_dim=embed, depth=depth, num_heads=heads, **kw)
-    return Architecture(name, "vit", cfg, cfg.image_size, IDENTITY_MEAN, IDENTITY_STD, desc, twin)
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Optimizer and schedule a family trains with by default (see vitseg_export.training)."""
+
+    optimizer: str  # "adam" | "adamw"
+    lr: float
+    weight_decay: float
+    schedule: str  # "step": x gamma every `step_epochs` epochs; "warmup-poly": linear warm-up then linear decay
+    step_epochs: int = 12
+    step_gamma: float = 0.8
 
 
-def _segformer(name: str, variant: dict, desc: str, twin: str | None = None, image_size: int = 512, **kw) -> Architecture:
-    # Our default class count is the Pet trimap's 3; HF's ADE20k checkpoints (150) load with theirs.
-    cfg = SegformerConfig(num_classes=3, **{**variant, **kw})
-    return Architecture(name, "segformer", cfg, image_size, IMAGENET_MEAN, IMAGENET_STD, desc, twin)
+@dataclass(frozen=True)
+class ForeignFormat:
+    """A foreign weight layout a family can start from (`vitseg train --init FILE --model ARCH`).
+
+    `detect(state_dict)` says whether the weights are in this layout; `convert(state_dict, config)` returns
+    (config to build, state dict in our names, key prefixes that may stay untrained, mean, std) where mean
+    and std are None to keep the architecture's."""
+
+    kind: str
+    detect: Callable[[dict], bool]
+    convert: Callable[[dict, Any], tuple[Any, dict, tuple[str, ...], tuple | None, tuple | None]]
 
 
-def _build_registry() -> dict[str, Architecture]:
-    archs = [
-        _vit("vit-seg-base", 768, 12, 8, "Seed article's ViT for segmentation (VisionTransformerArgs)"),
-        _vit("vit-seg-small", 384, 12, 6, "ViT-S width (384), seed layout"),
-        _vit("vit-seg-tiny", 192, 12, 3, "ViT-Ti width (192), seed layout"),
-    ]
-    archs += [_segformer(f"segformer-{v}", SEGFORMER_VARIANTS[v], f"SegFormer-{v.upper()} (MiT-{v} + All-MLP decoder)")
-              for v in SEGFORMER_VARIANTS]
-    # Tiny twins: the same code paths at widths 8-16 and depth 1, for fast tests.
-    twins = []
-    for a in archs:
-        if a.family == "vit":
-            cfg = replace(a.config, image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
-            twins.append(Architecture(f"{a.name}-test", "vit", cfg, 32, a.mean, a.std, f"tiny twin of {a.name}", a.name))
-        else:
-            big = a.config.decoder_dim == 768  # B2..B5: deeper stages, the 768-wide decoder
-            cfg = replace(a.config, hidden_sizes=(8, 16, 16, 16), depths=(1, 2, 1, 1) if big else (1, 1, 1, 1),
-                          num_heads=(1, 2, 2, 2), decoder_dim=16 if big else 8)
-            twins.append(Architecture(f"{a.name}-test", "segformer", cfg, 64, a.mean, a.std, f"tiny twin of {a.name}", a.name))
-    return {a.name: a for a in archs + twins}
+@dataclass(frozen=True)
+class HuggingFaceMapping:
+    """How a family reads Hugging Face checkpoint directories of `model_type`."""
+
+    model_type: str
+    semantic_class: str  # the `architectures` entry of a checkpoint with a segmentation head
+    config_from_hf: Callable[[dict, int | None], Any]  # (config.json dict, num_classes or None) -> config
+    state_dict_from_hf: Callable[[dict], tuple[dict, bool]]  # -> (state dict in our names, has segmentation head)
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
-ARCHITECTURES: dict[str, Architecture] = _build_registry()
+class ModelFamily:
+    """Everything vitseg needs to know about one family of networks. Subclasses set the class attributes
+    and override what differs; the defaults suit a plain fully convolutional segmenter."""
+
+    name: str = ""
+    display_name: str = ""  # how messages name the family ("SegFormer")
+    config_class: type = object
+    model_class: type = nn.Module
+    head_prefix: str = "head."  # state-dict prefix of the per-class output layer (new on encoder-only loads)
+    recipe = TrainingRecipe("adamw", 1e-3, 0.01, "warmup-poly")
+    pruning_parts: tuple[str, ...] = ()  # what `vitseg prune --method` can remove ("heads", "mlp", "channels")
+    foreign_formats: tuple[ForeignFormat, ...] = ()
+    huggingface: HuggingFaceMapping | None = None
+
+    def architectures(self) -> list[Architecture]:
+        """The named architectures of this family, tiny test twins included."""
+        return []
+
+    def build(self, config: Any) -> nn.Module:
+        """A network with random weights for `config`."""
+        return self.model_class(config)
+
+    def fixed_input_size(self, config: Any) -> int | None:
+        """The one square input size the network takes, or None when any size works."""
+        return None
+
+    def check_export_size(self, architecture: str, config: Any, size: tuple[int, int], dynamic_size: bool) -> None:
+        """Raise VitsegError when the network cannot be exported at `size` (or with dynamic H/W)."""
+        fixed = self.fixed_input_size(config)
+        if fixed is not None and dynamic_size:
+            raise VitsegError(f"{architecture} cannot export with a dynamic size",
+                              f"it takes {fixed}x{fixed} input only; drop --dynamic-size")
+        if fixed is not None and tuple(size) != (fixed, fixed):
+            raise VitsegError(f"{architecture} is built for {fixed}x{fixed} input, not {size[0]}x{size[1]}",
+                              f"use --image-size {fixed}")
+
+    def fold(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
+        """Exact rewrites for inference: (rewritten copy in eval mode, names of the rewrites applied)."""
+        import copy
+
+        return copy.deepcopy(model).eval(), []
+
+    def prune(self, state_dict: dict, config: Any, ratio: float, parts: set[str]) -> Any:
+        """Remove `ratio` of the units in `parts` from `state_dict` (in place); return the config that
+        describes the new widths. Only called with parts from `pruning_parts`."""
+        raise VitsegError(f"the {self.name} family cannot be pruned", "export it unpruned")
+
+    def reset_classifier(self, model: nn.Module, num_classes: int) -> nn.Module:
+        """Replace the per-class output layer in place for another label set; model.config follows."""
+        raise VitsegError(f"the {self.name} family cannot change its class count", "train with the model's classes")
+
+    def name_for(self, config: Any) -> str:
+        """The architecture name of a config loaded from elsewhere (e.g. a Hugging Face directory)."""
+        for arch in self.architectures():
+            if arch.tiny_twin_of is None and _same_widths(arch.config, config):
+                return arch.name
+        return f"{self.name}-custom"
+
+
+def _same_widths(a: Any, b: Any) -> bool:
+    keep = {"num_classes", "layer_widths", "block_widths"}
+    da = {k: v for k, v in asdict(a).items() if k not in keep}
+    db = {k: v for k, v in asdict(b).items() if k not in keep}
+    return da == db
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Make a family and its architectures known to every vitseg command. Returns the family."""
+    if not family.name:
+        raise ValueError("a model family needs a name")
+    FAMILIES[family.name] = family
+    for arch in family.architectures():
+        ARCHITECTURES[arch.name] = arch
+    return family
+
+
+def get_family(name: str) -> ModelFamily:
+    """The registered family called `name`; VitsegError for an unknown one (never a silent default)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise VitsegError(f"unknown model family '{name}'", f"known families: {', '.join(sorted(FAMILIES))}") from None
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The registered family whose network class `model` is; VitsegError for a network of none."""
+    for family in FAMILIES.values():
+        if isinstance(model, family.model_class):
+            return family
+    raise VitsegError(f"{type(model).__name__} belongs to no registered model family",
+                      "register its family with vitseg_export.modeling.registry.register_family")
 
 
 def get_architecture(name: str) -> Architecture:
+    """The architecture called `name`; VitsegError listing the known ones otherwise."""
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        known = ", ".join(a for a in ARCHITECTURES if not a.endswith("-test"))
+        known = ", ".join(a for a, arch in ARCHITECTURES.items() if arch.tiny_twin_of is None)
         raise VitsegError(f"unknown architecture '{name}'", f"use one of: {known} (see `vitseg models`)") from None
 
 
@@ -96,13 +202,13 @@ def _tupled(v: Any) -> Any:
 
 
 def config_to_dict(config: Any) -> dict:
+    """A family config as JSON-ready data (tuples become lists)."""
     return {k: _jsonable(v) for k, v in asdict(config).items()}
 
 
 def config_from_dict(family: str, data: dict) -> Any:
-    if family not in FAMILIES:
-        raise VitsegError(f"unknown model family '{family}'", f"expected one of {sorted(FAMILIES)}")
-    cls = FAMILIES[family][0]
+    """The config of `family` from `config_to_dict` output; VitsegError for unknown families or fields."""
+    cls = get_family(family).config_class
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -111,18 +217,26 @@ def config_from_dict(family: str, data: dict) -> Any:
 
 
 def build_model(family: str, config: Any) -> nn.Module:
-    return FAMILIES[family][1](config)
+    """A network of `family` with random weights for `config`."""
+    return get_family(family).build(config)
+
+
+def replace_classes(config: Any, num_classes: int) -> Any:
+    """`config` with another class count (every family config has `num_classes`)."""
+    return dataclasses.replace(config, num_classes=num_classes)
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (buffers excluded)."""
     return sum(p.numel() for p in module.parameters())
 
 
 class Segmenter(nn.Module):
     """What every backend runs: pixels in [0,1] (N,3,H,W) -> logits (N,classes,H,W) at input resolution.
 
-    Normalization lives here (so exported graphs take plain x/255 input), and SegFormer's H/4 logits are
-    upsampled bilinearly (align_corners=False), as HF does in its loss and post-processing.
+    Normalization lives here (so exported graphs take plain x/255 input), and logits below the input
+    resolution (SegFormer's H/4) are upsampled bilinearly (align_corners=False), as HF does in its loss
+    and post-processing.
     """
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -138,15 +252,3 @@ class Segmenter(nn.Module):
         if logits.shape[-2:] != pixels.shape[-2:]:
             logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
         return logits
-
-
-def reset_classifier(model: nn.Module, family: str, num_classes: int) -> nn.Module:
-    """Replace the per-class output layer (for fine-tuning on another label set); config follows."""
-    cfg = replace(model.config, num_classes=num_classes)
-    model.config = cfg
-    if family == "vit":
-        p = cfg.patch_size
-        model.head = nn.Linear(cfg.embed_dim, p * p * num_classes)
-    else:
-        model.decode_head.classifier = nn.Conv2d(cfg.decoder_dim, num_classes, kernel_size=1)
-    return model

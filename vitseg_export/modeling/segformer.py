@@ -1,19 +1,31 @@
-"""SegFormer (Xie et al., 2021): Mix Transformer (MiT) encoder + All-MLP decoder, with the exact
+"""The SegFormer family (Xie et al., 2021): Mix Transformer (MiT) encoder + All-MLP decoder, with the exact
 numerics of Hugging Face's `SegformerForSemanticSegmentation` (the format users' checkpoints come in):
 every LayerNorm eps 1e-5, erf GELU, k/v from a conv-reduced sequence, decoder stages concatenated in
 reversed order. The module tree mirrors HF's on-disk key names below the `segformer.` prefix, so the
 converter only strips that prefix. Any input size works; logits come out at ceil-ish H/4 (the first
-stage's grid), as HF's do.
+stage's grid), as HF's do. Below the network: the Hugging Face converters, the exact decoder fold,
+pruning, and the family object registered at the end.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitseg_export.modeling.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Architecture,
+    HuggingFaceMapping,
+    ModelFamily,
+    TrainingRecipe,
+    register_family,
+)
 
 # HF reads no layer_norm_eps anywhere in SegFormer; nn.LayerNorm's default is what runs.
 LAYER_NORM_EPS = 1e-5
@@ -329,3 +341,172 @@ def segformer_state_dict_from_hf(state_dict: dict[str, torch.Tensor]) -> tuple[d
         elif key.startswith(("encoder.", "decode_head.")):
             out[key] = value
     return out, any(k.startswith("decode_head.") for k in out)
+
+
+# ---- exact decoder fold -------------------------------------------------------------------------
+# The All-MLP decoder is linear up to its ReLU: per-stage Linear A_i (+ b_i), bilinear upsampling U (per
+# channel, weights summing to 1, so U(const) = const), concatenation, the 1x1 fuse conv W (no bias) and an
+# eval-mode BatchNorm (per-channel affine g, h). With W_i the fuse conv's slice for stage i:
+#     BN(sum_i W_i U(A_i x_i + b_i)) = sum_i U(g*W_i A_i x_i) + g*sum_i W_i b_i + h
+# so each stage projects straight to the decoder width with the folded matrix and only the D-channel result
+# is upsampled; the 4D->D conv on the H/4 grid (about half of B0's compute) disappears.
+
+class FoldedSegformerDecodeHead(nn.Module):
+    """The decode head after folding: per-stage Linear to D (fuse conv and BatchNorm folded in),
+    upsample, sum, ReLU, classifier. Same outputs as SegformerDecodeHead in eval mode."""
+
+    def __init__(self, head: SegformerDecodeHead):
+        from vitseg_export.optimize import batchnorm_affine
+
+        super().__init__()
+        d = head.linear_fuse.out_channels
+        n = len(head.linear_c)
+        w = head.linear_fuse.weight.detach().reshape(d, n * d)  # D x 4D, input order [c4, c3, c2, c1]
+        g, h = batchnorm_affine(head.batch_norm)
+        self.proj = nn.ModuleList()
+        bias_total = h.detach().clone()
+        for i, mlp in enumerate(head.linear_c):
+            w_i = w[:, (n - 1 - i) * d:(n - i) * d]  # this stage's slice (reversed concatenation)
+            a, b = mlp.proj.weight.detach(), mlp.proj.bias.detach()
+            lin = nn.Linear(a.shape[1], d, bias=False)
+            lin.weight.data = (g[:, None] * (w_i @ a)).contiguous()
+            self.proj.append(lin)
+            bias_total += g * (w_i @ b)
+        self.bias = nn.Parameter(bias_total.detach())
+        self.activation = nn.ReLU()
+        self.classifier = copy.deepcopy(head.classifier)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        n = features[-1].shape[0]
+        target = features[0].shape[2:]
+        total = None
+        for x, lin in zip(features, self.proj):
+            h, w = x.shape[2], x.shape[3]
+            y = lin(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(n, -1, h, w)  # N,D,h,w
+            if (h, w) != tuple(target):
+                y = F.interpolate(y, size=target, mode="bilinear", align_corners=False)
+            total = y if total is None else total + y
+        x = self.activation(total + self.bias.reshape(1, -1, 1, 1))
+        return self.classifier(x)
+
+
+@torch.no_grad()
+def fold_segformer(model: SegformerForSemanticSegmentation) -> SegformerForSemanticSegmentation:
+    """A copy of `model` (eval mode) with its decode head replaced by the folded one."""
+    folded = copy.deepcopy(model).eval()
+    folded.decode_head = FoldedSegformerDecodeHead(model.decode_head.eval())  # type: ignore[assignment]
+    return folded
+
+
+# ---- pruning ------------------------------------------------------------------------------------
+
+def _prune_attention_and_mlp(sd: dict, config: SegformerConfig, ratio: float, heads_on: bool, mlp_on: bool) -> list:
+    """Remove whole heads and Mix-FFN channels (with their depthwise conv) per layer; returns the widths."""
+    from vitseg_export.pruning import head_rows, keep_count, top_indices
+
+    widths = []
+    for s, depth in enumerate(config.depths):
+        hidden = config.hidden_sizes[s]
+        d = hidden // config.num_heads[s]
+        for j in range(depth):
+            a, m = f"encoder.block.{s}.{j}.attention.", f"encoder.block.{s}.{j}.mlp."
+            h = sd[a + "self.query.weight"].shape[0] // d
+            if heads_on and h > 1:
+                w_out = sd[a + "output.dense.weight"]
+                score = (w_out.abs().reshape(hidden, h, d).sum(dim=(0, 2))
+                         * sd[a + "self.value.weight"].abs().reshape(h, d, hidden).sum(dim=(1, 2)))
+                kept = top_indices(score, keep_count(h, ratio))
+                rows = head_rows(kept, d)
+                for name in ("query", "key", "value"):
+                    for leaf in ("weight", "bias"):
+                        sd[f"{a}self.{name}.{leaf}"] = sd[f"{a}self.{name}.{leaf}"][rows]
+                sd[a + "output.dense.weight"] = w_out[:, rows]
+                h = len(kept)
+            if mlp_on:
+                score = sd[m + "dense1.weight"].abs().sum(1) * sd[m + "dense2.weight"].abs().sum(0)
+                kept = top_indices(score, keep_count(score.numel(), ratio))
+                for key in ("dense1.weight", "dense1.bias", "dwconv.dwconv.weight", "dwconv.dwconv.bias"):
+                    sd[m + key] = sd[m + key][kept]
+                sd[m + "dense2.weight"] = sd[m + "dense2.weight"][:, kept]
+            widths.append((h, sd[m + "dense1.weight"].shape[0]))
+    return widths
+
+
+def _prune_decoder_channels(sd: dict, config: SegformerConfig, ratio: float) -> int:
+    """Remove decoder channels: per-stage projection outputs and the fuse conv / BatchNorm channels."""
+    from vitseg_export.pruning import keep_count, top_indices
+
+    dd, n = config.decoder_dim, len(config.hidden_sizes)
+    keep = keep_count(dd, ratio)
+    fuse = sd["decode_head.linear_fuse.weight"][:, :, 0, 0]  # D x nD, input order [c4 .. c1]
+    columns = []
+    for i in range(n):
+        sl = slice((n - 1 - i) * dd, (n - i) * dd)
+        proj = sd[f"decode_head.linear_c.{i}.proj.weight"]
+        kept = top_indices(proj.abs().sum(1) * fuse[:, sl].abs().sum(0), keep)
+        sd[f"decode_head.linear_c.{i}.proj.weight"] = proj[kept]
+        sd[f"decode_head.linear_c.{i}.proj.bias"] = sd[f"decode_head.linear_c.{i}.proj.bias"][kept]
+        columns.append((n - 1 - i, kept + (n - 1 - i) * dd))
+    in_cols = torch.cat([c for _, c in sorted(columns)])  # back in concatenation order
+    g = sd["decode_head.batch_norm.weight"].abs() / torch.sqrt(sd["decode_head.batch_norm.running_var"] + 1e-5)
+    out_kept = top_indices(fuse.abs().sum(1) * g * sd["decode_head.classifier.weight"][:, :, 0, 0].abs().sum(0), keep)
+    sd["decode_head.linear_fuse.weight"] = sd["decode_head.linear_fuse.weight"][out_kept][:, in_cols]
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        sd[f"decode_head.batch_norm.{key}"] = sd[f"decode_head.batch_norm.{key}"][out_kept]
+    sd["decode_head.classifier.weight"] = sd["decode_head.classifier.weight"][:, out_kept]
+    return keep
+
+
+# ---- the family ---------------------------------------------------------------------------------
+
+class SegformerFamily(ModelFamily):
+    name = "segformer"
+    display_name = "SegFormer"
+    config_class = SegformerConfig
+    model_class = SegformerForSemanticSegmentation
+    head_prefix = "decode_head."
+    # the SegFormer recipe (AdamW, warm-up, poly decay) at 10x the paper's lr: the paper's 6e-5 assumes an
+    # ImageNet-pretrained encoder; from random weights 6e-4 learns within a few epochs
+    recipe = TrainingRecipe("adamw", 6e-4, 0.01, "warmup-poly")
+    pruning_parts = ("heads", "mlp", "channels")
+    huggingface = HuggingFaceMapping("segformer", "SegformerForSemanticSegmentation", segformer_config_from_hf,
+                                     segformer_state_dict_from_hf, image_size=(512, 512))
+
+    def architectures(self) -> list[Architecture]:
+        archs = []
+        for v, widths in SEGFORMER_VARIANTS.items():
+            # our default class count is the Pet trimap's 3; HF's ADE20k checkpoints (150) load with theirs
+            cfg = SegformerConfig(num_classes=3, **widths)
+            name = f"segformer-{v}"
+            archs.append(Architecture(name, self.name, cfg, 512, IMAGENET_MEAN, IMAGENET_STD,
+                                      f"SegFormer-{v.upper()} (MiT-{v} + All-MLP decoder)"))
+            big = cfg.decoder_dim == 768  # B2..B5: deeper stages, the 768-wide decoder
+            tiny = replace(cfg, hidden_sizes=(8, 16, 16, 16), depths=(1, 2, 1, 1) if big else (1, 1, 1, 1),
+                           num_heads=(1, 2, 2, 2), decoder_dim=16 if big else 8)
+            archs.append(Architecture(f"{name}-test", self.name, tiny, 64, IMAGENET_MEAN, IMAGENET_STD,
+                                      f"tiny twin of {name}", name))
+        return archs
+
+    def fold(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
+        return fold_segformer(model), ["segformer-decoder: fuse conv + BatchNorm folded into per-stage projections"]
+
+    def prune(self, state_dict: dict, config: SegformerConfig, ratio: float, parts: set[str]) -> SegformerConfig:
+        widths = _prune_attention_and_mlp(state_dict, config, ratio, "heads" in parts, "mlp" in parts)
+        config = replace(config, layer_widths=tuple(widths))
+        if "channels" in parts:
+            config = replace(config, decoder_dim=_prune_decoder_channels(state_dict, config, ratio))
+        return config
+
+    def reset_classifier(self, model: nn.Module, num_classes: int) -> nn.Module:
+        model.config = replace(model.config, num_classes=num_classes)
+        model.decode_head.classifier = nn.Conv2d(model.config.decoder_dim, num_classes, kernel_size=1)
+        return model
+
+    def name_for(self, config: SegformerConfig) -> str:
+        for v, d in SEGFORMER_VARIANTS.items():
+            if tuple(config.hidden_sizes) == d["hidden_sizes"] and tuple(config.depths) == d["depths"]:
+                return f"segformer-{v}"
+        return "segformer-custom"
+
+
+SEGFORMER = register_family(SegformerFamily())

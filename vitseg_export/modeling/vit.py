@@ -1,5 +1,6 @@
-"""The plain Vision Transformer for segmentation from "Efficient Image Segmentation Using PyTorch,
-Part 4" (VisionTransformerForSegmentation), plus the converter for timm ViT weights.
+"""The ViT family: the plain Vision Transformer for segmentation from "Efficient Image Segmentation
+Using PyTorch, Part 4" (VisionTransformerForSegmentation), its converters for timm ViT weights and the
+seed article's own state dicts, its exact fold, pruning, and the family object registered at the end.
 
 Layout of the seed article, kept exactly (its parameter count, 86,284,806 for the base
 configuration, is checked by a test): BatchNorm2d on the raw image, image -> non-overlapping
@@ -12,12 +13,24 @@ and nn.Fold exports as Col2Im, which needs ONNX opset 18.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitseg_export.errors import VitsegError
+from vitseg_export.modeling.registry import (
+    IDENTITY_MEAN,
+    IDENTITY_STD,
+    Architecture,
+    ForeignFormat,
+    ModelFamily,
+    TrainingRecipe,
+    register_family,
+)
 
 
 @dataclass(frozen=True)
@@ -187,8 +200,6 @@ def vit_config_from_timm(state_dict: dict[str, torch.Tensor], base: ViTSegConfig
     expect mean/std-normalized input). Heads: timm's standard ViTs all use 64-wide heads."""
     e, _, p, _ = state_dict["patch_embed.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    from dataclasses import replace
-
     return replace(
         base,
         patch_size=p,
@@ -249,3 +260,125 @@ def vit_state_dict_from_seed_article(state_dict: dict[str, torch.Tensor]) -> dic
                  .replace(".mlp.layers.0.", ".mlp.fc1.").replace(".mlp.layers.2.", ".mlp.fc2."))
         out[k] = value
     return out
+
+
+# ---- exact fold, pruning ------------------------------------------------------------------------
+
+@torch.no_grad()
+def fold_vit_input_norm(model: VisionTransformerForSegmentation) -> VisionTransformerForSegmentation:
+    """The eval-mode input BatchNorm is a per-channel affine map: fold it into the patch embedding."""
+    from vitseg_export.optimize import batchnorm_affine
+
+    folded = copy.deepcopy(model).eval()
+    if not isinstance(folded.input_norm, nn.BatchNorm2d):
+        return folded
+    g, h = batchnorm_affine(folded.input_norm)
+    p2 = folded.config.patch_size**2
+    scale = g.repeat_interleave(p2)  # patch vectors are flattened in (channel, row, col) order
+    shift = h.repeat_interleave(p2)
+    pe = folded.patch_embed
+    pe.bias.data = pe.bias + pe.weight @ shift
+    pe.weight.data = pe.weight * scale[None, :]
+    folded.input_norm = nn.Identity()
+    return folded
+
+
+def prune_vit(sd: dict, config: ViTSegConfig, ratio: float, heads_on: bool, mlp_on: bool) -> ViTSegConfig:
+    """Remove whole attention heads and MLP hidden channels by L1 importance, in `sd` (in place)."""
+    from vitseg_export.pruning import head_rows, keep_count, top_indices
+
+    e = config.embed_dim
+    d = e // config.num_heads
+    widths = []
+    for i in range(config.depth):
+        p = f"blocks.{i}."
+        w_in, b_in, w_out = sd[p + "attn.in_proj.weight"], sd[p + "attn.in_proj.bias"], sd[p + "attn.out_proj.weight"]
+        h = w_out.shape[1] // d
+        if heads_on and h > 1:
+            # importance: how much each head writes to the residual stream, times its value weights
+            score = w_out.abs().reshape(e, h, d).sum(dim=(0, 2)) * w_in[2 * h * d:].abs().reshape(h, d, e).sum(dim=(1, 2))
+            kept = top_indices(score, keep_count(h, ratio))
+            rows = head_rows(kept, d)
+            qkv = torch.cat([rows + j * h * d for j in range(3)])
+            sd[p + "attn.in_proj.weight"], sd[p + "attn.in_proj.bias"] = w_in[qkv], b_in[qkv]
+            sd[p + "attn.out_proj.weight"] = w_out[:, rows]
+            h = len(kept)
+        fc1_w, fc1_b, fc2_w = sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"], sd[p + "mlp.fc2.weight"]
+        if mlp_on:
+            score = fc1_w.abs().sum(1) * fc2_w.abs().sum(0)
+            kept = top_indices(score, keep_count(fc1_w.shape[0], ratio))
+            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = fc1_w[kept], fc1_b[kept]
+            sd[p + "mlp.fc2.weight"] = fc2_w[:, kept]
+        widths.append((h, sd[p + "mlp.fc1.weight"].shape[0]))
+    return replace(config, block_widths=tuple(widths))
+
+
+# ---- the family ---------------------------------------------------------------------------------
+
+def _from_timm(state_dict: dict, config: ViTSegConfig):
+    converted = vit_config_from_timm(state_dict, config)
+    # timm's augreg ViTs are trained on mean/std 0.5 input; the segmentation head is new
+    half = (0.5, 0.5, 0.5)
+    return converted, vit_state_dict_from_timm(state_dict, converted), ("head.",), half, half
+
+
+def _from_seed_article(state_dict: dict, config: ViTSegConfig):
+    return config, vit_state_dict_from_seed_article(state_dict), (), None, None
+
+
+class VitFamily(ModelFamily):
+    name = "vit"
+    display_name = "ViT"
+    config_class = ViTSegConfig
+    model_class = VisionTransformerForSegmentation
+    head_prefix = "head."
+    # the seed article's recipe: Adam lr 4e-4, StepLR x0.8 every 12 epochs
+    recipe = TrainingRecipe("adam", 4e-4, 0.0, "step", step_epochs=12, step_gamma=0.8)
+    pruning_parts = ("heads", "mlp")
+    foreign_formats = (ForeignFormat("timm", is_timm_vit_state_dict, _from_timm),
+                       ForeignFormat("seed-article", is_seed_article_state_dict, _from_seed_article))
+
+    def architectures(self) -> list[Architecture]:
+        sizes = [("vit-seg-base", 768, 12, 8, "Seed article's ViT for segmentation (VisionTransformerArgs)"),
+                 ("vit-seg-small", 384, 12, 6, "ViT-S width (384), seed layout"),
+                 ("vit-seg-tiny", 192, 12, 3, "ViT-Ti width (192), seed layout")]
+        archs = []
+        for name, embed, depth, heads, desc in sizes:
+            cfg = ViTSegConfig(embed_dim=embed, depth=depth, num_heads=heads)
+            archs.append(Architecture(name, self.name, cfg, cfg.image_size, IDENTITY_MEAN, IDENTITY_STD, desc))
+            # the tiny twin: the same code paths at width 16, depth 1, 32 px, for fast tests
+            tiny = replace(cfg, image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+            archs.append(Architecture(f"{name}-test", self.name, tiny, 32, IDENTITY_MEAN, IDENTITY_STD,
+                                      f"tiny twin of {name}", name))
+        return archs
+
+    def fixed_input_size(self, config: ViTSegConfig) -> int:
+        return config.image_size
+
+    def check_export_size(self, architecture: str, config: ViTSegConfig, size: tuple[int, int], dynamic_size: bool) -> None:
+        s, p, g = config.image_size, config.patch_size, config.grid_size
+        if dynamic_size:
+            raise VitsegError(f"{architecture} cannot export with a dynamic size",
+                              f"the ViT's position embedding fixes a {g}x{g} grid ({s}x{s} px); drop --dynamic-size")
+        if size[0] % p or size[1] % p:
+            raise VitsegError(f"image size {size[0]}x{size[1]} is not divisible by the patch size {p}", f"use {s}x{s}")
+        if tuple(size) != (s, s):
+            raise VitsegError(f"{architecture} is built for {s}x{s} input, not {size[0]}x{size[1]}",
+                              "the position embedding fixes the grid; retrain (or --init with resampling) at that size")
+
+    def fold(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
+        if isinstance(model.input_norm, nn.BatchNorm2d):
+            return fold_vit_input_norm(model), ["vit: input BatchNorm folded into the patch embedding"]
+        return copy.deepcopy(model).eval(), []
+
+    def prune(self, state_dict: dict, config: ViTSegConfig, ratio: float, parts: set[str]) -> ViTSegConfig:
+        return prune_vit(state_dict, config, ratio, "heads" in parts, "mlp" in parts)
+
+    def reset_classifier(self, model: nn.Module, num_classes: int) -> nn.Module:
+        model.config = replace(model.config, num_classes=num_classes)
+        p = model.config.patch_size
+        model.head = nn.Linear(model.config.embed_dim, p * p * num_classes)
+        return model
+
+
+VIT = register_family(VitFamily())

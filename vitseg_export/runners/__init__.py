@@ -1,38 +1,119 @@
-"""artifact/checkpoint -> runner: one interface for every backend (torch, onnxruntime, tensorrt).
+"""artifact/checkpoint -> runner: one interface for every backend, and the one table of backends.
 
-Every runner takes {"pixels": float32 (N,3,H,W) in [0,1]} and returns {"logits": float32
-(N,C,H,W)} and/or {"mask": uint8 (N,H,W)}, as numpy arrays. Backends are imported lazily inside
-their own module, so this package imports without torch.
+Every runner takes {"pixels": float32 (N,3,H,W) in [0,1]} and returns {"logits": float32 (N,C,H,W)}
+and/or {"mask": uint8 (N,H,W)}, as numpy arrays. Backends are imported lazily inside their own
+module, so this package imports without torch. A new backend is one `register_backend(...)` row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from vitseg_export.artifact import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from vitseg_export.errors import VitsegError
+from vitseg_export.formats import Availability, format_for_path, module_version
 from vitseg_export.runners.base import Runner
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # (model: path or checkpoint, device, outputs, **options) -> Runner
+    make: Callable[..., Runner]
+    probe: Callable[[], Availability]  # can it run here, and its version
+    devices: Callable[[], list[str]]  # the devices it can use here
 
 
-def runner_for(model: str | Path, device: str = "cpu", backend: str | None = None, outputs: tuple[str, ...] = ("logits",)) -> Runner:
-    """The runner for an artifact (by suffix) or a checkpoint (torch)."""
-    suffix = Path(str(model)).suffix.lower()
-    backend = backend or ("onnxruntime" if suffix in ONNX_SUFFIXES else "tensorrt" if suffix in ENGINE_SUFFIXES else "torch")
-    if backend == "onnxruntime":
-        from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(Path(model), device)
-    if backend == "tensorrt":
-        from vitseg_export.runners.tensorrt_runner import TensorRTRunner
-
-        return TensorRTRunner(Path(model), device)
-    if backend == "torch":
-        from vitseg_export.runners.torch_runner import TorchRunner
-
-        return TorchRunner(model, device, outputs)
-    raise VitsegError(f"unknown backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
+BACKENDS: dict[str, Backend] = {}
 
 
-__all__ = ["BACKENDS", "Runner", "runner_for"]
+def register_backend(backend: Backend) -> Backend:
+    """Add a row to the backend table; `--backend` choices and doctor follow."""
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    """The row for `name`; VitsegError naming the known backends otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise VitsegError(f"unknown backend '{name}'", f"use one of {', '.join(BACKENDS)}") from None
+
+
+def runner_for(model: Any, device: str = "cpu", backend: str | None = None, outputs: tuple[str, ...] = ("logits",),
+               **options: Any) -> Runner:
+    """The runner for an artifact (its format's backend, by suffix) or a checkpoint (torch), or the named
+    backend. Nothing is loaded before `activate()`."""
+    if backend is None:
+        fmt = format_for_path(Path(str(model))) if isinstance(model, (str, Path)) else None
+        backend = fmt.backend if fmt is not None else "torch"
+    return get_backend(backend).make(model, device, outputs, **options)
+
+
+# ---- built-in backends ------------------------------------------------------------------------------
+
+def _torch(model: Any, device: str, outputs: tuple[str, ...], **options: Any) -> Runner:
+    from vitseg_export.runners.torch_runner import TorchRunner
+
+    return TorchRunner(model, device, outputs, **options)
+
+
+def _onnxruntime(model: Any, device: str, outputs: tuple[str, ...], **options: Any) -> Runner:
+    from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(Path(model), device, **options)
+
+
+def _tensorrt(model: Any, device: str, outputs: tuple[str, ...], **options: Any) -> Runner:
+    from vitseg_export.runners.tensorrt_runner import TensorRTRunner
+
+    return TensorRTRunner(Path(model), device, **options)
+
+
+def _version_probe(module: str, hint: str) -> Callable[[], Availability]:
+    def probe() -> Availability:
+        version, why = module_version(module)
+        return Availability(version is not None, f"{module} {version}" if version else why or "", hint)
+
+    return probe
+
+
+def _torch_devices() -> list[str]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _onnxruntime_devices() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    providers = onnxruntime.get_available_providers()
+    return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in providers and "cuda" in _torch_devices() else [])
+
+
+def _tensorrt_devices() -> list[str]:
+    from vitseg_export.export.tensorrt_engine import tensorrt_availability
+
+    return ["cuda"] if tensorrt_availability()[0] else []
+
+
+def _tensorrt_probe() -> Availability:
+    from vitseg_export.export.tensorrt_engine import tensorrt_availability
+
+    ok, detail, hint = tensorrt_availability()
+    return Availability(ok, detail, hint)
+
+
+register_backend(Backend("torch", _torch, _version_probe("torch", "pip install 'vitseg-export[torch]'"), _torch_devices))
+register_backend(Backend("onnxruntime", _onnxruntime,
+                         _version_probe("onnxruntime", "pip install onnxruntime (GPU: onnxruntime-gpu)"), _onnxruntime_devices))
+register_backend(Backend("tensorrt", _tensorrt, _tensorrt_probe, _tensorrt_devices))
+
+
+__all__ = ["BACKENDS", "Backend", "Runner", "get_backend", "register_backend", "runner_for"]

@@ -14,7 +14,14 @@ from vitseg_export.errors import VitsegError
 INPUT_NAME = "pixels"
 
 
+def mask_of(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The class-index masks (N,H,W) of a runner's outputs: its `mask` output, else argmax of `logits`."""
+    return outputs["mask"] if "mask" in outputs else outputs["logits"].argmax(1)
+
+
 class Runner(ABC):
+    """Base of every backend. Subclasses override the `*_impl` methods; `infer` validates the input."""
+
     backend: str = ""
 
     def __init__(self, name: str, device: str):
@@ -32,13 +39,24 @@ class Runner(ABC):
     output_names: list[str] = []
     precision: str = "fp32"
 
+    def describe(self, info) -> None:
+        """Take what the runner knows about its model from the artifact's metadata (an ArtifactInfo)."""
+        self.info = info
+        self.input_size = tuple(info.input_size)
+        self.dynamic_batch = info.dynamic_batch
+        self.dynamic_size = info.dynamic_size
+        self.class_names = list(info.class_names)
+        self.precision = info.precision
+
     def activate(self) -> "Runner":
+        """Load the model onto its device (once); returns the runner."""
         if not self.active:
             self.activate_impl()
             self.active = True
         return self
 
     def deactivate(self) -> None:
+        """Release the model and its device memory."""
         if self.active:
             self.deactivate_impl()
             self.active = False
@@ -50,6 +68,8 @@ class Runner(ABC):
         self.deactivate()
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{"pixels": (N,3,H,W) float32 in [0,1]} -> {"logits": float32 (N,C,H,W)} and/or {"mask": uint8 (N,H,W)}.
+        Raises VitsegError for a wrong input name, shape or size, RuntimeError before `activate()`."""
         if not self.active:
             raise RuntimeError(f"{self.name}: activate() before infer()")
         pixels = feed.get(INPUT_NAME)

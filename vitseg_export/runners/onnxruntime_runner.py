@@ -6,44 +6,61 @@ from pathlib import Path
 
 import numpy as np
 
-from vitseg_export.artifact import read_artifact_info
-from vitseg_export.errors import BackendMissingError
+from vitseg_export.artifact import ArtifactInfo
+from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.runners.base import INPUT_NAME, Runner
 
 
+def session_options(threads: int | None = None, optimize: bool = True):
+    """ONNX Runtime session options as vitseg uses them: quiet, optional thread count and optimization."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
 class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX artifact file, or an in-memory graph (`model_bytes` with its `info`), in ONNX Runtime."""
+
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "cpu", provider: str | None = None, threads: int | None = None):
+    def __init__(self, path: Path, device: str = "cpu", provider: str | None = None, threads: int | None = None,
+                 model_bytes: bytes | None = None, info: ArtifactInfo | None = None, optimize: bool = True):
         super().__init__(f"onnxruntime:{path.name}", device)
         self.path = path
         self.provider = provider
         self.threads = threads
+        self.model_bytes = model_bytes
+        self.optimize = optimize
+        if model_bytes is not None and info is None:
+            raise ValueError("an in-memory graph needs its ArtifactInfo")
+        self.given_info = info
 
     def activate_impl(self) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendMissingError("onnxruntime is not installed", "pip install onnxruntime (GPU: onnxruntime-gpu)") from None
-        info = read_artifact_info(self.path)
         available = ort.get_available_providers()
         wanted = self.provider or ("CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider")
         if wanted not in available:
             raise BackendMissingError(f"this onnxruntime has no {wanted} (it has {', '.join(available)})",
                                       "pip install onnxruntime-gpu, or use --device cpu")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
         providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        self.info = info
-        self.input_size = info.input_size
-        self.dynamic_batch = info.dynamic_batch
-        self.dynamic_size = info.dynamic_size
-        self.class_names = info.class_names
+        source = self.model_bytes if self.model_bytes is not None else str(self.path)
+        try:
+            self.session = ort.InferenceSession(source, session_options(self.threads, self.optimize), providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
+            raise VitsegError(f"{self.path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})",
+                              "the file is damaged or truncated; export it again") from None
+        self.describe(self.given_info or ArtifactInfo.from_metadata(
+            self.path, "onnx", dict(self.session.get_modelmeta().custom_metadata_map)))
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.precision = info.precision
         self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -55,3 +72,12 @@ class OnnxRuntimeRunner(Runner):
 
     def deactivate_impl(self) -> None:
         del self.session
+
+
+def graph_runner(model, size: tuple[int, int], num_classes: int, precision: str) -> OnnxRuntimeRunner:
+    """A CPU runner for an in-memory graph of vitseg's layout (`pixels` in, `logits` first out) that carries
+    no vitseg metadata yet (intermediate graphs of the precision steps)."""
+    info = ArtifactInfo(Path("graph.onnx"), "onnx", "in-memory graph", [f"class_{i}" for i in range(num_classes)],
+                        size, (0.0,) * 3, (1.0,) * 3, precision, None, [o.name for o in model.graph.output],
+                        dynamic_batch=True, dynamic_size=False, source_sha256=None, vitseg_version="")
+    return OnnxRuntimeRunner(Path(f"{precision}-graph.onnx"), "cpu", model_bytes=model.SerializeToString(), info=info)

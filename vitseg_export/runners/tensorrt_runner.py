@@ -14,9 +14,12 @@ from vitseg_export.runners.base import INPUT_NAME, Runner
 
 
 class TensorRTRunner(Runner):
+    """A TensorRT engine with its sidecar manifest; GPU only."""
+
     backend = "tensorrt"
 
-    def __init__(self, path: Path, device: str = "cuda"):
+    def __init__(self, path: Path, device: str = "cuda", threads: int | None = None):
+        """`threads` is accepted for a uniform interface; TensorRT runs on the GPU and ignores it."""
         super().__init__(f"tensorrt:{path.name}", device)
         if device != "cuda":
             raise VitsegError("TensorRT engines run on the GPU only", "use --device cuda")
@@ -29,8 +32,7 @@ class TensorRTRunner(Runner):
         import tensorrt as trt  # typed against the 10.3 and 11.4 bindings by mypy
         import torch
 
-        info = read_artifact_info(self.path)
-        self.info = info
+        self.describe(read_artifact_info(self.path))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -47,11 +49,6 @@ class TensorRTRunner(Runner):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.output_names = self.outputs
-        self.input_size = info.input_size
-        self.dynamic_batch = info.dynamic_batch
-        self.dynamic_size = info.dynamic_size
-        self.class_names = info.class_names
-        self.precision = info.precision
         self.input_dtype = self.dtypes[engine.get_tensor_dtype(INPUT_NAME)]
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:

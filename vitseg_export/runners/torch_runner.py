@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from vitseg_export.errors import BackendMissingError
@@ -10,13 +9,17 @@ from vitseg_export.runners.base import Runner
 
 
 class TorchRunner(Runner):
+    """PyTorch eager fp32: the reference every comparison is made against."""
+
     backend = "torch"
 
-    def __init__(self, checkpoint, device: str = "cpu", outputs: tuple[str, ...] = ("logits",)):
-        """`checkpoint`: anything `load_checkpoint` takes, or a LoadedCheckpoint."""
+    def __init__(self, checkpoint, device: str = "cpu", outputs: tuple[str, ...] = ("logits",), threads: int | None = None):
+        """`checkpoint`: anything `load_checkpoint` takes, or a LoadedCheckpoint. `threads` sets torch's
+        intra-op threads while the runner is active (restored on deactivate)."""
         super().__init__(f"torch:{getattr(checkpoint, 'source', checkpoint)}", device)
         self.checkpoint = checkpoint
         self.output_names = list(outputs)
+        self.threads = threads
 
     def activate_impl(self) -> None:
         try:
@@ -24,6 +27,7 @@ class TorchRunner(Runner):
         except ImportError:
             raise BackendMissingError("the torch backend needs PyTorch", "pip install 'vitseg-export[torch]'") from None
         from vitseg_export.checkpoint import LoadedCheckpoint, load_checkpoint
+        from vitseg_export.modeling.registry import get_family
 
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BackendMissingError("--device cuda: torch sees no CUDA GPU here", "use --device cpu, or a CUDA build of torch")
@@ -32,8 +36,11 @@ class TorchRunner(Runner):
         self.segmenter = loaded.segmenter().eval().to(self.device)
         self.class_names = list(loaded.meta.class_names)
         self.input_size = tuple(loaded.meta.image_size)
-        self.dynamic_size = loaded.meta.family == "segformer"
+        self.dynamic_size = get_family(loaded.meta.family).fixed_input_size(loaded.meta.config) is None
         self.torch = torch
+        self.saved_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -48,5 +55,6 @@ class TorchRunner(Runner):
 
     def deactivate_impl(self) -> None:
         del self.segmenter
+        self.torch.set_num_threads(self.saved_threads)
         if self.device == "cuda":
             self.torch.cuda.empty_cache()

@@ -1,0 +1,71 @@
+"""What an export is asked to do: plain dataclasses (torch-free), shared by every format's exporter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OUTPUT_CHOICES = ("logits", "mask", "both")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_TARGETS = ("cpu", "trt")
+
+
+@dataclass
+class OnnxExportSettings:
+    precision: str = "fp32"
+    opset: int = 17
+    image_size: tuple[int, int] | None = None  # None: the checkpoint's
+    dynamic_batch: bool = True
+    dynamic_size: bool = False
+    outputs: str = "logits"
+    simplify: bool = False
+    parity_inputs: int = 3
+    fp16_io: bool = False
+    fold: bool = True  # exact rewrites (the family's fold); parity is still judged against the unfolded model
+
+    @property
+    def output_names(self) -> list[str]:
+        """The graph's output names, in order."""
+        return ["logits", "mask"] if self.outputs == "both" else [self.outputs]
+
+
+@dataclass
+class Int8Settings:
+    calib: str = "synthetic"
+    calib_images: int = 32
+    method: str = "minmax"
+    target: str = "cpu"  # cpu: ONNX Runtime's integer kernels; trt: TensorRT's explicit quantization
+    min_agreement: float = 0.99
+    min_miou_vs_reference: float = 0.98
+    heldout: str = "synthetic"
+    heldout_images: int = 16
+    max_fallback: int = 64
+
+
+@dataclass
+class EngineSettings:
+    workspace_gb: float = 4.0
+    min_shape: tuple[int, ...] | None = None  # (N, 3, H, W); default from the artifact
+    opt_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
+    sparsity: bool = False
+    timing_cache: Path | None = None
+    version_compatible: bool = False
+    dla_core: int | None = None
+    weakly_typed: bool = False
+
+
+@dataclass
+class ExportRequest:
+    """Everything `vitseg export` can ask of a format's exporter; each exporter reads what it needs."""
+
+    format: str = "onnx"
+    onnx: OnnxExportSettings = field(default_factory=OnnxExportSettings)
+    int8: Int8Settings = field(default_factory=Int8Settings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    check_trt: bool = False
+
+    @property
+    def precision(self) -> str:
+        """The requested precision."""
+        return self.onnx.precision

@@ -1,0 +1,179 @@
+"""The one table of artifact formats: name, file suffixes, exporter, the backend that runs it, the
+precisions it carries, how to read its metadata and whether this machine can make it. The CLI's
+`--format` choices, `vitseg doctor`, the benchmark matrix and artifact reading all go through it; a new
+format is one `register_format(...)` row plus its exporter and runner modules.
+
+Torch-free: exporters and probes import their heavy dependencies only when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from vitseg_export.artifact import META_PREFIX, ArtifactInfo, read_manifest, read_onnx_metadata
+from vitseg_export.errors import BackendMissingError, VitsegError
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether something can be used here; `detail` is its version or why not, `hint` how to get it."""
+
+    ok: bool
+    detail: str
+    hint: str = ""
+
+
+# (loaded checkpoint, output path, ExportRequest, progress) -> ExportResult
+Exporter = Callable[[Any, Path, Any, Callable[[str], None]], Any]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    suffixes: tuple[str, ...]  # the first is what `vitseg export` writes
+    description: str
+    backend: str  # the runner backend (vitseg_export.runners.BACKENDS) that runs its artifacts
+    precisions: tuple[str, ...]
+    export: Exporter
+    read_info: Callable[[Path], ArtifactInfo]
+    probe: Callable[[], Availability]  # can this machine make artifacts of this format?
+    summary: Callable[[Path, Any], list[str]]  # what `vitseg export` prints about a written artifact (path, ExportManifest)
+    int8_target: str = "cpu"  # the int8 graph flavour its exporter asks for (vitseg_export.export.int8)
+    from_onnx: Exporter | None = None  # convert an existing vitseg ONNX artifact instead of a checkpoint
+
+    def require(self) -> None:
+        """Raise BackendMissingError (one line, exit 2) when this machine cannot make this format."""
+        availability = self.probe()
+        if not availability.ok:
+            raise BackendMissingError(availability.detail, availability.hint)
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Add a row to the table; `--format` choices, doctor and the benchmark matrix follow."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def format_names() -> tuple[str, ...]:
+    """The registered formats, in table order."""
+    return tuple(FORMATS)
+
+
+def get_format(name: str) -> Format:
+    """The row for `name`; VitsegError naming the known formats otherwise."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise VitsegError(f"--format {name} is unknown", f"use one of: {', '.join(FORMATS)}") from None
+
+
+def format_for_path(path: Path) -> Format | None:
+    """The format whose suffix `path` has, or None."""
+    suffix = path.suffix.lower()
+    return next((f for f in FORMATS.values() if suffix in f.suffixes), None)
+
+
+def module_version(module: str) -> tuple[str | None, str | None]:
+    """(version, None) when `module` imports, else (None, why not)."""
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown"), None
+    except Exception as e:  # ImportError, or a broken native library (OSError) for tensorrt
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+# ---- ONNX -------------------------------------------------------------------------------------------
+
+def _export_onnx(loaded: Any, output: Path, request: Any, progress: Callable[[str], None]) -> Any:
+    from vitseg_export.export.onnx_export import export_onnx
+
+    return export_onnx(loaded, output, request.onnx, progress=progress, int8=request.int8)
+
+
+def _read_onnx_info(path: Path) -> ArtifactInfo:
+    return ArtifactInfo.from_metadata(path, "onnx", read_onnx_metadata(path))
+
+
+def _probe_onnx_export() -> Availability:
+    versions = {m: module_version(m) for m in ("torch", "onnx", "onnxruntime")}
+    missing = [f"{m} ({why})" for m, (v, why) in versions.items() if v is None]
+    if missing:
+        return Availability(False, "missing " + ", ".join(missing), "pip install 'vitseg-export[torch]'")
+    return Availability(True, ", ".join(f"{m} {v}" for m, (v, _) in versions.items()))
+
+
+# ---- TensorRT ---------------------------------------------------------------------------------------
+
+def _export_trt(loaded: Any, output: Path, request: Any, progress: Callable[[str], None]) -> Any:
+    from vitseg_export.export.tensorrt_engine import export_engine
+
+    return export_engine(loaded, output, request, progress)
+
+
+def _read_manifest_info(path: Path) -> ArtifactInfo:
+    manifest = read_manifest(path)
+    return ArtifactInfo.from_metadata(path, manifest.format,
+                                      {META_PREFIX + k: json.dumps(v) for k, v in manifest.metadata.items()})
+
+
+def _probe_tensorrt() -> Availability:
+    from vitseg_export.export.tensorrt_engine import tensorrt_availability
+
+    ok, detail, hint = tensorrt_availability()
+    return Availability(ok, detail, hint)
+
+
+def _engine_from_artifact(onnx_path: Any, output: Path, request: Any, progress: Callable[[str], None]) -> Any:
+    from vitseg_export.export.onnx_export import ExportResult
+    from vitseg_export.export.tensorrt_engine import engine_from_onnx
+
+    return ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress))
+
+
+def _onnx_summary(path: Path, manifest: Any) -> list[str]:
+    from rich.markup import escape
+
+    lines = []
+    details, meta, precision = manifest.precision_details or {}, manifest.metadata, manifest.metadata["precision"]
+    if precision == "int8":
+        share = details["int8_mac_share"]
+        lines.append(f"int8 ({details['target']} target): {share * 100:.1f}% of MACs run in int8, "
+                     f"{len(details['fallback_layers'])} layers fell back to float"
+                     + (" [bold yellow](mostly float: most compute is NOT int8)[/]" if share < 0.5 else ""))
+        lines += [f"  float: {escape(row['node'])} ({escape(row['reason'])})" for row in details["fallback_layers"]]
+    elif precision == "fp16":
+        lines.append(f"fp16 with fp32 islands: {', '.join(details['fp32_islands'])}; I/O {details['io_dtype']}")
+    lines.append(f"wrote {escape(str(path))} ({manifest.size_bytes / 1e6:.2f} MB, opset {meta['opset']}, "
+                 f"outputs {', '.join(meta['outputs'])}) and {escape(path.name)}.json")
+    parity = manifest.self_parity
+    line = f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%"
+    if parity["max_abs_logit_diff"] is not None:
+        line += f", max |logit diff| {parity['max_abs_logit_diff']:.2e}"
+    return lines + [line]
+
+
+def _engine_summary(path: Path, manifest: Any) -> list[str]:
+    x = manifest.extra
+    return [f"wrote {path} ({manifest.size_bytes / 1e6:.2f} MB, TensorRT {x['tensorrt_version']}, "
+            f"{x['gpu']} sm {x['compute_capability']}, {'strongly' if x['strongly_typed'] else 'weakly'} typed) "
+            f"and {path.name}.json"]
+
+
+def _builtin_rows() -> None:
+    from vitseg_export.precisions import precision_names
+
+    register_format(Format("onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime",
+                           precision_names(), _export_onnx, _read_onnx_info, _probe_onnx_export, _onnx_summary,
+                           int8_target="cpu"))
+    register_format(Format("trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)",
+                           "tensorrt", precision_names(), _export_trt, _read_manifest_info, _probe_tensorrt,
+                           _engine_summary, int8_target="trt", from_onnx=_engine_from_artifact))
+
+
+_builtin_rows()

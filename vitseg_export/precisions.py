@@ -1,0 +1,114 @@
+"""The one table of precisions: the converter that turns vitseg's verified fp32 ONNX graph into each
+precision, the parity preset that judges the result, and what a TensorRT build needs. The CLI's
+choices, the benchmark matrix, export, verify and the TensorRT builder read it; a new precision is one
+`register_precision(...)` row (plus its converter module).
+
+Why the presets are what they are:
+- fp32: the same math in another runtime. Kernel order changes leave logits within ~1e-5 of each
+  other; a flipped argmax can only happen at near-ties, so agreement must be >= 99.99% and the largest
+  logit difference <= 1e-3 (100x the observed noise: anything above is a real graph difference).
+- fp16: 10-bit mantissa, so logits of magnitude ~10 move by ~1e-2; a pixel flips only where the top-2
+  margin is below that. Agreement >= 99.9% and mIoU against the reference >= 99.5%; logit limits are
+  loose (max 0.5, mean 0.05) to catch overflow and broken islands, not rounding.
+- int8: quantization noise is a few percent of each activation range; the mask is what must survive:
+  agreement >= 99.0% and mIoU against the reference >= 98.0%; no logit limit beyond finiteness.
+Every preset requires zero non-finite values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from vitseg_export.errors import VitsegError
+from vitseg_export.parity import Thresholds
+
+
+@dataclass(frozen=True)
+class ConversionContext:
+    """What a converter may need besides the graph."""
+
+    image_size: tuple[int, int]
+    int8: Any = None  # vitseg_export.export.int8.Int8Settings
+    fp16_io: bool = False
+    cache_dir: Path | None = None
+    progress: Callable[[str], None] = lambda message: None
+
+
+@dataclass
+class Conversion:
+    """A converted graph and the manifest section that describes the conversion."""
+
+    model: Any  # onnx.ModelProto
+    details: dict
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    thresholds: Thresholds  # the parity preset every artifact of this precision is judged by
+    convert: Callable[[Any, ConversionContext], Conversion] | None  # None: the fp32 graph as is
+    trt_weak_flags: tuple[str, ...]  # TensorRT 10.x BuilderFlags for the weakly typed fallback
+    parity_on_noise: bool  # also judged on a uniform-noise batch (reduced precisions are calibrated for images)
+    needs_logits: bool  # the conversion compares logits (int8 calibration and fallback)
+    description: str
+
+
+def _to_fp16(model: Any, ctx: ConversionContext) -> Conversion:
+    from vitseg_export.export.fp16 import FP16_ISLANDS, onnx_fp16
+
+    ctx.progress("converting to fp16 with fp32 islands")
+    return Conversion(onnx_fp16(model, ctx.fp16_io),
+                      {"fp32_islands": list(FP16_ISLANDS), "io_dtype": "float16" if ctx.fp16_io else "float32"})
+
+
+def _to_int8(model: Any, ctx: ConversionContext) -> Conversion:
+    from vitseg_export.export.int8 import quantize_int8
+
+    result = quantize_int8(model, ctx.image_size, ctx.int8, cache_dir=ctx.cache_dir, progress=ctx.progress)
+    return Conversion(result.model, result.details())
+
+
+PRECISIONS: dict[str, Precision] = {}
+
+
+def register_precision(precision: Precision) -> Precision:
+    """Add a row to the table (CLI choices, benchmark matrix and verify presets follow)."""
+    PRECISIONS[precision.name] = precision
+    return precision
+
+
+register_precision(Precision(
+    "fp32", Thresholds(min_agreement=0.9999, min_miou_vs_reference=0.999, max_abs_logit_diff=1e-3,
+                       max_mean_abs_logit_diff=1e-4),
+    convert=None, trt_weak_flags=(), parity_on_noise=True, needs_logits=False,
+    description="the exported graph as is"))
+register_precision(Precision(
+    "fp16", Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
+                       max_mean_abs_logit_diff=0.05),
+    convert=_to_fp16, trt_weak_flags=("FP16",), parity_on_noise=False, needs_logits=False,
+    description="fp16 weights and activations with fp32 islands"))
+register_precision(Precision(
+    "int8", Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
+                       max_mean_abs_logit_diff=None),
+    convert=_to_int8, trt_weak_flags=("FP16", "INT8"), parity_on_noise=False, needs_logits=True,
+    description="calibrated int8 Q/DQ with sensitivity-driven float fallback"))
+
+
+def precision_names() -> tuple[str, ...]:
+    """The registered precisions, in table order."""
+    return tuple(PRECISIONS)
+
+
+def get_precision(name: str) -> Precision:
+    """The row for `name`; VitsegError naming the known precisions otherwise."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise VitsegError(f"precision '{name}' is unknown", f"use one of: {', '.join(PRECISIONS)}") from None
+
+
+def thresholds_for(precision: str, **overrides: float | None) -> Thresholds:
+    """The parity preset of `precision`, with single limits overridden where a value is given."""
+    return replace(get_precision(precision).thresholds, **{k: v for k, v in overrides.items() if v is not None})
