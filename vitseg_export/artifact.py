@@ -159,22 +159,16 @@ def is_artifact(path: str | Path) -> bool:
 def read_artifact_info(path: str | Path) -> ArtifactInfo:
     """The metadata of an artifact of any registered format, read without building an inference session.
     Raises VitsegError for a missing file, an unknown suffix or missing metadata."""
-    from vitseg_export.formats import format_for_path, format_names
+    from vitseg_export.formats import FORMATS, format_for_path
 
     path = Path(path)
     if not path.is_file():
         raise VitsegError(f"artifact {path} does not exist", "check the path, or export one with `vitseg export`")
     fmt = format_for_path(path)
     if fmt is None:
-        suffixes = ", ".join(s for name in format_names() for s in _suffixes(name))
+        suffixes = ", ".join(s for fmt in FORMATS.values() for s in fmt.suffixes)
         raise VitsegError(f"{path} is not an artifact vitseg knows", f"expected {suffixes}")
     return fmt.read_info(path)
-
-
-def _suffixes(name: str) -> tuple[str, ...]:
-    from vitseg_export.formats import get_format
-
-    return get_format(name).suffixes
 
 
 # ---- ONNX metadata without onnx or an inference session ------------------------------------------------

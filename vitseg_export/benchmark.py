@@ -20,7 +20,7 @@ from vitseg_export.artifact import colorize
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes
 from vitseg_export.formats import Format, get_format
-from vitseg_export.precisions import get_precision, precision_names, thresholds_for
+from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
 
 OVERLAY_IMAGES = 3
 
@@ -28,7 +28,7 @@ OVERLAY_IMAGES = 3
 @dataclass
 class BenchmarkSettings:
     formats: tuple[str, ...] = ("onnx",)
-    precisions: tuple[str, ...] = field(default_factory=precision_names)
+    precisions: tuple[str, ...] = field(default_factory=lambda: tuple(PRECISIONS))
     image_size: tuple[int, int] | None = None
     device: str = "cpu"
     verify_data: str = "synthetic"

@@ -49,6 +49,7 @@ class CheckpointMeta:
     training: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
+        """The config.json form (format "vitseg")."""
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -64,6 +65,7 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "CheckpointMeta":
+        """Parse a config.json dict; CheckpointError (naming `where`) when it is not a valid vitseg config."""
         try:
             family = data["family"]
             norm = data["normalization"]
@@ -84,6 +86,7 @@ class CheckpointMeta:
     @classmethod
     def for_architecture(cls, arch: Architecture, num_classes: int | None = None,
                          class_names: list[str] | None = None) -> "CheckpointMeta":
+        """The meta of `arch` (optionally with another class count / names): Pet class names for 3 classes."""
         config = arch.config if num_classes is None else replace(arch.config, num_classes=num_classes)
         n = config.num_classes
         names = class_names or (list(PET_CLASSES) if n == 3 else [f"class_{i}" for i in range(n)])

@@ -10,6 +10,7 @@ INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx
 
 
 def cpu_info() -> dict:
+    """CPU model, core count and the int8-relevant instruction set flags (from /proc/cpuinfo)."""
     model, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

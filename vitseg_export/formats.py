@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vitseg_export.artifact import META_PREFIX, ArtifactInfo, read_manifest, read_onnx_metadata
-from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.errors import BackendMissingError
+from vitseg_export.tables import Table
 
 
 @dataclass(frozen=True)
@@ -52,26 +53,10 @@ class Format:
             raise BackendMissingError(availability.detail, availability.hint)
 
 
-FORMATS: dict[str, Format] = {}
-
-
-def register_format(fmt: Format) -> Format:
-    """Add a row to the table; `--format` choices, doctor and the benchmark matrix follow."""
-    FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def format_names() -> tuple[str, ...]:
-    """The registered formats, in table order."""
-    return tuple(FORMATS)
-
-
-def get_format(name: str) -> Format:
-    """The row for `name`; VitsegError naming the known formats otherwise."""
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise VitsegError(f"--format {name} is unknown", f"use one of: {', '.join(FORMATS)}") from None
+FORMATS: Table[Format] = Table("--format {name} is unknown", "use one of: {names}")
+# Add a row (`--format` choices, doctor and the benchmark matrix follow) / the row of a name (one-line error).
+register_format = FORMATS.register
+get_format = FORMATS.row
 
 
 def format_for_path(path: Path) -> Format | None:
@@ -166,13 +151,13 @@ def _engine_summary(path: Path, manifest: Any) -> list[str]:
 
 
 def _builtin_rows() -> None:
-    from vitseg_export.precisions import precision_names
+    from vitseg_export.precisions import PRECISIONS
 
     register_format(Format("onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime",
-                           precision_names(), _export_onnx, _read_onnx_info, _probe_onnx_export, _onnx_summary,
+                           tuple(PRECISIONS), _export_onnx, _read_onnx_info, _probe_onnx_export, _onnx_summary,
                            int8_target="cpu"))
     register_format(Format("trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)",
-                           "tensorrt", precision_names(), _export_trt, _read_manifest_info, _probe_tensorrt,
+                           "tensorrt", tuple(PRECISIONS), _export_trt, _read_manifest_info, _probe_tensorrt,
                            _engine_summary, int8_target="trt", from_onnx=_engine_from_artifact))
 
 

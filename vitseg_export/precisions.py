@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from vitseg_export.errors import VitsegError
 from vitseg_export.parity import Thresholds
+from vitseg_export.tables import Table
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,10 @@ def _to_int8(model: Any, ctx: ConversionContext) -> Conversion:
     return Conversion(result.model, result.details())
 
 
-PRECISIONS: dict[str, Precision] = {}
-
-
-def register_precision(precision: Precision) -> Precision:
-    """Add a row to the table (CLI choices, benchmark matrix and verify presets follow)."""
-    PRECISIONS[precision.name] = precision
-    return precision
+PRECISIONS: Table[Precision] = Table("precision '{name}' is unknown", "use one of: {names}")
+# Add a row (CLI choices, benchmark matrix and verify presets follow) / the row of a name (one-line error).
+register_precision = PRECISIONS.register
+get_precision = PRECISIONS.row
 
 
 register_precision(Precision(
@@ -94,19 +91,6 @@ register_precision(Precision(
                        max_mean_abs_logit_diff=None),
     convert=_to_int8, trt_weak_flags=("FP16", "INT8"), parity_on_noise=False, needs_logits=True,
     description="calibrated int8 Q/DQ with sensitivity-driven float fallback"))
-
-
-def precision_names() -> tuple[str, ...]:
-    """The registered precisions, in table order."""
-    return tuple(PRECISIONS)
-
-
-def get_precision(name: str) -> Precision:
-    """The row for `name`; VitsegError naming the known precisions otherwise."""
-    try:
-        return PRECISIONS[name]
-    except KeyError:
-        raise VitsegError(f"precision '{name}' is unknown", f"use one of: {', '.join(PRECISIONS)}") from None
 
 
 def thresholds_for(precision: str, **overrides: float | None) -> Thresholds:

@@ -40,6 +40,7 @@ def peak_rss_mb() -> float:
 
 
 def environment(threads: int | None = None) -> dict:
+    """Where figures were measured: CPU (with int8 flags), threads, library versions, GPU and Jetson power mode."""
     from vitseg_export.doctor import cpu_info
 
     env = {"cpu": cpu_info(), "threads": threads, "python": platform.python_version(), "platform": platform.platform()}
@@ -124,6 +125,7 @@ def onnx_compute(path: Path, size: tuple[int, int]) -> dict:
 
 
 def torch_compute(runner: Runner, size: tuple[int, int]) -> dict:
+    """Parameters and GFLOPs per image of a torch runner's model (torch's FlopCounterMode)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

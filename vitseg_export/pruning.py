@@ -47,6 +47,8 @@ def prune_model(model: nn.Module, family: str, ratio: float, method: str) -> tup
     family's pruning parts, or "all". Returns (pruned model, report); the input model is not modified.
     Raises VitsegError for a method the family lacks or a ratio outside (0, 1)."""
     fam = registry.get_family(family)
+    if not fam.pruning_parts:
+        raise VitsegError(f"the {family} family has no units vitseg can prune", "export it unpruned")
     methods = fam.pruning_parts + ("all",)
     if method not in methods:
         raise VitsegError(f"--method {method}: the {family} family has no {method} to prune",
@@ -105,6 +107,7 @@ def apply_2to4(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reapply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Re-zero the weights outside their 2:4 masks (after an optimizer step)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, mask in masks.items():

@@ -10,8 +10,8 @@ import typer
 
 from vitseg_export.cli.common import JsonFlag, console, err_console, parse_size, print_json, status
 from vitseg_export.errors import VitsegError
-from vitseg_export.formats import format_names
-from vitseg_export.precisions import precision_names
+from vitseg_export.formats import FORMATS
+from vitseg_export.precisions import PRECISIONS
 
 
 def default_artifact_path(checkpoint: str, architecture: str, precision: str, suffix: str = ".onnx") -> Path:
@@ -23,8 +23,8 @@ def default_artifact_path(checkpoint: str, architecture: str, precision: str, su
 
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, .safetensors, Hugging Face SegFormer dir, or architecture name.")],
-    format: Annotated[str, typer.Option("--format", help=f"Artifact format: {', '.join(format_names())}.")] = "onnx",
-    precision: Annotated[str, typer.Option("--precision", help=f"Numeric precision: {', '.join(precision_names())}.")] = "fp32",
+    format: Annotated[str, typer.Option("--format", help=f"Artifact format: {', '.join(FORMATS)}.")] = "onnx",
+    precision: Annotated[str, typer.Option("--precision", help=f"Numeric precision: {', '.join(PRECISIONS)}.")] = "fp32",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Artifact path (default: beside the checkpoint).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (17: native LayerNormalization, TensorRT-portable).")] = 17,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension.")] = True,

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from vitseg_export.cli.common import DataSpec, console, err_console, parse_size, print_json
 from vitseg_export.errors import VitsegError
-from vitseg_export.formats import format_names
-from vitseg_export.precisions import precision_names
+from vitseg_export.formats import FORMATS
+from vitseg_export.precisions import PRECISIONS
 
 
 def _ints(text: str) -> list[int]:
@@ -70,8 +70,8 @@ def profile(
 def benchmark(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, Hugging Face SegFormer dir, or architecture name.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for benchmark.json/.md, pareto.png, overlays.png.")] = Path("benchmark"),
-    formats: Annotated[str, typer.Option("--formats", help=f"Comma-separated: {', '.join(format_names())}.")] = "onnx",
-    precisions: Annotated[str, typer.Option("--precisions", help=f"Comma-separated: {', '.join(precision_names())}.")] = ",".join(precision_names()),
+    formats: Annotated[str, typer.Option("--formats", help=f"Comma-separated: {', '.join(FORMATS)}.")] = "onnx",
+    precisions: Annotated[str, typer.Option("--precisions", help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = ",".join(PRECISIONS),
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data: DataSpec = "synthetic",

@@ -56,6 +56,7 @@ def verify(
 
 
 def print_verify_table(r: dict) -> None:
+    """The verify report (its JSON form) as a table on stdout."""
     table = Table(title=f"verify {Path(r['artifact']).name} ({r['backend']}, {r['device']}) vs PyTorch fp32")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -17,6 +17,7 @@ from vitseg_export.data.sources import IGNORE_INDEX, Source
 
 
 def segmentation_transform(size: tuple[int, int], train: bool) -> v2.Compose:
+    """Joint image/mask transform: resize (masks nearest), and for training flips and colour jitter."""
     steps: list = [v2.Resize(size, antialias=True)]  # masks are resized nearest by tv_tensors.Mask
     if train:  # as in the seed article: horizontal flips and colour jitter
         steps += [v2.RandomHorizontalFlip(0.5), v2.ColorJitter(brightness=0.2, contrast=0.3, saturation=0.2, hue=0.02)]

@@ -19,6 +19,7 @@ from torch import nn
 
 from vitseg_export.data.sources import PET_CLASSES
 from vitseg_export.errors import VitsegError
+from vitseg_export.tables import Table
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +47,7 @@ class Architecture:
 
     @property
     def num_classes(self) -> int:
+        """The class count of the architecture's config."""
         return self.config.num_classes
 
 
@@ -153,26 +155,23 @@ def _same_widths(a: Any, b: Any) -> bool:
     return da == db
 
 
-FAMILIES: dict[str, ModelFamily] = {}
-ARCHITECTURES: dict[str, Architecture] = {}
+FAMILIES: Table[ModelFamily] = Table("unknown model family '{name}'", "known families: {names}")
+ARCHITECTURES: Table[Architecture] = Table("unknown architecture '{name}'", "use one of: {names} (see `vitseg models`)",
+                                           lambda t: [n for n, a in t.items() if a.tiny_twin_of is None])
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
     """Make a family and its architectures known to every vitseg command. Returns the family."""
     if not family.name:
         raise ValueError("a model family needs a name")
-    FAMILIES[family.name] = family
     for arch in family.architectures():
-        ARCHITECTURES[arch.name] = arch
-    return family
+        ARCHITECTURES.register(arch)
+    return FAMILIES.register(family)
 
 
 def get_family(name: str) -> ModelFamily:
     """The registered family called `name`; VitsegError for an unknown one (never a silent default)."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise VitsegError(f"unknown model family '{name}'", f"known families: {', '.join(sorted(FAMILIES))}") from None
+    return FAMILIES.row(name)
 
 
 def family_of(model: nn.Module) -> ModelFamily:
@@ -186,11 +185,7 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 def get_architecture(name: str) -> Architecture:
     """The architecture called `name`; VitsegError listing the known ones otherwise."""
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        known = ", ".join(a for a, arch in ARCHITECTURES.items() if arch.tiny_twin_of is None)
-        raise VitsegError(f"unknown architecture '{name}'", f"use one of: {known} (see `vitseg models`)") from None
+    return ARCHITECTURES.row(name)
 
 
 def _jsonable(v: Any) -> Any:

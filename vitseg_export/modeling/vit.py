@@ -67,6 +67,7 @@ class ViTSegConfig:
 
     @property
     def grid_size(self) -> int:
+        """Patches per side."""
         return self.image_size // self.patch_size
 
 
@@ -191,6 +192,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix: int) 
 
 
 def is_timm_vit_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether the weights have timm VisionTransformer key names."""
     return "patch_embed.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict
 
 
@@ -239,6 +241,7 @@ def vit_state_dict_from_timm(state_dict: dict[str, torch.Tensor], config: ViTSeg
 
 
 def is_seed_article_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether the weights were saved from the seed article's own code."""
     return "layers.1.pe.embed_layer.weight" in state_dict
 
 

@@ -7,13 +7,14 @@ module, so this package imports without torch. A new backend is one `register_ba
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from vitseg_export.errors import VitsegError
 from vitseg_export.formats import Availability, format_for_path, module_version
 from vitseg_export.runners.base import Runner
+from vitseg_export.tables import Table
 
 
 @dataclass(frozen=True)
@@ -25,21 +26,10 @@ class Backend:
     devices: Callable[[], list[str]]  # the devices it can use here
 
 
-BACKENDS: dict[str, Backend] = {}
-
-
-def register_backend(backend: Backend) -> Backend:
-    """Add a row to the backend table; `--backend` choices and doctor follow."""
-    BACKENDS[backend.name] = backend
-    return backend
-
-
-def get_backend(name: str) -> Backend:
-    """The row for `name`; VitsegError naming the known backends otherwise."""
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise VitsegError(f"unknown backend '{name}'", f"use one of {', '.join(BACKENDS)}") from None
+BACKENDS: Table[Backend] = Table("unknown backend '{name}'", "use one of {names}")
+# Add a row (`--backend` choices and doctor follow) / the row of a name (one-line error).
+register_backend = BACKENDS.register
+get_backend = BACKENDS.row
 
 
 def runner_for(model: Any, device: str = "cpu", backend: str | None = None, outputs: tuple[str, ...] = ("logits",),
@@ -54,22 +44,12 @@ def runner_for(model: Any, device: str = "cpu", backend: str | None = None, outp
 
 # ---- built-in backends ------------------------------------------------------------------------------
 
-def _torch(model: Any, device: str, outputs: tuple[str, ...], **options: Any) -> Runner:
-    from vitseg_export.runners.torch_runner import TorchRunner
+def lazy_runner(module: str, class_name: str) -> Callable[..., Runner]:
+    """A backend's `make`: imports the runner class only when a runner is made (no torch at start-up)."""
+    def make(model: Any, device: str, outputs: tuple[str, ...], **options: Any) -> Runner:
+        return getattr(importlib.import_module(module), class_name)(model, device, outputs, **options)
 
-    return TorchRunner(model, device, outputs, **options)
-
-
-def _onnxruntime(model: Any, device: str, outputs: tuple[str, ...], **options: Any) -> Runner:
-    from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
-
-    return OnnxRuntimeRunner(Path(model), device, **options)
-
-
-def _tensorrt(model: Any, device: str, outputs: tuple[str, ...], **options: Any) -> Runner:
-    from vitseg_export.runners.tensorrt_runner import TensorRTRunner
-
-    return TensorRTRunner(Path(model), device, **options)
+    return make
 
 
 def _version_probe(module: str, hint: str) -> Callable[[], Availability]:
@@ -81,20 +61,20 @@ def _version_probe(module: str, hint: str) -> Callable[[], Availability]:
 
 
 def _torch_devices() -> list[str]:
-    try:
-        import torch
-    except ImportError:
+    if module_version("torch")[0] is None:
         return []
+    import torch
+
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _onnxruntime_devices() -> list[str]:
-    try:
-        import onnxruntime
-    except ImportError:
+    if module_version("onnxruntime")[0] is None:
         return []
-    providers = onnxruntime.get_available_providers()
-    return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in providers and "cuda" in _torch_devices() else [])
+    import onnxruntime
+
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers() and "cuda" in _torch_devices()
+    return ["cpu"] + (["cuda"] if cuda else [])
 
 
 def _tensorrt_devices() -> list[str]:
@@ -110,10 +90,12 @@ def _tensorrt_probe() -> Availability:
     return Availability(ok, detail, hint)
 
 
-register_backend(Backend("torch", _torch, _version_probe("torch", "pip install 'vitseg-export[torch]'"), _torch_devices))
-register_backend(Backend("onnxruntime", _onnxruntime,
+register_backend(Backend("torch", lazy_runner("vitseg_export.runners.torch_runner", "TorchRunner"),
+                         _version_probe("torch", "pip install 'vitseg-export[torch]'"), _torch_devices))
+register_backend(Backend("onnxruntime", lazy_runner("vitseg_export.runners.onnxruntime_runner", "OnnxRuntimeRunner"),
                          _version_probe("onnxruntime", "pip install onnxruntime (GPU: onnxruntime-gpu)"), _onnxruntime_devices))
-register_backend(Backend("tensorrt", _tensorrt, _tensorrt_probe, _tensorrt_devices))
+register_backend(Backend("tensorrt", lazy_runner("vitseg_export.runners.tensorrt_runner", "TensorRTRunner"),
+                         _tensorrt_probe, _tensorrt_devices))
 
 
-__all__ = ["BACKENDS", "Backend", "Runner", "get_backend", "register_backend", "runner_for"]
+__all__ = ["BACKENDS", "Backend", "Runner", "get_backend", "lazy_runner", "register_backend", "runner_for"]

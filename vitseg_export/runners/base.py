@@ -14,6 +14,18 @@ from vitseg_export.errors import VitsegError
 INPUT_NAME = "pixels"
 
 
+def require_module(name: str, why: str, hint: str):
+    """Import `name` for a backend, or raise BackendMissingError(`why`, `hint`) (one line, exit 2)."""
+    import importlib
+
+    from vitseg_export.errors import BackendMissingError
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise BackendMissingError(why, hint) from None
+
+
 def mask_of(outputs: dict[str, np.ndarray]) -> np.ndarray:
     """The class-index masks (N,H,W) of a runner's outputs: its `mask` output, else argmax of `logits`."""
     return outputs["mask"] if "mask" in outputs else outputs["logits"].argmax(1)
@@ -82,7 +94,10 @@ class Runner(ABC):
                               f"resize inputs to {h}x{w} (vitseg resizes for you in predict/verify)")
         if not self.dynamic_batch and pixels.shape[0] != 1:
             raise VitsegError(f"{self.name} was exported with a static batch of 1", "export with --dynamic-batch")
-        return self.infer_impl(np.ascontiguousarray(pixels, dtype=np.float32))
+        out = self.infer_impl(np.ascontiguousarray(pixels, dtype=np.float32))
+        if "logits" in out:  # fp16 graphs and engines may return float16 logits
+            out["logits"] = out["logits"].astype(np.float32, copy=False)
+        return out
 
     @abstractmethod
     def activate_impl(self) -> None: ...
@@ -91,4 +106,7 @@ class Runner(ABC):
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]: ...
 
     def deactivate_impl(self) -> None:
+        """Release what `activate_impl` loaded."""
+        """Run validated float32 pixels; return the output dict."""
+        """Load the model (called once by `activate`)."""
         pass

@@ -8,7 +8,7 @@ import numpy as np
 
 from vitseg_export.artifact import ArtifactInfo
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.runners.base import INPUT_NAME, Runner
+from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 
 
 def session_options(threads: int | None = None, optimize: bool = True):
@@ -29,8 +29,11 @@ class OnnxRuntimeRunner(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "cpu", provider: str | None = None, threads: int | None = None,
-                 model_bytes: bytes | None = None, info: ArtifactInfo | None = None, optimize: bool = True):
+    def __init__(self, path: Path | str, device: str = "cpu", outputs: tuple[str, ...] | None = None,
+                 provider: str | None = None, threads: int | None = None, model_bytes: bytes | None = None,
+                 info: ArtifactInfo | None = None, optimize: bool = True):
+        """`outputs` is accepted for the uniform interface: the graph decides what it returns."""
+        path = Path(path)
         super().__init__(f"onnxruntime:{path.name}", device)
         self.path = path
         self.provider = provider
@@ -42,10 +45,7 @@ class OnnxRuntimeRunner(Runner):
         self.given_info = info
 
     def activate_impl(self) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendMissingError("onnxruntime is not installed", "pip install onnxruntime (GPU: onnxruntime-gpu)") from None
+        ort = require_module("onnxruntime", "onnxruntime is not installed", "pip install onnxruntime (GPU: onnxruntime-gpu)")
         available = ort.get_available_providers()
         wanted = self.provider or ("CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider")
         if wanted not in available:
@@ -65,10 +65,7 @@ class OnnxRuntimeRunner(Runner):
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         results = self.session.run(None, {INPUT_NAME: pixels.astype(self.input_dtype, copy=False)})
-        out = dict(zip(self.output_names, results))
-        if "logits" in out:
-            out["logits"] = out["logits"].astype(np.float32, copy=False)
-        return out
+        return dict(zip(self.output_names, results))
 
     def deactivate_impl(self) -> None:
         del self.session
@@ -80,4 +77,4 @@ def graph_runner(model, size: tuple[int, int], num_classes: int, precision: str)
     info = ArtifactInfo(Path("graph.onnx"), "onnx", "in-memory graph", [f"class_{i}" for i in range(num_classes)],
                         size, (0.0,) * 3, (1.0,) * 3, precision, None, [o.name for o in model.graph.output],
                         dynamic_batch=True, dynamic_size=False, source_sha256=None, vitseg_version="")
-    return OnnxRuntimeRunner(Path(f"{precision}-graph.onnx"), "cpu", model_bytes=model.SerializeToString(), info=info)
+    return OnnxRuntimeRunner(f"{precision}-graph.onnx", "cpu", model_bytes=model.SerializeToString(), info=info)

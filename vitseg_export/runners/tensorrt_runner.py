@@ -18,8 +18,11 @@ class TensorRTRunner(Runner):
 
     backend = "tensorrt"
 
-    def __init__(self, path: Path, device: str = "cuda", threads: int | None = None):
-        """`threads` is accepted for a uniform interface; TensorRT runs on the GPU and ignores it."""
+    def __init__(self, path: Path | str, device: str = "cuda", outputs: tuple[str, ...] | None = None,
+                 threads: int | None = None):
+        """`outputs` and `threads` are accepted for the uniform interface: the engine decides its outputs and
+        runs on the GPU."""
+        path = Path(path)
         super().__init__(f"tensorrt:{path.name}", device)
         if device != "cuda":
             raise VitsegError("TensorRT engines run on the GPU only", "use --device cuda")
@@ -67,10 +70,7 @@ class TensorRTRunner(Runner):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise VitsegError(f"{self.path.name}: TensorRT execution failed", "see the TensorRT log")
         self.stream.synchronize()
-        out = {name: t.cpu().numpy() for name, t in buffers.items()}
-        if "logits" in out:
-            out["logits"] = out["logits"].astype(np.float32, copy=False)
-        return out
+        return {name: t.cpu().numpy() for name, t in buffers.items()}
 
     def deactivate_impl(self) -> None:
         del self.context, self.engine, self.runtime

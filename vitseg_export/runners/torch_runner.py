@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from vitseg_export.errors import BackendMissingError
-from vitseg_export.runners.base import Runner
+from vitseg_export.runners.base import Runner, require_module
 
 
 class TorchRunner(Runner):
@@ -22,10 +22,7 @@ class TorchRunner(Runner):
         self.threads = threads
 
     def activate_impl(self) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise BackendMissingError("the torch backend needs PyTorch", "pip install 'vitseg-export[torch]'") from None
+        torch = require_module("torch", "the torch backend needs PyTorch", "pip install 'vitseg-export[torch]'")
         from vitseg_export.checkpoint import LoadedCheckpoint, load_checkpoint
         from vitseg_export.modeling.registry import get_family
 
