@@ -8,7 +8,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$py" -m pip install -q pybind11-stubgen
+generator=${STUBGEN_VERSION:-3.0.0}
+"$py" -m pip install -q "pybind11-stubgen==$generator"
 for version in "$@"; do
   "$py" -m pip download -q --no-deps "tensorrt-cu12-bindings==$version" -d "$work/wheels"
 done
@@ -25,6 +26,7 @@ for dir in unpacked/*/; do
   LD_LIBRARY_PATH=lib PYTHONPATH="$dir" "$py" -m pybind11_stubgen tensorrt_bindings.tensorrt -o "stubs-$version" --ignore-all-errors
   mkdir -p "$root/tests/typing/tensorrt-$version/tensorrt"
   cp "stubs-$version/tensorrt_bindings/tensorrt.pyi" "$root/tests/typing/tensorrt-$version/tensorrt/__init__.pyi"
-  "$py" "$root/scripts/fix_stubs.py" "$root/tests/typing/tensorrt-$version/tensorrt/__init__.pyi"
+  wheel=$(ls wheels/*bindings-"$version"*.whl)
+  "$py" "$root/scripts/fix_stubs.py" "$root/tests/typing/tensorrt-$version/tensorrt/__init__.pyi" "$wheel" "$generator"
   echo "wrote tests/typing/tensorrt-$version/tensorrt/__init__.pyi"
 done
