@@ -152,3 +152,38 @@ def test_cli_export_int8_reports_mac_share(tmp_path, cli):
     (empty / "images").mkdir(parents=True)
     r = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib", f"folder:{empty}", "-o", str(tmp_path / "c.onnx"))
     assert r.exit_code == 2 and "no images" in r.stderr and not (tmp_path / "c.onnx").exists()
+
+
+def _folder(root, count: int, size: int = 32):
+    """A folder:DIR data set the test makes itself: random images with 3-class masks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"im{i:02d}.png")
+        Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8)).save(root / "masks" / f"im{i:02d}.png")
+    return f"folder:{root}"
+
+
+def test_int8_is_judged_on_the_users_own_data(tmp_path, twin):
+    """--calib folder:DIR: the held-out images that decide the fallback come from that folder's validation
+    split (disjoint from its calibration images), and self-parity runs on the --data the user gave."""
+    from vitseg_export.data.sources import open_source
+
+    spec = _folder(tmp_path / "data", 20)
+    calib_names = {open_source(spec, "calib").name_of(i) for i in range(len(open_source(spec, "calib")))}
+    val_names = {open_source(spec, "val").name_of(i) for i in range(len(open_source(spec, "val")))}
+    assert val_names and not calib_names & val_names
+    settings = Int8Settings(calib=spec, calib_images=8, heldout_images=2)
+    result = export_onnx(twin("vit-seg-tiny-test"), tmp_path / "q.onnx",
+                         OnnxExportSettings(precision="int8", parity_data=spec), int8=settings)
+    q = result.manifest.precision_details
+    assert q["heldout"]["source"].startswith(f"{spec} split=val") and q["heldout"]["images"] == 2
+    assert q["calibration"]["source"].startswith(f"{spec} split=calib")
+    assert result.manifest.self_parity["source"].startswith(f"{spec} split=val")
+    default = export_onnx(twin("vit-seg-tiny-test"), tmp_path / "d.onnx", OnnxExportSettings(precision="int8"),
+                          int8=Int8Settings(calib="synthetic[:4]", calib_images=4, heldout_images=2))
+    assert default.manifest.precision_details["heldout"]["source"].startswith("synthetic") and "split=val" in \
+        default.manifest.precision_details["heldout"]["source"]

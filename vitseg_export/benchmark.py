@@ -148,7 +148,8 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
         row.status = f"failed: {availability.detail}"
         return cell
     log(f"{row.name}: export")
-    request = ExportRequest(fmt.name, OnnxExportSettings(precision=precision, image_size=size, outputs="both", fold=settings.fold),
+    request = ExportRequest(fmt.name, OnnxExportSettings(precision=precision, image_size=size, outputs="both", fold=settings.fold,
+                                                         parity_data=settings.verify_data),
                             Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target,
                                          min_agreement=get_precision("int8").thresholds.min_agreement))
     try:
@@ -327,12 +328,10 @@ def markdown_table(report: BenchmarkReport) -> str:
 
 
 def _pareto_plot(report: BenchmarkReport, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for r in report.rows:
         if r.latency_p50_ms is None or r.pixel_agreement is None:
             continue
@@ -345,7 +344,6 @@ def _pareto_plot(report: BenchmarkReport, path: Path) -> None:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -34,7 +34,9 @@ def export(
     simplify: Annotated[bool, typer.Option("--simplify", help="Simplify with onnxslim (verified not to change outputs).")] = False,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="Skip the exact graph rewrites (decoder/BatchNorm folding).")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16-io", help="fp16: float16 graph input/output (default float32).")] = False,
-    calib: Annotated[str, typer.Option("--calib", help="int8: calibration data spec (its calib split).")] = "synthetic",
+    data: Annotated[str, typer.Option("--data", help="Images that judge the export (their validation split): synthetic[:N], pets:DIR or folder:DIR.")] = "synthetic",
+    calib: Annotated[Optional[str], typer.Option("--calib", help="int8: calibration data spec (its calib split); default: --data.")] = None,
+    heldout: Annotated[Optional[str], typer.Option("--heldout", help="int8: data spec whose validation split decides the float fallback; default: --calib's.")] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="int8: calibration images.")] = 32,
     calib_method: Annotated[str, typer.Option("--calib-method", help="int8: minmax, entropy or percentile.")] = "minmax",
     target: Annotated[Optional[str], typer.Option("--target", help="int8: cpu (ONNX Runtime) or trt (TensorRT: float part in fp16); default trt for --format trt, else cpu.")] = None,
@@ -53,21 +55,18 @@ def export(
 ) -> None:
     """Export a checkpoint (or, for formats that build on one, an ONNX artifact); refuses to write a graph
     whose outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
-    from vitseg_export.export.settings import EngineSettings, ExportRequest, Int8Settings, OnnxExportSettings
+    from vitseg_export.export.settings import EngineSettings, ExportRequest, OnnxExportSettings
     from vitseg_export.formats import get_format
     from vitseg_export.precisions import get_precision
 
     fmt = get_format(format)
     get_precision(precision)
     fmt.require()  # a missing backend says so before any other work
-    int8_preset = get_precision("int8").thresholds
     request = ExportRequest(
         format, OnnxExportSettings(precision=precision, opset=opset, image_size=parse_size(image_size) if image_size else None,
                                    dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, outputs=outputs,
-                                   simplify=simplify, fp16_io=fp16_io, fold=not no_fold),
-        Int8Settings(calib=calib, calib_images=calib_images, method=calib_method, target=target or fmt.int8_target,
-                     min_agreement=min_agreement if min_agreement is not None else int8_preset.min_agreement,
-                     min_miou_vs_reference=int8_preset.min_miou_vs_reference),
+                                   simplify=simplify, fp16_io=fp16_io, fold=not no_fold, parity_data=data),
+        _int8_settings(calib or data, calib_images, calib_method, target or fmt.int8_target, min_agreement, heldout),
         EngineSettings(workspace_gb=workspace, min_shape=_shape(min_shape), opt_shape=_shape(opt_shape),
                        max_shape=_shape(max_shape), sparsity=sparsity, timing_cache=timing_cache,
                        version_compatible=version_compatible, dla_core=dla_core, weakly_typed=weakly_typed),
@@ -81,6 +80,16 @@ def export(
         console.print(line, highlight=False, soft_wrap=True)
     if check_trt:
         _print_lint(path, lint)
+
+
+def _int8_settings(calib: str, images: int, method: str, target: str, min_agreement: Optional[float], heldout: Optional[str]):
+    from vitseg_export.export.settings import Int8Settings
+    from vitseg_export.precisions import get_precision
+
+    preset = get_precision("int8").thresholds
+    return Int8Settings(calib=calib, calib_images=images, method=method, target=target, heldout=heldout,
+                        min_agreement=preset.min_agreement if min_agreement is None else min_agreement,
+                        min_miou_vs_reference=preset.min_miou_vs_reference)
 
 
 def _run_export(fmt, checkpoint: str, output: Optional[Path], request):

@@ -165,11 +165,12 @@ def render_synthetic_pet(rng: np.random.Generator, size: int, border: int) -> tu
 class OxfordPets(Source):
     """The Oxford-IIIT Pet dataset in its official layout: images/*.jpg, annotations/trimaps/*.png,
     annotations/trainval.txt and test.txt. Trimap values 1/2/3 (pet/background/border) -> 0/1/2.
-    Split train reads trainval.txt; val and calib read test.txt. Never downloads."""
+    Splits train and calib read trainval.txt, val reads test.txt (so held-out images are never calibration
+    images). Never downloads."""
 
     def __init__(self, root: Path, split: str):
         self.root = root
-        list_file = root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
+        list_file = root / "annotations" / ("test.txt" if split == "val" else "trainval.txt")
         for needed in (root / "images", root / "annotations" / "trimaps", list_file):
             if not needed.exists():
                 raise DataError(f"pets:{root}: {needed} is missing",
@@ -201,7 +202,8 @@ class OxfordPets(Source):
 class ImageMaskFolder(Source):
     """`DIR/images/*` + `DIR/masks/<stem>.png` (class indices; 255 ignored), optional `DIR/classes.txt`.
     Without masks/ the images are unlabelled (fine for calibration and prediction). Every 10th image
-    (sorted by name) is the validation split."""
+    (sorted by name) is the validation split; the others are the train and calib splits (so held-out images
+    are never calibration images). Fewer than 10 images: every split is all of them."""
 
     def __init__(self, root: Path, split: str):
         images = root / "images"
@@ -210,7 +212,7 @@ class ImageMaskFolder(Source):
         files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"folder:{root}: no images in {images}", f"supported: {', '.join(IMAGE_SUFFIXES)}")
-        if len(files) >= 10 and split != "calib":
+        if len(files) >= 10:
             files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
         self.files = files
         self.masks = root / "masks" if (root / "masks").is_dir() else None

@@ -41,6 +41,7 @@ class Int8Result:
     int8_mac_share: float = 0.0
     heldout_agreement: float = 0.0
     heldout_miou_vs_reference: float = 0.0
+    heldout: dict = field(default_factory=dict)  # where the held-out images that decided the fallback came from
     calibration: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
@@ -48,7 +49,8 @@ class Int8Result:
         """The manifest's `int8` section."""
         return {"target": self.settings["target"], "int8_mac_share": self.int8_mac_share,
                 "quantized_nodes": len(self.quantized_nodes), "fallback_layers": self.fallback,
-                "heldout_agreement": self.heldout_agreement, "heldout_miou_vs_reference": self.heldout_miou_vs_reference,
+                "heldout": self.heldout, "heldout_agreement": self.heldout_agreement,
+                "heldout_miou_vs_reference": self.heldout_miou_vs_reference,
                 "calibration": self.calibration, "quantization": self.settings,
                 "float_part": "fp16" if self.settings["target"] == "trt" else "fp32"}
 
@@ -284,7 +286,7 @@ def _check(model: onnx.ModelProto, settings: Int8Settings) -> None:
 def _settings_record(settings: Int8Settings, heldout_images: int, quantize: _Quantizer) -> dict:
     return {"calib": settings.calib, "calib_images": settings.calib_images, "method": settings.method,
             "target": settings.target, "min_agreement": settings.min_agreement,
-            "min_miou_vs_reference": settings.min_miou_vs_reference, "heldout": settings.heldout,
+            "min_miou_vs_reference": settings.min_miou_vs_reference, "heldout": settings.heldout or settings.calib,
             "heldout_images": heldout_images, "activation_type": "int8 symmetric per-tensor",
             "weight_type": "int8 symmetric " + ("per-channel (output-channel axis)" if quantize.per_channel else "per-tensor"),
             "extra_options": quantize.extra}
@@ -297,7 +299,7 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
     targets unreachable). Ranges are cached in `cache_dir` (a temporary one, removed, when None)."""
     _check(model, settings)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
-    held = load_inputs(settings.heldout, "val", settings.heldout_images, size)
+    held = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     image_list_hash = hashlib.sha256("\n".join(im.name for im in calib.images).encode()).hexdigest()[:16]
     model_hash = hashlib.sha256(model.SerializeToString()).hexdigest()[:16]
     with tempfile.TemporaryDirectory(prefix="vitseg-int8-") as work_dir:
@@ -330,6 +332,7 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         model=quantized, fallback=fallback, quantized_nodes=[c for c in candidates if c not in excluded],
         int8_mac_share=sum(v for k, v in macs.items() if k not in excluded) / total if total else 0.0,
         heldout_agreement=current[0], heldout_miou_vs_reference=current[1],
+        heldout={"source": held.source, "images": len(held)},
         calibration={"source": calib.source, "images": len(calib), "image_list_sha256": image_list_hash,
                      "method": settings.method, "cache": None if cache_dir is None else str(cache), "ranges": ranges},
         settings=_settings_record(settings, len(held), quantize))

@@ -140,8 +140,8 @@ def onnx_from_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings, siz
 
 
 def parity_inputs(size: tuple[int, int], count: int, batch: int, noise: bool = True, spec: str = "synthetic") -> InputSet:
-    """Real images (the validation split of `spec`) plus, when `noise`, one uniform-noise batch."""
-    inputs = load_inputs(f"{spec}[:{max(1, count)}]" if spec == "synthetic" else spec, "val", max(1, count), size, batch)
+    """The first `count` images of `spec`'s validation split plus, when `noise`, one uniform-noise batch."""
+    inputs = load_inputs(spec, "val", max(1, count), size, batch)
     return inputs + noise_inputs(size, batch) if noise else inputs
 
 
@@ -194,9 +194,9 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     model, rewrites = onnx_from_module(loaded, settings, size, progress)
     progress("checking parity against PyTorch (ONNX Runtime CPU)")
     batch = 2 if settings.dynamic_batch else 1
-    inputs = parity_inputs(size, settings.parity_inputs, batch)
+    inputs = parity_inputs(size, settings.parity_inputs, batch, spec=settings.parity_data)
     if settings.dynamic_size:  # also a size other than the export size, to prove the dynamic axes work
-        inputs = inputs + parity_inputs((size[0] + 13, size[1] + 29), 1, batch, noise=False)
+        inputs = inputs + parity_inputs((size[0] + 13, size[1] + 29), 1, batch, noise=False, spec=settings.parity_data)
     parity = fp32_parity = self_parity(loaded, model, replace(info, precision="fp32"), inputs)
     details = None
     if precision.convert is not None:
@@ -205,15 +205,16 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         conversion = precision.convert(model, context)
         model, details = conversion.model, conversion.details
         progress(f"checking {precision.name} parity against PyTorch")
-        real = parity_inputs(size, max(settings.parity_inputs, 8), batch, noise=precision.parity_on_noise)
-        parity = self_parity(loaded, model, info, real, precision.name)
+        inputs = parity_inputs(size, max(settings.parity_inputs, 8), batch, precision.parity_on_noise, settings.parity_data)
+        parity = self_parity(loaded, model, info, inputs, precision.name)
     data = _embed(model, info)
     manifest = ExportManifest(
         artifact=output.name, format="onnx", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
         metadata=info.metadata_json(),
         export_settings={**asdict(settings), "image_size": list(size), "exporter": "torch.onnx (TorchScript)",
                          "torch_version": torch.__version__, "onnx_version": onnx.__version__},
-        self_parity=parity.to_json(), rewrites=rewrites, fp32_graph_parity=fp32_parity.to_json(),
+        self_parity={**parity.to_json(), "source": inputs.source}, rewrites=rewrites,
+        fp32_graph_parity=fp32_parity.to_json(),
         precision_details=details or {}, export_seconds=round(time.perf_counter() - t0, 2),
         random_weights=loaded.kind == "random")
     write_artifact(output, {output: data}, manifest)

@@ -20,6 +20,7 @@ class OnnxExportSettings:
     outputs: str = "logits"
     simplify: bool = False
     parity_inputs: int = 3
+    parity_data: str = "synthetic"  # the data spec whose validation images judge the export (self-parity)
     fp16_io: bool = False
     fold: bool = True  # exact rewrites (the family's fold); parity is still judged against the unfolded model
 
@@ -37,7 +38,7 @@ class Int8Settings:
     target: str = "cpu"  # cpu: ONNX Runtime's integer kernels; trt: TensorRT's explicit quantization
     min_agreement: float = 0.99
     min_miou_vs_reference: float = 0.98
-    heldout: str = "synthetic"
+    heldout: str | None = None  # None: the validation split of `calib` (disjoint from its calibration split)
     heldout_images: int = 16
     max_fallback: int = 64
 
