@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -36,9 +37,12 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
                  "--train-images", "8", "--verify-images", "2", "--image-size", "64")
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "demo" / "benchmark.json").read_text())
-    assert [r["name"] for r in report["rows"]] == ["pytorch-eager-fp32", "onnx-fp32", "onnx-fp16", "onnx-int8"]
+    names = [r["name"] for r in report["rows"]]
+    assert names[:4] == ["pytorch-eager-fp32", "onnx-fp32", "onnx-fp16", "onnx-int8"]
+    if importlib.util.find_spec("openvino") is not None:  # the demo shows every format this machine can make
+        assert names[4:] == ["openvino-fp32", "openvino-fp16", "openvino-int8"]
     for row in report["rows"][1:]:
-        assert row["status"] == "verified" and row["latency_p50_ms"] > 0 and row["speedup"] > 0, row
+        assert row["status"].startswith("verified") and row["latency_p50_ms"] > 0 and row["speedup"] > 0, row
     assert report["rows"][1]["pixel_agreement"] >= 0.9999
     assert (tmp_path / "demo" / "artifacts" / "segformer-b0-test-fp32.onnx.json").is_file()
     assert len(list((tmp_path / "demo" / "predictions").glob("*_mask.png"))) == 4

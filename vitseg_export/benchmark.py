@@ -149,7 +149,8 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
         return cell
     log(f"{row.name}: export")
     request = ExportRequest(fmt.name, OnnxExportSettings(precision=precision, image_size=size, outputs="both", fold=settings.fold,
-                                                         parity_data=settings.verify_data),
+                                                         parity_data=settings.verify_data,
+                                                         dynamic_batch=not fmt.static_by_default),
                             Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target,
                                          min_agreement=get_precision("int8").thresholds.min_agreement))
     try:
@@ -163,7 +164,8 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
     row.path, row.size_mb, row.rewrites = str(path), path.stat().st_size / 1e6, manifest.rewrites
     if precision == "int8" and manifest.precision_details:
         row.int8_mac_share = manifest.precision_details.get("int8_mac_share")
-        row.fallback_layers = [f["node"] for f in manifest.precision_details.get("fallback_layers", [])]
+        details = manifest.precision_details
+        row.fallback_layers = [f["node"] for f in details.get("fallback_layers", [])] + details.get("float_layers", [])
     return cell
 
 
@@ -254,6 +256,21 @@ def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSetti
         cell.row.speedup, cell.row.gflops, cell.row.params = eager_ms / b1["p50_ms"], prof.gflops, prof.params
 
 
+def _mark_slower_than_fp32(rows: list[BenchmarkRow]) -> None:
+    """Honest rows: a reduced precision that runs slower than the same format's fp32 here says so."""
+    fp32 = {r.format: r.latency_p50_ms for r in rows if r.precision == "fp32" and r.latency_p50_ms is not None}
+    for r in rows:
+        if r.precision != "fp32" and r.status == "verified" and r.latency_p50_ms and r.latency_p50_ms > fp32.get(r.format, 1e30):
+            r.status = "verified, slower than fp32 here"
+
+
+def available_formats() -> tuple[str, ...]:
+    """The formats this machine can make (their probes pass): the benchmark's and the demo's default."""
+    from vitseg_export.formats import FORMATS
+
+    return tuple(name for name, fmt in FORMATS.items() if fmt.probe().ok)
+
+
 def _reference_row(checkpoint: str, loaded, size, settings: BenchmarkSettings, log) -> BenchmarkRow:
     from vitseg_export.profiling import profile
 
@@ -290,6 +307,7 @@ def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
             if variant.suffix and base_label_miou is not None and cell.row.miou_vs_labels is not None:
                 cell.row.miou_drop_vs_labels = base_label_miou - cell.row.miou_vs_labels
         _profile_cells(cells, rows[0].latency_p50_ms, settings, log)
+        _mark_slower_than_fp32([c.row for c in cells])
         rows += [c.row for c in cells]
     report = BenchmarkReport(checkpoint, loaded.meta.architecture, list(size), settings.device, 1, rows,
                              environment(settings.threads))
@@ -349,10 +367,21 @@ def _pareto_plot(report: BenchmarkReport, path: Path) -> None:
 
 def _overlay_grid(overlay: dict, path: Path) -> None:
     """One row per image: input, reference mask, then each artifact's mask (collected in the verify loop)."""
+    from PIL import ImageDraw
+
     images = overlay.pop("input")
+    titles = ["input"] + [name for name, masks in overlay.items() if len(masks) == len(images)]
     columns = [np.stack([(p.transpose(1, 2, 0) * 255).round().astype(np.uint8) for p in images])]
     columns += [colorize(np.stack(masks)) for masks in overlay.values() if len(masks) == len(images)]
     grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
+    width = max(grid.shape[1] // len(titles), 1)
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + 28), "white")
+    canvas.paste(Image.fromarray(grid), (0, 28))
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):  # column titles, two lines so long names fit narrow columns
+        half = len(title) // 2 if len(title) * 6 > width else len(title)
+        draw.text((i * width + 2, 2), title[:half], fill="black")
+        draw.text((i * width + 2, 14), title[half:], fill="black")
     buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
+    canvas.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

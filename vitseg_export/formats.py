@@ -45,6 +45,7 @@ class Format:
     summary: Callable[[Path, Any], list[str]]  # what `vitseg export` prints about a written artifact (path, ExportManifest)
     int8_target: str = "cpu"  # the int8 graph flavour its exporter asks for (vitseg_export.export.int8)
     from_onnx: Exporter | None = None  # convert an existing vitseg ONNX artifact instead of a checkpoint
+    static_by_default: bool = False  # static batch unless --dynamic-batch is asked for (runtimes that gain from it)
 
     def require(self) -> None:
         """Raise BackendMissingError (one line, exit 2) when this machine cannot make this format."""
@@ -150,6 +151,42 @@ def _engine_summary(path: Path, manifest: Any) -> list[str]:
             f"and {path.name}.json"]
 
 
+# ---- OpenVINO ---------------------------------------------------------------------------------------
+
+def _export_openvino(loaded: Any, output: Path, request: Any, progress: Callable[[str], None]) -> Any:
+    from vitseg_export.export.openvino_export import export_openvino
+
+    return export_openvino(loaded, output, request, progress)
+
+
+def _read_openvino_info(path: Path) -> ArtifactInfo:
+    from vitseg_export.runners.openvino_runner import read_openvino_info
+
+    return read_openvino_info(path)
+
+
+def _probe_openvino() -> Availability:
+    versions = {m: module_version(m) for m in ("openvino", "nncf", "torch", "onnx")}
+    missing = [m for m, (v, _) in versions.items() if v is None]
+    if missing:
+        return Availability(False, f"missing {', '.join(missing)}", "pip install 'vitseg-export[torch,openvino]'")
+    return Availability(True, ", ".join(f"{m} {v}" for m, (v, _) in versions.items()))
+
+
+def _openvino_summary(path: Path, manifest: Any) -> list[str]:
+    details = manifest.precision_details or {}
+    lines = []
+    if manifest.metadata["precision"] == "int8":
+        lines.append(f"int8 (NNCF, accuracy control): {details['int8_mac_share'] * 100:.1f}% of MACs in int8, "
+                     f"{len(details['float_layers'])} layers kept in float")
+    batch = "dynamic batch" if manifest.metadata["dynamic_batch"] else "static batch 1"
+    lines.append(f"wrote {path} + {manifest.extra['bin']} ({manifest.size_bytes / 1e6:.2f} MB, {batch}, "
+                 f"weights {details.get('weights')}) and {path.name}.json")
+    parity = manifest.self_parity
+    lines.append(f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%")
+    return lines
+
+
 def _builtin_rows() -> None:
     from vitseg_export.precisions import PRECISIONS
 
@@ -159,6 +196,9 @@ def _builtin_rows() -> None:
     register_format(Format("trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)",
                            "tensorrt", tuple(PRECISIONS), _export_trt, _read_manifest_info, _probe_tensorrt,
                            _engine_summary, int8_target="trt", from_onnx=_engine_from_artifact))
+    register_format(Format("openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino",
+                           tuple(PRECISIONS), _export_openvino, _read_openvino_info, _probe_openvino, _openvino_summary,
+                           static_by_default=True))
 
 
 _builtin_rows()

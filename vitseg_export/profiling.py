@@ -107,6 +107,27 @@ def onnx_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: in
             for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
+def openvino_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: int | None = None) -> list[dict]:
+    """Where OpenVINO spends its time on an IR or ONNX file (CPU): its per-layer performance counters,
+    summed per layer type and kernel (e.g. "MatMul/brgemm_avx2_I8"), sorted by share."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    request = core.compile_model(str(path), "CPU", config).create_infer_request()
+    totals: dict[str, float] = {}
+    for _ in range(runs):
+        request.infer({"pixels": pixels})
+        for info in request.profiling_info:
+            key = f"{info.node_type}/{info.exec_type}"
+            totals[key] = totals.get(key, 0.0) + info.real_time.total_seconds() * 1e3
+    total = sum(totals.values()) or 1.0
+    return [{"op": op, "ms_per_run": ms / runs, "share": ms / total}
+            for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
 def onnx_compute(path: Path, size: tuple[int, int]) -> dict:
     """Parameters and executed GFLOPs (2 x MACs of Conv/MatMul/Gemm) per image of an ONNX artifact."""
     try:

@@ -24,7 +24,7 @@ def demo(
     precisions: Annotated[str, typer.Option("--precisions", help="Comma-separated precisions to export.")] = "fp32,fp16,int8",
 ) -> None:
     """Train -> export (fp32, fp16, int8) -> verify -> profile -> predict, on CPU in a few minutes."""
-    from vitseg_export.benchmark import BenchmarkSettings, run_benchmark
+    from vitseg_export.benchmark import BenchmarkSettings, available_formats, run_benchmark
     from vitseg_export.cli.profile import print_benchmark_table
     from vitseg_export.cli.train import train as train_command
     from vitseg_export.data.sources import open_source
@@ -40,8 +40,9 @@ def demo(
     train_command(output=run_dir, model=model, data=f"synthetic[:{train_images}]", epochs=epochs, image_size=size,
                   batch_size=16, init=None, lr=None, workers=1, seed=0)
 
-    err_console.rule(f"2/3 export {precisions} to ONNX, verify each against PyTorch, profile")
-    settings = BenchmarkSettings(precisions=tuple(p.strip() for p in precisions.split(",")), image_size=(size, size),
+    err_console.rule(f"2/3 export {precisions} to {', '.join(available_formats())}, verify each against PyTorch, profile")
+    settings = BenchmarkSettings(formats=available_formats(), precisions=tuple(p.strip() for p in precisions.split(",")),
+                                 image_size=(size, size),
                                  verify_images=verify_images)
     report = run_benchmark(str(run_dir), output, settings, log=lambda m: err_console.print(m, highlight=False))
 
@@ -65,6 +66,6 @@ def demo(
     console.print(f"files: checkpoint {run_dir}, artifacts {output / 'artifacts'} (each with a .json manifest), "
                   f"verify reports {output / 'reports'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
                   f"{output / 'overlays.png'}, masks and overlays {predictions}", soft_wrap=True)
-    failed = [r.name for r in report.rows if r.status not in ("reference", "verified")]
+    failed = [r.name for r in report.rows if r.failed]
     if failed:
         raise ParityError(f"{len(failed)} artifact(s) did not verify: {', '.join(failed)}", "see the status column and reports")

@@ -27,7 +27,7 @@ def export(
     precision: Annotated[str, typer.Option("--precision", help=f"Numeric precision: {', '.join(PRECISIONS)}.")] = "fp32",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Artifact path (default: beside the checkpoint).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (17: native LayerNormalization, TensorRT-portable).")] = 17,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension.")] = True,
+    dynamic_batch: Annotated[Optional[bool], typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension (default: dynamic, static for formats that run faster static: openvino).")] = None,
     dynamic_size: Annotated[bool, typer.Option("--dynamic-size", help="Dynamic height/width (SegFormer only).")] = False,
     outputs: Annotated[str, typer.Option(help="logits, mask (in-graph argmax, uint8) or both.")] = "logits",
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (or S) to export at; default: the checkpoint's.")] = None,
@@ -64,7 +64,8 @@ def export(
     fmt.require()  # a missing backend says so before any other work
     request = ExportRequest(
         format, OnnxExportSettings(precision=precision, opset=opset, image_size=parse_size(image_size) if image_size else None,
-                                   dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, outputs=outputs,
+                                   dynamic_batch=not fmt.static_by_default if dynamic_batch is None else dynamic_batch,
+                                   dynamic_size=dynamic_size, outputs=outputs,
                                    simplify=simplify, fp16_io=fp16_io, fold=not no_fold, parity_data=data),
         _int8_settings(calib or data, calib_images, calib_method, target or fmt.int8_target, min_agreement, heldout),
         EngineSettings(workspace_gb=workspace, min_shape=_shape(min_shape), opt_shape=_shape(opt_shape),

@@ -36,6 +36,7 @@ from vitseg_export.export.settings import OUTPUT_CHOICES, Int8Settings, OnnxExpo
 from vitseg_export.modeling.registry import Segmenter, get_family
 from vitseg_export.parity import ParitySummary
 from vitseg_export.precisions import ConversionContext, get_precision, thresholds_for
+from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.torch_runner import TorchRunner
 
@@ -145,13 +146,16 @@ def parity_inputs(size: tuple[int, int], count: int, batch: int, noise: bool = T
     return inputs + noise_inputs(size, batch) if noise else inputs
 
 
-def self_parity(loaded: LoadedCheckpoint, model: onnx.ModelProto, info: ArtifactInfo, inputs: InputSet,
-                precision: str = "fp32") -> ParitySummary:
-    """Run the in-memory graph against PyTorch (the unfolded model) through the comparator; raise
-    ParityError beyond the precision's preset (nothing has been written then). Returns the summary."""
-    candidate = OnnxRuntimeRunner(Path(f"{precision}.onnx"), "cpu", model_bytes=model.SerializeToString(), info=info)
+def self_parity(loaded: LoadedCheckpoint, candidate: Runner, inputs: InputSet, precision: str = "fp32",
+                int8: Int8Settings | None = None) -> ParitySummary:
+    """Run `candidate` (an artifact not yet written) against PyTorch (the unfolded model) through the
+    comparator; raise ParityError beyond the precision's preset (int8: the targets the user set, default the
+    preset) — nothing has been written then."""
+    thresholds = thresholds_for(precision)
+    if precision == "int8" and int8 is not None:
+        thresholds = replace(thresholds, min_agreement=int8.min_agreement, min_miou_vs_reference=int8.min_miou_vs_reference)
     with TorchRunner(loaded) as reference, candidate:
-        result = compare(reference, {"graph": candidate}, inputs, thresholds_for(precision), len(info.class_names),
+        result = compare(reference, {"graph": candidate}, inputs, thresholds, len(loaded.meta.class_names),
                          mask_must_match_logits=precision == "fp32")
     verdict = result.comparisons["graph"]
     if verdict.failures:
@@ -163,10 +167,56 @@ def self_parity(loaded: LoadedCheckpoint, model: onnx.ModelProto, info: Artifact
     return verdict.summary
 
 
-def artifact_info(loaded: LoadedCheckpoint, settings: OnnxExportSettings, size: tuple[int, int], path: Path) -> ArtifactInfo:
+def graph_candidate(model: onnx.ModelProto, info: ArtifactInfo) -> OnnxRuntimeRunner:
+    """An ONNX Runtime runner for an in-memory graph that will carry `info`."""
+    return OnnxRuntimeRunner(f"{info.precision}.onnx", "cpu", model_bytes=model.SerializeToString(), info=info)
+
+
+def reduced_parity_inputs(settings: OnnxExportSettings, size: tuple[int, int], noise: bool) -> InputSet:
+    """The inputs a converted (non-fp32) graph is judged on: at least 8 real images."""
+    batch = 2 if settings.dynamic_batch else 1
+    return parity_inputs(size, max(settings.parity_inputs, 8), batch, noise, settings.parity_data)
+
+
+@dataclass
+class VerifiedGraph:
+    """The fp32 ONNX graph of a checkpoint, proved equal to PyTorch: what every format starts from."""
+
+    model: onnx.ModelProto
+    size: tuple[int, int]
+    info: ArtifactInfo  # the metadata the artifact will carry
+    rewrites: list[str]
+    parity: ParitySummary
+    inputs: InputSet
+
+
+def verified_fp32_graph(loaded: LoadedCheckpoint, settings: OnnxExportSettings, output: Path,
+                        progress: Callable[[str], None] = lambda m: None, fmt: str = "onnx") -> VerifiedGraph:
+    """Check the request, export the fp32 graph and judge it against PyTorch (fp32 preset) on real images
+    and noise (and a second size when dynamic). Raises VitsegError/ParityError; writes nothing."""
+    size = check_export_request(loaded, settings)
+    info = artifact_info(loaded, settings, size, output, fmt)
+    model, rewrites = onnx_from_module(loaded, settings, size, progress)
+    progress("checking parity against PyTorch (ONNX Runtime CPU)")
+    batch = 2 if settings.dynamic_batch else 1
+    inputs = parity_inputs(size, settings.parity_inputs, batch, spec=settings.parity_data)
+    if settings.dynamic_size:  # also a size other than the export size, to prove the dynamic axes work
+        inputs = inputs + parity_inputs((size[0] + 13, size[1] + 29), 1, batch, noise=False, spec=settings.parity_data)
+    parity = self_parity(loaded, graph_candidate(model, replace(info, precision="fp32")), inputs)
+    return VerifiedGraph(model, size, info, rewrites, parity, inputs)
+
+
+def export_settings_record(settings: OnnxExportSettings, size: tuple[int, int]) -> dict:
+    """The manifest's `export_settings`: what was asked, at which size, by which exporter versions."""
+    return {**asdict(settings), "image_size": list(size), "exporter": "torch.onnx (TorchScript)",
+            "torch_version": torch.__version__, "onnx_version": onnx.__version__}
+
+
+def artifact_info(loaded: LoadedCheckpoint, settings: OnnxExportSettings, size: tuple[int, int], path: Path,
+                  fmt: str = "onnx") -> ArtifactInfo:
     """The metadata the artifact will carry."""
     meta = loaded.meta
-    return ArtifactInfo(path, "onnx", meta.architecture, list(meta.class_names), size, tuple(meta.mean), tuple(meta.std),
+    return ArtifactInfo(path, fmt, meta.architecture, list(meta.class_names), size, tuple(meta.mean), tuple(meta.std),
                         settings.precision, settings.opset, settings.output_names, settings.dynamic_batch,
                         settings.dynamic_size, loaded.sha256, __version__, family=meta.family,
                         source_checkpoint=loaded.source)
@@ -187,36 +237,25 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     """Export `loaded` to an ONNX artifact at `output` (+ `<output>.json` manifest) in the requested
     precision. Raises VitsegError for requests the model cannot honour and ParityError when a graph
     differs from PyTorch beyond its preset; nothing is written then."""
-    size = check_export_request(loaded, settings)
-    precision = get_precision(settings.precision)
-    info = artifact_info(loaded, settings, size, output)
     t0 = time.perf_counter()
-    model, rewrites = onnx_from_module(loaded, settings, size, progress)
-    progress("checking parity against PyTorch (ONNX Runtime CPU)")
-    batch = 2 if settings.dynamic_batch else 1
-    inputs = parity_inputs(size, settings.parity_inputs, batch, spec=settings.parity_data)
-    if settings.dynamic_size:  # also a size other than the export size, to prove the dynamic axes work
-        inputs = inputs + parity_inputs((size[0] + 13, size[1] + 29), 1, batch, noise=False, spec=settings.parity_data)
-    parity = fp32_parity = self_parity(loaded, model, replace(info, precision="fp32"), inputs)
-    details = None
+    graph = verified_fp32_graph(loaded, settings, output, progress)
+    precision = get_precision(settings.precision)
+    model, details, parity, inputs = graph.model, None, graph.parity, graph.inputs
     if precision.convert is not None:
-        context = ConversionContext(size, int8 or Int8Settings(), settings.fp16_io,
+        context = ConversionContext(graph.size, int8 or Int8Settings(), settings.fp16_io,
                                     output.parent / ".vitseg-calibration-cache", progress)
         conversion = precision.convert(model, context)
         model, details = conversion.model, conversion.details
         progress(f"checking {precision.name} parity against PyTorch")
-        inputs = parity_inputs(size, max(settings.parity_inputs, 8), batch, precision.parity_on_noise, settings.parity_data)
-        parity = self_parity(loaded, model, info, inputs, precision.name)
-    data = _embed(model, info)
+        inputs = reduced_parity_inputs(settings, graph.size, precision.parity_on_noise)
+        parity = self_parity(loaded, graph_candidate(model, graph.info), inputs, precision.name, int8)
+    data = _embed(model, graph.info)
     manifest = ExportManifest(
         artifact=output.name, format="onnx", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
-        metadata=info.metadata_json(),
-        export_settings={**asdict(settings), "image_size": list(size), "exporter": "torch.onnx (TorchScript)",
-                         "torch_version": torch.__version__, "onnx_version": onnx.__version__},
-        self_parity={**parity.to_json(), "source": inputs.source}, rewrites=rewrites,
-        fp32_graph_parity=fp32_parity.to_json(),
-        precision_details=details or {}, export_seconds=round(time.perf_counter() - t0, 2),
-        random_weights=loaded.kind == "random")
+        metadata=graph.info.metadata_json(), export_settings=export_settings_record(settings, graph.size),
+        self_parity={**parity.to_json(), "source": inputs.source}, rewrites=graph.rewrites,
+        fp32_graph_parity=graph.parity.to_json(), precision_details=details or {},
+        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random")
     write_artifact(output, {output: data}, manifest)
     return ExportResult(output, manifest, model)
 

@@ -98,4 +98,16 @@ register_backend(Backend("tensorrt", lazy_runner("vitseg_export.runners.tensorrt
                          _tensorrt_probe, _tensorrt_devices))
 
 
+def _openvino_devices() -> list[str]:
+    if module_version("openvino")[0] is None:
+        return []
+    import openvino
+
+    return [d.split(".")[0].lower() for d in openvino.Core().available_devices] + ["auto"]
+
+
+register_backend(Backend("openvino", lazy_runner("vitseg_export.runners.openvino_runner", "OpenVINORunner"),
+                         _version_probe("openvino", "pip install 'vitseg-export[openvino]'"), _openvino_devices))
+
+
 __all__ = ["BACKENDS", "Backend", "Runner", "get_backend", "lazy_runner", "register_backend", "runner_for"]

@@ -35,10 +35,11 @@ class Runner(ABC):
     """Base of every backend. Subclasses override the `*_impl` methods; `infer` validates the input."""
 
     backend: str = ""
+    devices: tuple[str, ...] = ("cpu", "cuda")  # the device names this backend understands
 
     def __init__(self, name: str, device: str):
-        if device not in ("cpu", "cuda"):
-            raise VitsegError(f"unknown device '{device}'", "use cpu or cuda")
+        if device not in self.devices:
+            raise VitsegError(f"unknown device '{device}' for the {self.backend} backend", f"use {' or '.join(self.devices)}")
         self.name = name
         self.device = device
         self.active = False

@@ -1,0 +1,124 @@
+"""OpenVINO: the IR format (fp32 / fp16 / int8 with vitseg's mask-metric fallback), its runner, and the
+edge path that needs neither torch nor onnxruntime. Skipped, saying so, where openvino is not installed
+(it is in the test extra)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+
+openvino = pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install -e '.[openvino]')")
+
+from vitseg_export.errors import VitsegError  # noqa: E402
+from vitseg_export.export.openvino_export import export_openvino  # noqa: E402
+from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings  # noqa: E402
+from vitseg_export.runners import runner_for  # noqa: E402
+from vitseg_export.verify import verify_artifact  # noqa: E402
+
+EDGE = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "onnxruntime", "onnx", "onnxscript", "safetensors"):
+            raise ImportError(f"blocked import of {name}: the OpenVINO edge path must not need it")
+sys.meta_path.insert(0, Block())
+sys.argv = ["vitseg"] + sys.argv[1:]
+from vitseg_export.cli import main
+main()
+"""
+
+
+def test_fp32_and_fp16_ir_export_static_and_verify(tmp_path, cli):
+    r = cli("export", "segformer-b0-test", "--format", "openvino", "-o", str(tmp_path / "m.xml"))
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "m.bin").is_file() and "static batch 1" in r.stdout
+    manifest = json.loads((tmp_path / "m.xml.json").read_text())
+    assert manifest["format"] == "openvino" and manifest["metadata"]["precision"] == "fp32"
+    assert manifest["metadata"]["dynamic_batch"] is False  # static unless asked: OpenVINO runs static faster
+    assert manifest["fp32"]["inference_precision"]["hint"] == "f32"
+    rt = {e.tag: e.attrib["value"] for e in ET.parse(tmp_path / "m.xml").getroot().find("rt_info").find("vitseg")}
+    assert json.loads(rt["class_names"]) == ["pet", "background", "border"] and json.loads(rt["input_size"]) == [64, 64]
+    assert verify_artifact(tmp_path / "m.xml", "segformer-b0-test", "synthetic[:3]", 3).passed
+    with runner_for(tmp_path / "m.xml") as runner:
+        assert runner.backend == "openvino" and runner.input_size == (64, 64)
+        with pytest.raises(VitsegError, match="static batch of 1"):
+            runner.infer({"pixels": np.zeros((2, 3, 64, 64), np.float32)})
+    r = cli("export", "segformer-b0-test", "--format", "openvino", "--precision", "fp16", "--dynamic-batch",
+            "-o", str(tmp_path / "h.xml"))
+    assert r.exit_code == 0, r.stderr
+    h = json.loads((tmp_path / "h.xml.json").read_text())
+    assert h["fp16"]["weights"] == "fp16 (compressed)" and h["metadata"]["dynamic_batch"] is True
+    assert (tmp_path / "h.bin").stat().st_size < 0.6 * (tmp_path / "m.bin").stat().st_size
+    assert verify_artifact(tmp_path / "h.xml", "segformer-b0-test", "synthetic[:3]", 3).passed
+
+
+def test_onnx_artifact_runs_on_the_openvino_backend(exported, cli):
+    path = exported("vit-seg-tiny-test")
+    r = cli("verify", str(path), "-r", "vit-seg-tiny-test", "--backend", "openvino", "--num-images", "2",
+            "--data", "synthetic[:2]", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["backend"] == "openvino" and report["passed"]
+
+
+def _int8(twin, tmp_path, **targets):
+    request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=False),
+                            Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4, **targets))
+    return export_openvino(twin("vit-seg-tiny-test"), tmp_path / "q.xml", request, lambda m: None)
+
+
+def test_int8_records_layers_mac_share_and_provenance(tmp_path, twin):
+    result = _int8(twin, tmp_path, min_agreement=0.0, min_miou_vs_reference=0.0)
+    q = result.manifest.precision_details
+    assert q["fallback_groups"] == [] and q["quantized_layers"] > 0 and 0 < q["int8_mac_share"] <= 1
+    assert q["calibration"]["source"].startswith("synthetic[:8] split=calib") and q["calibration"]["images"] == 8
+    assert q["heldout"]["source"].startswith("synthetic[:8] split=val") and q["heldout"]["images"] == 4
+    ops = {op.get_type_name() for op in openvino.Core().read_model(str(tmp_path / "q.xml")).get_ordered_ops()}
+    assert "FakeQuantize" in ops or "Convert" in ops  # int8 weights / quantizers are in the IR
+    # demanding more than the fully quantized graph reaches forces layer groups back to float
+    reached = q["heldout_agreement"]
+    if reached < 1.0:
+        stricter = _int8(twin, tmp_path, min_agreement=min(1.0, reached + 1e-4), min_miou_vs_reference=0.0)
+        s = stricter.manifest.precision_details
+        assert s["fallback_groups"] and s["float_layers"] and s["heldout_agreement"] > reached
+        assert s["int8_mac_share"] < q["int8_mac_share"]
+
+
+def test_predict_with_an_ir_needs_neither_torch_nor_onnxruntime(tmp_path, cli):
+    r = cli("export", "segformer-b0-test", "--format", "openvino", "--outputs", "mask", "-o", str(tmp_path / "m.xml"))
+    assert r.exit_code == 0, r.stderr
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(image)
+    (tmp_path / "edge.py").write_text(EDGE)
+    proc = subprocess.run([sys.executable, str(tmp_path / "edge.py"), "predict", str(tmp_path / "m.xml"), str(image),
+                           "--output", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    mask = np.asarray(Image.open(io.BytesIO((tmp_path / "out" / "img_mask.png").read_bytes())))
+    assert mask.shape == (50, 70) and mask.max() <= 2
+    blocked = subprocess.run([sys.executable, str(tmp_path / "edge.py"), "export", "segformer-b0-test", "-o",
+                              str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=120)
+    assert blocked.returncode != 0 and "blocked import" in blocked.stderr  # the blocker is real
+
+
+def test_without_openvino_the_format_is_one_line(tmp_path):
+    block = EDGE.replace('("torch", "torchvision", "onnxruntime", "onnx", "onnxscript", "safetensors")', '("openvino",)')
+    (tmp_path / "no_ov.py").write_text(block)
+    proc = subprocess.run([sys.executable, str(tmp_path / "no_ov.py"), "export", "segformer-b0-test", "--format",
+                           "openvino", "-o", str(tmp_path / "m.xml")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "openvino" in proc.stderr.lower()
+    assert "pip install" in proc.stderr and not list(tmp_path.glob("m.*"))
+
+
+def test_doctor_lists_openvino_and_its_devices(cli):
+    doctor = json.loads(cli("doctor", "--json").stdout)
+    assert doctor["formats"]["openvino"]["available"] and "cpu" in doctor["backends"]["openvino"]["devices"]

@@ -1,0 +1,93 @@
+"""OpenVINO behind the runner interface: an IR (`.xml` + `.bin`) or an ONNX artifact, on CPU, GPU (Intel
+iGPU/dGPU), NPU or AUTO. Needs only numpy and openvino: no torch, no onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitseg_export.artifact import ArtifactInfo, read_onnx_metadata
+from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
+
+OPENVINO_HINT = "pip install 'vitseg-export[openvino]'"
+
+
+def openvino_core() -> Any:
+    """An openvino.Core, or BackendMissingError (one line) when openvino is not installed."""
+    return require_module("openvino", "OpenVINO is not installed", OPENVINO_HINT).Core()
+
+
+def inference_precision(core: Any, device: str, wanted: str) -> str:
+    """The INFERENCE_PRECISION_HINT to compile with: `wanted` ("f32", "f16") where the device computes in it,
+    else "f32". Always explicit, so a CPU with bf16 (AMX) never silently runs an fp32 IR in bf16."""
+    if wanted == "f32" or device == "AUTO":
+        return "f32"
+    capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    return wanted if wanted.upper().replace("F", "FP") in capabilities else "f32"
+
+
+class OpenVINORunner(Runner):
+    """Compiles an IR or ONNX file (or an in-memory `ov.Model` with its `info`) for one OpenVINO device."""
+
+    backend = "openvino"
+    devices = ("cpu", "gpu", "npu", "auto")
+
+    def __init__(self, path: Path | str, device: str = "cpu", outputs: tuple[str, ...] | None = None,
+                 threads: int | None = None, model: Any = None, info: ArtifactInfo | None = None):
+        """`outputs` is accepted for the uniform interface (the model decides); `threads` applies to CPU."""
+        path = Path(path)
+        super().__init__(f"openvino:{path.name}", device)
+        self.path, self.threads, self.model, self.given_info = path, threads, model, info
+        if model is not None and info is None:
+            raise ValueError("an in-memory model needs its ArtifactInfo")
+
+    def activate_impl(self) -> None:
+        core = openvino_core()
+        device = self.device.upper()
+        if device != "AUTO" and device not in core.available_devices:
+            raise BackendMissingError(f"OpenVINO sees no {device} device here (it has {', '.join(core.available_devices)})",
+                                      "use --device cpu, or install the device's OpenVINO driver")
+        model = self.model if self.model is not None else core.read_model(str(self.path))
+        self.describe(self.given_info or read_openvino_info(self.path))
+        wanted = self.info.extra.get("inference_precision", '"f32"').strip('"')
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
+                                  "INFERENCE_PRECISION_HINT": inference_precision(core, device, wanted)}
+        if self.threads and device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = str(self.threads)
+        try:
+            self.compiled = core.compile_model(model, device, config)
+        except RuntimeError as e:
+            raise VitsegError(f"OpenVINO could not compile {self.path.name} for {device} ({str(e).splitlines()[0][:200]})",
+                              "re-export the artifact, or try --device cpu") from None
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.compiled_precision = config["INFERENCE_PRECISION_HINT"]
+
+    def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        results = self.request.infer({INPUT_NAME: pixels})
+        # the request reuses its output buffers: copy before the next inference overwrites them
+        return {name: np.array(results[out]) for name, out in zip(self.output_names, self.compiled.outputs)}
+
+    def deactivate_impl(self) -> None:
+        del self.request, self.compiled
+
+
+def read_openvino_info(path: Path) -> ArtifactInfo:
+    """vitseg metadata of an OpenVINO IR (its rt_info, parsed from the .xml: no openvino needed) or of an
+    ONNX artifact run by OpenVINO."""
+    if path.suffix.lower() == ".onnx":
+        return ArtifactInfo.from_metadata(path, "onnx", read_onnx_metadata(path))
+    import xml.etree.ElementTree as ET
+
+    props: dict[str, str] = {}
+    try:
+        for _, element in ET.iterparse(path, events=("end",)):
+            if element.tag == "vitseg":
+                props = {f"vitseg.{child.tag}": child.attrib.get("value", "") for child in element}
+                break
+    except (ET.ParseError, OSError) as e:
+        raise VitsegError(f"{path} is not a readable OpenVINO IR ({e})", "the file is damaged; export it again") from None
+    return ArtifactInfo.from_metadata(path, "openvino", props)
