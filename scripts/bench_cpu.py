@@ -93,7 +93,8 @@ def hf_segformer(loaded, tmp: Path):
 def peer_callables(loaded, size, threads: int, tmp: Path) -> dict[str, Callable]:
     """transformers eager, and its plain ONNX export on ONNX Runtime and on OpenVINO."""
     import onnxruntime as ort
-    import openvino as ov
+
+    from vitseg_export.runners.openvino_runner import openvino_core
 
     hf = hf_segformer(loaded, tmp)
     x = torch.rand(1, 3, *size)
@@ -105,7 +106,7 @@ def peer_callables(loaded, size, threads: int, tmp: Path) -> dict[str, Callable]
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(tmp / "hf.onnx"), opts, providers=["CPUExecutionProvider"])
-    request = ov.Core().compile_model(str(tmp / "hf.onnx"), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+    request = openvino_core().compile_model(str(tmp / "hf.onnx"), "CPU", {"PERFORMANCE_HINT": "LATENCY",
                                       "INFERENCE_NUM_THREADS": threads}).create_infer_request()
 
     def eager(pixels):

@@ -81,7 +81,10 @@ def test_int8_records_layers_mac_share_and_provenance(tmp_path, twin):
     assert q["fallback_groups"] == [] and q["quantized_layers"] > 0 and 0 < q["int8_mac_share"] <= 1
     assert q["calibration"]["source"].startswith("synthetic[:8] split=calib") and q["calibration"]["images"] == 8
     assert q["heldout"]["source"].startswith("synthetic[:8] split=val") and q["heldout"]["images"] == 4
-    ops = {op.get_type_name() for op in openvino.Core().read_model(str(tmp_path / "q.xml")).get_ordered_ops()}
+    from vitseg_export.runners.openvino_runner import openvino_core
+
+    model = openvino_core().read_model(str(tmp_path / "q.xml"))
+    ops = {op.get_type_name() for op in model.get_ordered_ops()}
     assert "FakeQuantize" in ops or "Convert" in ops  # int8 weights / quantizers are in the IR
     # demanding more than the fully quantized graph reaches forces layer groups back to float
     reached = q["heldout_agreement"]

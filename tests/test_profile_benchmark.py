@@ -30,7 +30,7 @@ def test_profile_json_schema(tmp_path, cli, exported):
 
 
 def test_benchmark_schema_and_files(tmp_path, cli):
-    r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--precisions", "fp32,int8",
+    r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--formats", "onnx", "--precisions", "fp32,int8",
             "--verify-images", "2", "--iters", "3", "--calib", "synthetic[:4]")
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "b" / "benchmark.json").read_text())
@@ -56,7 +56,7 @@ def test_benchmark_cell_failure_does_not_stop_the_others(tmp_path, cli):
 
 
 def test_benchmark_with_pruned_variants(tmp_path, cli):
-    r = cli("benchmark", "segformer-b0-test", "--output", str(tmp_path / "b"), "--precisions", "fp32",
+    r = cli("benchmark", "segformer-b0-test", "--output", str(tmp_path / "b"), "--formats", "onnx", "--precisions", "fp32",
             "--prune", "0.5", "--verify-images", "2", "--iters", "2")
     assert r.exit_code == 0, r.stderr
     rows = {row["name"]: row for row in json.loads((tmp_path / "b" / "benchmark.json").read_text())["rows"]}

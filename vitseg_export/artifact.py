@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_bytes
+from vitseg_export.files import atomic_write_group, json_bytes
 
 META_PREFIX = "vitseg."
 
@@ -131,11 +131,9 @@ def manifest_path(artifact: Path) -> Path:
 
 
 def write_artifact(path: Path, files: dict[Path, bytes], manifest: ExportManifest) -> None:
-    """Write an artifact's files and then its manifest, each atomically (manifest last, so a manifest
-    never describes a missing artifact)."""
-    for file_path, data in files.items():
-        atomic_write_bytes(file_path, data)
-    atomic_write_bytes(manifest_path(path), (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+    """Write an artifact's files and its manifest as one group: all or nothing, manifest last (so a manifest
+    never describes a missing or older artifact), existing files untouched on failure."""
+    atomic_write_group({**files, manifest_path(path): json_bytes(manifest.to_json())})
 
 
 def read_manifest(path: Path) -> ExportManifest:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from PIL import Image
 
 from vitseg_export.artifact import colorize
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_bytes
+from vitseg_export.files import atomic_write_bytes, write_json
 from vitseg_export.formats import Format, get_format
 from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
 
@@ -317,7 +316,7 @@ def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
 
 def _write(report: BenchmarkReport, output: Path, overlay: dict) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output / "benchmark.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
+    write_json(output / "benchmark.json", report.to_json())
     atomic_write_bytes(output / "benchmark.md", markdown_table(report).encode())
     _pareto_plot(report, output / "pareto.png")
     if overlay:

@@ -25,7 +25,7 @@ from torch import nn
 
 from vitseg_export import __version__
 from vitseg_export.errors import CheckpointError
-from vitseg_export.files import atomic_write_bytes, sha256_file
+from vitseg_export.files import atomic_write_bytes, json_bytes, sha256_file
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import PET_CLASSES, Architecture, ModelFamily, Segmenter
 
@@ -313,5 +313,5 @@ def save_checkpoint(model: nn.Module, meta: CheckpointMeta, run_dir: Path) -> Pa
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
-    atomic_write_bytes(run_dir / CONFIG_FILE, (json.dumps(meta.to_json(), indent=2) + "\n").encode())
+    atomic_write_bytes(run_dir / CONFIG_FILE, json_bytes(meta.to_json()))
     return run_dir

@@ -33,3 +33,7 @@ class ParityError(VitsegError):
     """An artifact's outputs differ from the PyTorch reference beyond the allowed limits."""
 
     exit_code = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every `finally` (temp files, temp dirs) runs as for Ctrl-C."""

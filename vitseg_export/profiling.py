@@ -110,9 +110,9 @@ def onnx_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: in
 def openvino_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: int | None = None) -> list[dict]:
     """Where OpenVINO spends its time on an IR or ONNX file (CPU): its per-layer performance counters,
     summed per layer type and kernel (e.g. "MatMul/brgemm_avx2_I8"), sorted by share."""
-    import openvino as ov
+    from vitseg_export.runners.openvino_runner import openvino_core
 
-    core = ov.Core()
+    core = openvino_core()
     config = {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads

@@ -13,7 +13,6 @@ Head width is never changed (heads are removed whole), so attention scaling stay
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +178,7 @@ def prune_checkpoint(checkpoint: str, output: Path, settings: PruneSettings,
     `prune.json` (accuracy before, after pruning and after fine-tuning). Returns that report; raises
     VitsegError for bad settings or a lost 2:4 pattern."""
     from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
-    from vitseg_export.files import atomic_write_bytes
+    from vitseg_export.files import write_json
 
     if settings.sparsity not in (None, "2:4"):
         raise VitsegError(f"--sparsity {settings.sparsity} is not supported", "use --sparsity 2:4")
@@ -204,5 +203,5 @@ def prune_checkpoint(checkpoint: str, output: Path, settings: PruneSettings,
         report["sparsity_check"] = check_2to4(pruned)
         if report["sparsity_check"]["violations"]:
             raise VitsegError(f"2:4 pattern lost in {report['sparsity_check']['violations'][:3]}", "report this as a bug")
-    atomic_write_bytes(output / "prune.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_json(output / "prune.json", report)
     return report

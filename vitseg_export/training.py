@@ -8,7 +8,6 @@ StepLR x0.8 every 12 epochs; SegFormer: AdamW with linear warm-up then polynomia
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vitseg_export.checkpoint import CheckpointMeta, LoadedCheckpoint, save_checkpoint
-from vitseg_export.files import atomic_write_bytes
+from vitseg_export.files import write_json
 from vitseg_export.data.sources import IGNORE_INDEX, open_source
 from vitseg_export.data.transforms import SegmentationDataset
 from vitseg_export.errors import DataError, VitsegError
@@ -211,7 +210,7 @@ def _save_epoch(run: _Run, output: Path, history: list[EpochMetrics], best: floa
     save_checkpoint(run.segmenter.net, run.meta, output / "last")
     metrics = {"architecture": run.meta.architecture, "class_names": run.meta.class_names,
                "epochs": [e.__dict__ for e in history], "best_val_miou": best}
-    atomic_write_bytes(output / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    write_json(output / "metrics.json", metrics)
     return best
 
 

@@ -7,7 +7,6 @@ preprocessed once by `pixels_from_image`, through the one comparator loop.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ from PIL import Image
 
 from vitseg_export.artifact import ArtifactInfo, colorize, read_artifact_info
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_bytes
+from vitseg_export.files import atomic_write_bytes, write_json
 from vitseg_export.parity import ParitySummary, Thresholds, thresholds_dict
 from vitseg_export.precisions import thresholds_for
 
@@ -126,4 +125,4 @@ def _save_diff_png(path: Path, pixels: np.ndarray, ref_mask: np.ndarray, art_mas
 
 def write_report(report: VerifyReport, path: Path) -> None:
     """Write the report's JSON form atomically."""
-    atomic_write_bytes(path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+    write_json(path, report.to_json())

@@ -4,10 +4,15 @@ that turns the project's exceptions into a one-line message, a hint and an exit 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import warnings
+from typing import NoReturn
 
 import typer
+from rich.text import Text
+from typer.exceptions import TyperException
 
 from vitseg_export.cli import demo as demo_cmd
 from vitseg_export.cli import doctor as doctor_cmd
@@ -19,6 +24,7 @@ from vitseg_export.cli import prune as prune_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
+from vitseg_export.errors import Terminated, VitsegError
 
 app = typer.Typer(
     name="vitseg",
@@ -27,50 +33,58 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("models")(models_cmd.models)
-app.command("train")(train_cmd.train)
-app.command("export")(export_cmd.export)
-app.command("verify")(verify_cmd.verify)
-app.command("predict")(predict_cmd.predict)
-app.command("demo")(demo_cmd.demo)
-app.command("doctor")(doctor_cmd.doctor)
-app.command("profile")(profile_cmd.profile)
-app.command("benchmark")(profile_cmd.benchmark)
-app.command("prune")(prune_cmd.prune)
+COMMANDS = {"models": models_cmd.models, "train": train_cmd.train, "export": export_cmd.export,
+            "verify": verify_cmd.verify, "predict": predict_cmd.predict, "demo": demo_cmd.demo,
+            "doctor": doctor_cmd.doctor, "profile": profile_cmd.profile, "benchmark": profile_cmd.benchmark,
+            "prune": prune_cmd.prune}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("warning: ", "yellow"), str(message)), soft_wrap=True)
+
+
+def _fail(message: str, hint: str | None, code: int) -> NoReturn:
+    """The one way the CLI reports a failure: one line on stderr (user text never read as markup), an exit code."""
+    line = Text.assemble(("error: ", "bold red"), " ".join(message.split()))
+    if hint:
+        line.append(f" ({' '.join(hint.split())})", style="dim")
+    err_console.print(line, soft_wrap=True)
+    sys.exit(code)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def main() -> None:
-    from vitseg_export.errors import VitsegError
-
+    """Entry point of `vitseg`: usage errors and VitsegErrors exit 2 (3: verify failure), interrupts 130,
+    SIGTERM 143, anything else 1, each with one line on stderr (VITSEG_DEBUG=1: the traceback)."""
     warnings.showwarning = _show_warning
     debug = os.environ.get("VITSEG_DEBUG") == "1"
+    if threading.current_thread() is threading.main_thread():  # kills run the same cleanup as Ctrl-C
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except VitsegError as e:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e.message}" + (f" [dim]({e.hint})[/]" if e.hint else ""), highlight=False,
-                          soft_wrap=True)
+        _fail(e.message, e.hint, e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail("interrupted", "nothing was written", 130)
+    except Terminated:
+        _fail("terminated (SIGTERM)", "nothing was written", 143)
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/]")
-        sys.exit(130)
-    except Exception as e:  # click usage errors and anything unexpected: one line unless debugging
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show(file=sys.stderr)
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+    except TyperException as e:  # usage errors (typer's own click): no `click` import, it may not be installed
+        _fail(e.format_message(), "see `vitseg --help` or `vitseg COMMAND --help`", e.exit_code)
+    except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e} [dim](set VITSEG_DEBUG=1 for the traceback)[/]",
-                          highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(e) or type(e).__name__, "check the path, its permissions and the free space", 2)
+    except Exception as e:
+        if debug:
+            raise
+        _fail(f"{type(e).__name__}: {e}", "this is a bug in vitseg; VITSEG_DEBUG=1 shows the traceback", 1)
+    sys.exit(code if isinstance(code, int) else 0)

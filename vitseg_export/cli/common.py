@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from vitseg_export.files import json_bytes
 
 # Results on stdout, progress and logs on stderr.
 console = Console()
@@ -20,7 +21,7 @@ DataSpec = Annotated[str, typer.Option("--data", help="synthetic[:N], pets:DIR o
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.write(json_bytes(data).decode())
     sys.stdout.flush()
 
 

@@ -36,7 +36,7 @@ def profile(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""
-    from vitseg_export.files import atomic_write_bytes
+    from vitseg_export.files import write_json
     from vitseg_export.profiling import profile as run_profile
 
     batches = _ints(batch)
@@ -62,9 +62,8 @@ def profile(
                           "-" if r["gflops"] is None else f"{r['gflops']:.2f}")
     console.print(table)
     if json_file:
-        import json
 
-        atomic_write_bytes(json_file, (json.dumps(results, indent=2) + "\n").encode())
+        write_json(json_file, results)
 
 
 def benchmark(

@@ -101,9 +101,9 @@ register_backend(Backend("tensorrt", lazy_runner("vitseg_export.runners.tensorrt
 def _openvino_devices() -> list[str]:
     if module_version("openvino")[0] is None:
         return []
-    import openvino
+    from vitseg_export.runners.openvino_runner import openvino_core
 
-    return [d.split(".")[0].lower() for d in openvino.Core().available_devices] + ["auto"]
+    return [d.split(".")[0].lower() for d in openvino_core().available_devices] + ["auto"]
 
 
 register_backend(Backend("openvino", lazy_runner("vitseg_export.runners.openvino_runner", "OpenVINORunner"),

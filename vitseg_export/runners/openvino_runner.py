@@ -15,9 +15,18 @@ from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 OPENVINO_HINT = "pip install 'vitseg-export[openvino]'"
 
 
+_CORE: list[Any] = []
+
+
 def openvino_core() -> Any:
-    """An openvino.Core, or BackendMissingError (one line) when openvino is not installed."""
-    return require_module("openvino", "OpenVINO is not installed", OPENVINO_HINT).Core()
+    """The process's one openvino.Core (BackendMissingError, one line, when openvino is not installed).
+
+    One, kept for the life of the process: a Core going away unloads the frontend and plugin libraries
+    while models it read or compiled may still be alive, and their later destruction then crashes the
+    interpreter (seen as a segfault in the test suite with a Core per call)."""
+    if not _CORE:
+        _CORE.append(require_module("openvino", "OpenVINO is not installed", OPENVINO_HINT).Core())
+    return _CORE[0]
 
 
 def inference_precision(core: Any, device: str, wanted: str) -> str:
