@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes
@@ -237,12 +239,55 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
 
 # ---- preprocessing: identical for every backend, training included ---------------------------------
 
-def load_rgb(path: str | Path) -> Image.Image:
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images unless allowed: decoding them takes GBs
+
+
+def max_image_pixels() -> int:
+    """The image size limit in pixels: VITSEG_MAX_IMAGE_PIXELS (0: none), else 64 MP."""
+    value = os.environ.get("VITSEG_MAX_IMAGE_PIXELS", "")
+    return int(value) if value.strip().isdigit() else DEFAULT_MAX_IMAGE_PIXELS
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB that keeps the image's range: 16-bit grey scales by 1/257 (not saturated, as
+    convert("RGB") does), 32-bit integer grey by its bit depth, float grey from [0, 1] (or 0..255 when its
+    values exceed 1). Everything else through PIL's own conversion (16-bit RGB included)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """An image file as 8-bit RGB, as displayed (EXIF orientation applied), its bit depth respected.
+    Images over `max_pixels` (default: max_image_pixels()) are refused before decoding. Raises VitsegError
+    (one line) for missing, unreadable, oversized or non-image files."""
+    path = Path(path)
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    if path.is_dir():
+        raise VitsegError(f"{path} is a directory, not an image", "pass image files, e.g. DIR/*.jpg")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise VitsegError(f"cannot read image {path} ({e})", "pass JPEG/PNG images") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+            with Image.open(path) as im:
+                if limit and im.width * im.height > limit:
+                    raise VitsegError(f"image {path} is {im.width}x{im.height} ({im.width * im.height:,} pixels), over "
+                                      f"the {limit:,}-pixel limit", "downscale it, or allow it with --allow-large-images "
+                                      "(VITSEG_MAX_IMAGE_PIXELS=0)")
+                return _as_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise VitsegError(f"image {path} is too large to decode safely ({e})", "downscale it") from None
+    except FileNotFoundError:
+        raise VitsegError(f"image {path} does not exist", "check the path") from None
+    except PermissionError:
+        raise VitsegError(f"image {path} cannot be read (permission denied)", "fix the file's permissions") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise VitsegError(f"{path} is not an image vitseg can read ({e})", "pass JPEG, PNG, BMP, WebP or TIFF images") from None
 
 
 def pixels_from_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:

@@ -69,7 +69,7 @@ class CheckpointMeta:
         try:
             family = data["family"]
             norm = data["normalization"]
-            return cls(
+            meta = cls(
                 architecture=data["architecture"],
                 family=family,
                 config=registry.config_from_dict(family, data["model_config"]),
@@ -82,6 +82,10 @@ class CheckpointMeta:
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"{where} is not a valid vitseg config ({type(e).__name__}: {e})",
                                   "re-save the checkpoint with `vitseg train` or point at the run directory") from None
+        if len(meta.class_names) != meta.config.num_classes:
+            raise CheckpointError(f"{where} names {len(meta.class_names)} classes but its model predicts "
+                                  f"{meta.config.num_classes}", "fix class_names in config.json to one name per class")
+        return meta
 
     @classmethod
     def for_architecture(cls, arch: Architecture, num_classes: int | None = None,
@@ -112,6 +116,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path} cannot be read (permission denied)", "fix the file's permissions") from None
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -124,6 +130,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     unpickled). Raises CheckpointError for missing, damaged or non-tensor files."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist", "check the path")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path} cannot be read (permission denied)", "fix the file's permissions")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:

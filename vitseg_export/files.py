@@ -37,9 +37,10 @@ def _temp_beside(path: Path) -> Path:
 
 def atomic_write_group(files: dict[Path, bytes]) -> None:
     """Write every file to a temp file beside it, then rename them over their targets in order (put a
-    manifest last). On any failure (disk full, permissions, interruption) the temp files are removed and
-    the existing targets are untouched."""
+    manifest last). All or nothing: on any failure (disk full, permissions, interruption) the temp files
+    are removed and targets already replaced get their previous content back (or are removed if new)."""
     temps: list[tuple[Path, Path]] = []
+    backups: dict[Path, Path | None] = {}
     try:
         for path, data in files.items():
             tmp = _temp_beside(Path(path))
@@ -50,10 +51,36 @@ def atomic_write_group(files: dict[Path, bytes]) -> None:
                 os.fsync(f.fileno())
             os.chmod(tmp, FILE_MODE)
         for tmp, path in temps:
+            backups[path] = _backup(path)
             os.replace(tmp, path)
+    except BaseException:
+        _restore(backups, done={path for tmp, path in temps if not tmp.exists()})
+        raise
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
+        for backup in backups.values():
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+
+def _backup(path: Path) -> Path | None:
+    """A hard link to the file about to be replaced (its previous content), or None if it is new."""
+    if not path.is_file():
+        return None
+    backup = _temp_beside(path)
+    backup.unlink()
+    os.link(path, backup)
+    return backup
+
+
+def _restore(backups: dict[Path, Path | None], done: set[Path]) -> None:
+    for path in done:
+        backup = backups.get(path)
+        if backup is not None:
+            os.replace(backup, path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

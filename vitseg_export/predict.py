@@ -34,27 +34,46 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def output_stems(images: list[Path]) -> list[str]:
+    """One output name per input: its stem, or, where stems repeat (a/x.jpg, b/x.png), the stem with the
+    parent folder's name and a counter if needed, so no input's mask overwrites another's."""
+    counts: dict[str, int] = {}
+    for path in images:
+        counts[path.stem] = counts.get(path.stem, 0) + 1
+    stems, used = [], set()
+    for path in images:
+        stem = path.stem if counts[path.stem] == 1 else f"{path.parent.name or 'root'}_{path.stem}"
+        base, k = stem, 2
+        while stem in used:
+            stem, k = f"{base}-{k}", k + 1
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
 def predict_images(model: str, images: list[Path], output: Path, overlay: bool = False, device: str = "cpu",
-                   progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
+                   progress: Callable[[int, int], None] | None = None, backend: str | None = None,
+                   max_pixels: int | None = None) -> list[Prediction]:
     """Write `<stem>_mask.png` (class indices at the image's own resolution) and, with overlay,
-    `<stem>_overlay.png` (colours blended onto the image) for each image."""
-    runner = runner_for(model, device=device, outputs=("mask",))
+    `<stem>_overlay.png` (colours blended onto the image) for each image (`output_stems` names them).
+    `max_pixels` overrides the image size limit (0: none). Raises VitsegError for unreadable images."""
+    runner = runner_for(model, device=device, backend=backend, outputs=("mask",))
     results = []
     with runner:
         size = tuple(runner.input_size)
         names = runner.class_names
-        for i, path in enumerate(images):
-            image = load_rgb(path)
+        for i, (path, stem) in enumerate(zip(images, output_stems(images))):
+            image = load_rgb(path, max_pixels)
             out = runner.infer({"pixels": pixels_from_image(image, size)[None]})
             mask = mask_of(out)[0].astype(np.uint8)
             # Back to the image's own resolution; nearest keeps class indices intact.
             full = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
-            mask_path = output / f"{path.stem}_mask.png"
+            mask_path = output / f"{stem}_mask.png"
             atomic_write_bytes(mask_path, _png_bytes(full))
             overlay_path = None
             if overlay:
                 blend = (0.55 * np.asarray(image, np.float32) + 0.45 * colorize(full)).round().astype(np.uint8)
-                overlay_path = output / f"{path.stem}_overlay.png"
+                overlay_path = output / f"{stem}_overlay.png"
                 atomic_write_bytes(overlay_path, _png_bytes(blend))
             counts = np.bincount(full.ravel(), minlength=len(names))
             results.append(Prediction(path, mask_path, overlay_path,

@@ -199,11 +199,12 @@ def _train_epoch(run: _Run, epoch: int, opt, sched, scaler, amp_dtype, progress,
 
 
 def _save_epoch(run: _Run, output: Path, history: list[EpochMetrics], best: float) -> float:
-    """Rank 0: best checkpoint (by val mIoU), last checkpoint and metrics.json. Returns the new best."""
+    """Rank 0: best checkpoint (by val mIoU; an undefined mIoU ranks lowest, and the first epoch is always
+    saved), last checkpoint and metrics.json (strict JSON: undefined values are null). Returns the new best."""
     m = history[-1]
     record = {**run.meta.training, "epoch": m.epoch, "val_pixel_accuracy": m.val_pixel_accuracy, "val_miou": m.val_miou}
-    if m.val_miou > best:
-        best = m.val_miou
+    if len(history) == 1 or score_of(m) > best:
+        best = score_of(m)
         run.meta.training = {**record, "checkpoint": "best"}
         save_checkpoint(run.segmenter.net, run.meta, output)
     run.meta.training = {**record, "checkpoint": "last"}
@@ -212,6 +213,11 @@ def _save_epoch(run: _Run, output: Path, history: list[EpochMetrics], best: floa
                "epochs": [e.__dict__ for e in history], "best_val_miou": best}
     write_json(output / "metrics.json", metrics)
     return best
+
+
+def score_of(metrics: EpochMetrics) -> float:
+    """An epoch's validation mIoU for ranking; -inf when undefined (no labelled validation pixels)."""
+    return metrics.val_miou if math.isfinite(metrics.val_miou) else float("-inf")
 
 
 def train(
@@ -239,7 +245,7 @@ def train(
                              "image_size": run.meta.image_size[0], "batch_size": settings.batch_size, "world_size": world,
                              "device": run.device.type, "amp": str(amp_dtype).replace("torch.", "") if use_amp else None}
         history: list[EpochMetrics] = []
-        best = -1.0
+        best = float("-inf")
         for epoch in range(1, settings.epochs + 1):
             t0 = time.perf_counter()
             loss = _train_epoch(run, epoch, opt, sched, scaler, amp_dtype, progress, after_step)
@@ -267,6 +273,7 @@ def training_start(model: str | None, init: str | None, data: str, seed: int = 0
     if model is None and init is None:
         raise VitsegError("nothing to train", "pass --model ARCH (see `vitseg models`) or --init CHECKPOINT")
     num_classes = len(open_source(data, "train", seed).class_names)
+    open_source(data, "val", seed)  # both splits checked (masks, labels) before anything is built
     if init is None:
         arch = registry.get_architecture(model)
         with torch.random.fork_rng(devices=[]):

@@ -76,7 +76,7 @@ def main() -> None:
     except Terminated:
         _fail("terminated (SIGTERM)", "nothing was written", 143)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except TyperException as e:  # usage errors (typer's own click): no `click` import, it may not be installed
         _fail(e.format_message(), "see `vitseg --help` or `vitseg COMMAND --help`", e.exit_code)
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
@@ -87,4 +87,6 @@ def main() -> None:
         if debug:
             raise
         _fail(f"{type(e).__name__}: {e}", "this is a bug in vitseg; VITSEG_DEBUG=1 shows the traceback", 1)
+    if code == 130:  # typer turns Ctrl-C into a silent exit code 130 (after every `finally` ran): say so
+        _fail("interrupted", "nothing was written", 130)
     sys.exit(code if isinstance(code, int) else 0)

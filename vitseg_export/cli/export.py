@@ -94,7 +94,13 @@ def _int8_settings(calib: str, images: int, method: str, target: str, min_agreem
 
 
 def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
-    """(artifact path, ExportResult): from an ONNX artifact where the format builds on one, else from the checkpoint."""
+    """(artifact path, ExportResult): from an ONNX artifact where the format builds on one, else from the checkpoint.
+    The output path and the data specs are checked before any heavy work."""
+    from vitseg_export.files import check_output_file
+
+    if output is not None:
+        check_output_file(output, "--output")
+    _check_data(request)
     if checkpoint.endswith(".onnx"):
         if fmt.from_onnx is None:
             raise VitsegError(f"--format {fmt.name} exports checkpoints, and {checkpoint} is an ONNX artifact",
@@ -106,8 +112,19 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
 
     loaded = load_checkpoint(checkpoint)
     path = output or default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0])
+    check_output_file(path, "output")
     with status("export") as update:
         return path, fmt.export(loaded, path, request, lambda m: (update(m), err_console.print(f"  {m}", highlight=False)))
+
+
+def _check_data(request) -> None:
+    """Open every data spec the export will read (DataError, one line, for a bad one) before the export starts."""
+    from vitseg_export.data.sources import open_source
+
+    open_source(request.onnx.parity_data, "val")
+    if request.precision == "int8":
+        open_source(request.int8.calib, "calib")
+        open_source(request.int8.heldout or request.int8.calib, "val")
 
 
 def _lint(result, check_trt: bool) -> list:

@@ -27,9 +27,11 @@ def train(
     """Train a segmentation model; writes the best and last checkpoints atomically and metrics.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vitseg_export.training import TrainSettings, training_start
+    from vitseg_export.files import check_output_dir
+    from vitseg_export.training import TrainSettings, score_of, training_start
     from vitseg_export.training import train as run_training
 
+    check_output_dir(output, "--output")
     start = training_start(model, init, data, seed)
     settings = TrainSettings(data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                              num_workers=workers, seed=seed)
@@ -49,6 +51,6 @@ def train(
 
         history = run_training(start, settings, output, progress)
     if rank0:
-        best = max(history, key=lambda m: m.val_miou)
+        best = max(history, key=score_of)
         console.print(f"best epoch {best.epoch}: val pixel accuracy {best.val_pixel_accuracy * 100:.2f}%, "
                       f"mIoU {best.val_miou * 100:.2f}; checkpoint {output} (last: {output / 'last'})", highlight=False)

@@ -33,6 +33,12 @@ def verify(
     from vitseg_export.precisions import thresholds_for
     from vitseg_export.verify import verify_artifact, write_report
 
+    from vitseg_export.files import check_output_dir, check_output_file
+
+    if report:
+        check_output_file(report, "--report")
+    if save_diff:
+        check_output_dir(save_diff, "--save-diff")
     precision = read_artifact_info(artifact).precision
     thresholds = thresholds_for(precision, min_agreement=min_agreement, min_miou_vs_reference=min_miou,
                                 max_abs_logit_diff=max_abs_diff)

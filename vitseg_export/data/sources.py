@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from vitseg_export.errors import DataError
+from vitseg_export.errors import DataError, VitsegError
 
 IGNORE_INDEX = 255
 PET_CLASSES = ("pet", "background", "border")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val", "calib")
 
 
@@ -203,7 +203,10 @@ class ImageMaskFolder(Source):
     """`DIR/images/*` + `DIR/masks/<stem>.png` (class indices; 255 ignored), optional `DIR/classes.txt`.
     Without masks/ the images are unlabelled (fine for calibration and prediction). Every 10th image
     (sorted by name) is the validation split; the others are the train and calib splits (so held-out images
-    are never calibration images). Fewer than 10 images: every split is all of them."""
+    are never calibration images). Fewer than 10 images: every split is all of them.
+
+    Masks are checked when the source is opened, before any work: one per image, the image's size, one
+    channel, values below the class count or 255, and a validation split with labelled pixels."""
 
     def __init__(self, root: Path, split: str):
         images = root / "images"
@@ -220,6 +223,35 @@ class ImageMaskFolder(Source):
         if classes.is_file():
             self.class_names = tuple(c.strip() for c in classes.read_text().splitlines() if c.strip())
         self.description = f"folder:{root} split={split}"
+        if self.masks is not None:
+            labelled = sum(self._check_mask(path) for path in files)
+            if split == "val" and labelled == 0:
+                raise DataError(f"folder:{root}: the validation masks have no labelled pixels (all 255)",
+                                "label some pixels of every 10th image, or train on other data")
+
+    def _check_mask(self, path: Path) -> int:
+        """Validate the mask of `path` (DataError naming it); returns its number of labelled pixels."""
+        assert self.masks is not None
+        mpath = self.masks / f"{path.stem}.png"
+        if not mpath.is_file():
+            raise DataError(f"{mpath} is missing for {path.name}", "every image needs a mask with the same stem")
+        try:
+            with Image.open(mpath) as m:
+                mask = np.asarray(m)
+            with Image.open(path) as im:
+                size = ImageOps.exif_transpose(im).size
+        except (OSError, ValueError) as e:
+            raise DataError(f"{mpath} or {path.name} cannot be read ({e})", "re-save the file") from None
+        if mask.ndim != 2:
+            raise DataError(f"{mpath} is not a single-channel class-index PNG", "save masks as mode 'L' or 'P'")
+        if (mask.shape[1], mask.shape[0]) != size:
+            raise DataError(f"{mpath} is {mask.shape[1]}x{mask.shape[0]} but {path.name} is {size[0]}x{size[1]}",
+                            "masks must have their image's size (vitseg does not stretch them)")
+        bad = np.unique(mask[(mask >= len(self.class_names)) & (mask != IGNORE_INDEX)])
+        if bad.size:
+            raise DataError(f"{mpath} has class values {bad[:5].tolist()} but there are {len(self.class_names)} classes",
+                            "values must be 0..classes-1 or 255 (ignored); fix the mask or classes.txt")
+        return int((mask != IGNORE_INDEX).sum())
 
     def __len__(self) -> int:
         return len(self.files)
@@ -230,23 +262,19 @@ class ImageMaskFolder(Source):
     def __getitem__(self, index: int) -> Sample:
         path = self.files[index]
         mask = None
-        if self.masks is not None:
-            mpath = self.masks / f"{path.stem}.png"
-            if not mpath.is_file():
-                raise DataError(f"{mpath} is missing for {path.name}", "every image needs a mask with the same stem")
-            mask = np.asarray(Image.open(mpath))
-            if mask.ndim != 2:
-                raise DataError(f"{mpath} is not a single-channel class-index PNG", "save masks as mode 'L' or 'P'")
-            mask = mask.astype(np.uint8)
+        if self.masks is not None:  # validated when the source was opened
+            with Image.open(self.masks / f"{path.stem}.png") as m:
+                mask = np.asarray(m).astype(np.uint8)
         return Sample(_open_image(path), mask, path.stem)
 
 
 def _open_image(path: Path) -> Image.Image:
+    from vitseg_export.artifact import load_rgb
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path} ({e})", "the file is missing or not an image") from None
+        return load_rgb(path)
+    except VitsegError as e:
+        raise DataError(e.message, e.hint) from None
 
 
 # ---- the spec string ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import onnx
 
 from vitseg_export.comparator import InputSet, RecordedOutputs, compare, load_inputs, record
 from vitseg_export.errors import VitsegError
+from vitseg_export.files import atomic_write_bytes
 from vitseg_export.export.fp16 import FP16_ISLANDS, onnx_fp16
 from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
 from vitseg_export.parity import Thresholds
@@ -302,10 +303,12 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
     held = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     image_list_hash = hashlib.sha256("\n".join(im.name for im in calib.images).encode()).hexdigest()[:16]
     model_hash = hashlib.sha256(model.SerializeToString()).hexdigest()[:16]
+    name = f"ranges-{model_hash}-{image_list_hash}-{settings.method}.json"
+    kept = Path(cache_dir) / name if cache_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="vitseg-int8-") as work_dir:
-        cache_root = Path(cache_dir) if cache_dir is not None else Path(work_dir)
-        cache_root.mkdir(parents=True, exist_ok=True)
-        cache = cache_root / f"ranges-{model_hash}-{image_list_hash}-{settings.method}.json"
+        # calibrate into the work dir; the cache is kept (atomically) only once int8 succeeded, so an
+        # interrupted export leaves neither a half-written cache nor an empty cache directory
+        cache = kept if kept is not None and kept.is_file() else Path(work_dir) / name
         quantize = _Quantizer(model, calib, settings, Path(work_dir), cache)
         progress(f"calibrating on {len(calib)} images ({settings.method})")
         with graph_runner(model, size, 0, "fp32") as fp32:
@@ -321,6 +324,8 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         if not heldout.meets(current):
             quantized, fallback, current = _fall_back(quantize, heldout, candidates, macs, settings, progress)
         ranges = json.loads(cache.read_text()) if cache.is_file() else None
+        if kept is not None and cache != kept and cache.is_file():
+            atomic_write_bytes(kept, cache.read_bytes())
     if settings.target == "trt":
         # The float part in fp16 (strongly typed TensorRT runs what the graph states); Q/DQ stay fp32
         # (opset-17 DequantizeLinear has fp32 scales), joined to the fp16 part by Casts.
@@ -334,5 +339,5 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         heldout_agreement=current[0], heldout_miou_vs_reference=current[1],
         heldout={"source": held.source, "images": len(held)},
         calibration={"source": calib.source, "images": len(calib), "image_list_sha256": image_list_hash,
-                     "method": settings.method, "cache": None if cache_dir is None else str(cache), "ranges": ranges},
+                     "method": settings.method, "cache": None if kept is None else str(kept), "ranges": ranges},
         settings=_settings_record(settings, len(held), quantize))
