@@ -134,7 +134,8 @@ def _onnx_summary(path: Path, manifest: Any) -> list[str]:
                      + (" [bold yellow](mostly float: most compute is NOT int8)[/]" if share < 0.5 else ""))
         lines += [f"  float: {escape(row['node'])} ({escape(row['reason'])})" for row in details["fallback_layers"]]
     elif precision == "fp16":
-        lines.append(f"fp16 with fp32 islands: {', '.join(details['fp32_islands'])}; I/O {details['io_dtype']}")
+        ops = ", ".join(f"{op} {n}" for op, n in details["fp32_ops"].items()) or "none"
+        lines.append(f"fp16 (AutoCast): {len(details['fp32_nodes'])} nodes kept in fp32 ({ops}); I/O {details['io_dtype']}")
     lines.append(f"wrote {escape(str(path))} ({manifest.size_bytes / 1e6:.2f} MB, opset {meta['opset']}, "
                  f"outputs {', '.join(meta['outputs'])}) and {escape(path.name)}.json")
     parity = manifest.self_parity

@@ -34,6 +34,7 @@ class ConversionContext:
     fp16_io: bool = False
     cache_dir: Path | None = None
     progress: Callable[[str], None] = lambda message: None
+    data: str = "synthetic"  # the spec whose calib split fp16's range measurement runs on
 
 
 @dataclass
@@ -56,11 +57,15 @@ class Precision:
 
 
 def _to_fp16(model: Any, ctx: ConversionContext) -> Conversion:
-    from vitseg_export.export.fp16 import FP16_ISLANDS, onnx_fp16
+    import numpy as np
 
-    ctx.progress("converting to fp16 with fp32 islands")
-    return Conversion(onnx_fp16(model, ctx.fp16_io),
-                      {"fp32_islands": list(FP16_ISLANDS), "io_dtype": "float16" if ctx.fp16_io else "float32"})
+    from vitseg_export.comparator import load_inputs
+    from vitseg_export.export.fp16 import onnx_fp16
+
+    ctx.progress("converting to fp16 (AutoCast: fp32 where values exceed 512)")
+    images = load_inputs(ctx.data, "calib", 8, ctx.image_size).images
+    converted, details = onnx_fp16(model, np.concatenate([im.pixels[None] for im in images]), ctx.fp16_io)
+    return Conversion(converted, details)
 
 
 def _to_int8(model: Any, ctx: ConversionContext) -> Conversion:

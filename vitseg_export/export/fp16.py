@@ -1,46 +1,50 @@
-"""fp32 ONNX -> fp16 ONNX: onnxruntime's `convert_float_to_float16`, with fp32 islands where fp16 is
-unsafe (below), fp32 graph inputs/outputs unless `fp16_io`. Precision is decided in the graph itself,
-so every backend (ONNX Runtime, strongly typed TensorRT) runs exactly what the graph states.
-"""
+"""fp32 ONNX -> fp16 ONNX with NVIDIA Model Optimizer's AutoCast: data-driven fp32 islands. AutoCast runs
+the graph on real images and keeps in fp32 the nodes whose values exceed 512 (where fp16's 10-bit mantissa
+and 65504 range start to bite: large LayerNorm statistics, exp-sums) or whose initializers do not fit
+fp16; everything else becomes fp16, with as few Casts as that needs. fp32 graph inputs/outputs unless
+`fp16_io`. Precision is decided in the graph itself, so every backend (ONNX Runtime, strongly typed
+TensorRT) runs exactly what the graph states. The nodes kept in fp32 are listed in the manifest.
+
+Measured on a trained SegFormer-B0 at 128 px: onnxruntime's converter with a fixed op list (LayerNorm,
+Softmax, Resize...) left 90 Casts for 99.997% agreement; AutoCast 35 Casts for 99.994%."""
 
 from __future__ import annotations
 
-import copy
+import collections
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import onnx
 
-# fp32 islands in fp16 graphs. LayerNormalization: the mean/variance of 768-wide ViT tokens overflow
-# fp16's 65504 when squared (the well-known TensorRT ViT failure); ReduceMean/Pow/Sqrt cover decomposed
-# norms. Softmax: exp-sum accumulation over long sequences (SegFormer stage 1 has H/4*W/4 queries).
-# Resize stays fp32: it produces the full-resolution logits the argmax reads.
-FP16_ISLANDS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Resize")
+DATA_MAX = 512.0  # AutoCast: a node whose values exceed this stays in fp32
 
 
-def onnx_fp16(model: onnx.ModelProto, fp16_io: bool = False, islands: tuple[str, ...] = FP16_ISLANDS) -> onnx.ModelProto:
-    """A converted copy of `model`: fp16 everywhere except the op types in `islands`; float32 graph I/O
-    unless `fp16_io`. The input model is not modified."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=not fp16_io, op_block_list=list(islands))
-    _dedupe_casts(converted)
-    wrapped = OnnxModel(converted)
-    wrapped.topological_sort()  # the converter appends its Casts at the end; ONNX requires sorted nodes
-    return wrapped.model
+def fp32_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the compute nodes of a mixed-precision graph that still produce float32 (Casts excluded)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    return [n.name for n in model.graph.node if n.op_type not in ("Cast", "Constant", "Shape")
+            and any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output)]
 
 
-def _dedupe_casts(model: onnx.ModelProto) -> None:
-    """The converter inserts one Cast per blocked consumer of a tensor, all with the same node and output
-    name; identical ones are one Cast (kept once), so the graph stays valid SSA."""
-    seen: dict[str, onnx.NodeProto] = {}
-    keep = []
-    for node in model.graph.node:
-        if node.name in seen:
-            first = seen[node.name]
-            if (node.op_type, list(node.input), list(node.output)) == (first.op_type, list(first.input), list(first.output)):
-                continue
-            node.name = f"{node.name}_{len(keep)}"
-        seen[node.name] = node
-        keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
+def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False) -> tuple[onnx.ModelProto, dict]:
+    """(fp16 graph, manifest details) from vitseg's fp32 graph; `pixels` (N,3,H,W) are the images AutoCast
+    measures value ranges on. Raises BackendMissingError without Model Optimizer."""
+    from vitseg_export.export.graph import remove_dead_nodes
+    from vitseg_export.export.int8 import _quiet_loggers
+    from vitseg_export.runners.base import require_module
+
+    with tempfile.TemporaryDirectory(prefix="vitseg-fp16-") as tmp, _quiet_loggers():
+        autocast = require_module("modelopt.onnx.autocast", "fp16 export needs NVIDIA Model Optimizer (AutoCast)",
+                                  "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
+        onnx.save(model, Path(tmp) / "fp32.onnx")
+        np.savez(Path(tmp) / "calibration.npz", pixels=pixels)
+        converted = autocast.convert_to_mixed_precision(
+            onnx_path=str(Path(tmp) / "fp32.onnx"), low_precision_type="fp16", data_max=DATA_MAX,
+            keep_io_types=not fp16_io, calibration_data=str(Path(tmp) / "calibration.npz"), providers=["cpu"])
+    remove_dead_nodes(converted)
+    kept = fp32_nodes(converted)
+    by_op = collections.Counter(n.op_type for n in converted.graph.node if n.name in set(kept))
+    return converted, {"converter": "modelopt.onnx.autocast (data_max 512)", "io_dtype": "float16" if fp16_io else "float32",
+                       "fp32_nodes": kept, "fp32_ops": dict(by_op), "calibration_images": len(pixels)}

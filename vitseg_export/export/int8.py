@@ -16,7 +16,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -24,12 +24,17 @@ import onnx
 from vitseg_export.comparator import InputSet, RecordedOutputs, compare, load_inputs, record
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes
-from vitseg_export.export.fp16 import FP16_ISLANDS, onnx_fp16
+from vitseg_export.export.graph import remove_dead_nodes, to_float
 from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
 from vitseg_export.parity import Thresholds
 from vitseg_export.runners.onnxruntime_runner import graph_runner, session_options
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+# --target cpu: ONNX Runtime's CPU provider runs int8 MatMul/Gemm in integer kernels (MatMulIntegerToFloat,
+# QLinearMatMul), but left SegFormer's convolutions (patch embeddings, sequence reduction, depthwise) as
+# DequantizeLinear + float Conv: measured at 512 px, quantized Convs took 31 ms + 17 ms of dequantization
+# against 12 ms in fp32. So only MatMul/Gemm are quantized for the CPU.
+CPU_QUANTIZED_OP_TYPES = ("MatMul", "Gemm")
 
 __all__ = ["Int8Result", "Int8Settings", "QUANTIZED_OP_TYPES", "node_macs", "quantize_int8", "restore_float_consumers"]
 
@@ -71,7 +76,7 @@ def _quant_options(target: str):
     common = {"ActivationSymmetric": True, "WeightSymmetric": True}
     if target == "trt":
         return QuantType.QInt8, QuantType.QInt8, True, {**common, "QuantizeBias": False, "DedicatedQDQPair": True}
-    return QuantType.QInt8, QuantType.QInt8, False, {**common, "QuantizeBias": True}
+    return QuantType.QInt8, QuantType.QInt8, False, {**common, "QuantizeBias": False}
 
 
 class _Reader:
@@ -167,21 +172,26 @@ def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 @contextlib.contextmanager
-def _quiet_quantizer() -> Iterator[None]:
-    """quantize_static logs a pre-processing warning on every call through the root logger: raise its
-    level for the duration only, and put it back."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def _quiet_loggers() -> Iterator[None]:
+    """quantize_static logs a pre-processing warning on every call through the root logger, Model Optimizer
+    an NVML error on machines without a GPU: raise their levels for the duration only, and put them back."""
+    names = [""] + [n for n in logging.root.manager.loggerDict if n.startswith("modelopt")]
+    loggers = [logging.getLogger(n) if n else logging.getLogger() for n in names + ["modelopt"]]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
-class _Quantizer:
-    """quantize_static over one fp32 graph (saved to a work dir: it rewrites ModelProtos it is handed
-    into external-data form) with one set of calibration images and a range cache."""
+class _OrtQuantizer:
+    """--target cpu: ONNX Runtime's quantize_static over one fp32 graph (saved to a work dir: it rewrites
+    ModelProtos it is handed into external-data form), with a range cache."""
+
+    name = "onnxruntime.quantization.quantize_static"
 
     def __init__(self, model: onnx.ModelProto, calib: InputSet, settings: Int8Settings, work: Path, cache: Path):
         from onnxruntime.quantization import CalibrationMethod
@@ -196,20 +206,81 @@ class _Quantizer:
         if settings.method != "minmax":
             self.extra = {**self.extra, "CalibTensorRangeSymmetric": True}
 
-    def __call__(self, exclude: list[str], include: list[str] | None = None) -> onnx.ModelProto:
+    def __call__(self) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantFormat, quantize_static
 
-        with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet_quantizer():
+        with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet_loggers():
             out = Path(tmp) / "q.onnx"
             quantize_static(
                 self.fp32_path, out, _Reader(self.batches), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=self.per_channel, reduce_range=False,
-                activation_type=self.act_type, weight_type=self.weight_type, nodes_to_exclude=exclude,
-                nodes_to_quantize=include, calibrate_method=self.method, extra_options=self.extra,
-                calibration_cache_path=self.cache)
+                op_types_to_quantize=list(CPU_QUANTIZED_OP_TYPES), per_channel=self.per_channel, reduce_range=True,
+                activation_type=self.act_type, weight_type=self.weight_type, calibrate_method=self.method,
+                extra_options=self.extra, calibration_cache_path=self.cache)
             quantized = onnx.load(out)
         restore_float_consumers(quantized)
         return quantized
+
+    def record(self) -> dict:
+        """How the graph was quantized (the manifest's `quantization`)."""
+        return {"quantizer": self.name, "activation_type": "int8 symmetric per-tensor",
+                "weight_type": "int8 symmetric " + ("per-channel (output-channel axis)" if self.per_channel else "per-tensor"),
+                "extra_options": self.extra}
+
+
+@contextlib.contextmanager
+def _ort_quantization_restored() -> Iterator[None]:
+    """Model Optimizer monkeypatches ONNX Runtime's quantization classes (calibrators, quantizers) for the
+    whole process and never puts them back; a later --target cpu quantization then fails. Snapshot every
+    class and module attribute of those modules, and restore what changed."""
+    import importlib
+
+    saved: list[tuple[Any, dict]] = []
+    for name in ("calibrate", "base_quantizer", "qdq_quantizer", "onnx_quantizer", "quantize"):
+        module = importlib.import_module(f"onnxruntime.quantization.{name}")
+        saved.append((module, dict(vars(module))))
+        saved += [(cls, dict(vars(cls))) for cls in vars(module).values()
+                  if isinstance(cls, type) and cls.__module__ == module.__name__]
+    try:
+        yield
+    finally:
+        for owner, attrs in saved:
+            for key, value in attrs.items():
+                if vars(owner).get(key) is not value and not key.startswith("__"):
+                    setattr(owner, key, value)
+            if isinstance(owner, type) and vars(owner).get("__init__") is not attrs.get("__init__", vars(owner).get("__init__")):
+                setattr(owner, "__init__", attrs["__init__"])
+
+
+class _ModelOptQuantizer:
+    """--target trt: NVIDIA Model Optimizer's ONNX PTQ (what NVIDIA documents for TensorRT): symmetric int8
+    Q/DQ where TensorRT fuses them, the float part in fp16, no int32 bias, few Casts. Calibrates on the CPU
+    (ONNX Runtime's CPU provider)."""
+
+    name = "modelopt.onnx.quantization.quantize (int8, fp16 elsewhere)"
+
+    def __init__(self, model: onnx.ModelProto, calib: InputSet, settings: Int8Settings, work: Path, cache: Path):
+        self.fp32_path, self.out_path = work / "fp32.onnx", work / "q.onnx"
+        onnx.save(model, self.fp32_path)
+        self.pixels = np.concatenate([im.pixels[None] for im in calib.images])
+        self.method = {"minmax": "max", "entropy": "entropy"}.get(settings.method)
+        if self.method is None:
+            raise VitsegError(f"--calib-method {settings.method} is not offered for --target trt", "use minmax or entropy")
+
+    def __call__(self) -> onnx.ModelProto:
+        from vitseg_export.runners.base import require_module
+
+        with _quiet_loggers(), _ort_quantization_restored():
+            quantization = require_module("modelopt.onnx.quantization", "--target trt int8 needs NVIDIA Model Optimizer",
+                                          "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
+            quantization.quantize(onnx_path=str(self.fp32_path), quantize_mode="int8", calibration_data={"pixels": self.pixels},
+                                  calibration_method=self.method, calibration_eps=["cpu"], high_precision_dtype="fp16", dq_only=True,
+                                  output_path=str(self.out_path), log_level="ERROR")
+        return onnx.load(self.out_path)
+
+    def record(self) -> dict:
+        """How the graph was quantized (the manifest's `quantization`)."""
+        return {"quantizer": self.name, "calibration_method": self.method, "high_precision_dtype": "fp16",
+                "activation_type": "int8 symmetric per-tensor", "weight_type": "int8 symmetric per-channel"}
 
 
 @dataclass
@@ -221,6 +292,7 @@ class _Heldout:
     num_classes: int
     size: tuple[int, int]
     targets: Thresholds
+    original: onnx.ModelProto  # the fp32 graph: layers returned to float get their original weights back
 
     def score(self, model: onnx.ModelProto, precision: str = "int8") -> tuple[float, float]:
         """(pixel agreement, mIoU vs reference) of `model` on the held-out images."""
@@ -239,40 +311,48 @@ def _describe(score: tuple[float, float]) -> str:
     return f"agreement {score[0] * 100:.3f}%, mIoU vs fp32 {score[1] * 100:.2f}"
 
 
-def _sensitivity(quantize: _Quantizer, heldout: _Heldout, candidates: list[str], progress) -> list[tuple[float, str]]:
-    """(logit SQNR in dB with only that layer quantized, layer) for every candidate, most sensitive first."""
+def _sensitivity(quantized: onnx.ModelProto, heldout: _Heldout, candidates: list[str], progress) -> list[tuple[float, str]]:
+    """(logit SQNR in dB of the quantized graph with only that layer returned to float, layer) for every
+    candidate, the most helpful (highest SQNR) first. One quantized graph serves every probe: no re-calibration."""
     progress(f"measuring the sensitivity of {len(candidates)} layers")
     probe = InputSet(heldout.inputs.source, heldout.inputs.images[:4])
     probe_ref = np.stack(heldout.reference.logits[:len(probe)])
     rows = []
     for name in candidates:
-        with graph_runner(quantize([], include=[name]), heldout.size, heldout.num_classes, "int8") as runner:
+        with graph_runner(to_float(quantized, {name}, heldout.original), heldout.size, heldout.num_classes, "int8") as runner:
             rows.append((_sqnr_db(probe_ref, np.stack(record(runner, probe).logits)), name))
-    return sorted(rows)
+    return sorted(rows, reverse=True)
 
 
-def _fall_back(quantize: _Quantizer, heldout: _Heldout, candidates: list[str], macs: dict, settings: Int8Settings,
+def _fall_back(quantized: onnx.ModelProto, heldout: _Heldout, candidates: list[str], macs: dict, settings: Int8Settings,
                progress) -> tuple[onnx.ModelProto, list[dict], tuple[float, float]]:
-    """Move the most sensitive layers back to float (1, 2, 4... at a time) until the targets are met."""
-    sensitivity = _sensitivity(quantize, heldout, candidates, progress)
-    excluded: list[str] = []
-    fallback: list[dict] = []
-    step, quantized, current = 1, None, (0.0, 0.0)
-    while not heldout.meets(current) and len(excluded) < min(settings.max_fallback, len(sensitivity)):
-        for sqnr, name in sensitivity[len(excluded):len(excluded) + step]:
-            excluded.append(name)
-            fallback.append({"node": name, "sqnr_db_alone": round(sqnr, 2), "macs": macs.get(name, 0),
-                             "reason": f"most sensitive remaining layer (logit SQNR {sqnr:.1f} dB when quantized alone)"})
-        quantized = quantize(excluded)
-        current = heldout.score(quantized)
-        progress(f"{len(excluded)} layers in float: {_describe(current)}")
-        step *= 2
-    if quantized is None or not heldout.meets(current):
-        raise VitsegError(f"int8 could not reach the int8 targets on held-out images ({_describe(current)} "
-                          f"with {len(excluded)} layers in float)",
+    """Return the fewest of the most helpful layers to float that meet the targets: 1, 2, 4... layers until
+    they are met, then bisection between the last count that missed and the first that met."""
+    ranked = _sensitivity(quantized, heldout, candidates, progress)[:settings.max_fallback]
+    tried: dict[int, tuple[onnx.ModelProto, tuple[float, float]]] = {}
+
+    def attempt(count: int) -> bool:
+        model = to_float(quantized, {name for _, name in ranked[:count]}, heldout.original)
+        tried[count] = (model, heldout.score(model))
+        progress(f"{count} layers in float: {_describe(tried[count][1])}")
+        return heldout.meets(tried[count][1])
+
+    low, high = 0, 1
+    while high < len(ranked) and not attempt(high):
+        low, high = high, min(2 * high, len(ranked))
+    if high not in tried and not attempt(high) or not heldout.meets(tried[high][1]):
+        raise VitsegError(f"int8 could not reach the int8 targets on held-out images ({_describe(tried[high][1])} "
+                          f"with {high} layers in float)",
                           "calibrate on more representative images, try --calib-method entropy, or use fp16")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if attempt(middle) else (middle, high)
+    model, current = tried[high]
+    fallback = [{"node": name, "sqnr_db_when_float": round(sqnr, 2), "macs": macs.get(name, 0),
+                 "reason": f"most helpful remaining layer (logit SQNR {sqnr:.1f} dB with it alone in float)"}
+                for sqnr, name in ranked[:high]]
     fallback[-1]["after"] = _describe(current)
-    return quantized, fallback, current
+    return model, fallback, current
 
 
 def _check(model: onnx.ModelProto, settings: Int8Settings) -> None:
@@ -284,60 +364,61 @@ def _check(model: onnx.ModelProto, settings: Int8Settings) -> None:
         raise VitsegError("int8 export needs the logits output", "export with --outputs logits or both")
 
 
-def _settings_record(settings: Int8Settings, heldout_images: int, quantize: _Quantizer) -> dict:
+def _settings_record(settings: Int8Settings, heldout_images: int, quantize) -> dict:
     return {"calib": settings.calib, "calib_images": settings.calib_images, "method": settings.method,
             "target": settings.target, "min_agreement": settings.min_agreement,
             "min_miou_vs_reference": settings.min_miou_vs_reference, "heldout": settings.heldout or settings.calib,
-            "heldout_images": heldout_images, "activation_type": "int8 symmetric per-tensor",
-            "weight_type": "int8 symmetric " + ("per-channel (output-channel axis)" if quantize.per_channel else "per-tensor"),
-            "extra_options": quantize.extra}
+            "heldout_images": heldout_images, **quantize.record()}
+
+
+def quantized_layers(model: onnx.ModelProto) -> list[str]:
+    """Conv/MatMul/Gemm nodes of a Q/DQ graph that read at least one dequantized (int8) input."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES
+            and any(producers.get(i) == "DequantizeLinear" for i in n.input)]
 
 
 def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, cache_dir: Path | None = None,
                   progress: Callable[[str], None] = lambda m: None) -> Int8Result:
-    """Calibrated int8 QDQ graph of vitseg's verified fp32 `model` (its first output must be `logits`),
-    with float fallback until the held-out targets are met. Raises VitsegError (bad settings, no images,
-    targets unreachable). Ranges are cached in `cache_dir` (a temporary one, removed, when None)."""
+    """Calibrated int8 Q/DQ graph of vitseg's verified fp32 `model` (its first output must be `logits`):
+    ONNX Runtime's quantizer for --target cpu, Model Optimizer's for --target trt, then layers returned to
+    float until the held-out targets are met. Raises VitsegError (bad settings, no images, targets
+    unreachable). cpu ranges are cached in `cache_dir` (only once int8 succeeded)."""
     _check(model, settings)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
     held = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     image_list_hash = hashlib.sha256("\n".join(im.name for im in calib.images).encode()).hexdigest()[:16]
-    model_hash = hashlib.sha256(model.SerializeToString()).hexdigest()[:16]
-    name = f"ranges-{model_hash}-{image_list_hash}-{settings.method}.json"
-    kept = Path(cache_dir) / name if cache_dir is not None else None
+    name = f"ranges-{hashlib.sha256(model.SerializeToString()).hexdigest()[:16]}-{image_list_hash}-{settings.method}.json"
+    kept = Path(cache_dir) / name if cache_dir is not None and settings.target == "cpu" else None
     with tempfile.TemporaryDirectory(prefix="vitseg-int8-") as work_dir:
         # calibrate into the work dir; the cache is kept (atomically) only once int8 succeeded, so an
         # interrupted export leaves neither a half-written cache nor an empty cache directory
         cache = kept if kept is not None and kept.is_file() else Path(work_dir) / name
-        quantize = _Quantizer(model, calib, settings, Path(work_dir), cache)
-        progress(f"calibrating on {len(calib)} images ({settings.method})")
+        quantizer = (_ModelOptQuantizer if settings.target == "trt" else _OrtQuantizer)(model, calib, settings, Path(work_dir), cache)
+        progress(f"calibrating on {len(calib)} images ({settings.method}, {quantizer.name})")
         with graph_runner(model, size, 0, "fp32") as fp32:
             reference = record(fp32, held)
         heldout = _Heldout(held, reference, reference.logits[0].shape[0], size,
-                           Thresholds(settings.min_agreement, settings.min_miou_vs_reference, None, None))
-        candidates, macs = quantizable_nodes(model), node_macs(model, held.images[0].pixels[None])
-        quantized = quantize([])
+                           Thresholds(settings.min_agreement, settings.min_miou_vs_reference, None, None), model)
+        quantized = quantizer()
+        remove_dead_nodes(quantized)
         current = heldout.score(quantized)
         progress(f"int8 held-out {_describe(current)} (targets {settings.min_agreement * 100:.2f}% / "
                  f"{settings.min_miou_vs_reference * 100:.2f})")
         fallback: list[dict] = []
+        macs = node_macs(model, held.images[0].pixels[None])
         if not heldout.meets(current):
-            quantized, fallback, current = _fall_back(quantize, heldout, candidates, macs, settings, progress)
+            quantized, fallback, current = _fall_back(quantized, heldout, quantized_layers(quantized), macs, settings, progress)
         ranges = json.loads(cache.read_text()) if cache.is_file() else None
         if kept is not None and cache != kept and cache.is_file():
             atomic_write_bytes(kept, cache.read_bytes())
-    if settings.target == "trt":
-        # The float part in fp16 (strongly typed TensorRT runs what the graph states); Q/DQ stay fp32
-        # (opset-17 DequantizeLinear has fp32 scales), joined to the fp16 part by Casts.
-        quantized = onnx_fp16(quantized, islands=FP16_ISLANDS + ("QuantizeLinear", "DequantizeLinear"))
-        current = heldout.score(quantized)
-    excluded = {row["node"] for row in fallback}
+    int8_layers = quantized_layers(quantized)
     total = sum(macs.values())
     return Int8Result(
-        model=quantized, fallback=fallback, quantized_nodes=[c for c in candidates if c not in excluded],
-        int8_mac_share=sum(v for k, v in macs.items() if k not in excluded) / total if total else 0.0,
+        model=quantized, fallback=fallback, quantized_nodes=int8_layers,
+        int8_mac_share=sum(macs.get(k, 0) for k in int8_layers) / total if total else 0.0,
         heldout_agreement=current[0], heldout_miou_vs_reference=current[1],
         heldout={"source": held.source, "images": len(held)},
         calibration={"source": calib.source, "images": len(calib), "image_list_sha256": image_list_hash,
                      "method": settings.method, "cache": None if kept is None else str(kept), "ranges": ranges},
-        settings=_settings_record(settings, len(held), quantize))
+        settings=_settings_record(settings, len(held), quantizer))

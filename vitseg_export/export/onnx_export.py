@@ -32,6 +32,7 @@ from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
 from vitseg_export.checkpoint import LoadedCheckpoint
 from vitseg_export.comparator import InputSet, compare, load_inputs, noise_inputs
 from vitseg_export.errors import ParityError, VitsegError
+from vitseg_export.export.graph import graph_stats, remove_dead_nodes
 from vitseg_export.export.settings import OUTPUT_CHOICES, Int8Settings, OnnxExportSettings
 from vitseg_export.modeling.registry import Segmenter, get_family
 from vitseg_export.parity import ParitySummary
@@ -137,6 +138,7 @@ def onnx_from_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings, siz
                           f"use --opset {written} or report the model; vitseg does not ship a silently changed opset")
     if settings.simplify:
         model = _simplify(model, progress)
+    remove_dead_nodes(model)
     return model, rewrites
 
 
@@ -243,7 +245,7 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     model, details, parity, inputs = graph.model, None, graph.parity, graph.inputs
     if precision.convert is not None:
         context = ConversionContext(graph.size, int8 or Int8Settings(), settings.fp16_io,
-                                    output.parent / ".vitseg-calibration-cache", progress)
+                                    output.parent / ".vitseg-calibration-cache", progress, settings.parity_data)
         conversion = precision.convert(model, context)
         model, details = conversion.model, conversion.details
         progress(f"checking {precision.name} parity against PyTorch")
@@ -255,7 +257,8 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         metadata=graph.info.metadata_json(), export_settings=export_settings_record(settings, graph.size),
         self_parity={**parity.to_json(), "source": inputs.source}, rewrites=graph.rewrites,
         fp32_graph_parity=graph.parity.to_json(), precision_details=details or {},
-        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random")
+        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random",
+        extra={"graph": graph_stats(model)})
     write_artifact(output, {output: data}, manifest)
     return ExportResult(output, manifest, model)
 

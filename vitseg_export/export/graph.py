@@ -1,0 +1,104 @@
+"""Small exact operations on ONNX graphs that the precision steps share: dead-node removal, the figures a
+manifest reports (nodes, Casts, dead nodes), and returning chosen layers of a Q/DQ graph to float.
+
+Every exported graph goes through `remove_dead_nodes`: a node whose outputs reach no graph output is
+removed (TensorRT and `polygraphy check lint` flag them; ONNX Runtime's quantizer and fp16 converter used
+to leave hundreds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def live_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes whose outputs some graph output depends on, in graph order (which need not be topological:
+    quantizers append their Q/DQ nodes at the end)."""
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    live: set[int] = set()
+    stack = [o.name for o in model.graph.output]
+    while stack:
+        index = producer.get(stack.pop())
+        if index is not None and index not in live:
+            live.add(index)
+            stack.extend(i for i in model.graph.node[index].input if i)
+    return [n for i, n in enumerate(model.graph.node) if i in live]
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes that affect no output, and initializers nothing reads (in place); returns how many nodes."""
+    live = live_nodes(model)
+    dead = len(model.graph.node) - len(live)
+    if dead:
+        keep = [onnx.NodeProto() for _ in live]
+        for copy, node in zip(keep, live):
+            copy.CopyFrom(node)
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    unused = [i for i in model.graph.initializer if i.name not in used]
+    for init in unused:
+        model.graph.initializer.remove(init)
+    return dead
+
+
+def graph_stats(model: onnx.ModelProto) -> dict:
+    """The figures every manifest reports about its graph: nodes, Cast nodes, dead nodes, Q/DQ nodes."""
+    ops = [n.op_type for n in model.graph.node]
+    return {"nodes": len(ops), "casts": ops.count("Cast"), "dead_nodes": len(ops) - len(live_nodes(model)),
+            "qdq_nodes": ops.count("QuantizeLinear") + ops.count("DequantizeLinear")}
+
+
+def _dequantized(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """The float values a DequantizeLinear of a constant computes: (q - zero_point) * scale, along its axis."""
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[dq.input[1]])
+    zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else 0.0
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and scale.size > 1:  # per-channel: broadcast along `axis`
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) else zero
+    return ((q - zero) * scale.astype(np.float32)).astype(scale.dtype)
+
+
+def to_float(model: onnx.ModelProto, layers: set[str], original: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """A copy of a Q/DQ graph where the named layers (Conv/MatMul/Gemm nodes, and the Add of their bias)
+    read float inputs again: an activation's Q->DQ is skipped, a constant's DQ is replaced by its dequantized
+    values in the DQ's output type (a quantized bias by its dequantized values too) — or, given the `original`
+    fp32 graph, by the original float constant of the same node and input, so a layer returned to float
+    computes exactly what it did before quantization. Dead Q/DQ nodes are removed."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    inits = {i.name: i for i in out.graph.initializer}
+    source = _original_constants(original) if original is not None else {}
+    reverted = [n for n in out.graph.node if n.name in layers]
+    outputs = {o for n in reverted for o in n.output}
+    reverted += [n for n in out.graph.node if n.op_type == "Add" and outputs & set(n.input)]  # their quantized bias
+    for node in reverted:
+        for index, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[index] = q.input[0]
+            elif dq.input[0] in inits:
+                dtype = _dequantized(dq, inits).dtype
+                exact = source.get((node.name, index))
+                array = exact.astype(dtype) if exact is not None else _dequantized(dq, inits)
+                values = numpy_helper.from_array(array, f"{dq.output[0]}_float")
+                out.graph.initializer.append(values)
+                node.input[index] = values.name
+    remove_dead_nodes(out)
+    return out
+
+
+def _original_constants(model: onnx.ModelProto) -> dict[tuple[str, int], np.ndarray]:
+    """(node name, input index) -> the float initializer that input reads in the original graph."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return {(n.name, k): numpy_helper.to_array(inits[name]) for n in model.graph.node
+            for k, name in enumerate(n.input) if name in inits and inits[name].data_type == onnx.TensorProto.FLOAT}
