@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -87,3 +91,31 @@ def test_tensorrt_build_run_verify(tmp_path, twin, precision):
     assert report.passed, report.failures
     onnx.load(onnx_path)  # the ONNX the engine came from stays beside it
     assert np.isfinite(report.summary.mean_abs_logit_diff)
+
+
+def test_a_missing_cuda_driver_is_one_clear_error():
+    from vitseg_export.errors import BackendMissingError, VitsegError
+    from vitseg_export.runners.cuda import check, cuda_devices, runtime
+
+    if cuda_devices():
+        pytest.skip("a CUDA GPU and driver are present here: the no-driver message cannot be produced")
+    with pytest.raises(BackendMissingError, match=r"CUDA is not usable here \(cudaError"):
+        check(runtime().cudaGetDeviceCount())
+    with pytest.raises(VitsegError):
+        check(runtime().cudaMalloc(16))
+
+
+@pytest.mark.parametrize("precision,target", [("fp32", "cpu"), ("fp16", "cpu"), ("int8", "cpu"), ("int8", "trt")])
+def test_every_graph_kind_passes_polygraphy_lint(tmp_path, twin, precision, target):
+    """An independent, NVIDIA-maintained static check (polygraphy check lint: faulty and dead nodes) beside
+    vitseg's own parser lint, on every kind of graph vitseg exports."""
+    path = tmp_path / f"{precision}-{target}.onnx"
+    export_onnx(twin("segformer-b0-test"), path, OnnxExportSettings(precision=precision, outputs="both"),
+                int8=Int8Settings(target=target, calib="synthetic[:4]", calib_images=4, heldout_images=4,
+                                  min_agreement=0.0, min_miou_vs_reference=0.0))
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    proc = subprocess.run([str(polygraphy), "check", "lint", str(path), "-o", str(tmp_path / "lint.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "lint.json").read_text())
+    assert report["summary"]["failing"] == [] and report["lint_entries"] == [], report["lint_entries"][:3]

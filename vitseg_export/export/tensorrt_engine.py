@@ -35,12 +35,14 @@ def tensorrt_availability() -> tuple[bool, str, str]:
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return False, f"TensorRT is not available here ({why})", \
             "install TensorRT (pip install tensorrt, or JetPack on Jetson), or use --format onnx"
+    from vitseg_export.runners.cuda import CUDA_HINT, cuda_devices, runtime
+
     try:
-        import torch
-    except ImportError:
-        return False, "the TensorRT path needs PyTorch with CUDA for its buffers", "pip install 'vitseg-export[torch]'"
-    if not torch.cuda.is_available():
-        return False, "TensorRT needs a CUDA GPU and torch sees none", "run on a machine with an NVIDIA GPU"
+        runtime()
+    except VitsegError:
+        return False, "the TensorRT path needs cuda-python for its buffers and streams", CUDA_HINT
+    if not cuda_devices():
+        return False, "TensorRT needs a CUDA GPU and the CUDA runtime sees none", "run on a machine with an NVIDIA GPU and driver"
     return True, f"TensorRT {trt.__version__}", ""
 
 
@@ -144,7 +146,8 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
     BackendMissingError without TensorRT/GPU and VitsegError when parsing or building fails."""
     require_tensorrt()
     import tensorrt as trt  # typed: mypy checks every call below against the 10.3 and 11.4 bindings
-    import torch
+
+    from vitseg_export.runners.cuda import cuda_devices
 
     info = read_artifact_info(onnx_path)
     logger = collecting_logger(trt)
@@ -164,14 +167,14 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
     files = {engine_path: engine_bytes}
     if settings.timing_cache:
         files[settings.timing_cache] = bytes(cast(Any, config.get_timing_cache().serialize()))
-    props = torch.cuda.get_device_properties(0)
+    gpu, major, minor = cuda_devices()[0]
     mn, opt, mx = shapes
     manifest = ExportManifest(
         artifact=engine_path.name, format="trt", sha256=hashlib.sha256(engine_bytes).hexdigest(),
         size_bytes=len(engine_bytes), metadata=info.metadata_json(),
         extra={"source_onnx": str(onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
-               "tensorrt_version": trt.__version__, "strongly_typed": strongly, "gpu": props.name,
-               "compute_capability": f"{props.major}.{props.minor}",
+               "tensorrt_version": trt.__version__, "strongly_typed": strongly, "gpu": gpu,
+               "compute_capability": f"{major}.{minor}",
                "profile": {"min": list(mn), "opt": list(opt), "max": list(mx)},
                "engine_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
                "sparse_layers_log": logger.sparse_layers, "build_seconds": round(build_seconds, 1),

@@ -1,5 +1,5 @@
-"""TensorRT engines behind the runner interface: torch CUDA tensors as I/O buffers (no pycuda),
-executed on a non-default CUDA stream with execute_async_v3."""
+"""TensorRT engines behind the runner interface: I/O buffers and a non-default stream through cuda-python
+(no PyTorch, no pycuda), executed with execute_async_v3."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from vitseg_export.artifact import read_artifact_info
 from vitseg_export.errors import VitsegError
 from vitseg_export.runners.base import INPUT_NAME, Runner
+from vitseg_export.runners.cuda import DeviceBuffer, Stream
 
 
 class TensorRTRunner(Runner):
@@ -33,7 +34,6 @@ class TensorRTRunner(Runner):
 
         require_tensorrt()
         import tensorrt as trt  # typed against the 10.3 and 11.4 bindings by mypy
-        import torch
 
         self.describe(read_artifact_info(self.path))
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -44,33 +44,45 @@ class TensorRTRunner(Runner):
                               "engines are tied to the TensorRT version and GPU that built them; rebuild it here")
         self.engine = engine
         self.context = engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        self.torch = torch
-        self.dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                       trt.DataType.INT8: torch.int8, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool,
-                       trt.DataType.UINT8: torch.uint8, trt.DataType.INT64: torch.int64}
+        self.stream = Stream()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.output_names = self.outputs
-        self.input_dtype = self.dtypes[engine.get_tensor_dtype(INPUT_NAME)]
+        numpy_types = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT8: np.int8,
+                       trt.DataType.INT32: np.int32, trt.DataType.BOOL: np.bool_, trt.DataType.UINT8: np.uint8,
+                       trt.DataType.INT64: np.int64}
+        self.dtypes = {n: np.dtype(numpy_types[engine.get_tensor_dtype(n)]) for n in names}
+        self.buffers: dict[str, DeviceBuffer] = {}
+
+    def _buffer(self, name: str, nbytes: int) -> DeviceBuffer:
+        """The device buffer of a tensor, grown when a larger shape needs more room."""
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.nbytes < nbytes:
+            if buffer is not None:
+                buffer.free()
+            buffer = self.buffers[name] = DeviceBuffer(nbytes)
+        return buffer
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self.torch
-        with torch.cuda.stream(self.stream):
-            # fresh allocations are 256-byte aligned, as TensorRT requires
-            x = torch.from_numpy(pixels).to("cuda", non_blocking=True).to(self.input_dtype).contiguous()
-            self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
-            self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
-            buffers: dict[str, Any] = {}
-            for name in self.outputs:
-                dims = self.context.get_tensor_shape(name)
-                shape = tuple(dims[i] for i in range(len(dims)))
-                buffers[name] = torch.empty(shape, dtype=self.dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
-                self.context.set_tensor_address(name, buffers[name].data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise VitsegError(f"{self.path.name}: TensorRT execution failed", "see the TensorRT log")
+        host_in = np.ascontiguousarray(pixels, dtype=self.dtypes[INPUT_NAME])
+        self.context.set_input_shape(INPUT_NAME, tuple(host_in.shape))
+        device_in = self._buffer(INPUT_NAME, host_in.nbytes)
+        device_in.upload(host_in, self.stream)
+        self.context.set_tensor_address(INPUT_NAME, device_in.ptr)
+        host_out: dict[str, np.ndarray] = {}
+        for name in self.outputs:
+            dims = self.context.get_tensor_shape(name)
+            host_out[name] = np.empty(tuple(dims[i] for i in range(len(dims))), dtype=self.dtypes[name])
+            self.context.set_tensor_address(name, self._buffer(name, host_out[name].nbytes).ptr)
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise VitsegError(f"{self.path.name}: TensorRT execution failed", "see the TensorRT log")
+        for name, array in host_out.items():
+            self.buffers[name].download(array, self.stream)
         self.stream.synchronize()
-        return {name: t.cpu().numpy() for name, t in buffers.items()}
+        return host_out
 
     def deactivate_impl(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.free()
+        self.stream.destroy()
         del self.context, self.engine, self.runtime
