@@ -33,6 +33,7 @@ def profile(
     warmup: Annotated[int, typer.Option(min=0)] = 5,
     iters: Annotated[int, typer.Option(min=1)] = 20,
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW for dynamic-size models.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Run artifacts with this backend (default: their format's).")] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""
@@ -45,7 +46,7 @@ def profile(
     with err_console.status("profiling") as status:
         for model in models:
             status.update(f"profiling {model}")
-            results.append(run_profile(model, batches, device, threads, warmup, iters, size).to_json())
+            results.append(run_profile(model, batches, device, threads, warmup, iters, size, backend).to_json())
     table = Table(title=f"vitseg profile ({device}, {warmup} warm-up, {iters} timed runs)")
     for col in ("model", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "peak RSS MB",
                 "size MB", "params", "GFLOPs/img"):
