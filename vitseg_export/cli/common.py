@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -18,9 +18,11 @@ err_console = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output directory.")]
 DataSpec = Annotated[str, typer.Option("--data", help="synthetic[:N], pets:DIR or folder:DIR")]
+BackendOption = Annotated[Optional[str], typer.Option("--backend", help="Run artifacts with this backend (default: their format's).")]
 
 
 def print_json(data: Any) -> None:
+    """Strict JSON on stdout (undefined values as null)."""
     sys.stdout.write(json_bytes(data).decode())
     sys.stdout.flush()
 

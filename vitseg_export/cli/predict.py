@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from vitseg_export.cli.common import JsonFlag, console, err_console, print_json
+from vitseg_export.cli.common import BackendOption, JsonFlag, console, err_console, print_json
 
 
 def predict(
@@ -16,7 +16,7 @@ def predict(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for <stem>_mask.png (and overlays).")],
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write colour overlays.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda (openvino: cpu, gpu, npu, auto).")] = "cpu",
-    backend: Annotated[Optional[str], typer.Option("--backend", help="Run the artifact with this backend (default: its format's).")] = None,
+    backend: BackendOption = None,
     allow_large_images: Annotated[bool, typer.Option("--allow-large-images", help="Read images over 64 MP (default: refused).")] = False,
     json_output: JsonFlag = False,
 ) -> None:

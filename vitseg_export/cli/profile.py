@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitseg_export.cli.common import DataSpec, console, err_console, parse_size, print_json
+from vitseg_export.cli.common import BackendOption, DataSpec, console, err_console, parse_size, print_json
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.precisions import PRECISIONS
@@ -33,7 +33,7 @@ def profile(
     warmup: Annotated[int, typer.Option(min=0)] = 5,
     iters: Annotated[int, typer.Option(min=1)] = 20,
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW for dynamic-size models.")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="Run artifacts with this backend (default: their format's).")] = None,
+    backend: BackendOption = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from vitseg_export.cli.common import DataSpec, JsonFlag, console, err_console, print_json
+from vitseg_export.cli.common import BackendOption, DataSpec, JsonFlag, console, err_console, print_json
 from vitseg_export.errors import ParityError
 
 
@@ -23,7 +23,7 @@ def verify(
     min_miou: Annotated[Optional[float], typer.Option("--min-miou", help="Override min mIoU vs reference (0..1).")] = None,
     max_abs_diff: Annotated[Optional[float], typer.Option("--max-abs-diff", help="Override max |logit diff|.")] = None,
     save_diff: Annotated[Optional[Path], typer.Option("--save-diff", help="Write input/reference/artifact/diff PNGs here.")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="Run the artifact with this backend (default: its format's).")] = None,
+    backend: BackendOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Compare an artifact with its PyTorch reference on real images; exit 0 on pass, 3 on fail."""

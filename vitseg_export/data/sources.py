@@ -111,6 +111,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render_synthetic_pet(rng: np.random.Generator, size: int, border: int) -> tuple[np.ndarray, np.ndarray]:
+    """One procedural pet: (RGB uint8 (size, size, 3), trimap uint8 (size, size): 0 pet, 1 background, 2 border)."""
     # Background: two colours mixed by a texture, plus shading and sensor noise.
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     t = _texture(rng, size)[..., None]
