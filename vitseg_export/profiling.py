@@ -209,14 +209,20 @@ def _profile_batch(runner: Runner, batch: int, size: tuple[int, int], warmup: in
 
 
 def profile(model: str | Path, batches: list[int], device: str = "cpu", threads: int | None = None,
-            warmup: int = 5, iters: int = 20, size: tuple[int, int] | None = None, backend: str | None = None) -> ProfileResult:
+            warmup: int = 5, iters: int = 20, size: tuple[int, int] | None = None, backend: str | None = None,
+            autocast: bool = False) -> ProfileResult:
     """Per batch size: p50/p90/p99/mean latency, throughput and memory; plus file size, params, GFLOPs.
     `model` is an artifact (its format's backend, or `backend`) or a checkpoint (PyTorch eager); `threads`
-    applies while profiling only. Raises VitsegError/BackendMissingError when it cannot run here."""
+    applies while profiling only; `autocast` runs checkpoints under CUDA fp16 autocast (artifacts run at the
+    precision they were exported in). Raises VitsegError/BackendMissingError when it cannot run here."""
+    from vitseg_export.formats import format_for_path
     from vitseg_export.runners import runner_for
 
     path = Path(str(model))
-    runner = runner_for(model, device=device, backend=backend, **({"threads": threads} if threads else {}))
+    options: dict = {"threads": threads} if threads else {}
+    if autocast and (backend or ("torch" if format_for_path(path) is None else None)) == "torch":
+        options["autocast"] = True
+    runner = runner_for(model, device=device, backend=backend, **options)
     with runner:
         size = size or tuple(runner.input_size)
         if runner.backend == "torch":

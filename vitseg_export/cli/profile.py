@@ -34,6 +34,7 @@ def profile(
     iters: Annotated[int, typer.Option(min=1)] = 20,
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW for dynamic-size models.")] = None,
     backend: BackendOption = None,
+    autocast: Annotated[bool, typer.Option("--autocast", help="Run checkpoints under PyTorch's CUDA fp16 autocast (eager fp16); artifacts keep their exported precision.")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""
@@ -46,25 +47,34 @@ def profile(
     with err_console.status("profiling") as status:
         for model in models:
             status.update(f"profiling {model}")
-            results.append(run_profile(model, batches, device, threads, warmup, iters, size, backend).to_json())
-    table = Table(title=f"vitseg profile ({device}, {warmup} warm-up, {iters} timed runs)")
-    for col in ("model", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "peak RSS MB",
-                "size MB", "params", "GFLOPs/img"):
-        table.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right")
-    for r in results:
-        for b in r["batches"]:
-            if "skipped" in b:
-                table.add_row(Path(r["model"]).name, r["backend"], r["precision"], str(b["batch"]), b["skipped"], *[""] * 8)
-                continue
-            table.add_row(Path(r["model"]).name, r["backend"], r["precision"], str(b["batch"]), f"{b['p50_ms']:.2f}",
-                          f"{b['p90_ms']:.2f}", f"{b['p99_ms']:.2f}", f"{b['mean_ms']:.2f}", f"{b['images_per_s']:.1f}",
-                          f"{b['peak_rss_mb']:.0f}", "-" if r["file_size_mb"] is None else f"{r['file_size_mb']:.2f}",
-                          "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M",
-                          "-" if r["gflops"] is None else f"{r['gflops']:.2f}")
-    console.print(table)
+            results.append(run_profile(model, batches, device, threads, warmup, iters, size, backend, autocast).to_json())
+    print_profile_tables(results, device, warmup, iters)
     if json_file:
 
         write_json(json_file, results)
+
+
+def print_profile_tables(results: list[dict], device: str, warmup: int, iters: int) -> None:
+    """One small table per model (its figures in the title), so a piped log at 80 columns cuts nothing."""
+    def fmt(v, pattern):
+        return "-" if v is None else pattern.format(v)
+
+    for r in results:
+        title = (f"{Path(r['model']).name}: {r['backend']} {r['precision']} on {device}, "
+                 f"{r['input_size'][0]}x{r['input_size'][1]}, size {fmt(r['file_size_mb'], '{:.2f} MB')}, "
+                 f"{fmt(None if r['params'] is None else r['params'] / 1e6, '{:.2f}M')} params, "
+                 f"{fmt(r['gflops'], '{:.2f}')} GFLOPs/img ({warmup} warm-up, {iters} timed runs)")
+        table = Table(title=escape(title), title_justify="left")
+        for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s", "RSS MB", "CUDA MB"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for b in r["batches"]:
+            if "skipped" in b:
+                table.add_row(str(b["batch"]), escape(b["skipped"]), *[""] * 6)
+                continue
+            table.add_row(str(b["batch"]), f"{b['p50_ms']:.2f}", f"{b['p90_ms']:.2f}", f"{b['p99_ms']:.2f}",
+                          f"{b['mean_ms']:.2f}", f"{b['images_per_s']:.1f}", f"{b['peak_rss_mb']:.0f}",
+                          fmt(b.get("peak_cuda_mb"), "{:.0f}"))
+        console.print(table)
 
 
 def benchmark(

@@ -307,6 +307,21 @@ class _Heldout:
         return score[0] >= self.targets.min_agreement and score[1] >= self.targets.min_miou_vs_reference
 
 
+# The fallback aims this share of each error budget inside the targets, so that a fresh sample of the
+# same distribution (`vitseg verify` on other images) passes too: on vit-seg-base a graph accepted at
+# exactly the targets (mIoU 98.01 on its 64 self-parity images) read 97.89 on verify's 32 other images.
+DECISION_GUARD = 0.1
+
+
+def decision_targets(settings: Int8Settings) -> Thresholds:
+    """The held-out thresholds the fallback decides by: the int8 targets moved DECISION_GUARD of their
+    error budget inwards (99% agreement -> 99.1%, 98 mIoU -> 98.2)."""
+    def inward(target: float) -> float:
+        return target + DECISION_GUARD * (1.0 - target)
+
+    return Thresholds(inward(settings.min_agreement), inward(settings.min_miou_vs_reference), None, None)
+
+
 def _describe(score: tuple[float, float]) -> str:
     return f"agreement {score[0] * 100:.3f}%, mIoU vs fp32 {score[1] * 100:.2f}"
 
@@ -368,6 +383,8 @@ def _settings_record(settings: Int8Settings, heldout_images: int, quantize) -> d
     return {"calib": settings.calib, "calib_images": settings.calib_images, "method": settings.method,
             "target": settings.target, "min_agreement": settings.min_agreement,
             "min_miou_vs_reference": settings.min_miou_vs_reference, "heldout": settings.heldout or settings.calib,
+            "decision_targets": {"min_agreement": decision_targets(settings).min_agreement,
+                                 "min_miou_vs_reference": decision_targets(settings).min_miou_vs_reference},
             "heldout_images": heldout_images, **quantize.record()}
 
 
@@ -398,13 +415,13 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         progress(f"calibrating on {len(calib)} images ({settings.method}, {quantizer.name})")
         with graph_runner(model, size, 0, "fp32") as fp32:
             reference = record(fp32, held)
-        heldout = _Heldout(held, reference, reference.logits[0].shape[0], size,
-                           Thresholds(settings.min_agreement, settings.min_miou_vs_reference, None, None), model)
+        heldout = _Heldout(held, reference, reference.logits[0].shape[0], size, decision_targets(settings), model)
         quantized = quantizer()
         remove_dead_nodes(quantized)
         current = heldout.score(quantized)
-        progress(f"int8 held-out {_describe(current)} (targets {settings.min_agreement * 100:.2f}% / "
-                 f"{settings.min_miou_vs_reference * 100:.2f})")
+        progress(f"int8 held-out {_describe(current)} (aiming at {heldout.targets.min_agreement * 100:.2f}% / "
+                 f"{heldout.targets.min_miou_vs_reference * 100:.2f}, inside the targets "
+                 f"{settings.min_agreement * 100:.2f}% / {settings.min_miou_vs_reference * 100:.2f})")
         fallback: list[dict] = []
         macs = node_macs(model, held.images[0].pixels[None])
         if not heldout.meets(current):

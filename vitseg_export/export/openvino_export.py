@@ -126,7 +126,10 @@ def _quantize(model: Any, graph: VerifiedGraph, settings: Int8Settings, progress
     heldout = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, graph.size)
     fp32 = openvino_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     images = [im.pixels[None] for im in heldout.images]
-    held = _Heldout(images, [np.asarray(fp32(x)[0]) for x in images], (settings.min_agreement, settings.min_miou_vs_reference))
+    from vitseg_export.export.int8 import decision_targets
+
+    aim = decision_targets(settings)  # the same guard band as the ONNX fallback
+    held = _Heldout(images, [np.asarray(fp32(x)[0]) for x in images], (aim.min_agreement, aim.min_miou_vs_reference))
     progress(f"int8: NNCF calibration on {len(calib)} images")
     # No bias correction: it shifts biases to offset the quantization of a layer's input, so a layer returned
     # to float by removing its FakeQuantize would keep a wrong bias (measured: same agreement without it).
@@ -159,8 +162,9 @@ def _weight_layers(model: Any) -> dict[str, bool]:
 
 
 def _int8_details(model: Any, graph: VerifiedGraph, provenance: dict, settings: Int8Settings) -> dict:
-    from vitseg_export.export.int8 import node_macs
+    from vitseg_export.export.int8 import decision_targets, node_macs
 
+    aim = decision_targets(settings)
     layers = _weight_layers(model)
     macs = node_macs(graph.model, graph.inputs.images[0].pixels[None])
     total = sum(macs.values()) or 1
@@ -169,6 +173,7 @@ def _int8_details(model: Any, graph: VerifiedGraph, provenance: dict, settings: 
     return {"quantizer": "nncf.quantize + vitseg mask-metric fallback", "int8_mac_share": 1 - float_macs / total,
             "quantized_layers": sum(layers.values()), "float_layers": float_layers,
             "targets": {"min_agreement": settings.min_agreement, "min_miou_vs_reference": settings.min_miou_vs_reference},
+            "decision_targets": {"min_agreement": aim.min_agreement, "min_miou_vs_reference": aim.min_miou_vs_reference},
             **provenance}
 
 

@@ -39,7 +39,7 @@ class Int8Settings:
     min_agreement: float = 0.99
     min_miou_vs_reference: float = 0.98
     heldout: str | None = None  # None: the validation split of `calib` (disjoint from its calibration split)
-    heldout_images: int = 16
+    heldout_images: int = 32
     max_fallback: int = 64
 
 

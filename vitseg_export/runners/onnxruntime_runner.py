@@ -51,7 +51,10 @@ class OnnxRuntimeRunner(Runner):
         if wanted not in available:
             raise BackendMissingError(f"this onnxruntime has no {wanted} (it has {', '.join(available)})",
                                       "pip install onnxruntime-gpu, or use --device cpu")
-        providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+        # fp32 means fp32: ONNX Runtime's CUDA provider (like cuDNN under PyTorch) rounds matmul/conv inputs
+        # to TF32 by default on Ampere and later, which put an H100's fp32 logits 1e-2 from PyTorch's
+        first = (wanted, {"use_tf32": "0"}) if wanted == "CUDAExecutionProvider" else wanted
+        providers = [first] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
         source = self.model_bytes if self.model_bytes is not None else str(self.path)
         try:
             self.session = ort.InferenceSession(source, session_options(self.threads, self.optimize), providers=providers)

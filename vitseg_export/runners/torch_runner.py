@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitseg_export.errors import BackendMissingError
+from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.runners.base import Runner, require_module
 
 
@@ -13,13 +13,18 @@ class TorchRunner(Runner):
 
     backend = "torch"
 
-    def __init__(self, checkpoint, device: str = "cpu", outputs: tuple[str, ...] = ("logits",), threads: int | None = None):
+    def __init__(self, checkpoint, device: str = "cpu", outputs: tuple[str, ...] = ("logits",), threads: int | None = None,
+                 autocast: bool = False):
         """`checkpoint`: anything `load_checkpoint` takes, or a LoadedCheckpoint. `threads` sets torch's
-        intra-op threads while the runner is active (restored on deactivate)."""
+        intra-op threads while the runner is active (restored on deactivate). `autocast`: run under CUDA
+        autocast fp16 (eager fp16, what a PyTorch deployment would do on a GPU; CUDA only)."""
         super().__init__(f"torch:{getattr(checkpoint, 'source', checkpoint)}", device)
         self.checkpoint = checkpoint
         self.output_names = list(outputs)
         self.threads = threads
+        self.autocast = autocast
+        if autocast:
+            self.precision = "fp16-autocast"
 
     def activate_impl(self) -> None:
         torch = require_module("torch", "the torch backend needs PyTorch", "pip install 'vitseg-export[torch]'")
@@ -28,6 +33,8 @@ class TorchRunner(Runner):
 
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BackendMissingError("--device cuda: torch sees no CUDA GPU here", "use --device cpu, or a CUDA build of torch")
+        if self.autocast and self.device != "cuda":
+            raise VitsegError("--autocast is PyTorch's CUDA fp16 autocast", "add --device cuda, or drop --autocast")
         loaded = self.checkpoint if isinstance(self.checkpoint, LoadedCheckpoint) else load_checkpoint(self.checkpoint)
         self.loaded = loaded
         self.segmenter = loaded.segmenter().eval().to(self.device)
@@ -36,12 +43,17 @@ class TorchRunner(Runner):
         self.dynamic_size = get_family(loaded.meta.family).fixed_input_size(loaded.meta.config) is None
         self.torch = torch
         self.saved_threads = torch.get_num_threads()
+        # the reference is exact fp32: no TF32 rounding in cuBLAS/cuDNN (cuDNN allows it by default),
+        # restored on deactivate
+        self.saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         if self.threads:
             torch.set_num_threads(self.threads)
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
             logits = self.segmenter(torch.from_numpy(pixels).to(self.device))
             out = {}
             if "logits" in self.output_names:
@@ -53,5 +65,6 @@ class TorchRunner(Runner):
     def deactivate_impl(self) -> None:
         del self.segmenter
         self.torch.set_num_threads(self.saved_threads)
+        self.torch.backends.cuda.matmul.allow_tf32, self.torch.backends.cudnn.allow_tf32 = self.saved_tf32
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
