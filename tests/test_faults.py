@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from vitseg_export.artifact import load_rgb
-from vitseg_export.errors import CheckpointError
+from vitseg_export.errors import CheckpointError, Terminated, VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes
 
 NO_CLICK = r"""
@@ -29,16 +29,18 @@ class NoClick(importlib.abc.MetaPathFinder):
             raise ImportError("click is not installed in the environment a user gets from pip install -e .[torch]")
 sys.meta_path.insert(0, NoClick())
 sys.argv = ["vitseg"] + sys.argv[1:]
+{prelude}
 from vitseg_export.cli import main
 main()
 """
 
 
-def _vitseg(tmp_path, *args, env=None, **kw):
+def _vitseg(tmp_path, *args, env=None, prelude="", **kw):
     script = tmp_path / "vitseg_no_click.py"
-    script.write_text(NO_CLICK)
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, **kw)
+    script.write_text(NO_CLICK.replace("{prelude}", prelude))
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.run([sys.executable, str(script), *map(str, args)], text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **streams)
 
 
 def _one_line(proc) -> str:
@@ -56,6 +58,33 @@ def test_usage_errors_are_one_line_without_click(tmp_path):
     assert proc.returncode == 2 and "--reference" in _one_line(proc)
 
 
+def test_no_arguments_shows_the_help_without_an_empty_error_line(tmp_path):
+    proc = _vitseg(tmp_path)
+    assert proc.returncode == 2 and "Commands" in proc.stdout + proc.stderr
+    assert "error:" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+INDEX_ERROR = """
+import vitseg_export.modeling.registry as registry
+def broken(*args, **kwargs):
+    raise IndexError("list index out of range")
+registry.count_parameters = broken  # a bug injected where `vitseg models` calls it
+"""
+
+
+def test_unexpected_errors_are_one_line_without_click(tmp_path):
+    """A bug (IndexError) exits 1, a full disk (a real ENOSPC: stdout is /dev/full) exits 2; one line each."""
+    proc = _vitseg(tmp_path, "models", prelude=INDEX_ERROR)
+    line = _one_line(proc)
+    assert proc.returncode == 1 and "IndexError: list index out of range" in line and "VITSEG_DEBUG=1" in line
+    proc = _vitseg(tmp_path, "models", prelude=INDEX_ERROR, env={"VITSEG_DEBUG": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr  # debugging shows it
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            proc = _vitseg(tmp_path, "models", "--json", stdout=full, stderr=subprocess.PIPE)
+        assert proc.returncode == 2 and "No space left on device" in _one_line(proc)
+
+
 def test_user_text_is_never_read_as_markup(tmp_path, cli):
     r = cli("export", "segformer-b0-test", "--data", "synthetic[abc]", "-o", str(tmp_path / "m.onnx"))
     assert r.exit_code == 2 and "'synthetic[abc]'" in r.stderr
@@ -68,7 +97,7 @@ def _interrupt(tmp_path, sig, args, wait_for: str):
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir(exist_ok=True)
     script = tmp_path / "vitseg_no_click.py"
-    script.write_text(NO_CLICK)
+    script.write_text(NO_CLICK.replace("{prelude}", ""))
     proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TMPDIR": str(tmpdir)})
     seen = []
@@ -173,10 +202,16 @@ def _folder(root: Path, count: int = 12, value: int = 1, mask_size: int = 32, sk
 
 
 @pytest.mark.parametrize("kind,message", [("value", "has class values [7]"), ("size", "is 16x16 but"),
-                                          ("missing", "is missing for im03.png"), ("ignored", "no labelled pixels")])
+                                          ("missing", "is missing for im03.png"), ("ignored", "no labelled pixels"),
+                                          ("huge", "im04.png cannot be read as a mask"),
+                                          ("image", "im02.png is not an image vitseg can read")])
 def test_bad_datasets_are_refused_up_front_in_one_line(tmp_path, cli, kind, message):
     spec = _folder(tmp_path / "data", value={"value": 7, "ignored": 255}.get(kind, 1),
                    mask_size=16 if kind == "size" else 32, skip_mask=3 if kind == "missing" else None)
+    if kind == "huge":  # over PIL's decompression-bomb limit: refused, not a DecompressionBombError traceback
+        _png_header(tmp_path / "data" / "masks" / "im04.png", 14000, 13000)
+    if kind == "image":
+        (tmp_path / "data" / "images" / "im02.png").write_bytes(b"not a PNG at all")
     r = cli("train", "--model", "segformer-b0-test", "--data", spec, "--epochs", "1", "--output", str(tmp_path / "run"))
     assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists()
@@ -215,3 +250,213 @@ def test_unreadable_files_are_not_blamed_on_truncation(tmp_path):
 
     with pytest.raises(CheckpointError, match="permission denied"):
         read_state_dict(path)
+
+
+def test_output_modes_follow_the_current_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_group({tmp_path / "a.bin": b"x", tmp_path / "a.bin.json": b"{}"})
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o640}
+
+
+def _sigterm_handler_installed():
+    from vitseg_export.cli import _on_sigterm
+
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def test_sigterm_while_writing_a_group_leaves_the_old_files_and_no_temp_files(tmp_path, monkeypatch):
+    artifact, manifest = tmp_path / "m.onnx", tmp_path / "m.onnx.json"
+    artifact.write_bytes(b"old artifact")
+    manifest.write_bytes(b"old manifest")
+    real_fsync, synced = os.fsync, []
+
+    def fsync_then_sigterm(fd):  # a kill arrives once both temp files are written, before any rename
+        real_fsync(fd)
+        synced.append(fd)
+        if len(synced) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "fsync", fsync_then_sigterm)
+    previous = _sigterm_handler_installed()
+    try:
+        with pytest.raises(Terminated):
+            atomic_write_group({artifact: b"new artifact", manifest: b"new manifest"})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert artifact.read_bytes() == b"old artifact" and manifest.read_bytes() == b"old manifest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # no .tmp left behind
+
+
+def test_sigterm_during_the_renames_waits_until_the_group_is_complete(tmp_path, monkeypatch):
+    artifact, manifest = tmp_path / "m.onnx", tmp_path / "m.onnx.json"
+    artifact.write_bytes(b"old artifact")
+    manifest.write_bytes(b"old manifest")
+    real_replace, killed = os.replace, []
+
+    def replace_then_sigterm(src, dst):  # a kill arrives between the artifact's rename and the manifest's
+        real_replace(src, dst)
+        if not killed:
+            killed.append(dst)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", replace_then_sigterm)
+    previous = _sigterm_handler_installed()
+    try:
+        with pytest.raises(Terminated):  # delivered, but only once the group is whole
+            atomic_write_group({artifact: b"new artifact", manifest: b"new manifest"})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert artifact.read_bytes() == b"new artifact" and manifest.read_bytes() == b"new manifest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+def test_a_checkpoint_lands_whole_or_not_at_all(tmp_path, twin):
+    import torch
+
+    from vitseg_export.checkpoint import save_checkpoint
+
+    loaded, run = twin("vit-seg-tiny-test"), tmp_path / "run"
+    save_checkpoint(loaded.model, loaded.meta, run)
+    weights = (run / "model.safetensors").read_bytes()
+    (run / "config.json").unlink()
+    (run / "config.json").mkdir()  # the config cannot be replaced: the weights must not be either
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1.0)
+    with pytest.raises(OSError):
+        save_checkpoint(loaded.model, loaded.meta, run)
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height (its header is all that is read before vitseg refuses it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_14000x13000_image_is_refused_in_one_line_before_the_model_loads(tmp_path, exported):
+    _png_header(tmp_path / "huge.png", 14000, 13000)
+    proc = _vitseg(tmp_path, "predict", exported("segformer-b0-test"), tmp_path / "huge.png", "-o", tmp_path / "out")
+    line = _one_line(proc)
+    assert proc.returncode == 2 and "14000x13000 (182,000,000 pixels), over the 64,000,000-pixel limit" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_allowing_large_images_lifts_pils_own_limit_too(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL itself now refuses images over 2,000 pixels
+    with pytest.raises(VitsegError, match="over the 1,000-pixel limit"):
+        load_rgb(tmp_path / "a.png", max_pixels=1000)
+    assert load_rgb(tmp_path / "a.png", max_pixels=0).size == (64, 64)  # allowed means allowed
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's setting is left as it was
+
+
+def test_labels_the_model_cannot_predict_are_refused_before_verifying(tmp_path, cli, exported):
+    spec = _folder(tmp_path / "data", value=4)
+    (tmp_path / "data" / "classes.txt").write_text("a\nb\nc\nd\ne\n")
+    r = cli("verify", str(exported("segformer-b0-test")), "--reference", "segformer-b0-test", "--data", spec)
+    assert r.exit_code == 2 and "class values up to 4 but the model predicts 3 classes" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_image_that_fails_to_decode_in_a_worker_is_one_line(tmp_path, cli):
+    """The header is fine (it passes the up-front checks), the pixels are not: the error comes from a DataLoader
+    worker process, whose traceback torch puts into the exception's message."""
+    spec = _folder(tmp_path / "data")
+    png = (tmp_path / "data" / "images" / "im05.png").read_bytes()
+    (tmp_path / "data" / "images" / "im05.png").write_bytes(png[:len(png) // 2])  # header fine, pixels cut off
+    r = cli("train", "--model", "segformer-b0-test", "--data", spec, "--epochs", "1", "--image-size", "32",
+            "--batch-size", "4", "--workers", "1", "--output", str(tmp_path / "run"))
+    assert r.exit_code == 2 and "im05.png is not an image vitseg can read" in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]  # besides the progress bar
+    assert len(errors) == 1 and "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr, r.stderr
+
+
+def test_training_needs_masks(tmp_path, cli):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32)).save(tmp_path / "data" / "images" / f"im{i}.png")
+    r = cli("train", "--model", "segformer-b0-test", "--data", f"folder:{tmp_path / 'data'}", "--output",
+            str(tmp_path / "run"))
+    assert r.exit_code == 2 and "has no masks" in r.stderr and not (tmp_path / "run").exists()
+
+
+def _strict_json(path: Path):
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} is not strict JSON: {c}"))
+
+
+def test_unlabelled_validation_gives_null_metrics_and_still_a_best_checkpoint(tmp_path, twin):
+    from vitseg_export.checkpoint import load_checkpoint
+    from vitseg_export.training import TrainSettings, train
+
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 60, 20, 20)).save(tmp_path / "val" / "images" / f"v{i}.png")
+    settings = TrainSettings(data="synthetic[:4]", val_data=f"folder:{tmp_path / 'val'}", epochs=2, image_size=32,
+                             batch_size=2, num_workers=0)
+    history = train(twin("segformer-b0-test"), settings, tmp_path / "run")
+    assert all(math.isnan(h.val_miou) for h in history)
+    metrics = _strict_json(tmp_path / "run" / "metrics.json")
+    assert metrics["best_val_miou"] is None and [e["val_miou"] for e in metrics["epochs"]] == [None, None]
+    assert _strict_json(tmp_path / "run" / "config.json")["training"]["val_miou"] is None
+    assert load_checkpoint(tmp_path / "run").meta.training["checkpoint"] == "best"  # weights are there
+
+
+def test_user_text_on_success_paths_is_printed_as_is(tmp_path, cli, twin, exported):
+    from vitseg_export.checkpoint import save_checkpoint
+
+    run = tmp_path / "[b]" / "[/x]run"
+    r = cli("train", "--model", "segformer-b0-test", "--data", "synthetic[:4]", "--epochs", "1", "--image-size", "32",
+            "--batch-size", "2", "--workers", "0", "--output", str(run))
+    assert r.exit_code == 0 and f"checkpoint {run} " in r.stdout, r.stdout + r.stderr
+    loaded = twin("segformer-b0-test")
+    save_checkpoint(loaded.model, loaded.meta, tmp_path / "[red]" / "[/x]ref")
+    r = cli("verify", str(exported("segformer-b0-test")), "--reference", str(tmp_path / "[red]" / "[/x]ref"),
+            "--data", "synthetic[:2]", "--num-images", "2")
+    assert r.exit_code == 0 and f"matches {tmp_path / '[red]' / '[/x]ref'} " in r.stdout, r.stdout + r.stderr
+
+
+def test_outputs_of_every_command_are_checked_before_the_work(tmp_path, cli):
+    (tmp_path / "file").write_text("x")
+    for args in (["benchmark", "segformer-b0-test", "--output", tmp_path / "file" / "bench"],
+                 ["prune", "segformer-b0-test", "--output", tmp_path / "file" / "pruned"],
+                 ["profile", "segformer-b0-test", "--json", tmp_path / "file" / "p.json"],
+                 ["demo", "--model", "segformer-b0-test", "--output", tmp_path / "file" / "demo"]):
+        t0 = time.perf_counter()
+        r = cli(*map(str, args))
+        assert r.exit_code == 2 and "is a file, not a directory" in r.stderr, (args, r.stderr)
+        assert time.perf_counter() - t0 < 10, args
+
+
+def _deny_reads_of(path: Path, module, monkeypatch) -> None:
+    """Make `path` unreadable: really (mode 0) when not root; as root (who reads everything) by having `open`
+    in `module` raise the PermissionError the OS gives everyone else."""
+    path.chmod(0)
+    if os.geteuid() == 0:
+        import builtins
+
+        def denied(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(module, "open", denied, raising=False)
+
+
+def test_an_unreadable_artifact_is_not_called_damaged(tmp_path, exported, monkeypatch):
+    import vitseg_export.artifact as artifact
+
+    path = exported("vit-seg-tiny-test", copy=True)
+    _deny_reads_of(path, artifact, monkeypatch)
+    with pytest.raises(VitsegError, match="cannot be read") as e:
+        artifact.read_onnx_metadata(path)
+    assert "truncated" not in str(e.value) and "damaged" not in str(e.value)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -59,7 +59,7 @@ class ArtifactInfo:
 
     def metadata_props(self) -> dict[str, str]:
         """The metadata as `vitseg.KEY` -> JSON text pairs (ONNX metadata_props, OpenVINO rt_info)."""
-        return {META_PREFIX + k: json.dumps(v) for k, v in self.metadata_json().items()}
+        return {META_PREFIX + k: json.dumps(v, allow_nan=False) for k, v in self.metadata_json().items()}
 
     @classmethod
     def from_metadata(cls, path: Path, fmt: str, meta: dict[str, str]) -> "ArtifactInfo":
@@ -144,8 +144,12 @@ def read_manifest(path: Path) -> ExportManifest:
     if not manifest.is_file():
         raise VitsegError(f"{path} has no manifest {manifest.name} beside it", "keep the artifact and its .json together")
     try:
-        return ExportManifest.from_json(json.loads(manifest.read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        text = manifest.read_bytes()
+    except OSError as e:
+        raise VitsegError(f"{manifest} cannot be read ({e.strerror or e})", "check the file and its permissions") from None
+    try:
+        return ExportManifest.from_json(json.loads(text))
+    except (ValueError, TypeError, AttributeError) as e:
         raise VitsegError(f"{manifest} is not a valid vitseg manifest ({e})", "re-export the artifact") from None
 
 
@@ -229,7 +233,9 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
                 if number == 14 and payload is not None:
                     entry = {n: p for n, _, p in _fields(io.BytesIO(payload), len(payload), {1, 2})}
                     props[(entry.get(1) or b"").decode()] = (entry.get(2) or b"").decode()
-    except (ValueError, UnicodeDecodeError, OSError) as e:
+    except OSError as e:  # permission denied, I/O error: the file may be fine
+        raise VitsegError(f"{path} cannot be read ({e.strerror or e})", "check the file and its permissions") from None
+    except (ValueError, UnicodeDecodeError) as e:
         raise VitsegError(f"{path} is not a loadable ONNX model ({e})", "the file is damaged or truncated; export it again") from None
     if not {1, 7} <= seen:
         raise VitsegError(f"{path} is not a loadable ONNX model (no IR version or graph)",
@@ -263,31 +269,49 @@ def _as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """An image file as 8-bit RGB, as displayed (EXIF orientation applied), its bit depth respected.
-    Images over `max_pixels` (default: max_image_pixels()) are refused before decoding. Raises VitsegError
-    (one line) for missing, unreadable, oversized or non-image files."""
-    path = Path(path)
+@contextmanager
+def _opened_image(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
+    """The image file opened (header read, nothing decoded) once it passed the size limit; every failure, in
+    the block's decoding too, becomes a one-line VitsegError. vitseg's own limit (checked on the header,
+    before any decoding) replaces PIL's decompression-bomb limit, so --allow-large-images really allows."""
     limit = max_image_pixels() if max_pixels is None else max_pixels
     if path.is_dir():
-        raise VitsegError(f"{path} is a directory, not an image", "pass image files, e.g. DIR/*.jpg")
+        raise VitsegError(f"image {path} is a directory, not an image", "pass image files, e.g. DIR/*.jpg")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # process-wide in PIL: restored below
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
-            with Image.open(path) as im:
-                if limit and im.width * im.height > limit:
-                    raise VitsegError(f"image {path} is {im.width}x{im.height} ({im.width * im.height:,} pixels), over "
-                                      f"the {limit:,}-pixel limit", "downscale it, or allow it with --allow-large-images "
-                                      "(VITSEG_MAX_IMAGE_PIXELS=0)")
-                return _as_rgb(ImageOps.exif_transpose(im))
-    except Image.DecompressionBombError as e:
-        raise VitsegError(f"image {path} is too large to decode safely ({e})", "downscale it") from None
+        with Image.open(path) as im:
+            if limit and im.width * im.height > limit:
+                raise VitsegError(f"image {path} is {im.width}x{im.height} ({im.width * im.height:,} pixels), over "
+                                  f"the {limit:,}-pixel limit", "downscale it, or allow it with --allow-large-images "
+                                  "(VITSEG_MAX_IMAGE_PIXELS=0)")
+            yield im
     except FileNotFoundError:
         raise VitsegError(f"image {path} does not exist", "check the path") from None
     except PermissionError:
         raise VitsegError(f"image {path} cannot be read (permission denied)", "fix the file's permissions") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise VitsegError(f"{path} is not an image vitseg can read ({e})", "pass JPEG, PNG, BMP, WebP or TIFF images") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of an image file as displayed (EXIF orientation applied), from its header alone: checks
+    a file is a readable image within the size limit before any heavy work. Raises VitsegError (one line)."""
+    with _opened_image(Path(path), max_pixels) as im:
+        if im.format == "PNG" and "exif" not in im.info:  # PIL would decode the pixels to look for a late eXIf chunk
+            return im.size
+        orientation = im.getexif().get(0x0112, 1)
+        return (im.height, im.width) if orientation in (5, 6, 7, 8) else im.size  # 5-8: rotated by 90 degrees
+
+
+def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """An image file as 8-bit RGB, as displayed (EXIF orientation applied), its bit depth respected.
+    Images over `max_pixels` (default: max_image_pixels(); 0: no limit) are refused before decoding. Raises
+    VitsegError (one line) for missing, unreadable, oversized or non-image files."""
+    with _opened_image(Path(path), max_pixels) as im:
+        return _as_rgb(ImageOps.exif_transpose(im))
 
 
 def pixels_from_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:

@@ -25,7 +25,7 @@ from torch import nn
 
 from vitseg_export import __version__
 from vitseg_export.errors import CheckpointError
-from vitseg_export.files import atomic_write_bytes, json_bytes, sha256_file
+from vitseg_export.files import atomic_write_group, json_bytes, sha256_file
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import PET_CLASSES, Architecture, ModelFamily, Segmenter
 
@@ -120,6 +120,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} cannot be read (permission denied)", "fix the file's permissions") from None
     try:
         return load_file(str(path))
+    except PermissionError:
+        raise CheckpointError(f"{path} cannot be read (permission denied)", "fix the file's permissions") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})",
                               "the file is truncated or damaged; copy it again or re-export it") from None
@@ -183,8 +185,12 @@ def _load_native(config_path: Path, weights_path: Path) -> LoadedCheckpoint:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = path.read_bytes()
+    except OSError as e:  # permission denied, I/O error: not the file's content
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})", "check the file and its permissions") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})", "restore the file from the run directory") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object", "restore the file from the run directory")
@@ -315,11 +321,11 @@ def init_from_foreign(arch: Architecture, path: Path, num_classes: int | None = 
 # ---- writing ------------------------------------------------------------------------------------
 
 def save_checkpoint(model: nn.Module, meta: CheckpointMeta, run_dir: Path) -> Path:
-    """Write model.safetensors + config.json into run_dir, each atomically (temp file, then rename);
-    the weights land first so a directory never has a config pointing at missing weights."""
+    """Write model.safetensors + config.json into run_dir as one group (all or nothing, config last), so an
+    interruption never leaves new weights beside an old config or a config without its weights."""
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(run_dir / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
-    atomic_write_bytes(run_dir / CONFIG_FILE, json_bytes(meta.to_json()))
+    atomic_write_group({run_dir / WEIGHTS_FILE: save(state, metadata={"format": "pt"}),
+                        run_dir / CONFIG_FILE: json_bytes(meta.to_json())})
     return run_dir

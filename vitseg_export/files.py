@@ -3,9 +3,10 @@
 Every file vitseg writes goes to a temp file in the target directory first and is renamed over the target
 only when complete. Files of one artifact (e.g. model.onnx and its manifest, an IR's .xml/.bin/.json)
 are written as a group: all temp files first, then the renames, the manifest last, so a manifest never
-describes a missing or older file. Temp files are removed on every path: exceptions, Ctrl-C, and SIGTERM
-(the CLI turns it into an exception, see vitseg_export.cli). Files get the mode the umask gives (0644
-usually), like any other tool's output, not mkstemp's 0600.
+describes a missing or older file; Ctrl-C and SIGTERM are held back during the renames. Temp files are
+removed on every path: exceptions, Ctrl-C, and SIGTERM (the CLI turns it into an exception, see
+vitseg_export.cli, and calls `remove_temp_files` last). Files get the mode the umask gives (0644 usually),
+like any other tool's output, not mkstemp's 0600.
 """
 
 from __future__ import annotations
@@ -14,78 +15,165 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+# Temp files and backups that exist right now (registered before they are created), so that whatever
+# interrupts a write, `remove_temp_files` (the CLI's last step) finds every one of them.
+_LIVE_TEMPS: set[Path] = set()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask can only be read by setting it
-
-
-def _temp_beside(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write_group(files: dict[Path, bytes]) -> None:
-    """Write every file to a temp file beside it, then rename them over their targets in order (put a
-    manifest last). All or nothing: on any failure (disk full, permissions, interruption) the temp files
-    are removed and targets already replaced get their previous content back (or are removed if new)."""
-    temps: list[tuple[Path, Path]] = []
-    backups: dict[Path, Path | None] = {}
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back until the block ends, so that a group's renames and its cleanup are never
+    cut in half: their Python handlers are swapped for a recorder and the recorded signals are handed to the
+    original handlers afterwards. Python runs signal handlers only in the main thread, so elsewhere nothing
+    can interrupt the block and there is nothing to do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: caught.append(received))
     try:
-        for path, data in files.items():
-            tmp = _temp_beside(Path(path))
-            temps.append((tmp, Path(path)))
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, FILE_MODE)
-        for tmp, path in temps:
-            backups[path] = _backup(path)
-            os.replace(tmp, path)
-    except BaseException:
-        _restore(backups, done={path for tmp, path in temps if not tmp.exists()})
-        raise
+        yield
     finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
-        for backup in backups.values():
-            if backup is not None:
-                backup.unlink(missing_ok=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in caught:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def _new_temp_name(path: Path, kind: str = "tmp") -> Path:
+    name = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{kind}")
+    _LIVE_TEMPS.add(name)
+    return name
+
+
+def _discard(temp: Path) -> None:
+    temp.unlink(missing_ok=True)
+    _LIVE_TEMPS.discard(temp)
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """`data` in a new temp file beside `path`, flushed to disk. Created with mode 0o666, so the kernel
+    applies the umask exactly as for any other tool's output (not mkstemp's 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _new_temp_name(path)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _discard(temp)
+        raise
+    return temp
 
 
 def _backup(path: Path) -> Path | None:
-    """A hard link to the file about to be replaced (its previous content), or None if it is new."""
+    """A hard link to the file about to be replaced (its previous content), or None if there is none."""
     if not path.is_file():
         return None
-    backup = _temp_beside(path)
-    backup.unlink()
-    os.link(path, backup)
+    backup = _new_temp_name(path, "bak")
+    try:
+        os.link(path, backup)
+    except OSError:  # no hard links on this file system (FAT, some network shares): move it aside instead
+        try:
+            os.replace(path, backup)
+        except BaseException:
+            _LIVE_TEMPS.discard(backup)
+            raise
     return backup
 
 
-def _restore(backups: dict[Path, Path | None], done: set[Path]) -> None:
-    for path in done:
-        backup = backups.get(path)
-        if backup is not None:
+def _commit(temps: dict[Path, Path]) -> None:
+    """Rename every temp file over its target, in order. On failure the targets already replaced get their
+    previous content back (or are removed if they are new), so the group lands whole or not at all."""
+    backups: dict[Path, Path | None] = {}
+    renamed: list[Path] = []
+    try:
+        if len(temps) > 1:  # a single file needs no backup: its rename is atomic
+            for path in temps:
+                backups[path] = _backup(path)
+        for path, temp in temps.items():
+            os.replace(temp, path)
+            renamed.append(path)
+        for directory in {path.parent for path in temps}:
+            _fsync_dir(directory)
+    except BaseException:
+        _roll_back(backups, renamed)
+        raise
+    finally:
+        for backup in backups.values():
+            if backup is not None:
+                _discard(backup)
+
+
+def _roll_back(backups: dict[Path, Path | None], renamed: list[Path]) -> None:
+    for path, backup in backups.items():
+        if backup is not None and (path in renamed or not path.exists()):  # replaced, or moved aside
             os.replace(backup, path)
-        else:
+    for path in renamed:
+        if backups.get(path) is None:
             path.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames in `directory` durable (best effort: not every OS or file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_group(files: dict[Path, bytes]) -> None:
+    """Write several files as one output, all or nothing: every file goes to a temp file beside its
+    target (fsynced), then all are renamed over their targets in the dict's order (put a manifest last),
+    with Ctrl-C and SIGTERM held back during the renames. On any failure (disk full, permissions, an
+    interruption while writing) the temp files are removed and existing targets keep their previous
+    content. Files get the mode the umask gives (0644 usually)."""
+    files = {Path(path): data for path, data in files.items()}
+    temps: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            temps[path] = _write_temp(path, data)
+        with _signals_deferred():
+            _commit(temps)
+    finally:
+        with _signals_deferred():
+            for temp in temps.values():
+                _discard(temp)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write one file atomically (see atomic_write_group)."""
     atomic_write_group({Path(path): data})
+
+
+def remove_temp_files() -> list[Path]:
+    """Remove every temp file a write left behind (none, unless an interruption bypassed its cleanup);
+    returns them. The CLI calls it last, on every path."""
+    left = sorted(_LIVE_TEMPS)
+    for temp in left:
+        _discard(temp)
+    return left
 
 
 def jsonable(value: Any) -> Any:

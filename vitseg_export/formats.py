@@ -146,10 +146,12 @@ def _onnx_summary(path: Path, manifest: Any) -> list[str]:
 
 
 def _engine_summary(path: Path, manifest: Any) -> list[str]:
+    from rich.markup import escape
+
     x = manifest.extra
-    return [f"wrote {path} ({manifest.size_bytes / 1e6:.2f} MB, TensorRT {x['tensorrt_version']}, "
+    return [f"wrote {escape(str(path))} ({manifest.size_bytes / 1e6:.2f} MB, TensorRT {x['tensorrt_version']}, "
             f"{x['gpu']} sm {x['compute_capability']}, {'strongly' if x['strongly_typed'] else 'weakly'} typed) "
-            f"and {path.name}.json"]
+            f"and {escape(path.name)}.json"]
 
 
 # ---- OpenVINO ---------------------------------------------------------------------------------------
@@ -175,14 +177,16 @@ def _probe_openvino() -> Availability:
 
 
 def _openvino_summary(path: Path, manifest: Any) -> list[str]:
+    from rich.markup import escape
+
     details = manifest.precision_details or {}
     lines = []
     if manifest.metadata["precision"] == "int8":
         lines.append(f"int8 (NNCF, accuracy control): {details['int8_mac_share'] * 100:.1f}% of MACs in int8, "
                      f"{len(details['float_layers'])} layers kept in float")
     batch = "dynamic batch" if manifest.metadata["dynamic_batch"] else "static batch 1"
-    lines.append(f"wrote {path} + {manifest.extra['bin']} ({manifest.size_bytes / 1e6:.2f} MB, {batch}, "
-                 f"weights {details.get('weights')}) and {path.name}.json")
+    lines.append(f"wrote {escape(str(path))} + {escape(str(manifest.extra['bin']))} "
+                 f"({manifest.size_bytes / 1e6:.2f} MB, {batch}, weights {details.get('weights')}) and {escape(path.name)}.json")
     parity = manifest.self_parity
     lines.append(f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%")
     return lines

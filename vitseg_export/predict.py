@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from vitseg_export.artifact import colorize, is_artifact, load_rgb, pixels_from_image
-from vitseg_export.files import atomic_write_bytes
+from vitseg_export.artifact import colorize, image_size, is_artifact, load_rgb, pixels_from_image
+from vitseg_export.files import atomic_write_group
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.base import mask_of
 
@@ -56,7 +56,10 @@ def predict_images(model: str, images: list[Path], output: Path, overlay: bool =
                    max_pixels: int | None = None) -> list[Prediction]:
     """Write `<stem>_mask.png` (class indices at the image's own resolution) and, with overlay,
     `<stem>_overlay.png` (colours blended onto the image) for each image (`output_stems` names them).
-    `max_pixels` overrides the image size limit (0: none). Raises VitsegError for unreadable images."""
+    `max_pixels` overrides the image size limit (0: none). Every image is checked (readable, an image, within
+    the limit) before the model is loaded; raises VitsegError for the first that is not."""
+    for path in images:
+        image_size(path, max_pixels)
     runner = runner_for(model, device=device, backend=backend, outputs=("mask",))
     results = []
     with runner:
@@ -69,12 +72,12 @@ def predict_images(model: str, images: list[Path], output: Path, overlay: bool =
             # Back to the image's own resolution; nearest keeps class indices intact.
             full = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
             mask_path = output / f"{stem}_mask.png"
-            atomic_write_bytes(mask_path, _png_bytes(full))
-            overlay_path = None
-            if overlay:
+            files = {mask_path: _png_bytes(full)}
+            overlay_path = output / f"{stem}_overlay.png" if overlay else None
+            if overlay_path is not None:
                 blend = (0.55 * np.asarray(image, np.float32) + 0.45 * colorize(full)).round().astype(np.uint8)
-                overlay_path = output / f"{stem}_overlay.png"
-                atomic_write_bytes(overlay_path, _png_bytes(blend))
+                files[overlay_path] = _png_bytes(blend)
+            atomic_write_group(files)  # an image's mask and overlay land together
             counts = np.bincount(full.ravel(), minlength=len(names))
             results.append(Prediction(path, mask_path, overlay_path,
                                       {names[c] if c < len(names) else str(c): int(n) for c, n in enumerate(counts)}))

@@ -272,8 +272,10 @@ def training_start(model: str | None, init: str | None, data: str, seed: int = 0
 
     if model is None and init is None:
         raise VitsegError("nothing to train", "pass --model ARCH (see `vitseg models`) or --init CHECKPOINT")
-    num_classes = len(open_source(data, "train", seed).class_names)
-    open_source(data, "val", seed)  # both splits checked (masks, labels) before anything is built
+    sources = {split: open_source(data, split, seed) for split in ("train", "val")}  # checked before anything is built
+    if any(source.max_label is None for source in sources.values()):
+        raise DataError(f"{data} has no masks", "training needs labels: add DIR/masks/<image stem>.png")
+    num_classes = len(sources["train"].class_names)
     if init is None:
         arch = registry.get_architecture(model)
         with torch.random.fork_rng(devices=[]):

@@ -12,7 +12,6 @@ from typing import NoReturn
 
 import typer
 from rich.text import Text
-from typer.exceptions import TyperException
 
 from vitseg_export.cli import demo as demo_cmd
 from vitseg_export.cli import doctor as doctor_cmd
@@ -25,6 +24,7 @@ from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
 from vitseg_export.errors import Terminated, VitsegError
+from vitseg_export.files import remove_temp_files
 
 app = typer.Typer(
     name="vitseg",
@@ -54,39 +54,82 @@ def _fail(message: str, hint: str | None, code: int) -> NoReturn:
     sys.exit(code)
 
 
+_signals_received: list[int] = []
+
+
 def _on_sigterm(signum, frame) -> None:
+    _signals_received.append(signum)
     raise Terminated()
+
+
+def _usage_error(e: BaseException) -> tuple[str, str, int] | None:
+    """(message, hint, exit code) of a usage error from typer's parser, or None. Recognised by its interface
+    (`exit_code` and `format_message()`), not its class: typer 0.29 raises its own vendored click classes
+    and older typers click's, and `click` itself is not installed with typer 0.29, so it is never imported."""
+    if not (callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)):
+        return None
+    command = getattr(getattr(e, "ctx", None), "command_path", None) or "vitseg"
+    return e.format_message(), f"see `{command} --help`", e.exit_code  # type: ignore[attr-defined]
+
+
+def _worker_message(message: str) -> str:
+    """A VitsegError raised in a DataLoader worker comes back with the worker's traceback as its message:
+    keep only the original error's own line."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _report(e: BaseException, debug: bool) -> NoReturn:
+    """Turn any exception that ended a command into one line and its documented exit code."""
+    if isinstance(e, Terminated) or _signals_received:  # or what a kill caused first (e.g. a killed worker's error)
+        _fail("terminated (SIGTERM)", "no partial files were left behind", 143)
+    if isinstance(e, (KeyboardInterrupt, typer.Abort)):
+        _fail("interrupted", "no partial files were left behind", 130)
+    if isinstance(e, VitsegError):
+        if debug:
+            raise e
+        _fail(_worker_message(e.message), e.hint, e.exit_code)
+    usage = _usage_error(e)
+    if usage is not None:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `vitseg` alone: the help was the message (already shown by rich)
+            if usage[0].strip():
+                err_console.print(usage[0], markup=False, highlight=False)
+            sys.exit(usage[2])
+        _fail(*usage)
+    if debug:
+        raise e
+    if isinstance(e, OSError):  # disk full, permission denied, ...: the environment, not a bug
+        _fail(str(e) or type(e).__name__, "check the path, its permissions and the free space", 2)
+    if isinstance(e, MemoryError):
+        _fail("out of memory", "use smaller images, a smaller --batch-size or a machine with more memory", 2)
+    if type(e).__name__ == "DecompressionBombError":  # PIL: an image too large to decode safely
+        _fail(str(e), "downscale the image", 2)
+    _fail(f"{type(e).__name__}: {e}", "this is a bug in vitseg; VITSEG_DEBUG=1 shows the traceback", 1)
 
 
 def main() -> None:
     """Entry point of `vitseg`: usage errors and VitsegErrors exit 2 (3: verify failure), interrupts 130,
-    SIGTERM 143, anything else 1, each with one line on stderr (VITSEG_DEBUG=1: the traceback)."""
+    SIGTERM 143, anything else 1, each with one line on stderr (VITSEG_DEBUG=1: the traceback). SIGTERM runs
+    the same cleanup as Ctrl-C, and no temp file outlives the command."""
     warnings.showwarning = _show_warning
     debug = os.environ.get("VITSEG_DEBUG") == "1"
-    if threading.current_thread() is threading.main_thread():  # kills run the same cleanup as Ctrl-C
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # kills clean up like Ctrl-C
+    _signals_received.clear()
     try:
         code = app(standalone_mode=False)
-    except VitsegError as e:
-        if debug:
-            raise
-        _fail(e.message, e.hint, e.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
-        _fail("interrupted", "nothing was written", 130)
-    except Terminated:
-        _fail("terminated (SIGTERM)", "nothing was written", 143)
-    except typer.Exit as e:
-        code = e.exit_code
-    except TyperException as e:  # usage errors (typer's own click): no `click` import, it may not be installed
-        _fail(e.format_message(), "see `vitseg --help` or `vitseg COMMAND --help`", e.exit_code)
-    except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
-        if debug:
-            raise
-        _fail(str(e) or type(e).__name__, "check the path, its permissions and the free space", 2)
-    except Exception as e:
-        if debug:
-            raise
-        _fail(f"{type(e).__name__}: {e}", "this is a bug in vitseg; VITSEG_DEBUG=1 shows the traceback", 1)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        _report(e, debug)
+    finally:
+        remove_temp_files()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if _signals_received:  # a SIGTERM whose exception something swallowed: the command still stops here
+        _fail("terminated (SIGTERM)", "no partial files were left behind", 143)
     if code == 130:  # typer turns Ctrl-C into a silent exit code 130 (after every `finally` ran): say so
-        _fail("interrupted", "nothing was written", 130)
+        _fail("interrupted", "no partial files were left behind", 130)
     sys.exit(code if isinstance(code, int) else 0)

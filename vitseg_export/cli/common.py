@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from vitseg_export.files import json_bytes
 
@@ -41,14 +42,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
+def log(message: str) -> None:
+    """A progress line on stderr, printed as is (paths and data specs are never read as markup)."""
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 class _Status:
     def __init__(self, title: str):
         self.title = title
 
     def __enter__(self):
-        self._status = err_console.status(self.title)
+        self._status = err_console.status(Text(self.title))  # Text: user text (paths, specs) is never markup
         self._status.__enter__()
-        return lambda msg: self._status.update(f"{self.title}: {msg}")
+        return lambda msg: self._status.update(Text(f"{self.title}: {msg}"))
 
     def __exit__(self, *exc):
         return self._status.__exit__(*exc)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
-from vitseg_export.cli.common import console, err_console
+from vitseg_export.cli.common import console, err_console, log
 
 
 def demo(
@@ -29,22 +30,23 @@ def demo(
     from vitseg_export.cli.train import train as train_command
     from vitseg_export.data.sources import open_source
     from vitseg_export.errors import ParityError
-    from vitseg_export.files import atomic_write_bytes
+    from vitseg_export.files import atomic_write_bytes, check_output_dir
     from vitseg_export.modeling.registry import get_architecture, get_family
     from vitseg_export.predict import predict_images
 
+    check_output_dir(output, "--output")
     arch = get_architecture(model)
     size = get_family(arch.family).fixed_input_size(arch.config) or image_size
     run_dir = output / "run"
-    err_console.rule(f"1/3 train {model} on synthetic[:{train_images}] ({epochs} epochs, {size}px)")
+    err_console.rule(Text(f"1/3 train {model} on synthetic[:{train_images}] ({epochs} epochs, {size}px)"))
     train_command(output=run_dir, model=model, data=f"synthetic[:{train_images}]", epochs=epochs, image_size=size,
                   batch_size=16, init=None, lr=None, workers=1, seed=0)
 
-    err_console.rule(f"2/3 export {precisions} to {', '.join(available_formats())}, verify each against PyTorch, profile")
+    err_console.rule(Text(f"2/3 export {precisions} to {', '.join(available_formats())}, verify each against PyTorch, profile"))
     settings = BenchmarkSettings(formats=available_formats(), precisions=tuple(p.strip() for p in precisions.split(",")),
                                  image_size=(size, size),
                                  verify_images=verify_images)
-    report = run_benchmark(str(run_dir), output, settings, log=lambda m: err_console.print(m, highlight=False))
+    report = run_benchmark(str(run_dir), output, settings, log=log)
 
     err_console.rule("3/3 predict")
     samples, predictions = output / "samples", output / "predictions"
@@ -65,7 +67,7 @@ def demo(
                                         f"mIoU {best['val_miou'] * 100:.2f})")
     console.print(f"files: checkpoint {run_dir}, artifacts {output / 'artifacts'} (each with a .json manifest), "
                   f"verify reports {output / 'reports'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
-                  f"{output / 'overlays.png'}, masks and overlays {predictions}", soft_wrap=True)
+                  f"{output / 'overlays.png'}, masks and overlays {predictions}", soft_wrap=True, markup=False)
     failed = [r.name for r in report.rows if r.failed]
     if failed:
         raise ParityError(f"{len(failed)} artifact(s) did not verify: {', '.join(failed)}", "see the status column and reports")

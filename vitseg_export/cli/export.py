@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitseg_export.cli.common import JsonFlag, console, err_console, parse_size, print_json, status
+from vitseg_export.cli.common import JsonFlag, console, log, parse_size, print_json, status
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.precisions import PRECISIONS
@@ -100,7 +100,7 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
 
     if output is not None:
         check_output_file(output, "--output")
-    _check_data(request)
+    sources = _check_data(request)
     if checkpoint.endswith(".onnx"):
         if fmt.from_onnx is None:
             raise VitsegError(f"--format {fmt.name} exports checkpoints, and {checkpoint} is an ONNX artifact",
@@ -109,22 +109,28 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
         with status(fmt.name) as update:
             return path, fmt.from_onnx(Path(checkpoint), path, request, update)
     from vitseg_export.checkpoint import load_checkpoint
+    from vitseg_export.data.sources import check_labels_fit
 
     loaded = load_checkpoint(checkpoint)
+    for spec, source in sources.items():
+        check_labels_fit(source, spec, loaded.meta.config.num_classes)
     path = output or default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0])
     check_output_file(path, "output")
     with status("export") as update:
-        return path, fmt.export(loaded, path, request, lambda m: (update(m), err_console.print(f"  {m}", highlight=False)))
+        return path, fmt.export(loaded, path, request, lambda m: (update(m), log(f"  {m}")))
 
 
-def _check_data(request) -> None:
-    """Open every data spec the export will read (DataError, one line, for a bad one) before the export starts."""
+def _check_data(request) -> dict:
+    """Open every data spec the export will read (DataError, one line, for a bad one) before the export starts;
+    returns {spec: its validation split}, the images whose labels the export compares with."""
     from vitseg_export.data.sources import open_source
 
-    open_source(request.onnx.parity_data, "val")
+    held_out = {request.onnx.parity_data: open_source(request.onnx.parity_data, "val")}
     if request.precision == "int8":
         open_source(request.int8.calib, "calib")
-        open_source(request.int8.heldout or request.int8.calib, "val")
+        spec = request.int8.heldout or request.int8.calib
+        held_out[spec] = open_source(spec, "val")
+    return held_out
 
 
 def _lint(result, check_trt: bool) -> list:

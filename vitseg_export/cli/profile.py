@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from vitseg_export.cli.common import BackendOption, DataSpec, console, err_console, parse_size, print_json
+from vitseg_export.cli.common import BackendOption, DataSpec, console, err_console, log, parse_size, print_json
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.precisions import PRECISIONS
@@ -38,19 +39,20 @@ def profile(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""
-    from vitseg_export.files import write_json
+    from vitseg_export.files import check_output_file, write_json
     from vitseg_export.profiling import profile as run_profile
 
     batches = _ints(batch)
     size = parse_size(image_size) if image_size else None
+    if json_file:
+        check_output_file(json_file, "--json")
     results = []
     with err_console.status("profiling") as status:
         for model in models:
-            status.update(f"profiling {model}")
+            status.update(Text(f"profiling {model}"))
             results.append(run_profile(model, batches, device, threads, warmup, iters, size, backend, autocast).to_json())
     print_profile_tables(results, device, warmup, iters)
     if json_file:
-
         write_json(json_file, results)
 
 
@@ -95,6 +97,9 @@ def benchmark(
 ) -> None:
     """Export, verify and profile every format x precision; one table with speedups vs PyTorch eager fp32."""
     from vitseg_export.benchmark import BenchmarkSettings, available_formats, run_benchmark
+    from vitseg_export.files import check_output_dir
+
+    check_output_dir(output, "--output")
 
     settings = BenchmarkSettings(formats=available_formats() if formats == "auto" else tuple(f.strip() for f in formats.split(",")),
                                  precisions=tuple(p.strip() for p in precisions.split(",")),
@@ -102,13 +107,13 @@ def benchmark(
                                  verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
                                  fold=not no_fold, calib=calib,
                                  prune_ratios=tuple(float(r) for r in prune.split(",")) if prune else ())
-    report = run_benchmark(checkpoint, output, settings, log=lambda m: err_console.print(m, highlight=False))
+    report = run_benchmark(checkpoint, output, settings, log=log)
     if json_output:
         print_json(report.to_json())
     else:
         print_benchmark_table(report)
         console.print(f"wrote {output / 'benchmark.json'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
-                      f"{output / 'overlays.png'}", soft_wrap=True)
+                      f"{output / 'overlays.png'}", soft_wrap=True, markup=False)
 
 
 def print_benchmark_table(report, title: str | None = None) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitseg_export.cli.common import DataSpec, console, err_console
+from vitseg_export.cli.common import DataSpec, console, log
 
 
 def prune(
@@ -23,10 +23,13 @@ def prune(
     eval_images: Annotated[int, typer.Option("--eval-images", min=1, help="Validation images for the before/after figures.")] = 64,
 ) -> None:
     """Remove attention heads, MLP channels and decoder channels by importance; fine-tune; report accuracy."""
+    from vitseg_export.files import check_output_dir
     from vitseg_export.pruning import PruneSettings, prune_checkpoint
 
+    check_output_dir(output, "--output")
+
     settings = PruneSettings(ratio, method, sparsity, finetune_epochs, data, image_size, batch_size, eval_images)
-    report = prune_checkpoint(checkpoint, output, settings, log=lambda m: err_console.print(m, highlight=False))
+    report = prune_checkpoint(checkpoint, output, settings, log=log)
 
     def fmt(s):
         return "-" if s is None else f"pixel accuracy {s['pixel_accuracy'] * 100:.2f}%, mIoU {s['miou'] * 100:.2f}"
@@ -39,4 +42,4 @@ def prune(
     if sparsity:
         console.print(f"2:4 sparsity holds in {len(report['sparsity_check']['sparse_layers'])} layers "
                       "(build with `vitseg export --format trt --sparsity`)")
-    console.print(f"wrote {output} (loads without the original: widths are in its config.json)", highlight=False)
+    console.print(f"wrote {output} (loads without the original: widths are in its config.json)", highlight=False, markup=False)

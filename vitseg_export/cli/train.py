@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,11 +47,17 @@ def train(
                            description=f"epoch {info['epoch']}/{epochs}", info=f"loss {info['loss']:.4f}")
             else:
                 bar.console.print(f"epoch {done}/{total}: loss {info['train_loss']:.4f}  val pixel acc "
-                                  f"{info['val_pixel_accuracy'] * 100:.2f}%  val mIoU {info['val_miou'] * 100:.2f}  "
-                                  f"({info['seconds']:.0f}s)")
+                                  f"{_percent(info['val_pixel_accuracy'])}%  val mIoU {_percent(info['val_miou'])}  "
+                                  f"({info['seconds']:.0f}s)", markup=False)
 
         history = run_training(start, settings, output, progress)
     if rank0:
         best = max(history, key=score_of)
-        console.print(f"best epoch {best.epoch}: val pixel accuracy {best.val_pixel_accuracy * 100:.2f}%, "
-                      f"mIoU {best.val_miou * 100:.2f}; checkpoint {output} (last: {output / 'last'})", highlight=False)
+        console.print(f"best epoch {best.epoch}: val pixel accuracy {_percent(best.val_pixel_accuracy)}%, "
+                      f"mIoU {_percent(best.val_miou)}; checkpoint {output} (last: {output / 'last'})", highlight=False,
+                      markup=False, soft_wrap=True)
+
+
+def _percent(value: float) -> str:
+    """A score in percent, or 'undefined' where the validation split had no labelled pixels (NaN)."""
+    return f"{value * 100:.2f}" if math.isfinite(value) else "undefined (no labelled validation pixels)"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vitseg_export.cli.common import BackendOption, DataSpec, JsonFlag, console, err_console, print_json
@@ -30,16 +31,18 @@ def verify(
     from rich.progress import Progress
 
     from vitseg_export.artifact import read_artifact_info
+    from vitseg_export.data.sources import check_labels_fit, open_source
+    from vitseg_export.files import check_output_dir, check_output_file
     from vitseg_export.precisions import thresholds_for
     from vitseg_export.verify import verify_artifact, write_report
-
-    from vitseg_export.files import check_output_dir, check_output_file
 
     if report:
         check_output_file(report, "--report")
     if save_diff:
         check_output_dir(save_diff, "--save-diff")
-    precision = read_artifact_info(artifact).precision
+    info = read_artifact_info(artifact)
+    check_labels_fit(open_source(data, "val"), data, len(info.class_names))  # bad data: one line, before any work
+    precision = info.precision
     thresholds = thresholds_for(precision, min_agreement=min_agreement, min_miou_vs_reference=min_miou,
                                 max_abs_logit_diff=max_abs_diff)
     with Progress(console=err_console, transient=True) as bar:
@@ -58,12 +61,13 @@ def verify(
         raise ParityError(f"{artifact.name} FAILED parity ({r['precision']} preset): " + "; ".join(result.failures),
                           "see the report; raise thresholds only with a reason")
     if not json_output:
-        console.print(f"[green]PASS[/] {artifact.name} matches {reference} ({r['precision']} preset)")
+        console.print(f"[green]PASS[/] {escape(artifact.name)} matches {escape(reference)} ({r['precision']} preset)",
+                      soft_wrap=True)
 
 
 def print_verify_table(r: dict) -> None:
     """The verify report (its JSON form) as a table on stdout."""
-    table = Table(title=f"verify {Path(r['artifact']).name} ({r['backend']}, {r['device']}) vs PyTorch fp32")
+    table = Table(title=escape(f"verify {Path(r['artifact']).name} ({r['backend']}, {r['device']}) vs PyTorch fp32"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("limit", justify="right")

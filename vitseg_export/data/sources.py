@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
 
 from vitseg_export.errors import DataError, VitsegError
 
@@ -35,6 +35,7 @@ class Sample:
 class Source:
     class_names: tuple[str, ...] = PET_CLASSES
     description: str = ""
+    max_label: int | None = len(PET_CLASSES) - 1  # the largest class value in its masks; None: no masks
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -180,6 +181,13 @@ class OxfordPets(Source):
                       if line.strip() and not line.startswith("#")]
         if not self.names:
             raise DataError(f"{list_file} lists no images", "the dataset copy is incomplete")
+        for folder, suffix in ((root / "images", ".jpg"), (root / "annotations" / "trimaps", ".png")):
+            present = {p.name for p in folder.iterdir()}
+            missing = [name for name in self.names if f"{name}{suffix}" not in present]
+            if missing:
+                raise DataError(f"pets:{root}: {folder / (missing[0] + suffix)} is missing"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                                f"the dataset copy is incomplete; every image in {list_file.name} needs its image and trimap")
         self.description = f"pets:{root} split={split}"
 
     def __len__(self) -> int:
@@ -191,7 +199,7 @@ class OxfordPets(Source):
     def __getitem__(self, index: int) -> Sample:
         name = self.names[index]
         image = _open_image(self.root / "images" / f"{name}.jpg")
-        trimap = np.asarray(Image.open(self.root / "annotations" / "trimaps" / f"{name}.png"))
+        trimap = _read_mask(self.root / "annotations" / "trimaps" / f"{name}.png", image.size, f"{name}.jpg")
         mask = np.full(trimap.shape, IGNORE_INDEX, np.uint8)
         for value, cls in ((1, 0), (2, 1), (3, 2)):
             mask[trimap == value] = cls
@@ -206,8 +214,9 @@ class ImageMaskFolder(Source):
     (sorted by name) is the validation split; the others are the train and calib splits (so held-out images
     are never calibration images). Fewer than 10 images: every split is all of them.
 
-    Masks are checked when the source is opened, before any work: one per image, the image's size, one
-    channel, values below the class count or 255, and a validation split with labelled pixels."""
+    Images and masks are checked when the source is opened, before any work: every image readable and within
+    the size limit (from its header); one mask per image, the image's size, one channel, values below the
+    class count or 255; and a validation split with labelled pixels."""
 
     def __init__(self, root: Path, split: str):
         images = root / "images"
@@ -224,35 +233,29 @@ class ImageMaskFolder(Source):
         if classes.is_file():
             self.class_names = tuple(c.strip() for c in classes.read_text().splitlines() if c.strip())
         self.description = f"folder:{root} split={split}"
+        sizes = [_image_size(path) for path in files]
+        self.max_label = None
         if self.masks is not None:
-            labelled = sum(self._check_mask(path) for path in files)
-            if split == "val" and labelled == 0:
+            counts = [self._check_mask(path, size) for path, size in zip(files, sizes)]
+            self.max_label = max((top for _, top in counts), default=-1)
+            if split == "val" and sum(n for n, _ in counts) == 0:
                 raise DataError(f"folder:{root}: the validation masks have no labelled pixels (all 255)",
                                 "label some pixels of every 10th image, or train on other data")
 
-    def _check_mask(self, path: Path) -> int:
-        """Validate the mask of `path` (DataError naming it); returns its number of labelled pixels."""
+    def _check_mask(self, path: Path, size: tuple[int, int]) -> tuple[int, int]:
+        """Validate the mask of `path` (an image of `size` as displayed; DataError naming the mask); returns
+        its number of labelled pixels and its largest class value (-1: none)."""
         assert self.masks is not None
         mpath = self.masks / f"{path.stem}.png"
         if not mpath.is_file():
             raise DataError(f"{mpath} is missing for {path.name}", "every image needs a mask with the same stem")
-        try:
-            with Image.open(mpath) as m:
-                mask = np.asarray(m)
-            with Image.open(path) as im:
-                size = ImageOps.exif_transpose(im).size
-        except (OSError, ValueError) as e:
-            raise DataError(f"{mpath} or {path.name} cannot be read ({e})", "re-save the file") from None
-        if mask.ndim != 2:
-            raise DataError(f"{mpath} is not a single-channel class-index PNG", "save masks as mode 'L' or 'P'")
-        if (mask.shape[1], mask.shape[0]) != size:
-            raise DataError(f"{mpath} is {mask.shape[1]}x{mask.shape[0]} but {path.name} is {size[0]}x{size[1]}",
-                            "masks must have their image's size (vitseg does not stretch them)")
+        mask = _read_mask(mpath, size, path.name)
         bad = np.unique(mask[(mask >= len(self.class_names)) & (mask != IGNORE_INDEX)])
         if bad.size:
             raise DataError(f"{mpath} has class values {bad[:5].tolist()} but there are {len(self.class_names)} classes",
                             "values must be 0..classes-1 or 255 (ignored); fix the mask or classes.txt")
-        return int((mask != IGNORE_INDEX).sum())
+        labelled = mask[mask != IGNORE_INDEX].astype(np.int64)
+        return int(labelled.size), int(labelled.max(initial=-1))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -264,8 +267,7 @@ class ImageMaskFolder(Source):
         path = self.files[index]
         mask = None
         if self.masks is not None:  # validated when the source was opened
-            with Image.open(self.masks / f"{path.stem}.png") as m:
-                mask = np.asarray(m).astype(np.uint8)
+            mask = _read_mask(self.masks / f"{path.stem}.png", None, path.name).astype(np.uint8)
         return Sample(_open_image(path), mask, path.stem)
 
 
@@ -276,6 +278,40 @@ def _open_image(path: Path) -> Image.Image:
         return load_rgb(path)
     except VitsegError as e:
         raise DataError(e.message, e.hint) from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed, from the header alone; DataError for an unreadable or oversized image."""
+    from vitseg_export.artifact import image_size
+
+    try:
+        return image_size(path)
+    except VitsegError as e:
+        raise DataError(e.message, e.hint) from None
+
+
+def _read_mask(path: Path, size: tuple[int, int] | None, image_name: str) -> np.ndarray:
+    """A class-index mask (H, W) that must be single-channel and, when `size` is given, of that (W, H) size:
+    masks are never stretched to fit. DataError (one line) otherwise, the size checked before decoding."""
+    try:
+        with Image.open(path) as m:  # PIL's decompression-bomb limit applies to masks
+            if size is not None and m.size != tuple(size):
+                raise DataError(f"{path} is {m.width}x{m.height} but {image_name} is {size[0]}x{size[1]}",
+                                "masks must have their image's size (vitseg does not stretch them)")
+            mask = np.asarray(m)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path} cannot be read as a mask ({e})", "re-save it as a single-channel PNG") from None
+    if mask.ndim != 2:
+        raise DataError(f"{path} is not a single-channel class-index PNG", "save masks as mode 'L' or 'P'")
+    return mask
+
+
+def check_labels_fit(source: Source, spec: str, num_classes: int) -> None:
+    """Before comparing a model's masks with `source`'s labels: DataError (one line) when the labels hold class
+    values the model cannot predict (its confusion matrix has no row for them)."""
+    if source.max_label is not None and source.max_label >= num_classes:
+        raise DataError(f"{spec}: its masks have class values up to {source.max_label} but the model predicts "
+                        f"{num_classes} classes", "pass --data labelled with the model's classes")
 
 
 # ---- the spec string ----------------------------------------------------------------------------
