@@ -7,7 +7,8 @@
 #
 #   scripts/gpu_checks.sh PHASE   (tests, b0-export, b0-check, vit-export, vit-check, sizes: each fits one
 #   10-minute command; exports are kept in $WORK for the check phases)
-# Environment: OUT (results), B0 (a trained SegFormer-B0 run dir; default: train one here), VITSEG (the CLI).
+# Environment: OUT (results), B0 (a trained SegFormer-B0 run dir; default: train one here), VITSEG (the CLI),
+# KINDS (artifacts to export, default: fp32 fp16 int8trt int8cpu), AUTOCAST=0 (skip the eager fp16 profile).
 set -u
 phase=${1:?usage: gpu_checks.sh tests|b0-export|b0-check|vit-export|vit-check|sizes}
 OUT=${OUT:-/tmp/vitseg-gpu}
@@ -27,12 +28,16 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   return $rc
 }
 
-export_set() {  # export_set CKPT NAME SIZE: fp32, fp16, int8 (trt and cpu targets) ONNX at SIZE
-  local ckpt=$1 name=$2 size=$3
-  step "$name-export-fp32" 300 $VITSEG export "$ckpt" --format onnx --precision fp32 --image-size "$size" --dynamic-batch -o "$WORK/$name-fp32.onnx"
-  step "$name-export-fp16" 300 $VITSEG export "$ckpt" --format onnx --precision fp16 --image-size "$size" --dynamic-batch -o "$WORK/$name-fp16.onnx"
-  step "$name-export-int8trt" 400 $VITSEG export "$ckpt" --format onnx --precision int8 --target trt --image-size "$size" --dynamic-batch -o "$WORK/$name-int8trt.onnx"
-  step "$name-export-int8cpu" 400 $VITSEG export "$ckpt" --format onnx --precision int8 --target cpu --image-size "$size" --dynamic-batch -o "$WORK/$name-int8cpu.onnx"
+export_set() {  # export_set CKPT NAME SIZE: $KINDS (default fp32 fp16 int8trt int8cpu) ONNX at SIZE
+  local ckpt=$1 name=$2 size=$3 kind
+  for kind in ${KINDS:-fp32 fp16 int8trt int8cpu}; do
+    case $kind in
+      int8trt) args=(--precision int8 --target trt) ;;
+      int8cpu) args=(--precision int8 --target cpu) ;;
+      *) args=(--precision "$kind") ;;
+    esac
+    step "$name-export-$kind" 400 $VITSEG export "$ckpt" --format onnx "${args[@]}" --image-size "$size" --dynamic-batch -o "$WORK/$name-$kind.onnx"
+  done
   cp "$WORK/$name"-*.onnx.json "$OUT/" 2>/dev/null
 }
 
@@ -48,7 +53,7 @@ verify_set() {  # verify_set CKPT NAME: every exported artifact, CUDA provider v
 profile_set() {  # profile_set CKPT NAME HxW: eager fp32, eager fp16 autocast, then every artifact; batch 1 and 8
   local ckpt=$1 name=$2 size=$3
   step "profile-cuda-$name-eager" 300 $VITSEG profile "$ckpt" --device cuda --image-size "$size" --batch 1,8 --warmup 20 --iters 100 --json "$OUT/profile-cuda-$name-eager.json"
-  step "profile-cuda-$name-autocast" 300 $VITSEG profile "$ckpt" --device cuda --image-size "$size" --autocast --batch 1,8 --warmup 20 --iters 100 --json "$OUT/profile-cuda-$name-autocast.json"
+  [ "${AUTOCAST:-1}" = 1 ] && step "profile-cuda-$name-autocast" 300 $VITSEG profile "$ckpt" --device cuda --image-size "$size" --autocast --batch 1,8 --warmup 20 --iters 100 --json "$OUT/profile-cuda-$name-autocast.json"
   local artifacts=("$WORK/$name"-*.onnx)
   [ -f "${artifacts[0]}" ] && step "profile-cuda-$name-onnx" 400 $VITSEG profile "${artifacts[@]}" --device cuda --batch 1,8 --warmup 20 --iters 100 --json "$OUT/profile-cuda-$name-onnx.json"
 }

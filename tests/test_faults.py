@@ -98,8 +98,11 @@ def _interrupt(tmp_path, sig, args, wait_for: str):
     tmpdir.mkdir(exist_ok=True)
     script = tmp_path / "vitseg_no_click.py"
     script.write_text(NO_CLICK.replace("{prelude}", ""))
+    # a shell running the suite in the background starts it with SIGINT ignored, which children inherit
+    # (and Python then keeps): give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(tmpdir)})
+                            env={**os.environ, "TMPDIR": str(tmpdir)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto
 
 from vitseg_export.export.fp16 import fp32_nodes
+from vitseg_export.export.int8 import attention_matmuls, quantized_layers
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.export.settings import Int8Settings
 from vitseg_export.runners import runner_for
@@ -55,7 +56,7 @@ def _int8(tmp_path, twin, name, **kw):
 
 
 @pytest.mark.parametrize("target", ["trt", "cpu"])
-def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, target):
+def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exported, target):
     path, manifest = _int8(tmp_path, twin, "segformer-b0-test", target=target)
     model = onnx.load(path)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -93,6 +94,11 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, target)
     else:  # Model Optimizer places Q/DQ where TensorRT fuses them; the float part is fp16, with 2-3 Casts
         assert consumers and manifest["graph"]["casts"] <= 5
     assert manifest["graph"]["dead_nodes"] == 0
+    # attention's activation x activation MatMuls (Q.K^T, softmax.V) read no int8 input on either target
+    # (softmax probabilities fall under one int8 step at long sequences)
+    attention = set(attention_matmuls(onnx.load(exported("segformer-b0-test", outputs="both"))))
+    assert len(attention) >= 2 and attention <= {n.name for n in model.graph.node}
+    assert not set(quantized_layers(model)) & attention
     q = manifest["int8"]
     assert manifest["metadata"]["precision"] == "int8" and 0 <= q["int8_mac_share"] <= 1
     assert q["calibration"]["images"] == 8 and q["calibration"]["method"] == "minmax"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from vitseg_export.errors import BackendMissingError, VitsegError
@@ -37,7 +39,10 @@ class TorchRunner(Runner):
             raise VitsegError("--autocast is PyTorch's CUDA fp16 autocast", "add --device cuda, or drop --autocast")
         loaded = self.checkpoint if isinstance(self.checkpoint, LoadedCheckpoint) else load_checkpoint(self.checkpoint)
         self.loaded = loaded
-        self.segmenter = loaded.segmenter().eval().to(self.device)
+        segmenter = loaded.segmenter()
+        if self.device != "cpu":  # a copy: moving the caller's module would pull it off the CPU under other runners
+            segmenter = copy.deepcopy(segmenter)
+        self.segmenter = segmenter.eval().to(self.device)
         self.class_names = list(loaded.meta.class_names)
         self.input_size = tuple(loaded.meta.image_size)
         self.dynamic_size = get_family(loaded.meta.family).fixed_input_size(loaded.meta.config) is None
