@@ -112,13 +112,22 @@ def peer_callables(loaded, size, threads: int, tmp: Path) -> dict[str, Callable]
     request = openvino_core().compile_model(str(tmp / "hf.onnx"), "CPU", {"PERFORMANCE_HINT": "LATENCY",
                                       "INFERENCE_NUM_THREADS": threads}).create_infer_request()
 
+    # OpenVINO's default inference precision is the CPU's fastest (bf16 where the CPU has it): named in the row
+    default = request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT").to_string()
+
     def eager(pixels):
         with torch.inference_mode():
             return hf(pixel_values=torch.from_numpy(pixels)).logits
 
     return {"transformers eager fp32 (baseline)": eager,
             "transformers plain ONNX on onnxruntime": lambda p: session.run(None, {"pixel_values": p}),
-            "OpenVINO on the plain transformers ONNX": lambda p: request.infer({"pixel_values": p})}
+            f"OpenVINO on the plain transformers ONNX (default settings: {default})": lambda p: request.infer({"pixel_values": p})}
+
+
+# Each runtime's worker threads spin-wait for a while after a call (ONNX Runtime's pool, OpenMP): a row timed
+# right after another runtime's shares the 2 cores with those spinning threads (measured: an ONNX Runtime row
+# right after another, 84.6 ms vs 56.4 ms with a pause). Every timed call therefore starts after a pause.
+SETTLE_S = 0.05
 
 
 def interleaved(fns: dict[str, Callable], pixels: np.ndarray, iters: int, threads: int) -> dict[str, float]:
@@ -129,6 +138,7 @@ def interleaved(fns: dict[str, Callable], pixels: np.ndarray, iters: int, thread
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(iters):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn(pixels)
             times[name].append((time.perf_counter() - t0) * 1e3)

@@ -125,3 +125,25 @@ def test_without_openvino_the_format_is_one_line(tmp_path):
 def test_doctor_lists_openvino_and_its_devices(cli):
     doctor = json.loads(cli("doctor", "--json").stdout)
     assert doctor["formats"]["openvino"]["available"] and "cpu" in doctor["backends"]["openvino"]["devices"]
+
+
+def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_path, twin):
+    """SegFormer's Mix-FFN depthwise convolutions never get quantizers (one per-tensor scale flattens their
+    channel ranges: 65% agreement on a trained B0 at 512 px); the MAC share counts fused attention as float."""
+    from vitseg_export.export.openvino_export import _layer_macs, _weight_layers
+
+    request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=False),
+                            Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4,
+                                         min_agreement=0.0, min_miou_vs_reference=0.0))
+    result = export_openvino(twin("segformer-b0-test"), tmp_path / "s.xml", request, lambda m: None)
+    q = result.manifest.precision_details
+    assert q["float_op_types"] == ["GroupConvolution"] and q["fallback_groups"] == []
+    model = openvino.Core().read_model(str(tmp_path / "s.xml"))
+    layers, macs = _weight_layers(model), _layer_macs(model, (64, 64))
+    depthwise = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "GroupConvolution"]
+    assert depthwise and not any(layers[name] for name in depthwise)
+    assert set(depthwise) <= set(q["float_layers"]) and q["quantized_layers"] > 0
+    attention = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+    assert attention and all(macs[name] > 0 and name not in layers for name in attention)
+    expected = sum(m for name, m in macs.items() if layers.get(name)) / sum(macs.values())
+    assert q["int8_mac_share"] == pytest.approx(expected) and 0 < q["int8_mac_share"] < 1

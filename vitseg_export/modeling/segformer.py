@@ -352,8 +352,9 @@ def segformer_state_dict_from_hf(state_dict: dict[str, torch.Tensor]) -> tuple[d
 # is upsampled; the 4D->D conv on the H/4 grid (about half of B0's compute) disappears.
 
 class FoldedSegformerDecodeHead(nn.Module):
-    """The decode head after folding: per-stage Linear to D (fuse conv and BatchNorm folded in),
-    upsample, sum, ReLU, classifier. Same outputs as SegformerDecodeHead in eval mode."""
+    """The decode head after folding: per-stage 1x1 convolution to D (the stage's Linear, fuse conv and
+    BatchNorm folded into one matrix), upsample, sum, ReLU, classifier. Same outputs as SegformerDecodeHead
+    in eval mode."""
 
     def __init__(self, head: SegformerDecodeHead):
         from vitseg_export.optimize import batchnorm_affine
@@ -368,25 +369,26 @@ class FoldedSegformerDecodeHead(nn.Module):
         for i, mlp in enumerate(head.linear_c):
             w_i = w[:, (n - 1 - i) * d:(n - i) * d]  # this stage's slice (reversed concatenation)
             a, b = mlp.proj.weight.detach(), mlp.proj.bias.detach()
-            lin = nn.Linear(a.shape[1], d, bias=False)
-            lin.weight.data = (g[:, None] * (w_i @ a)).contiguous()
-            self.proj.append(lin)
+            # a 1x1 convolution on the encoder's (N, C, h, w) map: the same matrix as a Linear over tokens,
+            # without the two layout Transposes around it (the larger one on the D x H/4 x W/4 result)
+            conv = nn.Conv2d(a.shape[1], d, kernel_size=1, bias=i == 0)
+            conv.weight.data = (g[:, None] * (w_i @ a))[:, :, None, None].contiguous()
+            self.proj.append(conv)
             bias_total += g * (w_i @ b)
-        self.bias = nn.Parameter(bias_total.detach())
+        # every stage's bias, summed, on the first stage's conv (already at the output grid): no separate Add
+        self.proj[0].bias.data = bias_total.detach()
         self.activation = nn.ReLU()
         self.classifier = copy.deepcopy(head.classifier)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        n = features[-1].shape[0]
         target = features[0].shape[2:]
         total = None
-        for x, lin in zip(features, self.proj):
-            h, w = x.shape[2], x.shape[3]
-            y = lin(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(n, -1, h, w)  # N,D,h,w
-            if (h, w) != tuple(target):
+        for x, conv in zip(features, self.proj):
+            y = conv(x)  # N,D,h,w
+            if tuple(y.shape[2:]) != tuple(target):
                 y = F.interpolate(y, size=target, mode="bilinear", align_corners=False)
             total = y if total is None else total + y
-        x = self.activation(total + self.bias.reshape(1, -1, 1, 1))
+        x = self.activation(total)
         return self.classifier(x)
 
 
