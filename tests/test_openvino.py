@@ -138,6 +138,7 @@ def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_p
     result = export_openvino(twin("segformer-b0-test"), tmp_path / "s.xml", request, lambda m: None)
     q = result.manifest.precision_details
     assert q["float_op_types"] == ["GroupConvolution"] and q["fallback_groups"] == []
+    assert q["inference_precision"]["hint"] == "bf16" and q["inference_precision"]["checked_with"] in ("bf16", "f32")
     model = openvino.Core().read_model(str(tmp_path / "s.xml"))
     layers, macs = _weight_layers(model), _layer_macs(model, (64, 64))
     depthwise = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "GroupConvolution"]
@@ -147,3 +148,17 @@ def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_p
     assert attention and all(macs[name] > 0 and name not in layers for name in attention)
     expected = sum(m for name, m in macs.items() if layers.get(name)) / sum(macs.values())
     assert q["int8_mac_share"] == pytest.approx(expected) and 0 < q["int8_mac_share"] < 1
+
+
+@pytest.mark.parametrize("capabilities, wanted, expected", [
+    (["FP32", "BF16", "INT8"], "bf16", "bf16"), (["FP32", "INT8"], "bf16", "f32"), (["FP32", "BF16"], "f16", "f32"),
+    (["FP32", "FP16"], "f16", "f16"), (["FP32", "BF16", "FP16"], "f32", "f32")])
+def test_inference_precision_is_what_the_device_computes_in(capabilities, wanted, expected):
+    from vitseg_export.runners.openvino_runner import inference_precision
+
+    class Core:
+        def get_property(self, device, name):
+            assert name == "OPTIMIZATION_CAPABILITIES"
+            return capabilities
+
+    assert inference_precision(Core(), "CPU", wanted) == expected

@@ -30,12 +30,13 @@ def openvino_core() -> Any:
 
 
 def inference_precision(core: Any, device: str, wanted: str) -> str:
-    """The INFERENCE_PRECISION_HINT to compile with: `wanted` ("f32", "f16") where the device computes in it,
-    else "f32". Always explicit, so a CPU with bf16 (AMX) never silently runs an fp32 IR in bf16."""
+    """The INFERENCE_PRECISION_HINT to compile with: `wanted` ("f32", "f16", "bf16") where the device computes
+    in it, else "f32". Always explicit, so a CPU with bf16 (AVX512-BF16, AMX) never silently runs an fp32 IR
+    in bf16."""
     if wanted == "f32" or device == "AUTO":
         return "f32"
     capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
-    return wanted if wanted.upper().replace("F", "FP") in capabilities else "f32"
+    return wanted if {"f16": "FP16", "bf16": "BF16"}.get(wanted) in capabilities else "f32"
 
 
 class OpenVINORunner(Runner):
