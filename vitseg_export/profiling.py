@@ -109,11 +109,15 @@ def onnx_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: in
 
 def openvino_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: int | None = None) -> list[dict]:
     """Where OpenVINO spends its time on an IR or ONNX file (CPU): its per-layer performance counters,
-    summed per layer type and kernel (e.g. "MatMul/brgemm_avx2_I8"), sorted by share."""
-    from vitseg_export.runners.openvino_runner import openvino_core
+    summed per layer type and kernel (e.g. "MatMul/brgemm_avx2_I8"), sorted by share. An IR is compiled with
+    the inference precision it runs in (its rt_info, as the runner does); an ONNX file in f32."""
+    from vitseg_export.runners.openvino_runner import inference_precision, openvino_core, read_openvino_info
 
     core = openvino_core()
-    config = {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    wanted = "f32"
+    if Path(path).suffix == ".xml":
+        wanted = read_openvino_info(Path(path)).extra.get("inference_precision", '"f32"').strip('"')
+    config = {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision(core, "CPU", wanted)}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     request = core.compile_model(str(path), "CPU", config).create_infer_request()

@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -271,23 +271,25 @@ class ImageMaskFolder(Source):
         return Sample(_open_image(path), mask, path.stem)
 
 
+def _as_data_error(read: Callable[[Path], Any], path: Path) -> Any:
+    """`read(path)`, its VitsegError re-raised as a DataError (same message and hint)."""
+    try:
+        return read(path)
+    except VitsegError as e:
+        raise DataError(e.message, e.hint) from None
+
+
 def _open_image(path: Path) -> Image.Image:
     from vitseg_export.artifact import load_rgb
 
-    try:
-        return load_rgb(path)
-    except VitsegError as e:
-        raise DataError(e.message, e.hint) from None
+    return _as_data_error(load_rgb, path)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed, from the header alone; DataError for an unreadable or oversized image."""
     from vitseg_export.artifact import image_size
 
-    try:
-        return image_size(path)
-    except VitsegError as e:
-        raise DataError(e.message, e.hint) from None
+    return _as_data_error(image_size, path)
 
 
 def _read_mask(path: Path, size: tuple[int, int] | None, image_name: str) -> np.ndarray:
