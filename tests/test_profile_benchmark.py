@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -29,7 +30,10 @@ def test_profile_json_schema(tmp_path, cli, exported):
     assert bad.exit_code == 2 and "positive integers" in bad.stderr
 
 
-def test_benchmark_schema_and_files(tmp_path, cli):
+def test_benchmark_schema_and_files(tmp_path, cli, monkeypatch):
+    from vitseg_export.cli import common
+
+    monkeypatch.setattr(common.console, "width", 80)  # a piped log: every column must fit, nothing cut
     r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--formats", "onnx", "--precisions", "fp32,int8",
             "--verify-images", "2", "--iters", "3", "--calib", "synthetic[:4]")
     assert r.exit_code == 0, r.stderr
@@ -43,6 +47,10 @@ def test_benchmark_schema_and_files(tmp_path, cli):
     md = (tmp_path / "b" / "benchmark.md").read_text()
     assert "| onnx-int8 |" in md and "speedup" in md
     assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [line for line in r.stdout.splitlines() if not line.startswith("wrote ")]  # the table
+    assert all(len(line) <= 80 for line in lines) and any("speedup" in line for line in lines)
+    for name in names:  # each row's name and its speedup on one line
+        assert any(line.startswith(name) and re.search(r"\d+\.\d\dx$", line.rstrip()) for line in lines), r.stdout
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

@@ -160,7 +160,7 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
         return cell
     cell.path = path
     manifest = result.manifest
-    row.path, row.size_mb, row.rewrites = str(path), path.stat().st_size / 1e6, manifest.rewrites
+    row.path, row.size_mb, row.rewrites = str(path), manifest.size_bytes / 1e6, manifest.rewrites  # every file (an IR: .xml + .bin)
     if precision == "int8" and manifest.precision_details:
         row.int8_mac_share = manifest.precision_details.get("int8_mac_share")
         details = manifest.precision_details

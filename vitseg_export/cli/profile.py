@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -118,8 +119,10 @@ def benchmark(
 
 def print_benchmark_table(report, title: str | None = None) -> None:
     """The benchmark table (a BenchmarkReport) on stdout."""
+    # no outer edge, one space between columns: seven columns fit a piped log's 80 columns
     table = Table(title=title or f"vitseg benchmark: {report.architecture} "
-                                 f"{report.image_size[0]}x{report.image_size[1]}, batch 1, {report.device}")
+                                 f"{report.image_size[0]}x{report.image_size[1]}, batch 1, {report.device}",
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), collapse_padding=True)
     # readable in a log at 80 columns: names and figures never wrap or get cut; the status folds
     table.add_column("artifact", no_wrap=True)
     table.add_column("status", overflow="fold", min_width=10)

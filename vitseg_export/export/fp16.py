@@ -32,10 +32,10 @@ def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False)
     """(fp16 graph, manifest details) from vitseg's fp32 graph; `pixels` (N,3,H,W) are the images AutoCast
     measures value ranges on. Raises BackendMissingError without Model Optimizer."""
     from vitseg_export.export.graph import remove_dead_nodes
-    from vitseg_export.export.int8 import _quiet_loggers
+    from vitseg_export.export.quiet import library_output_on_stderr
     from vitseg_export.runners.base import require_module
 
-    with tempfile.TemporaryDirectory(prefix="vitseg-fp16-") as tmp, _quiet_loggers():
+    with tempfile.TemporaryDirectory(prefix="vitseg-fp16-") as tmp, library_output_on_stderr():
         autocast = require_module("modelopt.onnx.autocast", "fp16 export needs NVIDIA Model Optimizer (AutoCast)",
                                   "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
         onnx.save(model, Path(tmp) / "fp32.onnx")

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import logging
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ import onnx
 
 from vitseg_export.comparator import InputSet, RecordedOutputs, compare, load_inputs, record
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_bytes
 from vitseg_export.export.graph import remove_dead_nodes, to_float
+from vitseg_export.export.quiet import library_output_on_stderr
+from vitseg_export.files import atomic_write_bytes
 from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
 from vitseg_export.parity import Thresholds
 from vitseg_export.runners.onnxruntime_runner import graph_runner, session_options
@@ -183,22 +183,6 @@ def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     return 10 * math.log10(signal / noise) if noise > 0 else float("inf")
 
 
-@contextlib.contextmanager
-def _quiet_loggers() -> Iterator[None]:
-    """quantize_static logs a pre-processing warning on every call through the root logger, Model Optimizer
-    an NVML error on machines without a GPU: raise their levels for the duration only, and put them back."""
-    names = [""] + [n for n in logging.root.manager.loggerDict if n.startswith("modelopt")]
-    loggers = [logging.getLogger(n) if n else logging.getLogger() for n in names + ["modelopt"]]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 class _OrtQuantizer:
     """--target cpu: ONNX Runtime's quantize_static over one fp32 graph (saved to a work dir: it rewrites
     ModelProtos it is handed into external-data form), with a range cache."""
@@ -222,7 +206,7 @@ class _OrtQuantizer:
     def __call__(self) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantFormat, quantize_static
 
-        with tempfile.TemporaryDirectory(dir=self.work) as tmp, _quiet_loggers():
+        with tempfile.TemporaryDirectory(dir=self.work) as tmp, library_output_on_stderr():
             out = Path(tmp) / "q.onnx"
             quantize_static(
                 self.fp32_path, out, _Reader(self.batches), quant_format=QuantFormat.QDQ,
@@ -284,7 +268,7 @@ class _ModelOptQuantizer:
     def __call__(self) -> onnx.ModelProto:
         from vitseg_export.runners.base import require_module
 
-        with _quiet_loggers(), _ort_quantization_restored():
+        with library_output_on_stderr(), _ort_quantization_restored():
             quantization = require_module("modelopt.onnx.quantization", "--target trt int8 needs NVIDIA Model Optimizer",
                                           "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
             quantization.quantize(onnx_path=str(self.fp32_path), quantize_mode="int8", calibration_data={"pixels": self.pixels},

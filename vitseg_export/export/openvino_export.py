@@ -37,6 +37,7 @@ from vitseg_export.export.onnx_export import (
     self_parity,
     verified_fp32_graph,
 )
+from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import ExportRequest, Int8Settings
 from vitseg_export.parity import ParityAccumulator
 from vitseg_export.precisions import get_precision
@@ -146,10 +147,11 @@ def _quantize(model: Any, graph: VerifiedGraph, settings: Int8Settings, progress
     # No bias correction: it shifts biases to offset the quantization of a layer's input, so a layer returned
     # to float by removing its FakeQuantize would keep a wrong bias (measured: same agreement without it).
     attention = attention_matmuls(model)
-    quantized = nncf.quantize(model, nncf.Dataset([im.pixels[None] for im in calib.images]), subset_size=len(calib),
-                              model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
-                              ignored_scope=nncf.IgnoredScope(names=attention, types=list(FLOAT_OP_TYPES), validate=False),
-                              advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True))
+    with library_output_on_stderr():
+        quantized = nncf.quantize(model, nncf.Dataset([im.pixels[None] for im in calib.images]), subset_size=len(calib),
+                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
+                                  ignored_scope=nncf.IgnoredScope(names=attention, types=list(FLOAT_OP_TYPES), validate=False),
+                                  advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True))
     quantized, reverted, score = _fall_back(quantized, held, progress)
     names = "\n".join(im.name for im in calib.images)
     return quantized, {
