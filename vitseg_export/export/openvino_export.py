@@ -5,10 +5,10 @@ verified fp32 ONNX graph, static-shaped unless dynamic batch/size is asked for.
 - fp16: weights compressed to fp16 in the IR; inference precision f16 where the device computes in
   fp16 (Intel GPUs, NPUs, CPUs with AVX512-FP16/AMX-FP16), else f32 (recorded in the manifest).
 - int8: NNCF post-training quantization (transformer preset; depthwise convolutions and attention's
-  activation x activation MatMuls stay float; the float part computes in bf16 where the CPU has it), then an accuracy-control loop whose metric
-  is vitseg's own mask agreement and mIoU against the fp32 IR on held-out images: layer groups (a block,
-  a patch embedding, a decoder projection) return to float, most helpful first, 1, 2, 4... at a time,
-  until both int8 targets hold. (nncf.quantize_with_accuracy_control does the same one operation per
+  activation x activation MatMuls stay float; the float part computes in bf16 where the CPU has it), then an
+  accuracy-control loop whose metric is vitseg's own mask agreement and mIoU against the fp32 IR on
+  held-out images: layer groups (a block, a patch embedding, a decoder projection) return to float, most
+  helpful first, 1, 2, 4... at a time, until both int8 targets hold. (nncf.quantize_with_accuracy_control does the same one operation per
   iteration with re-ranking: over 20 minutes for SegFormer-B0 at 128 px on 2 cores, unfinished; this loop
   takes about a minute.) The layers kept in float, the int8 share of MACs and the calibration provenance
   go into the manifest.
