@@ -241,7 +241,8 @@ def targets(seg: dict, vit: dict) -> list[str]:
 def markdown(result: dict) -> str:
     cpu = result["environment"]["cpu"]
     lines = [f"CPU: {cpu['model']}, {cpu['cores']} cores, int8 flags: "
-             + ", ".join(k for k, v in cpu["int8_features"].items() if v) + f"; threads {result['threads']}; "
+             + ", ".join(k for k, v in cpu["int8_features"].items() if v) + "; bf16 flags: "
+             + (", ".join(k for k, v in cpu.get("bf16_features", {}).items() if v) or "none") + f"; threads {result['threads']}; "
              f"fp32 matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s ("
              + ", ".join(f"{k} {v:.1f}" for k, v in result["matmul_gflops_by_library"].items()) + ")", ""]
     for model in (result["segformer"], result["vit"]):

@@ -125,6 +125,11 @@ def test_without_openvino_the_format_is_one_line(tmp_path):
 def test_doctor_lists_openvino_and_its_devices(cli):
     doctor = json.loads(cli("doctor", "--json").stdout)
     assert doctor["formats"]["openvino"]["available"] and "cpu" in doctor["backends"]["openvino"]["devices"]
+    # the bf16 flags decide what an int8 IR's float part computes in: they match the CPU's own flags
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    assert doctor["cpu"]["bf16_features"] == {f: f in flags for f in ("avx512_bf16", "amx_bf16")}
+    has_bf16 = any(doctor["cpu"]["bf16_features"].values())
+    assert has_bf16 != any("no bf16 arithmetic" in n for n in doctor["notes"])
 
 
 def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_path, twin):

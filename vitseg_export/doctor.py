@@ -7,10 +7,12 @@ import platform
 from pathlib import Path
 
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+# bf16 arithmetic: OpenVINO int8 IRs compute their float part in bf16 where the CPU has these
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_info() -> dict:
-    """CPU model, core count and the int8-relevant instruction set flags (from /proc/cpuinfo)."""
+    """CPU model, core count and the int8- and bf16-relevant instruction set flags (from /proc/cpuinfo)."""
     model, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -21,7 +23,8 @@ def cpu_info() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     import os
 
-    return {"model": model, "cores": os.cpu_count(), "int8_features": {f: f in flags for f in INT8_CPU_FLAGS}}
+    return {"model": model, "cores": os.cpu_count(), "int8_features": {f: f in flags for f in INT8_CPU_FLAGS},
+            "bf16_features": {f: f in flags for f in BF16_CPU_FLAGS}}
 
 
 def _cuda(torch_ok: bool) -> dict:
@@ -70,6 +73,8 @@ def _notes(report: dict) -> list[str]:
     flags = report["cpu"]["int8_features"]
     if not (flags["avx512_vnni"] or flags["avx_vnni"] or flags["amx_int8"]):
         notes.append("no VNNI/AMX: int8 on this CPU gains little over fp32")
+    if not any(report["cpu"]["bf16_features"].values()):
+        notes.append("no bf16 arithmetic: OpenVINO int8 IRs compute between their int8 layers in f32 here")
     if not report["cuda"]["available"]:
         notes.append("no CUDA GPU: fp16 runs on the CPU provider but slower than fp32 (fp16 is for GPUs)")
     return notes
