@@ -41,12 +41,12 @@ export_set() {  # export_set CKPT NAME SIZE: $KINDS (default fp32 fp16 int8trt i
   cp "$WORK/$name"-*.onnx.json "$OUT/" 2>/dev/null
 }
 
-verify_set() {  # verify_set CKPT NAME: every exported artifact, CUDA provider vs PyTorch CUDA
+verify_set() {  # verify_set CKPT NAME: every exported artifact, CUDA provider vs PyTorch CUDA, batch 1 and 8
   local ckpt=$1 name=$2 artifact
   for artifact in "$WORK/$name"-*.onnx; do
     [ -f "$artifact" ] || continue
     step "verify-cuda-$(basename "$artifact" .onnx)" 300 $VITSEG verify "$artifact" -r "$ckpt" --device cuda \
-      --num-images 32 --report "$OUT/verify-cuda-$(basename "$artifact" .onnx).json"
+      --num-images 32 --batch-sizes 1,8 --report "$OUT/verify-cuda-$(basename "$artifact" .onnx).json"
   done
 }
 

@@ -108,7 +108,7 @@ def test_verify_fails_loudly_with_exit_code_3(tmp_path, cli, exported):
     result = cli("verify", str(path), "--reference", "segformer-b0-test", "--data", "synthetic[:4]", "--num-images", "4",
                  "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 3
-    assert "FAILED parity" in result.stderr and "pixel agreement" in result.stderr
+    assert "FAILED at batch 1, 64x64" in result.stderr and "pixel agreement" in result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is False and report["max_abs_logit_diff"] > 0.1
     with pytest.raises(AssertionError, match="does not match"):

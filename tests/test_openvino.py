@@ -46,7 +46,8 @@ def test_fp32_and_fp16_ir_export_static_and_verify(tmp_path, cli):
     assert manifest["fp32"]["inference_precision"]["hint"] == "f32"
     rt = {e.tag: e.attrib["value"] for e in ET.parse(tmp_path / "m.xml").getroot().find("rt_info").find("vitseg")}
     assert json.loads(rt["class_names"]) == ["pet", "background", "border"] and json.loads(rt["input_size"]) == [64, 64]
-    assert verify_artifact(tmp_path / "m.xml", "segformer-b0-test", "synthetic[:3]", 3).passed
+    static = verify_artifact(tmp_path / "m.xml", "segformer-b0-test", "synthetic[:3]", 3)
+    assert static.passed and [s["batch"] for s in static.to_json()["shapes"]] == [1]
     with runner_for(tmp_path / "m.xml") as runner:
         assert runner.backend == "openvino" and runner.input_size == (64, 64)
         with pytest.raises(VitsegError, match="static batch of 1"):
@@ -57,7 +58,9 @@ def test_fp32_and_fp16_ir_export_static_and_verify(tmp_path, cli):
     h = json.loads((tmp_path / "h.xml.json").read_text())
     assert h["fp16"]["weights"] == "fp16 (compressed)" and h["metadata"]["dynamic_batch"] is True
     assert (tmp_path / "h.bin").stat().st_size < 0.6 * (tmp_path / "m.bin").stat().st_size
-    assert verify_artifact(tmp_path / "h.xml", "segformer-b0-test", "synthetic[:3]", 3).passed
+    dynamic = verify_artifact(tmp_path / "h.xml", "segformer-b0-test", "synthetic[:3]", 3).to_json()
+    assert dynamic["passed"] and [s["batch"] for s in dynamic["shapes"]] == [1, 4]
+    assert dynamic["batch_consistency"]["passed"] and dynamic["batch_consistency"]["images_compared"] == 3
 
 
 def test_onnx_artifact_runs_on_the_openvino_backend(exported, cli):
@@ -69,10 +72,19 @@ def test_onnx_artifact_runs_on_the_openvino_backend(exported, cli):
     assert report["backend"] == "openvino" and report["passed"]
 
 
-def _int8(twin, tmp_path, **targets):
-    request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=False),
+def _int8(twin, tmp_path, dynamic_batch=False, **targets):
+    request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=dynamic_batch),
                             Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4, **targets))
     return export_openvino(twin("vit-seg-tiny-test"), tmp_path / "q.xml", request, lambda m: None)
+
+
+def test_a_dynamic_batch_int8_ir_is_judged_inside_a_batch(tmp_path, twin):
+    result = _int8(twin, tmp_path, dynamic_batch=True, min_agreement=0.0, min_miou_vs_reference=0.0)
+    parity = result.manifest.self_parity
+    assert [s["batch"] for s in parity["shapes"]] == [1, 4]
+    assert parity["batch_consistency"]["passed"] and parity["batch_consistency"]["images_compared"] >= 8
+    report = verify_artifact(tmp_path / "q.xml", "vit-seg-tiny-test", "synthetic[:4]", 4).to_json()
+    assert [s["batch"] for s in report["shapes"]] == [1, 4] and report["batch_consistency"]["passed"]
 
 
 def test_int8_records_layers_mac_share_and_provenance(tmp_path, twin):

@@ -37,6 +37,11 @@ def test_fp16_export_is_data_driven_clean_and_passes_the_fp16_preset(tmp_path, t
     verdict = verify_artifact(path, name, "synthetic[:4]", 4)
     assert verdict.passed, verdict.failures
     assert verdict.thresholds.min_agreement == 0.999
+    # judged alone and inside a batch (dynamic batch), and the two agree with each other
+    report = verdict.to_json()
+    assert [s["batch"] for s in report["shapes"]] == [1, 4] and all(s["passed"] for s in report["shapes"])
+    assert report["batch_consistency"]["passed"] and report["batch_consistency"]["images_compared"] == 4
+    assert [s["batch"] for s in result.manifest.self_parity["shapes"]] == [1, 4]
 
 
 def test_fp16_io(exported):
@@ -105,6 +110,9 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exporte
     assert len(q["calibration"]["image_list_sha256"]) == 16 and (q["calibration"]["ranges"] or target == "trt")
     assert q["quantization"]["target"] == target
     assert verify_artifact(path, "segformer-b0-test", "synthetic[:6]", 6).precision == "int8"
+    parity = manifest["self_parity"]  # judged at batch 1 and inside a batch of 4 before it was written
+    assert [s["batch"] for s in parity["shapes"]] == [1, 4] and all(s["passed"] for s in parity["shapes"])
+    assert parity["batch_consistency"]["passed"] and parity["batch_consistency"]["images_compared"] >= 8
 
 
 def test_calibration_cache_is_reused(tmp_path, monkeypatch, twin):

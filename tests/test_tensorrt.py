@@ -87,8 +87,12 @@ def test_tensorrt_build_run_verify(tmp_path, twin, precision):
     manifest = engine_from_onnx(onnx_path, tmp_path / f"m-{precision}.engine",
                                 EngineSettings(workspace_gb=1, timing_cache=tmp_path / "timing.cache"))
     assert manifest.extra["tensorrt_version"] and (tmp_path / "timing.cache").is_file()
+    # judged before it was written at every shape of its profile (default: batch 1..8 at 64x64)
+    assert {s["batch"] for s in manifest.self_parity["shapes"]} == {1, 8}
+    assert manifest.self_parity["batch_consistency"]["passed"] and manifest.self_parity["batch_consistency"]["images_compared"]
     report = verify_artifact(tmp_path / f"m-{precision}.engine", "segformer-b0-test", "synthetic[:4]", 4, device="cuda")
     assert report.passed, report.failures
+    assert [(s["batch"], s["height"]) for s in report.to_json()["shapes"]] == [(1, 64), (8, 64)]
     onnx.load(onnx_path)  # the ONNX the engine came from stays beside it
     assert np.isfinite(report.summary.mean_abs_logit_diff)
 

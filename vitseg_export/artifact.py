@@ -24,6 +24,16 @@ from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes
 
 META_PREFIX = "vitseg."
+MIN_INPUT_SIDE = 32  # the smallest height or width vitseg exports or runs a dynamic-size model at
+# The batch sizes a dynamic-batch artifact is judged at unless asked otherwise: alone, and inside a batch of
+# others (where batch-dependent bugs show: NVIDIA/TensorRT #4853).
+DEFAULT_BATCH_SIZES = (1, 4)
+
+
+def alternate_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The second size a dynamic-size artifact is judged at: three quarters of its own, made odd in both
+    directions (an odd size exercises the padding and rounding of strided convolutions and resizes)."""
+    return (max(MIN_INPUT_SIDE, (3 * size[0]) // 4 | 1), max(MIN_INPUT_SIDE + 1, (3 * size[1]) // 4 + 3 | 1))
 
 
 @dataclass
@@ -47,6 +57,48 @@ class ArtifactInfo:
     family: str = ""
     source_checkpoint: str = ""
     extra: dict = field(default_factory=dict)
+    profile: dict | None = None  # a TensorRT engine's optimization profile: {"min"|"opt"|"max": [N, 3, H, W]}
+
+    def declared_shapes(self, batch_sizes: tuple[int, ...] | None = None,
+                        sizes: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], tuple[int, ...]]:
+        """Every shape the artifact will be run at, as {(H, W): batch sizes}, the metadata size first.
+
+        Static: its own batch and size. Dynamic batch: `batch_sizes` (default 1 and 4). Dynamic size: the
+        metadata size and `sizes` (default one `alternate_size`), each at every batch size. A TensorRT engine: its
+        profile's min, opt and max batch at the opt size, and its min and max size at the opt batch. Asked shapes
+        the artifact does not accept raise VitsegError naming them."""
+        if self.profile is not None:
+            return self._profile_shapes(batch_sizes, sizes)
+        own = tuple(self.input_size)
+        if batch_sizes is not None and not self.dynamic_batch and set(batch_sizes) != {1}:
+            raise VitsegError(f"{self.path.name} has a static batch of 1: it cannot run batch "
+                              f"{max(batch_sizes)}", "drop --batch-sizes, or export with --dynamic-batch")
+        batches = tuple(sorted(set(batch_sizes or (DEFAULT_BATCH_SIZES if self.dynamic_batch else (1,)))))
+        if sizes is not None and not self.dynamic_size and any(tuple(s) != own for s in sizes):
+            raise VitsegError(f"{self.path.name} takes {own[0]}x{own[1]} input only (a static size)",
+                              "drop --sizes, or export with --dynamic-size")
+        others = [tuple(s) for s in (sizes if sizes is not None else [alternate_size(own)] if self.dynamic_size else [])]
+        for s in others:
+            if min(s) < MIN_INPUT_SIDE:
+                raise VitsegError(f"size {s[0]}x{s[1]} is too small", f"use at least {MIN_INPUT_SIDE}x{MIN_INPUT_SIDE}")
+        return {size: batches for size in dict.fromkeys([own, *others])}  # type: ignore[misc]
+
+    def _profile_shapes(self, batch_sizes, sizes) -> dict[tuple[int, int], tuple[int, ...]]:
+        assert self.profile is not None
+        low, opt, high = (self.profile[k] for k in ("min", "opt", "max"))
+        for b in batch_sizes or ():
+            if not low[0] <= b <= high[0]:
+                raise VitsegError(f"{self.path.name} accepts batch {low[0]}..{high[0]} (its optimization profile), not {b}",
+                                  "pick batch sizes inside the profile, or rebuild with --min-shape/--max-shape")
+        for s in sizes or ():
+            if not (low[2] <= s[0] <= high[2] and low[3] <= s[1] <= high[3]):
+                raise VitsegError(f"{self.path.name} accepts {low[2]}x{low[3]} .. {high[2]}x{high[3]} (its optimization "
+                                  f"profile), not {s[0]}x{s[1]}", "pick sizes inside the profile")
+        opt_size = (opt[2], opt[3])
+        shapes = {opt_size: tuple(sorted(set(batch_sizes or (low[0], opt[0], high[0]))))}
+        for s in sizes if sizes is not None else [(low[2], low[3]), (high[2], high[3])]:
+            shapes[tuple(s)] = tuple(sorted(set(shapes.get(tuple(s), ())) | {opt[0]}))  # type: ignore[index]
+        return shapes
 
     def metadata_json(self) -> dict:
         """The embedded metadata (keys without the `vitseg.` prefix), as the manifest's `metadata`."""

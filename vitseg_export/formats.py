@@ -104,8 +104,10 @@ def _export_trt(loaded: Any, output: Path, request: Any, progress: Callable[[str
 
 def _read_manifest_info(path: Path) -> ArtifactInfo:
     manifest = read_manifest(path)
-    return ArtifactInfo.from_metadata(path, manifest.format,
+    info = ArtifactInfo.from_metadata(path, manifest.format,
                                       {META_PREFIX + k: json.dumps(v) for k, v in manifest.metadata.items()})
+    info.profile = manifest.extra.get("profile")  # the engine's optimization profile: the shapes it is judged at
+    return info
 
 
 def _probe_tensorrt() -> Availability:
@@ -117,9 +119,12 @@ def _probe_tensorrt() -> Availability:
 
 def _engine_from_artifact(onnx_path: Any, output: Path, request: Any, progress: Callable[[str], None]) -> Any:
     from vitseg_export.export.onnx_export import ExportResult
-    from vitseg_export.export.tensorrt_engine import engine_from_onnx
+    from vitseg_export.export.tensorrt_engine import check_against_onnx, engine_from_onnx
 
-    return ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress))
+    def check(engine: Path) -> dict:
+        return check_against_onnx(engine, Path(onnx_path), request.onnx.parity_data)
+
+    return ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress, check))
 
 
 def _onnx_summary(path: Path, manifest: Any) -> list[str]:
@@ -138,20 +143,34 @@ def _onnx_summary(path: Path, manifest: Any) -> list[str]:
         lines.append(f"fp16 (AutoCast): {len(details['fp32_nodes'])} nodes kept in fp32 ({ops}); I/O {details['io_dtype']}")
     lines.append(f"wrote {escape(str(path))} ({manifest.size_bytes / 1e6:.2f} MB, opset {meta['opset']}, "
                  f"outputs {', '.join(meta['outputs'])}) and {escape(path.name)}.json")
-    parity = manifest.self_parity
-    line = f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%"
-    if parity["max_abs_logit_diff"] is not None:
-        line += f", max |logit diff| {parity['max_abs_logit_diff']:.2e}"
-    return lines + [line]
+    return lines + _parity_lines(manifest.self_parity)
 
 
 def _engine_summary(path: Path, manifest: Any) -> list[str]:
     from rich.markup import escape
 
     x = manifest.extra
-    return [f"wrote {escape(str(path))} ({manifest.size_bytes / 1e6:.2f} MB, TensorRT {x['tensorrt_version']}, "
-            f"{x['gpu']} sm {x['compute_capability']}, {'strongly' if x['strongly_typed'] else 'weakly'} typed) "
-            f"and {escape(path.name)}.json"]
+    lines = [f"wrote {escape(str(path))} ({manifest.size_bytes / 1e6:.2f} MB, TensorRT {x['tensorrt_version']}, "
+             f"{x['gpu']} sm {x['compute_capability']}, {'strongly' if x['strongly_typed'] else 'weakly'} typed) "
+             f"and {escape(path.name)}.json"]
+    return lines + _parity_lines(manifest.self_parity)
+
+
+def _parity_lines(parity: dict | None) -> list[str]:
+    """What `vitseg export` prints about the self-parity check: the worst case, and the shapes it covered."""
+    if not parity:
+        return []
+    line = f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%"
+    if parity.get("reference"):
+        line = line.replace("vs PyTorch", f"vs {parity['reference']}")
+    if parity["max_abs_logit_diff"] is not None:
+        line += f", max |logit diff| {parity['max_abs_logit_diff']:.2e}"
+    shapes = ", ".join(f"{s['batch']}x{s['height']}x{s['width']}" for s in parity.get("shapes", []))
+    consistency = parity.get("batch_consistency") or {}
+    if shapes:
+        line += f" (worst of shapes {shapes}"
+        line += f"; batch consistency {'pass' if consistency.get('passed') else 'FAILED'})" if consistency.get("images_compared") else ")"
+    return [line]
 
 
 # ---- OpenVINO ---------------------------------------------------------------------------------------
@@ -187,9 +206,7 @@ def _openvino_summary(path: Path, manifest: Any) -> list[str]:
     batch = "dynamic batch" if manifest.metadata["dynamic_batch"] else "static batch 1"
     lines.append(f"wrote {escape(str(path))} + {escape(str(manifest.extra['bin']))} "
                  f"({manifest.size_bytes / 1e6:.2f} MB, {batch}, weights {details.get('weights')}) and {escape(path.name)}.json")
-    parity = manifest.self_parity
-    lines.append(f"self-parity vs PyTorch on {parity['images']} inputs: agreement {parity['pixel_agreement'] * 100:.4f}%")
-    return lines
+    return lines + _parity_lines(manifest.self_parity)
 
 
 def _builtin_rows() -> None:

@@ -175,3 +175,92 @@ def judge(summary: ParitySummary, thresholds: Thresholds) -> list[str]:
 def thresholds_dict(t: Thresholds) -> dict:
     """The JSON form of a set of thresholds."""
     return asdict(t)
+
+
+
+def _lowest(values: list[float]) -> float:
+    """The smallest value, NaN (undefined: judged a failure) below every number."""
+    return next((v for v in values if math.isnan(v)), min(values))
+
+
+def _highest(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def worst_case(summaries: list[ParitySummary]) -> ParitySummary:
+    """One summary whose every key is the worst over `summaries` (the same images judged at several shapes):
+    the lowest agreement and mIoU, the largest logit differences, non-finite counts and flips, the label scores
+    of the shape that lost most against the labels. `images` and `pixels` are those of one shape."""
+    if len(summaries) == 1:
+        return summaries[0]
+    labelled = [s.labels for s in summaries if s.labels is not None]
+    labels = max(labelled, key=lambda scores: -math.inf if math.isnan(scores.miou_drop_vs_labels)
+                 else scores.miou_drop_vs_labels) if labelled else None
+    return ParitySummary(
+        images=max(s.images for s in summaries), pixels=max(s.pixels for s in summaries),
+        pixel_agreement=min(s.pixel_agreement for s in summaries),
+        miou_vs_reference=_lowest([s.miou_vs_reference for s in summaries]),
+        max_abs_logit_diff=_highest([s.max_abs_logit_diff for s in summaries]),
+        mean_abs_logit_diff=_highest([s.mean_abs_logit_diff for s in summaries]),
+        nonfinite=max(s.nonfinite for s in summaries), flips=max(s.flips for s in summaries),
+        low_margin_flips=max(s.low_margin_flips for s in summaries), labels=labels)
+
+
+@dataclass
+class ConsistencyAccumulator:
+    """Batch consistency, no reference needed: an image's outputs inside a batch of other images against its
+    outputs alone (or at the smallest batch tried). `thresholds.max_abs_logit_diff` set (fp32: the same math
+    whatever the batch): logits must stay within it; otherwise (reduced precisions) each image's mask must agree
+    with itself to `thresholds.min_agreement`. Masks only (no logits output): the agreement rule."""
+
+    thresholds: Thresholds
+    batch_sizes: set = field(default_factory=set)
+    compared: int = 0
+    failing: list[dict] = field(default_factory=list)
+    worst: dict | None = None
+
+    def add(self, name: str, batch: int, base_batch: int, size: tuple[int, int], base_mask: np.ndarray,
+            mask: np.ndarray, base_logits: np.ndarray | None, logits: np.ndarray | None) -> None:
+        """One image at `batch` against the same image at `base_batch` (both (H,W) masks, (C,H,W) logits or None)."""
+        self.batch_sizes |= {batch, base_batch}
+        agreement = float((base_mask == mask).mean())
+        diff = None
+        if base_logits is not None and logits is not None:
+            diff = float(np.nan_to_num(np.abs(logits.astype(np.float64) - base_logits), nan=np.inf).max())
+        row = {"image": name, "batch": batch, "against_batch": base_batch, "height": size[0], "width": size[1],
+               "pixel_agreement": agreement, "max_abs_logit_diff": diff}
+        limit = self.thresholds.max_abs_logit_diff
+        failed = diff > limit if limit is not None and diff is not None else agreement < self.thresholds.min_agreement
+        row["passed"] = not failed
+        self.compared += 1
+        if failed:
+            self.failing.append(row)
+        if self.worst is None or _worse(row, self.worst):
+            self.worst = row
+
+    def failures(self) -> list[str]:
+        """One message naming the batch size and the images that differ (the first three), empty when none."""
+        if not self.failing:
+            return []
+        rows = sorted(self.failing, key=lambda r: (r["pixel_agreement"], -(r["max_abs_logit_diff"] or 0.0)))
+        named = ", ".join(f"{r['image']} at batch {r['batch']}, {r['height']}x{r['width']} (agreement "
+                          f"{r['pixel_agreement'] * 100:.2f}%" + (f", max |logit diff| {r['max_abs_logit_diff']:.3g}"
+                                                                   if r["max_abs_logit_diff"] is not None else "") + ")"
+                          for r in rows[:3])
+        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+        return [f"batch consistency: {named}{more} differ from the same image run at batch {rows[0]['against_batch']}"]
+
+    def to_json(self) -> dict:
+        """The report's `batch_consistency`."""
+        out = {"passed": not self.failing, "batch_sizes": sorted(self.batch_sizes), "images_compared": self.compared,
+               "failing": len(self.failing), "worst_image": self.worst, "thresholds": thresholds_dict(self.thresholds)}
+        if not self.compared:
+            out["note"] = "one batch size only (a static batch): every image ran alone, nothing to compare"
+        return out
+
+
+def _worse(a: dict, b: dict) -> bool:
+    """Whether consistency row `a` is worse than `b`: failing first, then lower agreement, then larger logit diff."""
+    return (a["passed"], a["pixel_agreement"], -(a["max_abs_logit_diff"] or 0.0)) < \
+        (b["passed"], b["pixel_agreement"], -(b["max_abs_logit_diff"] or 0.0))

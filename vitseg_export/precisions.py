@@ -12,7 +12,8 @@ Why the presets are what they are:
   loose (max 0.5, mean 0.05) to catch overflow and broken islands, not rounding.
 - int8: quantization noise is a few percent of each activation range; the mask is what must survive:
   agreement >= 99.0% and mIoU against the reference >= 98.0%; no logit limit beyond finiteness.
-Every preset requires zero non-finite values.
+Every preset requires zero non-finite values. Batch consistency (each image alone vs inside a batch of others)
+holds fp32 logits to the fp32 logit limit and reduced precisions' masks to their preset's agreement.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ class Precision:
     parity_on_noise: bool  # also judged on a uniform-noise batch (reduced precisions are calibrated for images)
     needs_logits: bool  # the conversion compares logits (int8 calibration and fallback)
     description: str
+    # batch consistency (an image alone vs inside a batch): the same math must give the same logits whatever the
+    # batch (within the logit limit); reduced precisions may round differently per batch, so their masks are
+    # held to the preset's agreement instead
+    consistent_logits: bool = False
+
+    def consistency(self, thresholds: Thresholds | None = None) -> Thresholds:
+        """The batch-consistency limits, from `thresholds` (default: the preset): the agreement and, where
+        logits must match, the largest logit difference."""
+        t = thresholds or self.thresholds
+        return Thresholds(t.min_agreement, 0.0, t.max_abs_logit_diff if self.consistent_logits else None, None)
 
 
 def _to_fp16(model: Any, ctx: ConversionContext) -> Conversion:
@@ -85,7 +96,7 @@ register_precision(Precision(
     "fp32", Thresholds(min_agreement=0.9999, min_miou_vs_reference=0.999, max_abs_logit_diff=1e-3,
                        max_mean_abs_logit_diff=1e-4),
     convert=None, trt_weak_flags=(), parity_on_noise=True, needs_logits=False,
-    description="the exported graph as is"))
+    description="the exported graph as is", consistent_logits=True))
 register_precision(Precision(
     "fp16", Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
                        max_mean_abs_logit_diff=0.05),

@@ -14,16 +14,20 @@ from pathlib import Path
 
 
 def assert_mask_parity(artifact: str | Path, reference: str, data: str = "synthetic", num_images: int = 8,
-                       device: str = "cpu", **threshold_overrides) -> dict:
-    """Verify `artifact` against `reference` on `num_images` images of `data`; raise AssertionError naming
-    every failed check, else return the report's JSON form. Thresholds default to the precision's preset."""
+                       device: str = "cpu", batch_sizes: tuple[int, ...] | None = None,
+                       sizes: list[tuple[int, int]] | None = None, **threshold_overrides) -> dict:
+    """Verify `artifact` against `reference` on `num_images` images of `data` at every shape it declares
+    (`batch_sizes`/`sizes` as `vitseg verify --batch-sizes/--sizes`), batch consistency included; raise
+    AssertionError naming the failing shape and every failed check, else return the report's JSON form.
+    Thresholds default to the precision's preset."""
     from vitseg_export.artifact import read_artifact_info
     from vitseg_export.precisions import thresholds_for
     from vitseg_export.verify import verify_artifact
 
     artifact = Path(artifact)
     thresholds = thresholds_for(read_artifact_info(artifact).precision, **threshold_overrides)
-    result = verify_artifact(artifact, reference, data, num_images, device, thresholds)
+    result = verify_artifact(artifact, reference, data, num_images, device, thresholds, batch_sizes=batch_sizes,
+                             sizes=sizes)
     if not result.passed:
-        raise AssertionError(f"{artifact.name} does not match {reference}: " + "; ".join(result.failures))
+        raise AssertionError(f"{artifact.name} does not match {reference}{result.failed_at}: " + "; ".join(result.failures))
     return result.to_json()

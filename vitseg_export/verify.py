@@ -15,10 +15,11 @@ import numpy as np
 from PIL import Image
 
 from vitseg_export.artifact import ArtifactInfo, colorize, read_artifact_info
+from vitseg_export.comparator import Comparison, ShapeVerdict
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes, write_json
 from vitseg_export.parity import ParitySummary, Thresholds, thresholds_dict
-from vitseg_export.precisions import thresholds_for
+from vitseg_export.precisions import get_precision, thresholds_for
 
 
 @dataclass
@@ -40,12 +41,17 @@ class VerifyReport:
     artifact_seconds_per_image: float
     architecture: str
     per_image: list[dict] = field(default_factory=list)
+    shapes: list[ShapeVerdict] = field(default_factory=list)
+    batch_consistency: dict | None = None
+    failed_at: str = ""  # ' at batch 4, 64x64 (agreement 61.20%)': where the verdict first failed
 
     def to_json(self) -> dict:
-        """The report as written by `--report` and printed by `--json`."""
+        """The report as written by `--report` and printed by `--json`: the top-level figures are the worst
+        case over `shapes` (one entry per batch size and input size checked)."""
         head = {"passed": self.passed, "failures": self.failures, "artifact": self.artifact, "reference": self.reference,
                 "precision": self.precision, "backend": self.backend, "device": self.device, "data": self.data}
         return {**head, **(self.summary.to_json() if self.summary else {}), "thresholds": thresholds_dict(self.thresholds),
+                "shapes": [v.to_json() for v in self.shapes], "batch_consistency": self.batch_consistency,
                 "reference_seconds_per_image": self.reference_seconds_per_image,
                 "artifact_seconds_per_image": self.artifact_seconds_per_image, "per_image": self.per_image,
                 "architecture": self.architecture}
@@ -71,19 +77,24 @@ def verify_artifact(
     save_diff: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     backend: str | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> VerifyReport:
     """Compare `artifact` (run by its format's backend, or `backend`) with the PyTorch reference checkpoint
-    on `num_images` images of `data`. Returns the report (passed or not); raises VitsegError for a mismatched
-    reference, a data spec without images or a backend that cannot run here."""
+    on `num_images` images of `data`, at every shape the artifact declares (ArtifactInfo.declared_shapes:
+    `batch_sizes` and `sizes` choose them for dynamic artifacts), with batch consistency. Returns the report
+    (passed or not); raises VitsegError for a mismatched reference, a data spec without images, a shape the
+    artifact does not accept or a backend that cannot run here."""
     from vitseg_export.checkpoint import load_checkpoint
     from vitseg_export.comparator import compare, load_inputs
     from vitseg_export.runners import runner_for
 
     info = read_artifact_info(artifact)
+    shapes = info.declared_shapes(batch_sizes, sizes)
     loaded = load_checkpoint(reference)
     check_reference(info, loaded)
     thresholds = thresholds or thresholds_for(info.precision)
-    inputs = load_inputs(data, "val", num_images, tuple(info.input_size))
+    inputs = load_inputs(data, "val", num_images, tuple(info.input_size)).at_shapes(shapes)
     candidate = runner_for(artifact, device=device, backend=backend)
     seen = [0]
 
@@ -95,7 +106,8 @@ def verify_artifact(
             progress(seen[0], len(inputs))
 
     with runner_for(loaded, device=device, backend="torch") as reference_runner, candidate:
-        result = compare(reference_runner, {"artifact": candidate}, inputs, thresholds, len(info.class_names), on_image)
+        result = compare(reference_runner, {"artifact": candidate}, inputs, thresholds, len(info.class_names), on_image,
+                         consistency=get_precision(info.precision).consistency(thresholds))
     verdict = result.comparisons["artifact"]
     if verdict.error is not None:
         raise VitsegError(f"{artifact.name} could not be run: {verdict.error}", "see the message; re-export if needed")
@@ -103,14 +115,15 @@ def verify_artifact(
                                   result.reference_seconds_per_image, thresholds, info.architecture)
 
 
-def report_from_comparison(comparison, artifact: Path, reference: str, precision: str, runner, device: str, data: str,
-                           reference_seconds: float, thresholds: Thresholds | None = None,
+def report_from_comparison(comparison: Comparison, artifact: Path, reference: str, precision: str, runner, device: str,
+                           data: str, reference_seconds: float, thresholds: Thresholds | None = None,
                            architecture: str | None = None) -> VerifyReport:
     """The verify report of one comparator verdict (a Comparison) for `artifact` run by `runner`."""
+    consistency = comparison.consistency.to_json() if comparison.consistency is not None else None
     return VerifyReport(comparison.passed, comparison.failures, str(artifact), reference, precision, runner.backend, device,
                         data, comparison.summary, thresholds or thresholds_for(precision), reference_seconds,
                         comparison.seconds_per_image, architecture or getattr(runner.info, "architecture", ""),
-                        comparison.per_image)
+                        comparison.per_image, comparison.shapes, consistency, comparison.failed_at())
 
 
 def _save_diff_png(path: Path, pixels: np.ndarray, ref_mask: np.ndarray, art_mask: np.ndarray) -> None:

@@ -42,6 +42,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
+def parse_ints(text: str, option: str) -> list[int]:
+    """'1,4,8' -> [1, 4, 8]: positive integers, comma-separated (VitsegError naming `option` otherwise)."""
+    from vitseg_export.errors import VitsegError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise VitsegError(f"{option} '{text}' is not a comma-separated list of positive integers", f"e.g. {option} 1,4,8")
+    return values
+
+
 def log(message: str) -> None:
     """A progress line on stderr, printed as is (paths and data specs are never read as markup)."""
     err_console.print(message, markup=False, highlight=False, soft_wrap=True)

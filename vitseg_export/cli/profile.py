@@ -11,20 +11,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vitseg_export.cli.common import BackendOption, DataSpec, console, err_console, log, parse_size, print_json
+from vitseg_export.cli.common import BackendOption, DataSpec, console, err_console, log, parse_ints, parse_size, print_json
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.precisions import PRECISIONS
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise VitsegError(f"'{text}' is not a comma-separated list of positive integers", "e.g. --batch 1,4,8")
-    return values
 
 
 def profile(
@@ -43,7 +33,7 @@ def profile(
     from vitseg_export.files import check_output_file, write_json
     from vitseg_export.profiling import profile as run_profile
 
-    batches = _ints(batch)
+    batches = parse_ints(batch, "--batch")
     size = parse_size(image_size) if image_size else None
     if json_file:
         check_output_file(json_file, "--json")

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitseg_export.cli.common import BackendOption, DataSpec, JsonFlag, console, err_console, print_json
+from vitseg_export.cli.common import BackendOption, DataSpec, JsonFlag, console, err_console, parse_ints, parse_size, print_json
 from vitseg_export.errors import ParityError
 
 
@@ -25,9 +25,12 @@ def verify(
     max_abs_diff: Annotated[Optional[float], typer.Option("--max-abs-diff", help="Override max |logit diff|.")] = None,
     save_diff: Annotated[Optional[Path], typer.Option("--save-diff", help="Write input/reference/artifact/diff PNGs here.")] = None,
     backend: BackendOption = None,
+    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Batch sizes to judge a dynamic-batch artifact at (default 1,4; an engine: its profile's min,opt,max).")] = None,
+    sizes: Annotated[Optional[str], typer.Option("--sizes", help="Other HxW sizes to judge a dynamic-size artifact at, comma-separated (default: one, 3/4 of its own).")] = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Compare an artifact with its PyTorch reference on real images; exit 0 on pass, 3 on fail."""
+    """Compare an artifact with its PyTorch reference on real images, at every batch size and input size it
+    declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
     from rich.progress import Progress
 
     from vitseg_export.artifact import read_artifact_info
@@ -41,6 +44,9 @@ def verify(
     if save_diff:
         check_output_dir(save_diff, "--save-diff")
     info = read_artifact_info(artifact)
+    batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes else None
+    other_sizes = [parse_size(t) for t in sizes.split(",") if t.strip()] if sizes else None
+    info.declared_shapes(batches, other_sizes)  # a shape the artifact does not take: one line, before any work
     check_labels_fit(open_source(data, "val"), data, len(info.class_names))  # bad data: one line, before any work
     precision = info.precision
     thresholds = thresholds_for(precision, min_agreement=min_agreement, min_miou_vs_reference=min_miou,
@@ -49,7 +55,7 @@ def verify(
         task = bar.add_task("verify", total=num_images)
         result = verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                 backend=backend)
+                                 backend=backend, batch_sizes=batches, sizes=other_sizes)
     r = result.to_json()
     if report:
         write_report(result, report)
@@ -57,12 +63,34 @@ def verify(
         print_json({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]})
     else:
         print_verify_table(r)
+        print_shape_lines(r)
     if not result.passed:
-        raise ParityError(f"{artifact.name} FAILED parity ({r['precision']} preset): " + "; ".join(result.failures),
+        raise ParityError(f"{artifact.name} FAILED{result.failed_at} ({r['precision']} preset): " + "; ".join(result.failures),
                           "see the report; raise thresholds only with a reason")
     if not json_output:
-        console.print(f"[green]PASS[/] {escape(artifact.name)} matches {escape(reference)} ({r['precision']} preset)",
-                      soft_wrap=True)
+        console.print(f"[green]PASS[/] {escape(artifact.name)} matches {escape(reference)} ({r['precision']} preset, "
+                      f"{len(r['shapes'])} shape{'s' if len(r['shapes']) > 1 else ''})", soft_wrap=True)
+
+
+def print_shape_lines(r: dict) -> None:
+    """One compact line per checked shape, and one for batch consistency."""
+    for v in r["shapes"]:
+        diff = "" if v["max_abs_logit_diff"] is None else f"  max|d| {v['max_abs_logit_diff']:.1e}"
+        shape = f"{v['height']}x{v['width']}"
+        console.print(f"  batch {v['batch']:<3}{shape:<10}agreement {v['pixel_agreement'] * 100:8.4f}%  "
+                      f"mIoU {v['miou_vs_reference'] * 100:6.2f}{diff}  {'pass' if v['passed'] else 'FAILED'}",
+                      highlight=False, markup=False, soft_wrap=True)
+    c = r.get("batch_consistency")
+    if c is None:
+        return
+    if not c["images_compared"]:
+        console.print("  batch consistency: one batch size only (static batch)", highlight=False, markup=False)
+        return
+    w = c["worst_image"]
+    diff = "" if w["max_abs_logit_diff"] is None else f", max |diff| {w['max_abs_logit_diff']:.2e}"
+    console.print(f"  batch consistency (batch {'/'.join(map(str, c['batch_sizes']))}, {c['images_compared']} comparisons): "
+                  f"{'pass' if c['passed'] else 'FAILED'}; worst {w['image']} at batch {w['batch']}, {w['height']}x{w['width']} "
+                  f"(agreement {w['pixel_agreement'] * 100:.4f}%{diff})", highlight=False, markup=False, soft_wrap=True)
 
 
 def print_verify_table(r: dict) -> None:

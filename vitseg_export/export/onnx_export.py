@@ -30,12 +30,11 @@ from torch import nn
 from vitseg_export import __version__
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
 from vitseg_export.checkpoint import LoadedCheckpoint
-from vitseg_export.comparator import InputSet, compare, load_inputs, noise_inputs
+from vitseg_export.comparator import Comparison, InputSet, compare, load_inputs, noise_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.graph import graph_stats, remove_dead_nodes
 from vitseg_export.export.settings import OUTPUT_CHOICES, Int8Settings, OnnxExportSettings
 from vitseg_export.modeling.registry import Segmenter, get_family
-from vitseg_export.parity import ParitySummary
 from vitseg_export.precisions import ConversionContext, get_precision, thresholds_for
 from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
@@ -44,7 +43,7 @@ from vitseg_export.runners.torch_runner import TorchRunner
 SUPPORTED_OPSETS = range(14, 22)
 
 __all__ = ["ExportGraph", "ExportResult", "OnnxExportSettings", "check_export_request", "export_onnx", "onnx_from_module",
-           "parity_inputs", "self_parity"]
+           "parity_inputs", "parity_record", "self_parity"]
 
 
 @dataclass
@@ -142,31 +141,46 @@ def onnx_from_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings, siz
     return model, rewrites
 
 
-def parity_inputs(size: tuple[int, int], count: int, batch: int, noise: bool = True, spec: str = "synthetic") -> InputSet:
-    """The first `count` images of `spec`'s validation split plus, when `noise`, one uniform-noise batch."""
-    inputs = load_inputs(spec, "val", max(1, count), size, batch)
-    return inputs + noise_inputs(size, batch) if noise else inputs
+def parity_inputs(info: ArtifactInfo, count: int, noise: bool = True, spec: str = "synthetic") -> InputSet:
+    """The first `count` images of `spec`'s validation split plus, when `noise`, a few uniform-noise images, at
+    every shape the artifact declares (ArtifactInfo.declared_shapes: every batch size, every size)."""
+    shapes = info.declared_shapes()
+    size = tuple(info.input_size)
+    inputs = load_inputs(spec, "val", max(1, count), size)  # type: ignore[arg-type]
+    if noise:
+        inputs = inputs + noise_inputs(size, NOISE_IMAGES)  # type: ignore[arg-type]
+    return inputs.at_shapes(shapes)
+
+
+NOISE_IMAGES = 4
 
 
 def self_parity(loaded: LoadedCheckpoint, candidate: Runner, inputs: InputSet, precision: str = "fp32",
-                int8: Int8Settings | None = None) -> ParitySummary:
+                int8: Int8Settings | None = None) -> Comparison:
     """Run `candidate` (an artifact not yet written) against PyTorch (the unfolded model) through the
-    comparator; raise ParityError beyond the precision's preset (int8: the targets the user set, default the
-    preset) — nothing has been written then."""
+    comparator, at every shape of `inputs`, batch consistency included; raise ParityError beyond the precision's
+    preset (int8: the targets the user set, default the preset), naming the shape — nothing has been written
+    then. Returns the passing comparison."""
     thresholds = thresholds_for(precision)
     if precision == "int8" and int8 is not None:
         thresholds = replace(thresholds, min_agreement=int8.min_agreement, min_miou_vs_reference=int8.min_miou_vs_reference)
     with TorchRunner(loaded) as reference, candidate:
         result = compare(reference, {"graph": candidate}, inputs, thresholds, len(loaded.meta.class_names),
-                         mask_must_match_logits=precision == "fp32")
+                         mask_must_match_logits=precision == "fp32",
+                         consistency=get_precision(precision).consistency(thresholds))
     verdict = result.comparisons["graph"]
     if verdict.failures:
         hint = ("report this with the checkpoint; try another --opset" if precision == "fp32" else
                 f"the {precision} graph loses too much; try another precision or calibration")
-        raise ParityError(f"the exported {precision} graph differs from PyTorch: {'; '.join(verdict.failures)}; "
-                          "nothing was written", hint)
+        raise ParityError(f"the exported {precision} graph differs from PyTorch{verdict.failed_at()}: "
+                          f"{'; '.join(verdict.failures)}; nothing was written", hint)
     assert verdict.summary is not None
-    return verdict.summary
+    return verdict
+
+
+def parity_record(verdict: Comparison, inputs: InputSet) -> dict:
+    """The manifest's `self_parity`: the worst case over shapes, each shape, batch consistency, the source."""
+    return {**verdict.to_json(), "source": inputs.source}
 
 
 def graph_candidate(model: onnx.ModelProto, info: ArtifactInfo) -> OnnxRuntimeRunner:
@@ -174,10 +188,9 @@ def graph_candidate(model: onnx.ModelProto, info: ArtifactInfo) -> OnnxRuntimeRu
     return OnnxRuntimeRunner(f"{info.precision}.onnx", "cpu", model_bytes=model.SerializeToString(), info=info)
 
 
-def reduced_parity_inputs(settings: OnnxExportSettings, size: tuple[int, int], noise: bool) -> InputSet:
-    """The inputs a converted (non-fp32) graph is judged on: at least 8 real images."""
-    batch = 2 if settings.dynamic_batch else 1
-    return parity_inputs(size, max(settings.parity_inputs, 8), batch, noise, settings.parity_data)
+def reduced_parity_inputs(settings: OnnxExportSettings, info: ArtifactInfo, noise: bool) -> InputSet:
+    """The inputs a converted (non-fp32) graph is judged on: at least 8 real images, at every declared shape."""
+    return parity_inputs(info, max(settings.parity_inputs, 8), noise, settings.parity_data)
 
 
 @dataclass
@@ -188,7 +201,7 @@ class VerifiedGraph:
     size: tuple[int, int]
     info: ArtifactInfo  # the metadata the artifact will carry
     rewrites: list[str]
-    parity: ParitySummary
+    parity: Comparison
     inputs: InputSet
 
 
@@ -199,13 +212,14 @@ def verified_fp32_graph(loaded: LoadedCheckpoint, settings: OnnxExportSettings, 
     size = check_export_request(loaded, settings)
     info = artifact_info(loaded, settings, size, output, fmt)
     model, rewrites = onnx_from_module(loaded, settings, size, progress)
-    progress("checking parity against PyTorch (ONNX Runtime CPU)")
-    batch = 2 if settings.dynamic_batch else 1
-    inputs = parity_inputs(size, settings.parity_inputs, batch, spec=settings.parity_data)
-    if settings.dynamic_size:  # also a size other than the export size, to prove the dynamic axes work
-        inputs = inputs + parity_inputs((size[0] + 13, size[1] + 29), 1, batch, noise=False, spec=settings.parity_data)
+    inputs = parity_inputs(info, settings.parity_inputs, spec=settings.parity_data)
+    progress(f"checking parity against PyTorch (ONNX Runtime CPU) at {_shapes_text(inputs)}")
     parity = self_parity(loaded, graph_candidate(model, replace(info, precision="fp32")), inputs)
     return VerifiedGraph(model, size, info, rewrites, parity, inputs)
+
+
+def _shapes_text(inputs: InputSet) -> str:
+    return ", ".join(f"batch {'/'.join(map(str, inputs.batch_sizes_at(size)))} {size[0]}x{size[1]}" for size in inputs.sizes())
 
 
 def export_settings_record(settings: OnnxExportSettings, size: tuple[int, int]) -> dict:
@@ -248,14 +262,14 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
                                     output.parent / ".vitseg-calibration-cache", progress, settings.parity_data)
         conversion = precision.convert(model, context)
         model, details = conversion.model, conversion.details
-        progress(f"checking {precision.name} parity against PyTorch")
-        inputs = reduced_parity_inputs(settings, graph.size, precision.parity_on_noise)
+        inputs = reduced_parity_inputs(settings, graph.info, precision.parity_on_noise)
+        progress(f"checking {precision.name} parity against PyTorch at {_shapes_text(inputs)}")
         parity = self_parity(loaded, graph_candidate(model, graph.info), inputs, precision.name, int8)
     data = _embed(model, graph.info)
     manifest = ExportManifest(
         artifact=output.name, format="onnx", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
         metadata=graph.info.metadata_json(), export_settings=export_settings_record(settings, graph.size),
-        self_parity={**parity.to_json(), "source": inputs.source}, rewrites=graph.rewrites,
+        self_parity=parity_record(parity, inputs), rewrites=graph.rewrites,
         fp32_graph_parity=graph.parity.to_json(), precision_details=details or {},
         export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random",
         extra={"graph": graph_stats(model)})

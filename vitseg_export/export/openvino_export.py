@@ -33,6 +33,7 @@ from vitseg_export.export.onnx_export import (
     ExportResult,
     VerifiedGraph,
     export_settings_record,
+    parity_record,
     reduced_parity_inputs,
     self_parity,
     verified_fp32_graph,
@@ -257,7 +258,7 @@ def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress:
             details.update(_int8_details(model, graph, provenance, request.int8))
         xml = _save(model, graph, precision.name, Path(tmp))
         progress(f"checking the {precision.name} IR against PyTorch (OpenVINO CPU)")
-        inputs: InputSet = graph.inputs if precision.name == "fp32" else reduced_parity_inputs(settings, graph.size, False)
+        inputs: InputSet = graph.inputs if precision.name == "fp32" else reduced_parity_inputs(settings, graph.info, False)
         parity = self_parity(loaded, OpenVINORunner(xml, "cpu"), inputs, precision.name, request.int8)
         wanted = INFERENCE_PRECISION[precision.name]
         details["inference_precision"] = {"hint": wanted, "checked_with": inference_precision(openvino_core(), "CPU", wanted),
@@ -269,7 +270,7 @@ def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress:
         artifact=output.name, format="openvino", sha256=hashlib.sha256(files[output]).hexdigest(),
         size_bytes=sum(len(b) for b in files.values()), metadata=graph.info.metadata_json(),
         export_settings={**export_settings_record(settings, graph.size), "openvino_version": ov.__version__},
-        self_parity={**parity.to_json(), "source": inputs.source}, rewrites=graph.rewrites,
+        self_parity=parity_record(parity, inputs), rewrites=graph.rewrites,
         fp32_graph_parity=graph.parity.to_json(), precision_details=details,
         export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random",
         extra={"bin": output.with_suffix(".bin").name, "bin_sha256": hashlib.sha256(files[output.with_suffix(".bin")]).hexdigest()})

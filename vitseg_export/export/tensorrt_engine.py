@@ -12,6 +12,7 @@ versions' Python bindings, see scripts/trt_stubs.sh).
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,12 +20,13 @@ from typing import Any, Callable, cast
 
 from vitseg_export import __version__
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, read_artifact_info, write_artifact
-from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.errors import BackendMissingError, ParityError, VitsegError
 from vitseg_export.export.settings import EngineSettings, ExportRequest
 from vitseg_export.files import sha256_file
 from vitseg_export.precisions import get_precision
 
-__all__ = ["EngineSettings", "engine_from_onnx", "export_engine", "require_tensorrt", "tensorrt_availability"]
+__all__ = ["EngineSettings", "check_against_onnx", "check_against_pytorch", "engine_from_onnx", "export_engine",
+           "require_tensorrt", "tensorrt_availability"]
 
 
 def tensorrt_availability() -> tuple[bool, str, str]:
@@ -140,10 +142,17 @@ def _configure(trt: Any, builder: Any, info: ArtifactInfo, settings: EngineSetti
     return config
 
 
+# Judges a built engine before it is written: called with the engine in a temp file (its manifest beside it,
+# so runners read its profile), returns the manifest's `self_parity`, raises ParityError to refuse it.
+EngineCheck = Callable[[Path], dict]
+
+
 def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSettings,
-                     progress: Callable[[str], None] = lambda m: None) -> ExportManifest:
-    """Build a TensorRT engine from a vitseg ONNX artifact and write it with its manifest. Raises
-    BackendMissingError without TensorRT/GPU and VitsegError when parsing or building fails."""
+                     progress: Callable[[str], None] = lambda m: None, check: EngineCheck | None = None) -> ExportManifest:
+    """Build a TensorRT engine from a vitseg ONNX artifact, judge it with `check` (default: against that ONNX
+    on ONNX Runtime CPU, `check_against_onnx`) at every shape of its optimization profile, and only then write
+    it with its manifest. Raises BackendMissingError without TensorRT/GPU, VitsegError when parsing or building
+    fails, ParityError when the engine differs (nothing is written then)."""
     require_tensorrt()
     import tensorrt as trt  # typed: mypy checks every call below against the 10.3 and 11.4 bindings
 
@@ -179,8 +188,35 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
                "engine_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
                "sparse_layers_log": logger.sparse_layers, "build_seconds": round(build_seconds, 1),
                "vitseg_version": __version__})
+    with tempfile.TemporaryDirectory(prefix="vitseg-engine-") as tmp:
+        candidate = Path(tmp) / engine_path.name
+        write_artifact(candidate, {candidate: engine_bytes}, manifest)
+        progress(f"checking the engine at its profile's shapes (min {mn}, opt {opt}, max {mx})")
+        manifest.self_parity = (check or (lambda path: check_against_onnx(path, onnx_path)))(candidate)
     write_artifact(engine_path, files, manifest)
     return manifest
+
+
+def check_against_onnx(engine: Path, onnx_path: Path, data: str = "synthetic", num_images: int = 8) -> dict:
+    """The engine against the vitseg ONNX it was built from (itself verified against PyTorch when it was
+    exported), run by ONNX Runtime on the CPU: every shape of the engine's profile, batch consistency, the
+    precision's preset. Returns the `self_parity` record; ParityError when it fails. Torch-free."""
+    from vitseg_export.comparator import compare, load_inputs
+    from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
+    from vitseg_export.runners.tensorrt_runner import TensorRTRunner
+
+    info = read_artifact_info(engine)
+    precision = get_precision(info.precision)
+    inputs = load_inputs(data, "val", num_images, tuple(info.input_size)).at_shapes(info.declared_shapes())  # type: ignore[arg-type]
+    with OnnxRuntimeRunner(onnx_path, "cpu") as reference, TensorRTRunner(engine) as candidate:
+        result = compare(reference, {"engine": candidate}, inputs, precision.thresholds, len(info.class_names),
+                         consistency=precision.consistency())
+    verdict = result.comparisons["engine"]
+    if not verdict.passed:
+        raise ParityError(f"the {info.precision} engine differs from {onnx_path.name}{verdict.failed_at()}: "
+                          f"{'; '.join(verdict.failures)}; nothing was written",
+                          "rebuild with another TensorRT version or --weakly-typed, or report it to NVIDIA with the ONNX")
+    return {**verdict.to_json(), "source": inputs.source, "reference": f"{onnx_path.name} on ONNX Runtime CPU"}
 
 
 def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
@@ -196,4 +232,19 @@ def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: C
     if lint:
         raise VitsegError(f"{onnx_path.name} has {len(lint)} TensorRT incompatibilities; first: {lint[0]}",
                           "fix the graph or use --format onnx")
-    return ExportResult(output, engine_from_onnx(onnx_path, output, request.engine, progress), result.model_proto)
+    manifest = engine_from_onnx(onnx_path, output, request.engine, progress,
+                                check=lambda engine: check_against_pytorch(engine, loaded, request))
+    return ExportResult(output, manifest, result.model_proto)
+
+
+def check_against_pytorch(engine: Path, loaded: Any, request: ExportRequest) -> dict:
+    """The engine against PyTorch (the checkpoint it comes from) at every shape of its profile, batch
+    consistency included, as every vitseg export is judged: the `self_parity` record; ParityError when it fails."""
+    from vitseg_export.export.onnx_export import parity_inputs, parity_record, reduced_parity_inputs, self_parity
+    from vitseg_export.runners.tensorrt_runner import TensorRTRunner
+
+    info = read_artifact_info(engine)
+    precision = get_precision(info.precision)
+    inputs = (parity_inputs(info, request.onnx.parity_inputs, spec=request.onnx.parity_data) if precision.convert is None
+              else reduced_parity_inputs(request.onnx, info, precision.parity_on_noise))
+    return parity_record(self_parity(loaded, TensorRTRunner(engine), inputs, precision.name, request.int8), inputs)
