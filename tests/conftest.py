@@ -127,3 +127,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here"))
         if item.get_closest_marker("trt") and not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs TensorRT: `import tensorrt` fails here (not installable on CI)"))
+
+
+def make_image_folder(root: Path, count: int = 12, size: int = 32, value: int = 1, mask_size: int | None = None,
+                      skip_mask: int | None = None) -> str:
+    """A `folder:ROOT` dataset: `count` RGB images (size x size) under images/, masks of class `value` (at
+    `mask_size`, default the image size) under masks/, the mask of image `skip_mask` left out. Returns the spec."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        Image.new("RGB", (size, size), (i * 10 % 256, 50, 90)).save(root / "images" / f"im{i:02d}.png")
+        if i != skip_mask:
+            m = mask_size or size
+            Image.fromarray(np.full((m, m), value, np.uint8)).save(root / "masks" / f"im{i:02d}.png")
+    return f"folder:{root}"
+
+
+@pytest.fixture
+def image_folder():
+    """image_folder(root, count=12, size=32, value=1, mask_size=None, skip_mask=None) -> 'folder:ROOT'."""
+    return make_image_folder

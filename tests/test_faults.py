@@ -21,45 +21,19 @@ from vitseg_export.artifact import load_rgb
 from vitseg_export.errors import CheckpointError, Terminated, VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes
 
-NO_CLICK = r"""
-import sys, importlib.abc
-class NoClick(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "click" or name.startswith("click."):
-            raise ImportError("click is not installed in the environment a user gets from pip install -e .[torch]")
-sys.meta_path.insert(0, NoClick())
-sys.argv = ["vitseg"] + sys.argv[1:]
-{prelude}
-from vitseg_export.cli import main
-main()
-"""
-
-
-def _vitseg(tmp_path, *args, env=None, prelude="", **kw):
-    script = tmp_path / "vitseg_no_click.py"
-    script.write_text(NO_CLICK.replace("{prelude}", prelude))
-    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
-    return subprocess.run([sys.executable, str(script), *map(str, args)], text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, **streams)
-
-
-def _one_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("warning:", "W1122"))]
-    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-    return lines[0]
-
+from clitools import NO_CLICK, one_line, run_no_click
 
 def test_usage_errors_are_one_line_without_click(tmp_path):
-    proc = _vitseg(tmp_path, "export", "--bogus")
-    assert proc.returncode == 2 and "No such option: --bogus" in _one_line(proc)
-    proc = _vitseg(tmp_path, "nosuchcommand")
-    assert proc.returncode == 2 and "nosuchcommand" in _one_line(proc)
-    proc = _vitseg(tmp_path, "verify", "x.onnx")  # a required option missing
-    assert proc.returncode == 2 and "--reference" in _one_line(proc)
+    proc = run_no_click(tmp_path, "export", "--bogus")
+    assert proc.returncode == 2 and "No such option: --bogus" in one_line(proc)
+    proc = run_no_click(tmp_path, "nosuchcommand")
+    assert proc.returncode == 2 and "nosuchcommand" in one_line(proc)
+    proc = run_no_click(tmp_path, "verify", "x.onnx")  # a required option missing
+    assert proc.returncode == 2 and "--reference" in one_line(proc)
 
 
 def test_no_arguments_shows_the_help_without_an_empty_error_line(tmp_path):
-    proc = _vitseg(tmp_path)
+    proc = run_no_click(tmp_path)
     assert proc.returncode == 2 and "Commands" in proc.stdout + proc.stderr
     assert "error:" not in proc.stderr and "Traceback" not in proc.stderr
 
@@ -74,15 +48,15 @@ registry.count_parameters = broken  # a bug injected where `vitseg models` calls
 
 def test_unexpected_errors_are_one_line_without_click(tmp_path):
     """A bug (IndexError) exits 1, a full disk (a real ENOSPC: stdout is /dev/full) exits 2; one line each."""
-    proc = _vitseg(tmp_path, "models", prelude=INDEX_ERROR)
-    line = _one_line(proc)
+    proc = run_no_click(tmp_path, "models", prelude=INDEX_ERROR)
+    line = one_line(proc)
     assert proc.returncode == 1 and "IndexError: list index out of range" in line and "VITSEG_DEBUG=1" in line
-    proc = _vitseg(tmp_path, "models", prelude=INDEX_ERROR, env={"VITSEG_DEBUG": "1"})
+    proc = run_no_click(tmp_path, "models", prelude=INDEX_ERROR, env={"VITSEG_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr  # debugging shows it
     if Path("/dev/full").exists():
         with open("/dev/full", "w") as full:
-            proc = _vitseg(tmp_path, "models", "--json", stdout=full, stderr=subprocess.PIPE)
-        assert proc.returncode == 2 and "No space left on device" in _one_line(proc)
+            proc = run_no_click(tmp_path, "models", "--json", stdout=full, stderr=subprocess.PIPE)
+        assert proc.returncode == 2 and "No space left on device" in one_line(proc)
 
 
 def test_user_text_is_never_read_as_markup(tmp_path, cli):
@@ -175,9 +149,9 @@ def test_images_keep_their_range_and_orientation(tmp_path):
 def test_oversized_images_are_refused_in_one_line_unless_allowed(tmp_path, exported):
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     env = {"VITSEG_MAX_IMAGE_PIXELS": "1000"}
-    proc = _vitseg(tmp_path, "predict", exported("segformer-b0-test"), tmp_path / "big.png", "-o", tmp_path / "out", env=env)
-    assert proc.returncode == 2 and "over the 1,000-pixel limit" in _one_line(proc) and "--allow-large-images" in proc.stderr
-    proc = _vitseg(tmp_path, "predict", exported("segformer-b0-test"), tmp_path / "big.png", "-o", tmp_path / "out",
+    proc = run_no_click(tmp_path, "predict", exported("segformer-b0-test"), tmp_path / "big.png", "-o", tmp_path / "out", env=env)
+    assert proc.returncode == 2 and "over the 1,000-pixel limit" in one_line(proc) and "--allow-large-images" in proc.stderr
+    proc = run_no_click(tmp_path, "predict", exported("segformer-b0-test"), tmp_path / "big.png", "-o", tmp_path / "out",
                    "--allow-large-images", env=env)
     assert proc.returncode == 0, proc.stderr
 
@@ -208,7 +182,7 @@ def _folder(root: Path, count: int = 12, value: int = 1, mask_size: int = 32, sk
                                           ("missing", "is missing for im03.png"), ("ignored", "no labelled pixels"),
                                           ("huge", "im04.png cannot be read as a mask"),
                                           ("image", "im02.png is not an image vitseg can read")])
-def test_bad_datasets_are_refused_up_front_in_one_line(tmp_path, cli, kind, message):
+def test_bad_datasets_are_refused_up_front_inone_line(tmp_path, cli, kind, message):
     spec = _folder(tmp_path / "data", value={"value": 7, "ignored": 255}.get(kind, 1),
                    mask_size=16 if kind == "size" else 32, skip_mask=3 if kind == "missing" else None)
     if kind == "huge":  # over PIL's decompression-bomb limit: refused, not a DecompressionBombError traceback
@@ -348,8 +322,8 @@ def _png_header(path: Path, width: int, height: int) -> None:
 
 def test_a_14000x13000_image_is_refused_in_one_line_before_the_model_loads(tmp_path, exported):
     _png_header(tmp_path / "huge.png", 14000, 13000)
-    proc = _vitseg(tmp_path, "predict", exported("segformer-b0-test"), tmp_path / "huge.png", "-o", tmp_path / "out")
-    line = _one_line(proc)
+    proc = run_no_click(tmp_path, "predict", exported("segformer-b0-test"), tmp_path / "huge.png", "-o", tmp_path / "out")
+    line = one_line(proc)
     assert proc.returncode == 2 and "14000x13000 (182,000,000 pixels), over the 64,000,000-pixel limit" in line
     assert not (tmp_path / "out").exists()
 
@@ -371,7 +345,7 @@ def test_labels_the_model_cannot_predict_are_refused_before_verifying(tmp_path, 
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_an_image_that_fails_to_decode_in_a_worker_is_one_line(tmp_path, cli):
+def test_an_image_that_fails_to_decode_in_a_worker_isone_line(tmp_path, cli):
     """The header is fine (it passes the up-front checks), the pixels are not: the error comes from a DataLoader
     worker process, whose traceback torch puts into the exception's message."""
     spec = _folder(tmp_path / "data")

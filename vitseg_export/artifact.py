@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,10 @@ from vitseg_export.files import atomic_write_group, json_bytes
 
 META_PREFIX = "vitseg."
 MIN_INPUT_SIDE = 32  # the smallest height or width vitseg exports or runs a dynamic-size model at
+# The largest model input vitseg accepts (export, profile, training sizes): past it a single image's logits and
+# activations take tens of GB, so such a size is refused before anything is allocated.
+MAX_INPUT_SIDE = 16384
+MAX_INPUT_PIXELS = 8192 * 8192
 # The batch sizes a dynamic-batch artifact is judged at unless asked otherwise: alone, and inside a batch of
 # others (where batch-dependent bugs show: NVIDIA/TensorRT #4853).
 DEFAULT_BATCH_SIZES = (1, 4)
@@ -128,14 +133,37 @@ class ArtifactInfo:
             except json.JSONDecodeError:
                 raise VitsegError(f"{path}: vitseg metadata '{key}' is not valid JSON", "re-export the artifact") from None
 
-        norm = get("normalization")
+        def typed(key: str, check, meaning: str, default=None):
+            value = get(key, default)
+            if not check(value):
+                raise VitsegError(f"{path}: vitseg metadata '{key}' is {json.dumps(value)[:60]}, not {meaning}",
+                                  "the artifact's metadata is damaged; re-export it with `vitseg export`")
+            return value
+
+        def numbers(n: int, positive: bool = False):
+            return lambda v: isinstance(v, list) and len(v) == n and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+
+        def text(v) -> bool:
+            return isinstance(v, str)
+
+        size = typed("input_size", lambda v: numbers(2, True)(v) and all(isinstance(x, int) and x <= MAX_INPUT_SIDE for x in v),
+                     f"[height, width] in 1..{MAX_INPUT_SIDE}")
+        norm = typed("normalization", lambda v: isinstance(v, dict) and numbers(3)(v.get("mean")) and numbers(3, True)(v.get("std")),
+                     "{mean: [3 numbers], std: [3 positive numbers]}")
         return cls(
-            path=path, format=fmt, architecture=get("architecture"), class_names=list(get("class_names")),
-            input_size=tuple(get("input_size")), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
-            precision=get("precision"), opset=get("opset", 0) or None, outputs=list(get("outputs")),
-            dynamic_batch=bool(get("dynamic_batch", False)), dynamic_size=bool(get("dynamic_size", False)),
-            source_sha256=get("source_sha256", "") or None, vitseg_version=get("vitseg_version", "unknown"),
-            family=get("family", ""), source_checkpoint=get("source_checkpoint", ""),
+            path=path, format=fmt, architecture=typed("architecture", text, "a name"),
+            class_names=typed("class_names", lambda v: isinstance(v, list) and v and all(map(text, v)), "a list of class names"),
+            input_size=tuple(size), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
+            precision=typed("precision", text, "a precision name"),
+            opset=typed("opset", lambda v: isinstance(v, int) and not isinstance(v, bool), "an opset number", 0) or None,
+            outputs=typed("outputs", lambda v: isinstance(v, list) and v and set(v) <= {"logits", "mask"},
+                          "a list of logits and/or mask"),
+            dynamic_batch=typed("dynamic_batch", lambda v: isinstance(v, bool), "true or false", False),
+            dynamic_size=typed("dynamic_size", lambda v: isinstance(v, bool), "true or false", False),
+            source_sha256=typed("source_sha256", text, "a hex digest", "") or None,
+            vitseg_version=typed("vitseg_version", text, "a version", "unknown"),
+            family=typed("family", text, "a family name", ""), source_checkpoint=typed("source_checkpoint", text, "a path", ""),
             extra={k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)},
         )
 
@@ -301,9 +329,15 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images unless allowed: de
 
 
 def max_image_pixels() -> int:
-    """The image size limit in pixels: VITSEG_MAX_IMAGE_PIXELS (0: none), else 64 MP."""
-    value = os.environ.get("VITSEG_MAX_IMAGE_PIXELS", "")
-    return int(value) if value.strip().isdigit() else DEFAULT_MAX_IMAGE_PIXELS
+    """The image size limit in pixels: VITSEG_MAX_IMAGE_PIXELS (0: none), else 64 MP. VitsegError for a value
+    that is not a whole number >= 0 (never silently the default)."""
+    value = os.environ.get("VITSEG_MAX_IMAGE_PIXELS")
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if not value.strip().isdigit():
+        raise VitsegError(f"VITSEG_MAX_IMAGE_PIXELS={value!r} is not a whole number of pixels >= 0",
+                          "set it to e.g. 100000000 (0: no limit), or unset it for the 64 MP default")
+    return int(value)
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:

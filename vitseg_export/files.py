@@ -20,7 +20,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 # Temp files and backups that exist right now (registered before they are created), so that whatever
 # interrupts a write, `remove_temp_files` (the CLI's last step) finds every one of them.
@@ -228,3 +228,53 @@ def check_output_dir(directory: Path, what: str = "output") -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise VitsegError(f"{what} {directory} is not writable ({existing}: permission denied)",
                           "pick a directory you can write to")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")  # a weights file is read with the config.json beside it
+
+
+def _protected(files: Iterable[Path], folders: Iterable[Path]) -> list[tuple[Path, bool]]:
+    """(path, whole) for everything a command reads. A directory among `files` (a run or checkpoint directory)
+    stands for its existing entries, each whole, and itself not whole: new files may be written beside them
+    (an export next to its checkpoint), none of them replaced. `folders` are whole."""
+    out: list[tuple[Path, bool]] = [(Path(f), True) for f in folders]
+    for f in map(Path, files):
+        if f.is_dir():
+            out.append((f, False))
+            out += [(entry, True) for entry in f.iterdir()]
+        else:
+            out.append((f, True))
+            if f.suffix.lower() in WEIGHT_SUFFIXES and (f.parent / "config.json").is_file():
+                out.append((f.parent / "config.json", True))
+    return out
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_outputs_spare_inputs(outputs: Mapping[str, Path | Iterable[Path]], files: Iterable[Path] = (),
+                               folders: Iterable[Path] = ()) -> None:
+    """The one rule for outputs: nothing a command reads is ever written over. Before any work, refuse
+    (VitsegError, one line) an output path that is, contains or sits inside one of the command's inputs,
+    compared after resolving symlinks (and hard links): `outputs` maps an option name to the path(s) it writes;
+    `files` are the files the command reads (a directory stands for its existing entries); `folders` are
+    directories read as a whole (data folders), inside which nothing may be written."""
+    from vitseg_export.errors import VitsegError
+
+    hint = "write it somewhere else: vitseg never writes over what it reads"
+    protected = _protected(files, folders)
+    for option, paths in outputs.items():
+        for out in [paths] if isinstance(paths, (str, Path)) else paths:
+            out = Path(out)
+            where = out.resolve()
+            for source, whole in protected:
+                if _same(out, source):
+                    raise VitsegError(f"{option} {out} is {source}, one of this command's inputs", hint)
+                if where in source.resolve().parents:
+                    raise VitsegError(f"{option} {out} contains {source}, one of this command's inputs", hint)
+                if whole and source.resolve() in where.parents:
+                    raise VitsegError(f"{option} {out} is inside {source}, one of this command's inputs", hint)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from vitseg_export.artifact import META_PREFIX, ArtifactInfo, read_manifest, read_onnx_metadata
+from vitseg_export.artifact import META_PREFIX, ArtifactInfo, manifest_path, read_manifest, read_onnx_metadata
 from vitseg_export.errors import BackendMissingError
 from vitseg_export.tables import Table
 
@@ -46,6 +46,12 @@ class Format:
     int8_target: str = "cpu"  # the int8 graph flavour its exporter asks for (vitseg_export.export.int8)
     from_onnx: Exporter | None = None  # convert an existing vitseg ONNX artifact instead of a checkpoint
     static_by_default: bool = False  # static batch unless --dynamic-batch is asked for (runtimes that gain from it)
+    sidecars: tuple[str, ...] = ()  # suffixes of the files beside an artifact that belong to it (an IR's .bin)
+    onnx_beside: bool = False  # exporting a checkpoint also writes the ONNX it was built from beside the artifact
+
+    def files(self, path: Path) -> list[Path]:
+        """Every file an artifact at `path` consists of: itself, its sidecars, its manifest."""
+        return [path, *(path.with_suffix(s) for s in self.sidecars), manifest_path(path)]
 
     def require(self) -> None:
         """Raise BackendMissingError (one line, exit 2) when this machine cannot make this format."""
@@ -64,6 +70,12 @@ def format_for_path(path: Path) -> Format | None:
     """The format whose suffix `path` has, or None."""
     suffix = path.suffix.lower()
     return next((f for f in FORMATS.values() if suffix in f.suffixes), None)
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """The files an artifact consists of (itself, sidecars, manifest); [path] for anything that is not one."""
+    fmt = format_for_path(Path(path))
+    return fmt.files(Path(path)) if fmt is not None else [Path(path)]
 
 
 def module_version(module: str) -> tuple[str | None, str | None]:
@@ -217,10 +229,10 @@ def _builtin_rows() -> None:
                            int8_target="cpu"))
     register_format(Format("trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)",
                            "tensorrt", tuple(PRECISIONS), _export_trt, _read_manifest_info, _probe_tensorrt,
-                           _engine_summary, int8_target="trt", from_onnx=_engine_from_artifact))
+                           _engine_summary, int8_target="trt", from_onnx=_engine_from_artifact, onnx_beside=True))
     register_format(Format("openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino",
                            tuple(PRECISIONS), _export_openvino, _read_openvino_info, _probe_openvino, _openvino_summary,
-                           static_by_default=True))
+                           static_by_default=True, sidecars=(".bin",)))
 
 
 _builtin_rows()

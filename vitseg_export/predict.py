@@ -52,12 +52,13 @@ def output_stems(images: list[Path]) -> list[str]:
 
 
 def predict_images(model: str, images: list[Path], output: Path, overlay: bool = False, device: str = "cpu",
-                   progress: Callable[[int, int], None] | None = None, backend: str | None = None,
+                   progress: Callable[["Prediction", int, int], None] | None = None, backend: str | None = None,
                    max_pixels: int | None = None) -> list[Prediction]:
     """Write `<stem>_mask.png` (class indices at the image's own resolution) and, with overlay,
     `<stem>_overlay.png` (colours blended onto the image) for each image (`output_stems` names them).
     `max_pixels` overrides the image size limit (0: none). Every image is checked (readable, an image, within
-    the limit) before the model is loaded; raises VitsegError for the first that is not."""
+    the limit) before the model is loaded; raises VitsegError for the first that is not. `progress(prediction,
+    done, total)` hears of each image once its files are written."""
     for path in images:
         image_size(path, max_pixels)
     runner = runner_for(model, device=device, backend=backend, outputs=("mask",))
@@ -82,7 +83,7 @@ def predict_images(model: str, images: list[Path], output: Path, overlay: bool =
             results.append(Prediction(path, mask_path, overlay_path,
                                       {names[c] if c < len(names) else str(c): int(n) for c, n in enumerate(counts)}))
             if progress:
-                progress(i + 1, len(images))
+                progress(results[-1], i + 1, len(images))
     return results
 
 

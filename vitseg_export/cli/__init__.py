@@ -23,6 +23,7 @@ from vitseg_export.cli import prune as prune_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
+from vitseg_export.artifact import max_image_pixels
 from vitseg_export.errors import Terminated, VitsegError
 from vitseg_export.files import remove_temp_files
 
@@ -50,8 +51,28 @@ def _fail(message: str, hint: str | None, code: int) -> NoReturn:
     line = Text.assemble(("error: ", "bold red"), " ".join(message.split()))
     if hint:
         line.append(f" ({' '.join(hint.split())})", style="dim")
-    err_console.print(line, soft_wrap=True)
+    try:
+        err_console.print(line, soft_wrap=True)
+    except (UnicodeEncodeError, OSError):  # a stream that cannot take the text: the line, escaped, as bytes
+        os.write(2, (line.plain + "\n").encode("ascii", "backslashreplace"))
     sys.exit(code)
+
+
+# What allocators say when a size does not fit in memory (torch's CPU allocator, ONNX Runtime, OpenVINO's C++).
+ALLOCATION_FAILURES = ("can't allocate memory", "failed to allocate memory", "bad_alloc", "bad allocation",
+                       "out of memory")
+
+
+def _streams_escape_what_they_cannot_encode() -> None:
+    """Paths and names print on any terminal: characters the stream's encoding lacks come out as escapes
+    (\\xe9) instead of failing the command (PYTHONIOENCODING=ascii, a C locale)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
 
 
 _signals_received: list[int] = []
@@ -102,8 +123,10 @@ def _report(e: BaseException, debug: bool) -> NoReturn:
         raise e
     if isinstance(e, OSError):  # disk full, permission denied, ...: the environment, not a bug
         _fail(str(e) or type(e).__name__, "check the path, its permissions and the free space", 2)
-    if isinstance(e, MemoryError):
+    if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ALLOCATION_FAILURES):
         _fail("out of memory", "use smaller images, a smaller --batch-size or a machine with more memory", 2)
+    if isinstance(e, UnicodeError):  # a stream or file system that cannot encode a path
+        _fail(f"a path or name cannot be encoded here ({e})", "use UTF-8 (PYTHONIOENCODING=utf-8, a UTF-8 locale)", 2)
     if type(e).__name__ == "DecompressionBombError":  # PIL: an image too large to decode safely
         _fail(str(e), "downscale the image", 2)
     _fail(f"{type(e).__name__}: {e}", "this is a bug in vitseg; VITSEG_DEBUG=1 shows the traceback", 1)
@@ -114,11 +137,13 @@ def main() -> None:
     SIGTERM 143, anything else 1, each with one line on stderr (VITSEG_DEBUG=1: the traceback). SIGTERM runs
     the same cleanup as Ctrl-C, and no temp file outlives the command."""
     warnings.showwarning = _show_warning
+    _streams_escape_what_they_cannot_encode()
     debug = os.environ.get("VITSEG_DEBUG") == "1"
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # kills clean up like Ctrl-C
     _signals_received.clear()
     try:
+        max_image_pixels()  # environment values are checked before any command runs, like options
         code = app(standalone_mode=False)
     except SystemExit:
         raise

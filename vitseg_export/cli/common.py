@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Iterable, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.text import Text
 
+from vitseg_export.artifact import MAX_INPUT_PIXELS, MAX_INPUT_SIDE
 from vitseg_export.files import json_bytes
 
 # Results on stdout, progress and logs on stderr.
 console = Console()
 err_console = Console(stderr=True)
 
+def finite_range(low: float, high: float | None, meaning: str, open_ends: bool = False) -> Callable[[Any], Any]:
+    """A typer callback that refuses (usage error, exit 2) a value outside [low, high] ((low, high) with
+    `open_ends`) and any NaN or infinity, naming the option, the value and the range: a NaN threshold would
+    silently switch its check off."""
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        outside = (value <= low or (high is not None and value >= high)) if open_ends else \
+            (value < low or (high is not None and value > high))
+        if not math.isfinite(value) or outside:
+            raise typer.BadParameter(f"{value} is not {meaning}")
+        return value
+
+    return check
+
+
+FRACTION = finite_range(0.0, 1.0, "a fraction in [0, 1]")
+NON_NEGATIVE = finite_range(0.0, None, "a finite number >= 0")
+POSITIVE = finite_range(0.0, None, "a finite number > 0", open_ends=True)
+RATIO = finite_range(0.0, 1.0, "a fraction in (0, 1)", open_ends=True)
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-OutputDir = Annotated[Path, typer.Option("--output", "-o", help="Output directory.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: the runtime's).")]
 DataSpec = Annotated[str, typer.Option("--data", help="synthetic[:N], pets:DIR or folder:DIR")]
 BackendOption = Annotated[Optional[str], typer.Option("--backend", help="Run artifacts with this backend (default: their format's).")]
 
@@ -28,8 +52,9 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '384x512' -> (384, 512) as (H, W)."""
+def parse_size(text: str, option: str = "--image-size") -> tuple[int, int]:
+    """'512' -> (512, 512); '384x512' -> (384, 512) as (H, W); VitsegError for anything else, and for sizes no
+    model runs at (over MAX_INPUT_SIDE per side or MAX_INPUT_PIXELS in all: refused before anything is allocated)."""
     from vitseg_export.errors import VitsegError
 
     parts = text.lower().split("x")
@@ -38,20 +63,63 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         values = []
     if len(values) not in (1, 2) or min(values, default=0) <= 0:
-        raise VitsegError(f"image size '{text}' is not HxW or S", "e.g. --image-size 512 or --image-size 384x512")
+        raise VitsegError(f"{option} '{text}' is not HxW or S", f"e.g. {option} 512 or {option} 384x512")
+    check_size(values[0], values[-1], option)
     return (values[0], values[-1])
 
 
-def parse_ints(text: str, option: str) -> list[int]:
-    """'1,4,8' -> [1, 4, 8]: positive integers, comma-separated (VitsegError naming `option` otherwise)."""
+def check_size(height: int, width: int, option: str = "--image-size") -> None:
+    """VitsegError for an input size larger than vitseg runs a model at."""
+    from vitseg_export.errors import VitsegError
+
+    if max(height, width) > MAX_INPUT_SIDE or height * width > MAX_INPUT_PIXELS:
+        raise VitsegError(f"{option} {height}x{width} is larger than vitseg runs a model at",
+                          f"use at most {MAX_INPUT_SIDE} per side and {MAX_INPUT_PIXELS:,} pixels")
+
+
+def square_size(value: Any) -> Any:
+    """A typer callback for a square training size: MIN_INPUT_SIDE..MAX_INPUT_SIDE."""
+    from vitseg_export.artifact import MIN_INPUT_SIDE
+
+    if value is not None and not MIN_INPUT_SIDE <= value <= MAX_INPUT_SIDE:
+        raise typer.BadParameter(f"{value} is not a size in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}")
+    return value
+
+
+def progress_bar(*columns: Any, transient: bool = True, disable: bool = False) -> Progress:
+    """A rich progress bar on stderr, drawn only on a terminal (piped, it would print nothing but a blank
+    line, and errors must be one line)."""
+    return Progress(*columns, console=err_console, transient=transient, disable=disable or not err_console.is_terminal)
+
+
+def spare_inputs(outputs: dict, models: Iterable[str | Path] = (), data: Iterable[str | None] = (),
+                 files: Iterable[Path] = ()) -> None:
+    """The output rule before any work (files.check_outputs_spare_inputs): `outputs` may not be, contain or sit
+    inside the command's inputs: `models` (artifacts with their sidecars and manifests, checkpoint files and
+    directories; architecture names have none), the folders of `data` specs, other `files` (images)."""
+    from vitseg_export.data.sources import data_folder
+    from vitseg_export.files import check_outputs_spare_inputs
+    from vitseg_export.formats import artifact_files
+
+    read = [f for m in models for f in artifact_files(Path(m)) if f.exists()] + [Path(f) for f in files]
+    folders = [f for f in (data_folder(spec) for spec in data if spec) if f is not None]
+    check_outputs_spare_inputs({k: v for k, v in outputs.items() if v is not None}, read, folders)
+
+
+MAX_BATCH = 1024  # the largest batch size profile and verify run (a larger one only allocates)
+
+
+def parse_ints(text: str, option: str, maximum: int = MAX_BATCH) -> list[int]:
+    """'1,4,8' -> [1, 4, 8]: integers in 1..maximum, comma-separated (VitsegError naming `option` otherwise)."""
     from vitseg_export.errors import VitsegError
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise VitsegError(f"{option} '{text}' is not a comma-separated list of positive integers", f"e.g. {option} 1,4,8")
+    if not values or min(values) < 1 or max(values) > maximum:
+        raise VitsegError(f"{option} '{text}' is not a comma-separated list of integers in 1..{maximum}",
+                          f"e.g. {option} 1,4,8")
     return values
 
 

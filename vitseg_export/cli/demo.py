@@ -12,16 +12,16 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from vitseg_export.cli.common import console, err_console, log
+from vitseg_export.cli.common import console, err_console, log, square_size
 
 
 def demo(
     model: Annotated[str, typer.Option("--model", help="Architecture to train (see `vitseg models`).")] = "segformer-b0",
     output: Annotated[Path, typer.Option("--output", "-o", help="Where everything is written.")] = Path("vitseg-demo"),
-    epochs: Annotated[int, typer.Option(min=1)] = 2,
-    image_size: Annotated[int, typer.Option("--image-size", help="Training/export size (ViT: its own, 128).")] = 128,
-    train_images: Annotated[int, typer.Option("--train-images", min=8)] = 1000,
-    verify_images: Annotated[int, typer.Option("--verify-images", min=1)] = 32,
+    epochs: Annotated[int, typer.Option(min=1, max=10000)] = 2,
+    image_size: Annotated[int, typer.Option("--image-size", callback=square_size, help="Training/export size (ViT: its own, 128).")] = 128,
+    train_images: Annotated[int, typer.Option("--train-images", min=8, max=1000000)] = 1000,
+    verify_images: Annotated[int, typer.Option("--verify-images", min=1, max=100000)] = 32,
     precisions: Annotated[str, typer.Option("--precisions", help="Comma-separated precisions to export.")] = "fp32,fp16,int8",
 ) -> None:
     """Train -> export (fp32, fp16, int8) -> verify -> profile -> predict, on CPU in a few minutes."""

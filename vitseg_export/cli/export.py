@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitseg_export.cli.common import JsonFlag, console, log, parse_size, print_json, status
+from vitseg_export.cli.common import FRACTION, POSITIVE, JsonFlag, console, log, parse_size, print_json, spare_inputs, status
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.precisions import PRECISIONS
@@ -37,20 +37,20 @@ def export(
     data: Annotated[str, typer.Option("--data", help="Images that judge the export (their validation split): synthetic[:N], pets:DIR or folder:DIR.")] = "synthetic",
     calib: Annotated[Optional[str], typer.Option("--calib", help="int8: calibration data spec (its calib split); default: --data.")] = None,
     heldout: Annotated[Optional[str], typer.Option("--heldout", help="int8: data spec whose validation split decides the float fallback; default: --calib's.")] = None,
-    calib_images: Annotated[int, typer.Option("--calib-images", min=1, help="int8: calibration images.")] = 32,
+    calib_images: Annotated[int, typer.Option("--calib-images", min=1, max=100000, help="int8: calibration images.")] = 32,
     calib_method: Annotated[str, typer.Option("--calib-method", help="int8: minmax, entropy or percentile.")] = "minmax",
     target: Annotated[Optional[str], typer.Option("--target", help="int8: cpu (ONNX Runtime) or trt (TensorRT: float part in fp16); default trt for --format trt, else cpu.")] = None,
     check_trt: Annotated[bool, typer.Option("--check-trt", help="Lint the ONNX against the TensorRT parser's supported ops/attributes.")] = False,
-    workspace: Annotated[float, typer.Option("--workspace", help="trt: builder workspace in GB.")] = 4.0,
+    workspace: Annotated[float, typer.Option("--workspace", callback=POSITIVE, help="trt: builder workspace in GB.")] = 4.0,
     min_shape: Annotated[Optional[str], typer.Option("--min-shape", help="trt: NxCxHxW of the optimization profile.")] = None,
     opt_shape: Annotated[Optional[str], typer.Option("--opt-shape", help="trt: NxCxHxW.")] = None,
     max_shape: Annotated[Optional[str], typer.Option("--max-shape", help="trt: NxCxHxW.")] = None,
     sparsity: Annotated[bool, typer.Option("--sparsity", help="trt: allow 2:4 sparse kernels (Ampere+).")] = False,
     timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="trt: timing cache file to reuse and update.")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="trt: version-compatible engine.")] = False,
-    dla_core: Annotated[Optional[int], typer.Option("--dla-core", help="trt: build for this DLA core (Jetson; fp16/int8, static shapes).")] = None,
+    dla_core: Annotated[Optional[int], typer.Option("--dla-core", min=0, help="trt: build for this DLA core (Jetson; fp16/int8, static shapes).")] = None,
     weakly_typed: Annotated[bool, typer.Option("--weakly-typed", help="trt: TensorRT 10.x fallback with FP16/INT8 builder flags.")] = False,
-    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="int8: held-out agreement to reach by falling back layers (default: the int8 preset).")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", callback=FRACTION, help="int8: held-out agreement to reach by falling back layers (default: the int8 preset).")] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Export a checkpoint (or, for formats that build on one, an ONNX artifact); refuses to write a graph
@@ -100,12 +100,14 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
 
     if output is not None:
         check_output_file(output, "--output")
+        _spare_inputs(fmt, checkpoint, output, request)
     sources = _check_data(request)
     if checkpoint.endswith(".onnx"):
         if fmt.from_onnx is None:
             raise VitsegError(f"--format {fmt.name} exports checkpoints, and {checkpoint} is an ONNX artifact",
                               "pass the checkpoint it was exported from")
         path = output or Path(checkpoint).with_suffix(fmt.suffixes[0])
+        _spare_inputs(fmt, checkpoint, path, request)
         with status(fmt.name) as update:
             return path, fmt.from_onnx(Path(checkpoint), path, request, update)
     from vitseg_export.checkpoint import load_checkpoint
@@ -116,8 +118,17 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
         check_labels_fit(source, spec, loaded.meta.config.num_classes)
     path = output or default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0])
     check_output_file(path, "output")
+    _spare_inputs(fmt, checkpoint, path, request)
     with status("export") as update:
         return path, fmt.export(loaded, path, request, lambda m: (update(m), log(f"  {m}")))
+
+
+def _spare_inputs(fmt, checkpoint: str, path: Path, request) -> None:
+    """Every file the export writes (the artifact, its sidecars and manifest, the ONNX beside an engine) spares
+    the checkpoint or artifact it reads and the data folders."""
+    written = fmt.files(path) + (fmt.files(path.with_suffix(".onnx")) if fmt.onnx_beside and not checkpoint.endswith(".onnx") else [])
+    spare_inputs({"--output": written}, models=[checkpoint],
+                 data=[request.onnx.parity_data, request.int8.calib, request.int8.heldout])
 
 
 def _check_data(request) -> dict:

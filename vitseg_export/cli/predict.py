@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vitseg_export.cli.common import BackendOption, JsonFlag, console, err_console, print_json
+from vitseg_export.cli.common import BackendOption, JsonFlag, console, print_json, progress_bar, spare_inputs
 
 
 def predict(
@@ -20,9 +20,7 @@ def predict(
     allow_large_images: Annotated[bool, typer.Option("--allow-large-images", help="Read images over 64 MP (default: refused).")] = False,
     json_output: JsonFlag = False,
 ) -> None:
-    """Write class-index mask PNGs (and optional overlays) for images."""
-    from rich.progress import Progress
-
+    """Write class-index mask PNGs (and optional overlays) for images, naming each as it is written."""
     from vitseg_export.errors import VitsegError
     from vitseg_export.files import check_output_dir
     from vitseg_export.predict import predict_images
@@ -33,15 +31,25 @@ def predict(
             raise VitsegError(f"image {bad[0]} {kind}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
                               "pass image files, e.g. DIR/*.jpg")
     check_output_dir(output, "--output")
-    with Progress(console=err_console, transient=True) as bar:
+    spare_inputs({"--output": output}, models=[model], files=images)
+
+    def written(r) -> None:  # as each mask lands, so that an interrupted run says what it finished
+        if not json_output:
+            console.print(f"{r.image} -> {r.mask_path}" + (f", {r.overlay_path}" if r.overlay_path else ""), markup=False,
+                          highlight=False, soft_wrap=True)
+
+    with progress_bar() as bar:
         task = bar.add_task("predict", total=len(images))
-        results = predict_images(model, images, output, overlay, device,
-                                 progress=lambda done, total: bar.update(task, completed=done), backend=backend,
+
+        def progress(r, done: int, total: int) -> None:
+            written(r)
+            bar.update(task, completed=done)
+
+        results = predict_images(model, images, output, overlay, device, progress=progress, backend=backend,
                                  max_pixels=0 if allow_large_images else None)
     if json_output:
         print_json([{"image": str(r.image), "mask": str(r.mask_path), "overlay": str(r.overlay_path) if r.overlay_path else None,
                      "class_pixels": r.class_pixels} for r in results])
         return
-    for r in results:
-        console.print(f"{r.image} -> {r.mask_path}" + (f", {r.overlay_path}" if r.overlay_path else ""), markup=False,
-                      highlight=False)
+    console.print(f"wrote {len(results)} mask{'s' if len(results) != 1 else ''}{' and overlays' if overlay else ''} "
+                  f"to {output}", markup=False, highlight=False, soft_wrap=True)

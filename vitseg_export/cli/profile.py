@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vitseg_export.cli.common import BackendOption, DataSpec, console, err_console, log, parse_ints, parse_size, print_json
+from vitseg_export.cli.common import (RATIO, BackendOption, DataSpec, ThreadsOption, console, err_console, log, parse_ints,
+                                     parse_size, print_json, spare_inputs)
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.precisions import PRECISIONS
@@ -21,9 +22,9 @@ def profile(
     models: Annotated[list[str], typer.Argument(help="ONNX artifacts, engines or checkpoints (PyTorch eager).")],
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: the runtime's).")] = None,
-    warmup: Annotated[int, typer.Option(min=0)] = 5,
-    iters: Annotated[int, typer.Option(min=1)] = 20,
+    threads: ThreadsOption = None,
+    warmup: Annotated[int, typer.Option(min=0, max=100000)] = 5,
+    iters: Annotated[int, typer.Option(min=1, max=100000)] = 20,
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW for dynamic-size models.")] = None,
     backend: BackendOption = None,
     autocast: Annotated[bool, typer.Option("--autocast", help="Run checkpoints under PyTorch's CUDA fp16 autocast (eager fp16); artifacts keep their exported precision.")] = False,
@@ -37,6 +38,7 @@ def profile(
     size = parse_size(image_size) if image_size else None
     if json_file:
         check_output_file(json_file, "--json")
+        spare_inputs({"--json": json_file}, models=models)
     results = []
     with err_console.status("profiling") as status:
         for model in models:
@@ -78,10 +80,10 @@ def benchmark(
     image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data: DataSpec = "synthetic",
-    verify_images: Annotated[int, typer.Option("--verify-images", min=1)] = 32,
+    verify_images: Annotated[int, typer.Option("--verify-images", min=1, max=100000)] = 32,
     calib: Annotated[str, typer.Option("--calib", help="int8 calibration data spec.")] = "synthetic",
-    iters: Annotated[int, typer.Option(min=1)] = 20,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads.")] = None,
+    iters: Annotated[int, typer.Option(min=1, max=100000)] = 20,
+    threads: ThreadsOption = None,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without the exact rewrites.")] = False,
     prune: Annotated[Optional[str], typer.Option("--prune", help="Also benchmark pruned copies at these ratios (e.g. 0.25,0.5; method all, no fine-tuning: use `vitseg prune` for that).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print benchmark.json on stdout.")] = False,
@@ -91,13 +93,13 @@ def benchmark(
     from vitseg_export.files import check_output_dir
 
     check_output_dir(output, "--output")
-
+    spare_inputs({"--output": output}, models=[checkpoint], data=[data, calib])
     settings = BenchmarkSettings(formats=available_formats() if formats == "auto" else tuple(f.strip() for f in formats.split(",")),
                                  precisions=tuple(p.strip() for p in precisions.split(",")),
                                  image_size=parse_size(image_size) if image_size else None, device=device,
                                  verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
                                  fold=not no_fold, calib=calib,
-                                 prune_ratios=tuple(float(r) for r in prune.split(",")) if prune else ())
+                                 prune_ratios=_ratios(prune) if prune else ())
     report = run_benchmark(checkpoint, output, settings, log=log)
     if json_output:
         print_json(report.to_json())
@@ -105,6 +107,14 @@ def benchmark(
         print_benchmark_table(report)
         console.print(f"wrote {output / 'benchmark.json'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
                       f"{output / 'overlays.png'}", soft_wrap=True, markup=False)
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    """'0.25,0.5' -> (0.25, 0.5): pruning ratios in (0, 1) (VitsegError otherwise)."""
+    try:
+        return tuple(RATIO(float(r)) for r in text.split(","))
+    except (ValueError, typer.BadParameter):
+        raise VitsegError(f"--prune '{text}' is not a comma-separated list of ratios in (0, 1)", "e.g. --prune 0.25,0.5") from None
 
 
 def print_benchmark_table(report, title: str | None = None) -> None:

@@ -7,26 +7,27 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitseg_export.cli.common import DataSpec, console, log
+from vitseg_export.cli.common import RATIO, DataSpec, console, log, spare_inputs, square_size
 
 
 def prune(
     checkpoint: Annotated[str, typer.Argument(help="Run dir, Hugging Face SegFormer dir, or architecture name.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory for the pruned checkpoint.")],
-    ratio: Annotated[float, typer.Option("--ratio", help="Share of heads/channels to remove, in (0, 1).")] = 0.25,
+    ratio: Annotated[float, typer.Option("--ratio", callback=RATIO, help="Share of heads/channels to remove, in (0, 1).")] = 0.25,
     method: Annotated[str, typer.Option("--method", help="heads, mlp, channels (SegFormer decoder) or all.")] = "all",
     sparsity: Annotated[Optional[str], typer.Option("--sparsity", help="2:4 magnitude sparsity for TensorRT sparse kernels.")] = None,
-    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0)] = 0,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, max=10000)] = 0,
     data: DataSpec = "synthetic",
-    image_size: Annotated[Optional[int], typer.Option("--image-size")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", callback=square_size)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
-    eval_images: Annotated[int, typer.Option("--eval-images", min=1, help="Validation images for the before/after figures.")] = 64,
+    eval_images: Annotated[int, typer.Option("--eval-images", min=1, max=100000, help="Validation images for the before/after figures.")] = 64,
 ) -> None:
     """Remove attention heads, MLP channels and decoder channels by importance; fine-tune; report accuracy."""
     from vitseg_export.files import check_output_dir
     from vitseg_export.pruning import PruneSettings, prune_checkpoint
 
     check_output_dir(output, "--output")
+    spare_inputs({"--output": output}, models=[checkpoint], data=[data])  # never prune a run in place
 
     settings = PruneSettings(ratio, method, sparsity, finetune_epochs, data, image_size, batch_size, eval_images)
     report = prune_checkpoint(checkpoint, output, settings, log=log)

@@ -9,36 +9,37 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitseg_export.cli.common import DataSpec, console, err_console
+from vitseg_export.cli.common import POSITIVE, DataSpec, console, progress_bar, spare_inputs, square_size
 
 
 def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory to write (checkpoints, metrics.json).")],
     model: Annotated[Optional[str], typer.Option("--model", help="Architecture name (see `vitseg models`).")] = None,
     data: DataSpec = "synthetic",
-    epochs: Annotated[int, typer.Option(min=1)] = 3,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Square training size (default: the model's).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, max=10000)] = 3,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", callback=square_size, help="Square training size (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     init: Annotated[Optional[str], typer.Option("--init", help="Start from a vitseg run, a Hugging Face SegFormer dir, "
                                                 "or timm/seed-article ViT weights (.safetensors/.bin/.pth).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: Adam 4e-4 for vit, AdamW 6e-4 for segformer).")] = None,
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 1,
-    seed: int = 0,
+    lr: Annotated[Optional[float], typer.Option(callback=POSITIVE, help="Learning rate (default: Adam 4e-4 for vit, AdamW 6e-4 for segformer).")] = None,
+    workers: Annotated[int, typer.Option(min=0, max=256, help="Data-loading worker processes (0: in the main process).")] = 1,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed.")] = 0,
 ) -> None:
     """Train a segmentation model; writes the best and last checkpoints atomically and metrics.json."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from vitseg_export.files import check_output_dir
     from vitseg_export.training import TrainSettings, score_of, training_start
     from vitseg_export.training import train as run_training
 
     check_output_dir(output, "--output")
+    spare_inputs({"--output": output}, models=[init] if init else [], data=[data])
     start = training_start(model, init, data, seed)
     settings = TrainSettings(data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                              num_workers=workers, seed=seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=err_console, disable=not rank0) as bar:
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), transient=False, disable=not rank0) as bar:
         task = bar.add_task(f"train {start.meta.architecture}", total=None, info="")
 
         def progress(kind: str, done: int, total: int, info: dict) -> None:

@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitseg_export.cli.common import BackendOption, DataSpec, JsonFlag, console, err_console, parse_ints, parse_size, print_json
+from vitseg_export.cli.common import (FRACTION, NON_NEGATIVE, BackendOption, DataSpec, JsonFlag, console, parse_ints,
+                                     parse_size, print_json, progress_bar, spare_inputs)
 from vitseg_export.errors import ParityError
 
 
@@ -17,12 +18,12 @@ def verify(
     artifact: Annotated[Path, typer.Argument(help="The exported artifact (.onnx, .engine, ...).")],
     reference: Annotated[str, typer.Option("--reference", "-r", help="The checkpoint it was exported from.")],
     data: DataSpec = "synthetic",
-    num_images: Annotated[int, typer.Option("--num-images", min=1)] = 16,
+    num_images: Annotated[int, typer.Option("--num-images", min=1, max=100000)] = 16,
     device: Annotated[str, typer.Option(help="cpu or cuda (both sides).")] = "cpu",
     report: Annotated[Optional[Path], typer.Option(help="Write the JSON report here.")] = None,
-    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Override the preset (0..1).")] = None,
-    min_miou: Annotated[Optional[float], typer.Option("--min-miou", help="Override min mIoU vs reference (0..1).")] = None,
-    max_abs_diff: Annotated[Optional[float], typer.Option("--max-abs-diff", help="Override max |logit diff|.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", callback=FRACTION, help="Override the preset (0..1).")] = None,
+    min_miou: Annotated[Optional[float], typer.Option("--min-miou", callback=FRACTION, help="Override min mIoU vs reference (0..1).")] = None,
+    max_abs_diff: Annotated[Optional[float], typer.Option("--max-abs-diff", callback=NON_NEGATIVE, help="Override max |logit diff| (>= 0).")] = None,
     save_diff: Annotated[Optional[Path], typer.Option("--save-diff", help="Write input/reference/artifact/diff PNGs here.")] = None,
     backend: BackendOption = None,
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Batch sizes to judge a dynamic-batch artifact at (default 1,4; an engine: its profile's min,opt,max).")] = None,
@@ -31,8 +32,6 @@ def verify(
 ) -> None:
     """Compare an artifact with its PyTorch reference on real images, at every batch size and input size it
     declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
-    from rich.progress import Progress
-
     from vitseg_export.artifact import read_artifact_info
     from vitseg_export.data.sources import check_labels_fit, open_source
     from vitseg_export.files import check_output_dir, check_output_file
@@ -43,15 +42,16 @@ def verify(
         check_output_file(report, "--report")
     if save_diff:
         check_output_dir(save_diff, "--save-diff")
+    spare_inputs({"--report": report, "--save-diff": save_diff}, models=[artifact, reference], data=[data])
     info = read_artifact_info(artifact)
     batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes else None
-    other_sizes = [parse_size(t) for t in sizes.split(",") if t.strip()] if sizes else None
+    other_sizes = [parse_size(t, "--sizes") for t in sizes.split(",") if t.strip()] if sizes else None
     info.declared_shapes(batches, other_sizes)  # a shape the artifact does not take: one line, before any work
     check_labels_fit(open_source(data, "val"), data, len(info.class_names))  # bad data: one line, before any work
     precision = info.precision
     thresholds = thresholds_for(precision, min_agreement=min_agreement, min_miou_vs_reference=min_miou,
                                 max_abs_logit_diff=max_abs_diff)
-    with Progress(console=err_console, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("verify", total=num_images)
         result = verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total),

@@ -322,6 +322,12 @@ DEFAULT_SYNTHETIC = {"train": 1000, "val": 64, "calib": 64}
 _SYNTHETIC = re.compile(r"^synthetic(?:\[:(\d+)\])?$")
 
 
+def data_folder(spec: str) -> Path | None:
+    """The directory a `pets:DIR` or `folder:DIR` spec reads, or None (synthetic data)."""
+    kind, sep, rest = spec.partition(":")
+    return Path(rest).expanduser() if sep and kind in ("pets", "folder") else None
+
+
 def open_source(spec: str, split: str = "train", seed: int = 0) -> Source:
     """`synthetic[:N]` (N images of that split; default 1000 train / 64 val / 64 calib), `pets:DIR`, `folder:DIR`."""
     if split not in SPLITS:

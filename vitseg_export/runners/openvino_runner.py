@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from vitseg_export.artifact import ArtifactInfo, read_onnx_metadata
+from vitseg_export.artifact import ArtifactInfo, manifest_path, read_manifest, read_onnx_metadata
 from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.files import sha256_file
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 
 OPENVINO_HINT = "pip install 'vitseg-export[openvino]'"
@@ -60,8 +61,8 @@ class OpenVINORunner(Runner):
         if device != "AUTO" and device not in core.available_devices:
             raise BackendMissingError(f"OpenVINO sees no {device} device here (it has {', '.join(core.available_devices)})",
                                       "use --device cpu, or install the device's OpenVINO driver")
-        model = self.model if self.model is not None else core.read_model(str(self.path))
         self.describe(self.given_info or read_openvino_info(self.path))
+        model = self.model if self.model is not None else read_ir(core, self.path)
         wanted = self.info.extra.get("inference_precision", '"f32"').strip('"')
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
                                   "INFERENCE_PRECISION_HINT": inference_precision(core, device, wanted)}
@@ -70,7 +71,7 @@ class OpenVINORunner(Runner):
         try:
             self.compiled = core.compile_model(model, device, config)
         except RuntimeError as e:
-            raise VitsegError(f"OpenVINO could not compile {self.path.name} for {device} ({str(e).splitlines()[0][:200]})",
+            raise VitsegError(f"OpenVINO could not compile {self.path.name} for {device} ({openvino_reason(e)})",
                               "re-export the artifact, or try --device cpu") from None
         self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
@@ -83,6 +84,41 @@ class OpenVINORunner(Runner):
 
     def deactivate_impl(self) -> None:
         del self.request, self.compiled
+
+
+def read_ir(core: Any, path: Path) -> Any:
+    """The ov.Model of an IR (or ONNX file), its weights checked first: an `.xml` needs its `.bin` beside it,
+    and where the manifest records the .bin's sha256 the .bin must be that one (another model's weights of the
+    same size would run and give wrong masks). VitsegError (one line) for a missing, mismatched or damaged IR."""
+    if path.suffix.lower() == ".xml":
+        weights = path.with_suffix(".bin")
+        if not weights.is_file():
+            raise VitsegError(f"{path.name} has no {weights.name} beside it (the IR's weights)",
+                              "keep the .xml and its .bin together, or export it again")
+        recorded = _recorded_bin_sha256(path)
+        if recorded and sha256_file(weights) != recorded:
+            raise VitsegError(f"{weights.name} is not the weights {path.name} was exported with (its sha256 differs "
+                              f"from {manifest_path(path).name})", "copy the .bin that belongs to this .xml, or export it again")
+    try:
+        return core.read_model(str(path))
+    except RuntimeError as e:
+        raise VitsegError(f"{path.name} is not a readable OpenVINO model ({openvino_reason(e)})",
+                          "the .xml or its .bin is damaged or truncated; export it again") from None
+
+
+def openvino_reason(e: Exception) -> str:
+    """The line of an OpenVINO exception that says what went wrong (it starts with 'Exception from FILE:LINE'
+    and "Check '...' failed at" lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return (said or lines or [type(e).__name__])[0][:200]
+
+
+def _recorded_bin_sha256(path: Path) -> str | None:
+    """The .bin's sha256 that the IR's manifest records, if there is a readable manifest."""
+    if not manifest_path(path).is_file():
+        return None
+    return read_manifest(path).extra.get("bin_sha256")
 
 
 def read_openvino_info(path: Path) -> ArtifactInfo:

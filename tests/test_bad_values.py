@@ -1,0 +1,234 @@
+"""Every command with a table of bad values, as a user's install runs them (a subprocess where `import click`
+fails): each is exit 2 (usage or input), one line on stderr, no traceback; nothing the command reads is
+changed (an output onto an input is refused before any work); no NaN or out-of-range value switches a check
+off; damaged or mismatched artifacts are input errors, not bugs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from clitools import NO_CLICK, error_lines, one_line, run_no_click, run_table
+from conftest import make_image_folder
+
+INPUT = "one of this command's inputs"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A checkpoint run, its ONNX and OpenVINO IR, images, a folder dataset, and damaged copies."""
+    import warnings
+
+    from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
+    from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
+    from vitseg_export.export.openvino_export import export_openvino
+    from vitseg_export.export.settings import ExportRequest
+
+    d = tmp_path_factory.mktemp("bad-values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = load_checkpoint("segformer-b0-test")
+        save_checkpoint(twin.model, twin.meta, d / "ck")
+        other = load_checkpoint("segformer-b2-test")
+    loaded = load_checkpoint(d / "ck")
+    export_onnx(loaded, d / "a.onnx", OnnxExportSettings())
+    export_openvino(loaded, d / "a.xml", ExportRequest("openvino", OnnxExportSettings(dynamic_batch=False)), lambda m: None)
+    export_openvino(other, d / "other" / "b.xml", ExportRequest("openvino", OnnxExportSettings(dynamic_batch=False)),
+                    lambda m: None)
+    (d / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 48), (40 * i, 90, 20)).save(d / "imgs" / f"x{i}.png")
+    make_image_folder(d / "data", count=12, size=64)
+    os.symlink(d / "a.onnx", d / "link.onnx")
+    os.symlink(d / "ck" / "model.safetensors", d / "link-to-weights.onnx")
+    _damaged(d)
+    return d
+
+
+def _ir_copy(d: Path, name: str, manifest: bool = True) -> Path:
+    (d / name).mkdir()
+    for suffix in (".xml", ".bin") + ((".xml.json",) if manifest else ()):
+        shutil.copy(d / ("a" + suffix), d / name / ("a" + suffix))
+    return d / name / "a.xml"
+
+
+def _damaged(d: Path) -> None:
+    (_ir_copy(d, "no-bin").with_suffix(".bin")).unlink()
+    truncated = _ir_copy(d, "truncated").with_suffix(".bin")
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    bare = _ir_copy(d, "truncated-no-manifest", manifest=False).with_suffix(".bin")
+    bare.write_bytes(bare.read_bytes()[:1000])
+    shutil.copy(d / "other" / "b.bin", _ir_copy(d, "other-bin").with_suffix(".bin"))
+    _ir_copy(d, "garbage-xml").write_text("<net><layers><layer")
+    for key, value in (("input_size", '"abc"'), ("class_names", "5"), ("normalization", '{"mean": [0, 0]}'),
+                       ("dynamic_batch", '"yes"')):
+        model = onnx.load(d / "a.onnx")
+        next(p for p in model.metadata_props if p.key == f"vitseg.{key}").value = value
+        onnx.save(model, d / f"bad-{key}.onnx")
+
+
+def _tree(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# (argv with {d} for the inputs' directory, what the one error line must say)
+CASES = [
+    # data loss: an output onto the command's own inputs
+    ("export {d}/ck -o {d}/ck/model.safetensors", INPUT),
+    ("export {d}/ck -o {d}/link-to-weights.onnx", INPUT),  # a symlink to the checkpoint's weights
+    ("verify {d}/a.onnx -r {d}/ck --report {d}/a.onnx", INPUT),
+    ("verify {d}/a.onnx -r {d}/ck --report {d}/a.onnx.json", INPUT),
+    ("verify {d}/a.xml -r {d}/ck --report {d}/a.bin", INPUT),
+    ("verify {d}/a.onnx -r {d}/ck --report {d}/ck/config.json", INPUT),
+    ("verify {d}/a.onnx -r {d}/ck --report {d}/link.onnx", INPUT),
+    ("verify {d}/a.onnx -r {d}/ck --data folder:{d}/data --save-diff {d}/data/diff", "is inside"),
+    ("profile {d}/a.onnx --json {d}/a.onnx", INPUT),
+    ("profile {d}/ck --json {d}/ck/config.json", INPUT),
+    ("prune {d}/ck -o {d}/ck", INPUT),
+    ("prune {d}/ck -o {d}", "contains"),
+    ("train --model segformer-b0-test --init {d}/ck -o {d}/ck", INPUT),
+    ("train --model segformer-b0-test --data folder:{d}/data -o {d}/data/run", "is inside"),
+    ("predict {d}/a.onnx {d}/imgs/x0.png -o {d}/imgs", "contains"),
+    ("benchmark {d}/ck -o {d}/ck", INPUT),
+    # a threshold may never switch its check off, nor ask the impossible
+    ("verify {d}/a.onnx -r {d}/ck --min-agreement nan", "'--min-agreement': nan is not a fraction in [0, 1]"),
+    ("verify {d}/a.onnx -r {d}/ck --min-miou nan", "'--min-miou': nan"),
+    ("verify {d}/a.onnx -r {d}/ck --max-abs-diff nan", "'--max-abs-diff': nan is not a finite number >= 0"),
+    ("verify {d}/a.onnx -r {d}/ck --max-abs-diff inf", "'--max-abs-diff': inf"),
+    ("verify {d}/a.onnx -r {d}/ck --max-abs-diff -1", "'--max-abs-diff': -1.0"),
+    ("verify {d}/a.onnx -r {d}/ck --min-agreement 1.5", "'--min-agreement': 1.5 is not a fraction in [0, 1]"),
+    ("verify {d}/a.onnx -r {d}/ck --min-agreement -0.1", "'--min-agreement'"),
+    ("export {d}/ck --precision int8 --min-agreement nan -o {d}/q.onnx", "'--min-agreement': nan"),
+    ("export {d}/ck --precision int8 --min-agreement 1.5 -o {d}/q.onnx", "'--min-agreement': 1.5"),
+    # counts, sizes and other numbers, at parse time
+    ("verify {d}/a.onnx -r {d}/ck --num-images 0", "'--num-images'"),
+    ("verify {d}/a.onnx -r {d}/ck --batch-sizes 0", "--batch-sizes '0'"),
+    ("verify {d}/a.onnx -r {d}/ck --batch-sizes 1,x", "--batch-sizes '1,x'"),
+    ("verify {d}/a.onnx -r {d}/ck --batch-sizes 100000", "integers in 1..1024"),
+    ("verify {d}/a.onnx -r {d}/ck --sizes 100000x100000", "--sizes 100000x100000 is larger than"),
+    ("export {d}/ck --image-size 100000x100000 -o {d}/q.onnx", "--image-size 100000x100000 is larger than"),
+    ("export {d}/ck --image-size 0x64 -o {d}/q.onnx", "is not HxW"),
+    ("export {d}/ck --workspace nan --format onnx -o {d}/q.onnx", "'--workspace': nan"),
+    ("export {d}/ck --workspace 0 -o {d}/q.onnx", "'--workspace': 0.0"),
+    ("export {d}/ck --calib-images 0 -o {d}/q.onnx", "'--calib-images'"),
+    ("export {d}/ck --dla-core -1 -o {d}/q.onnx", "'--dla-core'"),
+    ("export {d}/ck --opset 99 -o {d}/q.onnx", "opset 99 is not supported"),
+    ("profile {d}/a.onnx --batch 0", "--batch '0'"),
+    ("profile {d}/a.onnx --batch 100000", "integers in 1..1024"),
+    ("profile {d}/a.onnx --threads 0", "'--threads'"),
+    ("profile {d}/a.onnx --threads -1", "'--threads'"),
+    ("profile {d}/a.onnx --iters 0", "'--iters'"),
+    ("profile {d}/a.onnx --warmup -1", "'--warmup'"),
+    ("profile {d}/ck --image-size 100000x100000", "is larger than"),
+    ("train --model segformer-b0-test --image-size 0 -o {d}/t", "'--image-size': 0 is not a size in 32..16384"),
+    ("train --model segformer-b0-test --image-size 100000 -o {d}/t", "'--image-size'"),
+    ("train --model segformer-b0-test --epochs 0 -o {d}/t", "'--epochs'"),
+    ("train --model segformer-b0-test --workers -1 -o {d}/t", "'--workers'"),
+    ("train --model segformer-b0-test --lr nan -o {d}/t", "'--lr': nan"),
+    ("train --model segformer-b0-test --lr 0 -o {d}/t", "'--lr': 0.0 is not a finite number > 0"),
+    ("train --model segformer-b0-test --batch-size 0 -o {d}/t", "'--batch-size'"),
+    ("train --model segformer-b0-test --seed -1 -o {d}/t", "'--seed'"),
+    ("prune {d}/ck -o {d}/p --ratio nan", "'--ratio': nan is not a fraction in (0, 1)"),
+    ("prune {d}/ck -o {d}/p --ratio 1.5", "'--ratio': 1.5"),
+    ("prune {d}/ck -o {d}/p --ratio 0", "'--ratio': 0.0"),
+    ("prune {d}/ck -o {d}/p --image-size 0", "'--image-size'"),
+    ("benchmark {d}/ck -o {d}/b --prune nan", "--prune 'nan'"),
+    ("benchmark {d}/ck -o {d}/b --prune 2", "--prune '2'"),
+    ("benchmark {d}/ck -o {d}/b --verify-images 0", "'--verify-images'"),
+    ("benchmark {d}/ck -o {d}/b --image-size 0x0", "is not HxW"),
+    ("benchmark {d}/ck -o {d}/b --threads 0", "'--threads'"),
+    ("demo --epochs 0 -o {d}/demo", "'--epochs'"),
+    ("demo --image-size 0 -o {d}/demo", "'--image-size'"),
+    ("demo --train-images 1 -o {d}/demo", "'--train-images'"),
+    ("models --bogus", "No such option: --bogus"),
+    ("doctor --bogus", "No such option: --bogus"),
+    # damaged or mismatched OpenVINO IRs
+    ("predict {d}/no-bin/a.xml {d}/imgs/x0.png -o {d}/o", "has no a.bin beside it"),
+    ("verify {d}/no-bin/a.xml -r {d}/ck", "has no a.bin beside it"),
+    ("predict {d}/truncated/a.xml {d}/imgs/x0.png -o {d}/o", "is not the weights a.xml was exported with"),
+    ("verify {d}/truncated-no-manifest/a.xml -r {d}/ck", "is not a readable OpenVINO model (Incorrect weights in bin file!)"),
+    ("predict {d}/truncated-no-manifest/a.xml {d}/imgs/x0.png -o {d}/o", "is not a readable OpenVINO model"),
+    ("verify {d}/other-bin/a.xml -r {d}/ck", "is not the weights a.xml was exported with"),
+    ("predict {d}/garbage-xml/a.xml {d}/imgs/x0.png -o {d}/o", "is not a readable OpenVINO IR"),
+    # malformed artifact metadata, whatever the type
+    ("verify {d}/bad-input_size.onnx -r {d}/ck", "'input_size' is \"abc\", not [height, width]"),
+    ("predict {d}/bad-class_names.onnx {d}/imgs/x0.png -o {d}/o", "'class_names' is 5, not a list of class names"),
+    ("predict {d}/bad-normalization.onnx {d}/imgs/x0.png -o {d}/o", "'normalization'"),
+    ("profile {d}/bad-dynamic_batch.onnx", "'dynamic_batch' is \"yes\", not true or false"),
+]
+
+
+def test_every_command_refuses_bad_values_in_one_line_and_keeps_its_inputs(inputs, tmp_path):
+    before = _tree(inputs)
+    results = run_table(tmp_path, [argv.format(d=inputs).split() for argv, _ in CASES])
+    problems = []
+    for (argv, expected), r in zip(CASES, results):
+        lines = error_lines(r["stderr"])
+        if r["code"] != 2 or len(lines) != 1 or "Traceback" in r["stderr"] or expected not in lines[0]:
+            problems.append(f"{argv}: exit {r['code']}, stderr {r['stderr'][-400:]!r}")
+    assert not problems, "\n".join(problems)
+    assert _tree(inputs) == before  # nothing read was changed, nothing was written beside it
+    assert not any((inputs / name).exists() for name in ("q.onnx", "t", "p", "b", "demo", "o"))
+
+
+def test_an_invalid_environment_value_is_refused_not_replaced(tmp_path):
+    proc = run_no_click(tmp_path, "models", env={"VITSEG_MAX_IMAGE_PIXELS": "64MP"})
+    assert proc.returncode == 2 and "VITSEG_MAX_IMAGE_PIXELS='64MP' is not a whole number" in one_line(proc)
+    assert run_no_click(tmp_path, "models", env={"VITSEG_MAX_IMAGE_PIXELS": "0"}).returncode == 0
+
+
+def test_a_path_the_terminal_cannot_encode_still_prints(tmp_path, inputs):
+    image = tmp_path / "é.png"
+    shutil.copy(inputs / "imgs" / "x0.png", image)
+    proc = run_no_click(tmp_path, "predict", inputs / "a.onnx", image, "-o", tmp_path / "masks",
+                        env={"PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\\xe9.png" in proc.stdout and (tmp_path / "masks" / "é_mask.png").is_file()
+    missing = run_no_click(tmp_path, "predict", inputs / "a.onnx", tmp_path / "ø.png", "-o", tmp_path / "m2",
+                           env={"PYTHONIOENCODING": "ascii"})
+    assert missing.returncode == 2 and "\\xf8.png does not exist" in one_line(missing)
+
+
+def test_predict_names_each_mask_as_it_lands_and_a_summary(tmp_path, inputs):
+    proc = run_no_click(tmp_path, "predict", inputs / "a.onnx", *sorted((inputs / "imgs").iterdir()), "-o", tmp_path / "m")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # a success prints no blank line either
+    lines = proc.stdout.splitlines()
+    assert [line.split(" -> ")[0] for line in lines[:3]] == [str(p) for p in sorted((inputs / "imgs").iterdir())]
+    assert lines[3] == f"wrote 3 masks to {tmp_path / 'm'}" and len(lines) == 4
+    failed = run_no_click(tmp_path, "predict", inputs / "no-bin" / "a.xml", inputs / "imgs" / "x0.png", "-o", tmp_path / "n")
+    assert failed.returncode == 2 and failed.stderr.startswith("error: ")  # no leading blank line
+
+
+def test_an_interrupted_predict_says_which_masks_it_finished(tmp_path, inputs):
+    images = []
+    for i in range(40):
+        images.append(tmp_path / f"im{i:02d}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (256, 256, 3), np.uint8)).save(images[-1])
+    script = tmp_path / "vitseg_no_click.py"
+    script.write_text(NO_CLICK.replace("{prelude}", ""))
+    proc = subprocess.Popen([sys.executable, str(script), "predict", str(inputs / "a.onnx"), *map(str, images),
+                             "--overlay", "-o", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    rest, stderr = proc.communicate(timeout=120)
+    finished = [line.split(" -> ")[1].split(", ")[0] for line in (first + rest).splitlines() if " -> " in line]
+    assert proc.returncode == 130 and "error: interrupted" in stderr, stderr
+    assert 1 <= len(finished) < len(images)
+    written = sorted(str(p) for p in (tmp_path / "out").glob("*_mask.png"))
+    assert sorted(finished) == written  # every mask it names exists, and it names every mask that exists
+    for path in written:
+        assert Image.open(path).size == (256, 256)  # whole
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files
+    assert json.dumps(finished)  # the names are plain text
