@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitseg_export.artifact import load_rgb
+from vitseg_export.images import load_rgb
 from vitseg_export.errors import CheckpointError, Terminated, VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes
 

@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from vitseg_export.artifact import DEFAULT_BATCH_SIZES, alternate_size, read_artifact_info
+from vitseg_export.artifact import DEFAULT_BATCH_SIZES, alternate_size
+from vitseg_export.formats import read_artifact_info
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export import onnx_export
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from vitseg_export import formats, runners
-from vitseg_export.artifact import ArtifactInfo, read_artifact_info, read_onnx_metadata
-from vitseg_export.formats import Availability, Format, module_version, register_format
+from vitseg_export.artifact import ArtifactInfo, read_onnx_metadata
+from vitseg_export.formats import Format, read_artifact_info, register_format
+from vitseg_export.probes import Availability, module_version
 from vitseg_export.runners import Backend, register_backend
 
 

@@ -61,7 +61,7 @@ class ToySegFamily(ModelFamily):
 
     def fold(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
         """Exact: the eval-mode BatchNorm folds into the stem convolution."""
-        from vitseg_export.optimize import batchnorm_affine
+        from vitseg_export.modeling.ops import batchnorm_affine
 
         folded = copy.deepcopy(model).eval()
         g, h = batchnorm_affine(folded.norm)

@@ -56,7 +56,7 @@ def test_tensorrt_code_imports_without_torch():
             "            raise ImportError('blocked: ' + name)\n"
             "sys.meta_path.insert(0, NoTorch())\n"
             "import vitseg_export.export.tensorrt_engine, vitseg_export.runners.tensorrt_runner, vitseg_export.runners.cuda\n"
-            "from vitseg_export.export.tensorrt_engine import tensorrt_availability\n"
+            "from vitseg_export.runners.tensorrt_runner import tensorrt_availability\n"
             "ok, detail, hint = tensorrt_availability()\n"
             "print(ok, detail)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)

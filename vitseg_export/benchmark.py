@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from vitseg_export.artifact import colorize
+from vitseg_export.images import colorize
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes, write_json
 from vitseg_export.formats import Format, get_format
@@ -150,8 +150,7 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
     request = ExportRequest(fmt.name, OnnxExportSettings(precision=precision, image_size=size, outputs="both", fold=settings.fold,
                                                          parity_data=settings.verify_data,
                                                          dynamic_batch=not fmt.static_by_default),
-                            Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target,
-                                         min_agreement=get_precision("int8").thresholds.min_agreement))
+                            Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target))
     try:
         path = _artifact_path(artifacts, variant, fmt, precision)
         result = fmt.export(variant.loaded, path, request, lambda m: log(f"  {m}"))
@@ -161,9 +160,9 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
     cell.path = path
     manifest = result.manifest
     row.path, row.size_mb, row.rewrites = str(path), manifest.size_bytes / 1e6, manifest.rewrites  # every file (an IR: .xml + .bin)
-    if precision == "int8" and manifest.precision_details:
-        row.int8_mac_share = manifest.precision_details.get("int8_mac_share")
-        details = manifest.precision_details
+    details = manifest.precision_details or {}
+    if "int8_mac_share" in details:  # a quantized artifact: how much of it really is int8
+        row.int8_mac_share = details["int8_mac_share"]
         row.fallback_layers = [f["node"] for f in details.get("fallback_layers", [])] + details.get("float_layers", [])
     return cell
 
@@ -257,10 +256,12 @@ def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSetti
 
 def _mark_slower_than_fp32(rows: list[BenchmarkRow]) -> None:
     """Honest rows: a reduced precision that runs slower than the same format's fp32 here says so."""
-    fp32 = {r.format: r.latency_p50_ms for r in rows if r.precision == "fp32" and r.latency_p50_ms is not None}
+    baseline = {r.format: r for r in rows if get_precision(r.precision).baseline and r.latency_p50_ms is not None}
     for r in rows:
-        if r.precision != "fp32" and r.status == "verified" and r.latency_p50_ms and r.latency_p50_ms > fp32.get(r.format, 1e30):
-            r.status = "verified, slower than fp32 here"
+        base = baseline.get(r.format)
+        if base is not None and r is not base and r.status == "verified" and r.latency_p50_ms and \
+                r.latency_p50_ms > base.latency_p50_ms:
+            r.status = f"verified, slower than {base.precision} here"
 
 
 def available_formats() -> tuple[str, ...]:

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from vitseg_export.errors import VitsegError
+from vitseg_export.images import pixels_from_image
 from vitseg_export.parity import ConsistencyAccumulator, ParityAccumulator, ParitySummary, Thresholds, judge, worst_case
 from vitseg_export.runners.base import Runner, mask_of
 
@@ -62,8 +63,6 @@ class InputImage:
         """The same image preprocessed to another size, as every backend would see it there."""
         if size == self.size:
             return self
-        from vitseg_export.artifact import pixels_from_image
-
         if isinstance(self.image, Image.Image):
             pixels = pixels_from_image(self.image, size)
         else:  # noise and other arrays without a source image: bilinear per channel
@@ -117,7 +116,6 @@ class InputSet:
 def load_inputs(spec: str, split: str, count: int, size: Size, batch_sizes: tuple[int, ...] = (1,)) -> InputSet:
     """Up to `count` images of a data spec's split, preprocessed to `size` as every backend sees them, with
     labels (resized nearest) where the source has masks. Raises DataError for a spec without images."""
-    from vitseg_export.artifact import pixels_from_image
     from vitseg_export.data.sources import open_source
     from vitseg_export.errors import DataError
 

@@ -45,7 +45,8 @@ def _cuda(torch_ok: bool) -> dict:
 def probe() -> dict:
     """What this machine has and can do: every row of the backend and format tables probed, CUDA, CPU int8
     features, and notes on what follows from them. JSON-ready."""
-    from vitseg_export.formats import FORMATS, module_version
+    from vitseg_export.formats import FORMATS
+    from vitseg_export.probes import module_version
     from vitseg_export.runners import BACKENDS
 
     report: dict = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_info()}

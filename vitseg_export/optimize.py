@@ -10,17 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BatchNorm as y = g*x + h: returns (g, h) per channel."""
-    g = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return g, bn.bias - g * bn.running_mean
+from vitseg_export.modeling.registry import family_of
 
 
 def fold(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """All exact rewrites the model's family knows (eval mode). Returns (new model, names of the rewrites);
     the input model is not modified."""
-    from vitseg_export.modeling.registry import family_of
-
     with torch.no_grad():
         return family_of(model).fold(model)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vitseg_export.parity import Thresholds
-from vitseg_export.tables import Table
+from vitseg_export.tables import Table, lazy
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ConversionContext:
     """What a converter may need besides the graph."""
 
     image_size: tuple[int, int]
-    int8: Any = None  # vitseg_export.export.int8.Int8Settings
+    int8: Any = None  # vitseg_export.export.settings.Int8Settings
     fp16_io: bool = False
     cache_dir: Path | None = None
     progress: Callable[[str], None] = lambda message: None
@@ -48,17 +48,28 @@ class Conversion:
 
 @dataclass(frozen=True)
 class Precision:
+    """One precision and everything that differs by precision; callers ask the row, never compare names."""
+
     name: str
     thresholds: Thresholds  # the parity preset every artifact of this precision is judged by
-    convert: Callable[[Any, ConversionContext], Conversion] | None  # None: the fp32 graph as is
+    convert: Callable[[Any, ConversionContext], Conversion] | None  # ONNX converter ("module:attr"); None: fp32 as is
     trt_weak_flags: tuple[str, ...]  # TensorRT 10.x BuilderFlags for the weakly typed fallback
-    parity_on_noise: bool  # also judged on a uniform-noise batch (reduced precisions are calibrated for images)
+    parity_on_noise: bool  # also judged on uniform noise (reduced precisions are calibrated for images)
     needs_logits: bool  # the conversion compares logits (int8 calibration and fallback)
     description: str
     # batch consistency (an image alone vs inside a batch): the same math must give the same logits whatever the
     # batch (within the logit limit); reduced precisions may round differently per batch, so their masks are
     # held to the preset's agreement instead
     consistent_logits: bool = False
+    masks_match_logits: bool = False  # an in-graph `mask` must equal the argmax of the graph's own logits
+    min_parity_images: int = 0  # self-parity judges at least this many real images (beside --parity images)
+    calibrated: bool = False  # its targets are the user's (--min-agreement), met by calibration and fallback
+    baseline: bool = False  # the precision the others are measured against ("slower than fp32 here")
+    parity_hint: str = "try another precision or calibration"  # what to do when its self-parity fails
+    openvino_compress_to_fp16: bool = False  # an IR of it stores fp16 weights
+    openvino_inference_precision: str = "f32"  # what an IR of it computes in, where the device has it
+    openvino_quantize: Callable[..., Any] | None = None  # turns the fp32 IR into this precision ("module:attr")
+    describe: Callable[[dict], list[str]] | None = None  # lines on its manifest section for `vitseg export`
 
     def consistency(self, thresholds: Thresholds | None = None) -> Thresholds:
         """The batch-consistency limits, from `thresholds` (default: the preset): the agreement and, where
@@ -66,24 +77,17 @@ class Precision:
         t = thresholds or self.thresholds
         return Thresholds(t.min_agreement, 0.0, t.max_abs_logit_diff if self.consistent_logits else None, None)
 
+    def export_thresholds(self, targets: Thresholds | None = None) -> Thresholds:
+        """What its self-parity at export holds a graph to: the preset, with a calibrated precision's agreement
+        and mIoU targets as the user set them (`targets`, e.g. Int8Settings.targets())."""
+        if self.calibrated and targets is not None:
+            return replace(self.thresholds, min_agreement=targets.min_agreement,
+                           min_miou_vs_reference=targets.min_miou_vs_reference)
+        return self.thresholds
 
-def _to_fp16(model: Any, ctx: ConversionContext) -> Conversion:
-    import numpy as np
-
-    from vitseg_export.comparator import load_inputs
-    from vitseg_export.export.fp16 import onnx_fp16
-
-    ctx.progress("converting to fp16 (AutoCast: fp32 where values exceed 512)")
-    images = load_inputs(ctx.data, "calib", 8, ctx.image_size).images
-    converted, details = onnx_fp16(model, np.concatenate([im.pixels[None] for im in images]), ctx.fp16_io)
-    return Conversion(converted, details)
-
-
-def _to_int8(model: Any, ctx: ConversionContext) -> Conversion:
-    from vitseg_export.export.int8 import quantize_int8
-
-    result = quantize_int8(model, ctx.image_size, ctx.int8, cache_dir=ctx.cache_dir, progress=ctx.progress)
-    return Conversion(result.model, result.details())
+    def openvino_weights(self) -> str:
+        """How an IR of this precision stores its weights (the manifest's `weights`)."""
+        return "fp16 (compressed)" if self.openvino_compress_to_fp16 else self.name
 
 
 PRECISIONS: Table[Precision] = Table("precision '{name}' is unknown", "use one of: {names}")
@@ -96,17 +100,24 @@ register_precision(Precision(
     "fp32", Thresholds(min_agreement=0.9999, min_miou_vs_reference=0.999, max_abs_logit_diff=1e-3,
                        max_mean_abs_logit_diff=1e-4),
     convert=None, trt_weak_flags=(), parity_on_noise=True, needs_logits=False,
-    description="the exported graph as is", consistent_logits=True))
+    description="the exported graph as is", consistent_logits=True, masks_match_logits=True, baseline=True,
+    parity_hint="report this with the checkpoint; try another --opset"))
 register_precision(Precision(
     "fp16", Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
                        max_mean_abs_logit_diff=0.05),
-    convert=_to_fp16, trt_weak_flags=("FP16",), parity_on_noise=False, needs_logits=False,
-    description="fp16 weights and activations with fp32 islands"))
+    convert=lazy("vitseg_export.export.fp16:convert"), trt_weak_flags=("FP16",), parity_on_noise=False,
+    needs_logits=False, description="fp16 weights and activations with fp32 islands", min_parity_images=8,
+    openvino_compress_to_fp16=True, openvino_inference_precision="f16",
+    describe=lazy("vitseg_export.export.fp16:describe")))
 register_precision(Precision(
     "int8", Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
                        max_mean_abs_logit_diff=None),
-    convert=_to_int8, trt_weak_flags=("FP16", "INT8"), parity_on_noise=False, needs_logits=True,
-    description="calibrated int8 Q/DQ with sensitivity-driven float fallback"))
+    convert=lazy("vitseg_export.export.int8:convert"), trt_weak_flags=("FP16", "INT8"), parity_on_noise=False,
+    needs_logits=True, description="calibrated int8 Q/DQ with sensitivity-driven float fallback", min_parity_images=8,
+    calibrated=True, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",
+    # int8 IRs compute their float part in bf16 where the CPU has it, as TensorRT's int8 graphs are fp16 there
+    openvino_inference_precision="bf16", openvino_quantize=lazy("vitseg_export.export.openvino_export:quantize_ir"),
+    describe=lazy("vitseg_export.export.int8:describe")))
 
 
 def thresholds_for(precision: str, **overrides: float | None) -> Thresholds:

@@ -1,8 +1,9 @@
 """nn.Module -> smaller dense nn.Module: structured pruning that physically removes attention heads,
 MLP hidden channels (ViT MLP, SegFormer Mix-FFN incl. its depthwise conv) and SegFormer decoder
 channels, by an L1 importance score; plus magnitude 2:4 sparsity for TensorRT's sparse kernels.
-Each family prunes its own layers (`ModelFamily.prune`, with the helpers below); this module is the
-one entry point and the family-independent 2:4 sparsity.
+Each family prunes its own layers (`ModelFamily.prune`, with the index helpers in modeling/ops.py); this
+module is the one entry point and the family-independent 2:4 sparsity. Pruning a checkpoint into a run
+directory, with fine-tuning and a report, is vitseg_export/pruning_run.py.
 
 Written here rather than with Torch-Pruning because the result must be described by the config
 (per-layer widths), so a pruned checkpoint loads without the original: the pruned state dict is
@@ -12,32 +13,13 @@ Head width is never changed (heads are removed whole), so attention scaling stay
 
 from __future__ import annotations
 
-import copy
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
 from vitseg_export.errors import VitsegError
 from vitseg_export.modeling import registry
 
-
-def keep_count(count: int, ratio: float) -> int:
-    """How many of `count` units survive pruning `ratio` of them (at least one)."""
-    return max(1, int(round(count * (1.0 - ratio))))
-
-
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, in ascending index order (so kept units keep their order)."""
-    return torch.sort(torch.topk(scores, k).indices).values
-
-
-def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Row indices of the given attention heads in a (heads*head_dim, ...) projection."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+__all__ = ["apply_2to4", "check_2to4", "mask_2to4", "prune_model", "reapply_masks", "sparsifiable"]
 
 
 @torch.no_grad()
@@ -122,86 +104,3 @@ def check_2to4(model: nn.Module) -> dict:
             zeros = (_grouped(module.weight.detach()) == 0).sum(1)
             (ok if bool((zeros >= 2).all()) else violations).append(name)
     return {"sparse_layers": ok, "violations": violations, "checked": len(ok) + len(violations)}
-
-
-# ---- prune a checkpoint, fine-tune, report ----------------------------------------------------------
-
-@dataclass
-class PruneSettings:
-    ratio: float = 0.25
-    method: str = "all"
-    sparsity: str | None = None  # "2:4"
-    finetune_epochs: int = 0
-    data: str = "synthetic"
-    image_size: int | None = None
-    batch_size: int = 16
-    eval_images: int = 64
-
-
-def _scorer(loaded, settings: PruneSettings) -> Callable[[nn.Module], dict]:
-    """Validation pixel accuracy and mIoU of a network (same normalization as the checkpoint)."""
-    from vitseg_export.data.sources import open_source
-    from vitseg_export.data.transforms import SegmentationDataset
-    from vitseg_export.modeling.registry import Segmenter
-    from vitseg_export.training import evaluate
-
-    size = settings.image_size or loaded.meta.image_size[0]
-    val = open_source(settings.data, "val")
-    subset = torch.utils.data.Subset(SegmentationDataset(val, (size, size), train=False),
-                                     range(min(settings.eval_images, len(val))))
-    loader = torch.utils.data.DataLoader(subset, batch_size=settings.batch_size)
-
-    def score(net: nn.Module) -> dict:
-        acc, miou, _ = evaluate(Segmenter(net, loaded.meta.mean, loaded.meta.std), loader,
-                                loaded.meta.config.num_classes, torch.device("cpu"))
-        return {"pixel_accuracy": acc, "miou": miou}
-
-    return score
-
-
-def _finetune(pruned: nn.Module, meta, checkpoint: str, output: Path, settings: PruneSettings, masks: dict) -> nn.Module:
-    from vitseg_export.checkpoint import LoadedCheckpoint, load_checkpoint
-    from vitseg_export.training import TrainSettings, train
-
-    start = LoadedCheckpoint(pruned.train(), meta, checkpoint, None, "pruned")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(start, TrainSettings(data=settings.data, epochs=settings.finetune_epochs, image_size=settings.image_size,
-                                   batch_size=settings.batch_size, num_workers=1), output,
-              after_step=(lambda net: reapply_masks(net, masks)) if masks else None)
-    return load_checkpoint(output).model
-
-
-def prune_checkpoint(checkpoint: str, output: Path, settings: PruneSettings,
-                     log: Callable[[str], None] = lambda m: None) -> dict:
-    """Prune a checkpoint, optionally sparsify (2:4) and fine-tune, and write the pruned run directory with
-    `prune.json` (accuracy before, after pruning and after fine-tuning). Returns that report; raises
-    VitsegError for bad settings or a lost 2:4 pattern."""
-    from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
-    from vitseg_export.files import write_json
-
-    if settings.sparsity not in (None, "2:4"):
-        raise VitsegError(f"--sparsity {settings.sparsity} is not supported", "use --sparsity 2:4")
-    loaded = load_checkpoint(checkpoint)
-    score = _scorer(loaded, settings)
-    report: dict = {"source": checkpoint, "before": score(loaded.model)}
-    pruned, prune_report = prune_model(loaded.model, loaded.meta.family, settings.ratio, settings.method)
-    report.update(prune_report)
-    masks = apply_2to4(pruned) if settings.sparsity else {}
-    report["after_pruning"] = score(pruned)
-    meta = copy.deepcopy(loaded.meta)
-    meta.config = pruned.config
-    meta.training = {**meta.training, "pruned_from": checkpoint,
-                     "prune": {"ratio": settings.ratio, "method": settings.method, "sparsity": settings.sparsity}}
-    if settings.finetune_epochs:
-        log(f"fine-tuning for {settings.finetune_epochs} epochs on {settings.data}")
-        pruned = _finetune(pruned, meta, checkpoint, output, settings, masks)
-    else:
-        save_checkpoint(pruned, meta, output)
-    report["after_finetuning"] = score(pruned) if settings.finetune_epochs else None
-    if settings.sparsity:
-        report["sparsity_check"] = check_2to4(pruned)
-        if report["sparsity_check"]["violations"]:
-            raise VitsegError(f"2:4 pattern lost in {report['sparsity_check']['violations'][:3]}", "report this as a bug")
-    write_json(output / "prune.json", report)
-    return report

@@ -20,7 +20,7 @@ def assert_mask_parity(artifact: str | Path, reference: str, data: str = "synthe
     (`batch_sizes`/`sizes` as `vitseg verify --batch-sizes/--sizes`), batch consistency included; raise
     AssertionError naming the failing shape and every failed check, else return the report's JSON form.
     Thresholds default to the precision's preset."""
-    from vitseg_export.artifact import read_artifact_info
+    from vitseg_export.formats import read_artifact_info
     from vitseg_export.precisions import thresholds_for
     from vitseg_export.verify import verify_artifact
 

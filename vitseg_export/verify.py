@@ -14,7 +14,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from vitseg_export.artifact import ArtifactInfo, colorize, read_artifact_info
+from vitseg_export.artifact import ArtifactInfo
+from vitseg_export.formats import read_artifact_info
+from vitseg_export.images import colorize
 from vitseg_export.comparator import Comparison, ShapeVerdict
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes, write_json

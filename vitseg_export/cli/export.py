@@ -85,12 +85,9 @@ def export(
 
 def _int8_settings(calib: str, images: int, method: str, target: str, min_agreement: Optional[float], heldout: Optional[str]):
     from vitseg_export.export.settings import Int8Settings
-    from vitseg_export.precisions import get_precision
 
-    preset = get_precision("int8").thresholds
     return Int8Settings(calib=calib, calib_images=images, method=method, target=target, heldout=heldout,
-                        min_agreement=preset.min_agreement if min_agreement is None else min_agreement,
-                        min_miou_vs_reference=preset.min_miou_vs_reference)
+                        min_agreement=min_agreement)
 
 
 def _run_export(fmt, checkpoint: str, output: Optional[Path], request):

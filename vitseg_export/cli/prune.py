@@ -24,7 +24,7 @@ def prune(
 ) -> None:
     """Remove attention heads, MLP channels and decoder channels by importance; fine-tune; report accuracy."""
     from vitseg_export.files import check_output_dir
-    from vitseg_export.pruning import PruneSettings, prune_checkpoint
+    from vitseg_export.pruning_run import PruneSettings, prune_checkpoint
 
     check_output_dir(output, "--output")
     spare_inputs({"--output": output}, models=[checkpoint], data=[data])  # never prune a run in place

@@ -32,7 +32,7 @@ def verify(
 ) -> None:
     """Compare an artifact with its PyTorch reference on real images, at every batch size and input size it
     declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
-    from vitseg_export.artifact import read_artifact_info
+    from vitseg_export.formats import read_artifact_info
     from vitseg_export.data.sources import check_labels_fit, open_source
     from vitseg_export.files import check_output_dir, check_output_file
     from vitseg_export.precisions import thresholds_for

@@ -280,14 +280,14 @@ def _as_data_error(read: Callable[[Path], Any], path: Path) -> Any:
 
 
 def _open_image(path: Path) -> Image.Image:
-    from vitseg_export.artifact import load_rgb
+    from vitseg_export.images import load_rgb
 
     return _as_data_error(load_rgb, path)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed, from the header alone; DataError for an unreadable or oversized image."""
-    from vitseg_export.artifact import image_size
+    from vitseg_export.images import image_size
 
     return _as_data_error(image_size, path)
 

@@ -17,6 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from vitseg_export.comparator import load_inputs
+from vitseg_export.export.graph import remove_dead_nodes
+from vitseg_export.export.quiet import library_output_on_stderr
+from vitseg_export.precisions import Conversion, ConversionContext
+from vitseg_export.runners.base import require_module
+
 DATA_MAX = 512.0  # AutoCast: a node whose values exceed this stays in fp32
 
 
@@ -31,10 +37,6 @@ def fp32_nodes(model: onnx.ModelProto) -> list[str]:
 def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False) -> tuple[onnx.ModelProto, dict]:
     """(fp16 graph, manifest details) from vitseg's fp32 graph; `pixels` (N,3,H,W) are the images AutoCast
     measures value ranges on. Raises BackendMissingError without Model Optimizer."""
-    from vitseg_export.export.graph import remove_dead_nodes
-    from vitseg_export.export.quiet import library_output_on_stderr
-    from vitseg_export.runners.base import require_module
-
     with tempfile.TemporaryDirectory(prefix="vitseg-fp16-") as tmp, library_output_on_stderr():
         autocast = require_module("modelopt.onnx.autocast", "fp16 export needs NVIDIA Model Optimizer (AutoCast)",
                                   "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
@@ -48,3 +50,19 @@ def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False)
     by_op = collections.Counter(n.op_type for n in converted.graph.node if n.name in set(kept))
     return converted, {"converter": "modelopt.onnx.autocast (data_max 512)", "io_dtype": "float16" if fp16_io else "float32",
                        "fp32_nodes": kept, "fp32_ops": dict(by_op), "calibration_images": len(pixels)}
+
+
+def convert(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
+    """The fp16 precision's converter (precisions.py): AutoCast on 8 images of the data spec's calib split."""
+    ctx.progress("converting to fp16 (AutoCast: fp32 where values exceed 512)")
+    images = load_inputs(ctx.data, "calib", 8, ctx.image_size).images
+    converted, details = onnx_fp16(model, np.concatenate([im.pixels[None] for im in images]), ctx.fp16_io)
+    return Conversion(converted, details)
+
+
+def describe(details: dict) -> list[str]:
+    """What `vitseg export` prints about an fp16 manifest section (an AutoCast graph's fp32 islands)."""
+    if "fp32_nodes" not in details:  # fp16 weights of an IR: nothing converted in the graph
+        return []
+    ops = ", ".join(f"{op} {n}" for op, n in details["fp32_ops"].items()) or "none"
+    return [f"fp16 (AutoCast): {len(details['fp32_nodes'])} nodes kept in fp32 ({ops}); I/O {details['io_dtype']}"]

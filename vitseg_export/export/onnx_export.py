@@ -33,9 +33,9 @@ from vitseg_export.checkpoint import LoadedCheckpoint
 from vitseg_export.comparator import Comparison, InputSet, compare, load_inputs, noise_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.graph import graph_stats, remove_dead_nodes
-from vitseg_export.export.settings import OUTPUT_CHOICES, Int8Settings, OnnxExportSettings
+from vitseg_export.export.settings import OUTPUT_CHOICES, ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.modeling.registry import Segmenter, get_family
-from vitseg_export.precisions import ConversionContext, get_precision, thresholds_for
+from vitseg_export.precisions import ConversionContext, Precision, get_precision
 from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.torch_runner import TorchRunner
@@ -43,7 +43,8 @@ from vitseg_export.runners.torch_runner import TorchRunner
 SUPPORTED_OPSETS = range(14, 22)
 
 __all__ = ["ExportGraph", "ExportResult", "OnnxExportSettings", "check_export_request", "export_onnx", "onnx_from_module",
-           "parity_inputs", "parity_record", "self_parity"]
+           "export_artifact", "parity_inputs", "parity_lines", "parity_record", "precision_parity_inputs", "self_parity",
+           "summary_lines"]
 
 
 @dataclass
@@ -159,21 +160,17 @@ def self_parity(loaded: LoadedCheckpoint, candidate: Runner, inputs: InputSet, p
                 int8: Int8Settings | None = None) -> Comparison:
     """Run `candidate` (an artifact not yet written) against PyTorch (the unfolded model) through the
     comparator, at every shape of `inputs`, batch consistency included; raise ParityError beyond the precision's
-    preset (int8: the targets the user set, default the preset), naming the shape — nothing has been written
-    then. Returns the passing comparison."""
-    thresholds = thresholds_for(precision)
-    if precision == "int8" and int8 is not None:
-        thresholds = replace(thresholds, min_agreement=int8.min_agreement, min_miou_vs_reference=int8.min_miou_vs_reference)
+    preset (a calibrated precision: the targets the user set, default the preset), naming the shape — nothing
+    has been written then. Returns the passing comparison."""
+    row = get_precision(precision)
+    thresholds = row.export_thresholds(int8.targets() if int8 is not None else None)
     with TorchRunner(loaded) as reference, candidate:
         result = compare(reference, {"graph": candidate}, inputs, thresholds, len(loaded.meta.class_names),
-                         mask_must_match_logits=precision == "fp32",
-                         consistency=get_precision(precision).consistency(thresholds))
+                         mask_must_match_logits=row.masks_match_logits, consistency=row.consistency(thresholds))
     verdict = result.comparisons["graph"]
     if verdict.failures:
-        hint = ("report this with the checkpoint; try another --opset" if precision == "fp32" else
-                f"the {precision} graph loses too much; try another precision or calibration")
         raise ParityError(f"the exported {precision} graph differs from PyTorch{verdict.failed_at()}: "
-                          f"{'; '.join(verdict.failures)}; nothing was written", hint)
+                          f"{'; '.join(verdict.failures)}; nothing was written", row.parity_hint)
     assert verdict.summary is not None
     return verdict
 
@@ -188,9 +185,11 @@ def graph_candidate(model: onnx.ModelProto, info: ArtifactInfo) -> OnnxRuntimeRu
     return OnnxRuntimeRunner(f"{info.precision}.onnx", "cpu", model_bytes=model.SerializeToString(), info=info)
 
 
-def reduced_parity_inputs(settings: OnnxExportSettings, info: ArtifactInfo, noise: bool) -> InputSet:
-    """The inputs a converted (non-fp32) graph is judged on: at least 8 real images, at every declared shape."""
-    return parity_inputs(info, max(settings.parity_inputs, 8), noise, settings.parity_data)
+def precision_parity_inputs(precision: Precision, settings: OnnxExportSettings, info: ArtifactInfo) -> InputSet:
+    """The inputs an artifact of `precision` is judged on before it is written: --parity images (at least the
+    precision's minimum) and, where the precision asks, noise, at every shape the artifact declares."""
+    count = max(settings.parity_inputs, precision.min_parity_images)
+    return parity_inputs(info, count, precision.parity_on_noise, settings.parity_data)
 
 
 @dataclass
@@ -262,7 +261,7 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
                                     output.parent / ".vitseg-calibration-cache", progress, settings.parity_data)
         conversion = precision.convert(model, context)
         model, details = conversion.model, conversion.details
-        inputs = reduced_parity_inputs(settings, graph.info, precision.parity_on_noise)
+        inputs = precision_parity_inputs(precision, settings, graph.info)
         progress(f"checking {precision.name} parity against PyTorch at {_shapes_text(inputs)}")
         parity = self_parity(loaded, graph_candidate(model, graph.info), inputs, precision.name, int8)
     data = _embed(model, graph.info)
@@ -284,3 +283,35 @@ def _simplify(model: onnx.ModelProto, progress) -> onnx.ModelProto:
 
     progress("simplifying with onnxslim")
     return onnxslim.slim(model)
+
+
+def export_artifact(loaded: LoadedCheckpoint, output: Path, request: ExportRequest,
+                    progress: Callable[[str], None] = lambda m: None) -> ExportResult:
+    """The onnx format's exporter (formats.py): `export_onnx` with the request's ONNX and int8 settings."""
+    return export_onnx(loaded, output, request.onnx, progress=progress, int8=request.int8)
+
+
+def parity_lines(parity: dict | None) -> list[str]:
+    """What `vitseg export` prints about the self-parity check: the worst case, and the shapes it covered."""
+    if not parity:
+        return []
+    line = f"self-parity vs {parity.get('reference', 'PyTorch')} on {parity['images']} inputs: agreement " \
+           f"{parity['pixel_agreement'] * 100:.4f}%"
+    if parity["max_abs_logit_diff"] is not None:
+        line += f", max |logit diff| {parity['max_abs_logit_diff']:.2e}"
+    shapes = ", ".join(f"{s['batch']}x{s['height']}x{s['width']}" for s in parity.get("shapes", []))
+    consistency = parity.get("batch_consistency") or {}
+    if shapes:
+        line += f" (worst of shapes {shapes}"
+        line += f"; batch consistency {'pass' if consistency.get('passed') else 'FAILED'})" if consistency.get("images_compared") else ")"
+    return [line]
+
+
+def summary_lines(path: Path, manifest: ExportManifest) -> list[str]:
+    """What `vitseg export` prints about a written ONNX artifact."""
+    describe = get_precision(manifest.metadata["precision"]).describe
+    meta = manifest.metadata
+    lines = describe(manifest.precision_details or {}) if describe is not None else []
+    lines.append(f"wrote {path} ({manifest.size_bytes / 1e6:.2f} MB, opset {meta['opset']}, outputs "
+                 f"{', '.join(meta['outputs'])}) and {path.name}.json")
+    return lines + parity_lines(manifest.self_parity)

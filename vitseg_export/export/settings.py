@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitseg_export.parity import Thresholds
+from vitseg_export.precisions import get_precision
+
 OUTPUT_CHOICES = ("logits", "mask", "both")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = ("cpu", "trt")
@@ -36,11 +39,19 @@ class Int8Settings:
     calib_images: int = 32
     method: str = "minmax"
     target: str = "cpu"  # cpu: ONNX Runtime's integer kernels; trt: TensorRT's explicit quantization
-    min_agreement: float = 0.99
-    min_miou_vs_reference: float = 0.98
+    min_agreement: float | None = None  # None: the int8 preset's
+    min_miou_vs_reference: float | None = None  # None: the int8 preset's
     heldout: str | None = None  # None: the validation split of `calib` (disjoint from its calibration split)
     heldout_images: int = 32
     max_fallback: int = 64
+
+    def targets(self) -> Thresholds:
+        """The agreement and mIoU against the fp32 graph the int8 graph must reach: as set, else the int8
+        preset's (the one place they are read from)."""
+        preset = get_precision("int8").thresholds
+        return Thresholds(preset.min_agreement if self.min_agreement is None else self.min_agreement,
+                          preset.min_miou_vs_reference if self.min_miou_vs_reference is None else self.min_miou_vs_reference,
+                          None, None)
 
 
 @dataclass

@@ -19,40 +19,16 @@ from pathlib import Path
 from typing import Any, Callable, cast
 
 from vitseg_export import __version__
-from vitseg_export.artifact import ArtifactInfo, ExportManifest, read_artifact_info, write_artifact
-from vitseg_export.errors import BackendMissingError, ParityError, VitsegError
+from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
+from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.settings import EngineSettings, ExportRequest
 from vitseg_export.files import sha256_file
+from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import get_precision
+from vitseg_export.runners.tensorrt_runner import require_tensorrt
 
-__all__ = ["EngineSettings", "check_against_onnx", "check_against_pytorch", "engine_from_onnx", "export_engine",
-           "require_tensorrt", "tensorrt_availability"]
-
-
-def tensorrt_availability() -> tuple[bool, str, str]:
-    """(usable, TensorRT version or why not, how to fix) for building and running engines here."""
-    try:
-        import tensorrt as trt
-    except Exception as e:  # ImportError, or OSError from a bindings wheel without its libraries
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return False, f"TensorRT is not available here ({why})", \
-            "install TensorRT (pip install tensorrt, or JetPack on Jetson), or use --format onnx"
-    from vitseg_export.runners.cuda import CUDA_HINT, cuda_devices, runtime
-
-    try:
-        runtime()
-    except VitsegError:
-        return False, "the TensorRT path needs cuda-python for its buffers and streams", CUDA_HINT
-    if not cuda_devices():
-        return False, "TensorRT needs a CUDA GPU and the CUDA runtime sees none", "run on a machine with an NVIDIA GPU and driver"
-    return True, f"TensorRT {trt.__version__}", ""
-
-
-def require_tensorrt() -> None:
-    """TensorRT and a CUDA GPU, or one clear error (BackendMissingError, exit 2) before any other work."""
-    ok, detail, hint = tensorrt_availability()
-    if not ok:
-        raise BackendMissingError(detail, hint)
+__all__ = ["EngineSettings", "check_against_onnx", "check_against_pytorch", "engine_from_artifact", "engine_from_onnx",
+           "export_engine", "summary_lines"]
 
 
 def collecting_logger(trt: Any) -> Any:
@@ -240,11 +216,31 @@ def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: C
 def check_against_pytorch(engine: Path, loaded: Any, request: ExportRequest) -> dict:
     """The engine against PyTorch (the checkpoint it comes from) at every shape of its profile, batch
     consistency included, as every vitseg export is judged: the `self_parity` record; ParityError when it fails."""
-    from vitseg_export.export.onnx_export import parity_inputs, parity_record, reduced_parity_inputs, self_parity
+    from vitseg_export.export.onnx_export import parity_record, precision_parity_inputs, self_parity
     from vitseg_export.runners.tensorrt_runner import TensorRTRunner
 
     info = read_artifact_info(engine)
     precision = get_precision(info.precision)
-    inputs = (parity_inputs(info, request.onnx.parity_inputs, spec=request.onnx.parity_data) if precision.convert is None
-              else reduced_parity_inputs(request.onnx, info, precision.parity_on_noise))
+    inputs = precision_parity_inputs(precision, request.onnx, info)
     return parity_record(self_parity(loaded, TensorRTRunner(engine), inputs, precision.name, request.int8), inputs)
+
+
+def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
+    """The trt format's exporter from an existing vitseg ONNX artifact (formats.py): the engine, judged against
+    that ONNX on ONNX Runtime CPU at every shape of its profile."""
+    from vitseg_export.export.onnx_export import ExportResult
+
+    def check(engine: Path) -> dict:
+        return check_against_onnx(engine, Path(onnx_path), request.onnx.parity_data)
+
+    return ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress, check))
+
+
+def summary_lines(path: Path, manifest: ExportManifest) -> list[str]:
+    """What `vitseg export` prints about a written engine."""
+    from vitseg_export.export.onnx_export import parity_lines
+
+    x = manifest.extra
+    lines = [f"wrote {path} ({manifest.size_bytes / 1e6:.2f} MB, TensorRT {x['tensorrt_version']}, {x['gpu']} sm "
+             f"{x['compute_capability']}, {'strongly' if x['strongly_typed'] else 'weakly'} typed) and {path.name}.json"]
+    return lines + parity_lines(manifest.self_parity)

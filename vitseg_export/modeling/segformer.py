@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitseg_export.modeling.ops import batchnorm_affine, head_rows, keep_count, top_indices
 from vitseg_export.modeling.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -357,8 +358,6 @@ class FoldedSegformerDecodeHead(nn.Module):
     in eval mode."""
 
     def __init__(self, head: SegformerDecodeHead):
-        from vitseg_export.optimize import batchnorm_affine
-
         super().__init__()
         d = head.linear_fuse.out_channels
         n = len(head.linear_c)
@@ -404,8 +403,6 @@ def fold_segformer(model: SegformerForSemanticSegmentation) -> SegformerForSeman
 
 def _prune_attention_and_mlp(sd: dict, config: SegformerConfig, ratio: float, heads_on: bool, mlp_on: bool) -> list:
     """Remove whole heads and Mix-FFN channels (with their depthwise conv) per layer; returns the widths."""
-    from vitseg_export.pruning import head_rows, keep_count, top_indices
-
     widths = []
     for s, depth in enumerate(config.depths):
         hidden = config.hidden_sizes[s]
@@ -436,8 +433,6 @@ def _prune_attention_and_mlp(sd: dict, config: SegformerConfig, ratio: float, he
 
 def _prune_decoder_channels(sd: dict, config: SegformerConfig, ratio: float) -> int:
     """Remove decoder channels: per-stage projection outputs and the fuse conv / BatchNorm channels."""
-    from vitseg_export.pruning import keep_count, top_indices
-
     dd, n = config.decoder_dim, len(config.hidden_sizes)
     keep = keep_count(dd, ratio)
     fuse = sd["decode_head.linear_fuse.weight"][:, :, 0, 0]  # D x nD, input order [c4 .. c1]

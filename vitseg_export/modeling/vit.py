@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitseg_export.errors import VitsegError
+from vitseg_export.modeling.ops import batchnorm_affine, head_rows, keep_count, top_indices
 from vitseg_export.modeling.registry import (
     IDENTITY_MEAN,
     IDENTITY_STD,
@@ -270,8 +271,6 @@ def vit_state_dict_from_seed_article(state_dict: dict[str, torch.Tensor]) -> dic
 @torch.no_grad()
 def fold_vit_input_norm(model: VisionTransformerForSegmentation) -> VisionTransformerForSegmentation:
     """The eval-mode input BatchNorm is a per-channel affine map: fold it into the patch embedding."""
-    from vitseg_export.optimize import batchnorm_affine
-
     folded = copy.deepcopy(model).eval()
     if not isinstance(folded.input_norm, nn.BatchNorm2d):
         return folded
@@ -288,8 +287,6 @@ def fold_vit_input_norm(model: VisionTransformerForSegmentation) -> VisionTransf
 
 def prune_vit(sd: dict, config: ViTSegConfig, ratio: float, heads_on: bool, mlp_on: bool) -> ViTSegConfig:
     """Remove whole attention heads and MLP hidden channels by L1 importance, in `sd` (in place)."""
-    from vitseg_export.pruning import head_rows, keep_count, top_indices
-
     e = config.embed_dim
     d = e // config.num_heads
     widths = []

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 
 from vitseg_export.artifact import ArtifactInfo
 from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
+from vitseg_export.runners.torch_runner import torch_devices
 
 
 def session_options(threads: int | None = None, optimize: bool = True):
@@ -81,3 +84,11 @@ def graph_runner(model, size: tuple[int, int], num_classes: int, precision: str)
                         size, (0.0,) * 3, (1.0,) * 3, precision, None, [o.name for o in model.graph.output],
                         dynamic_batch=True, dynamic_size=False, source_sha256=None, vitseg_version="")
     return OnnxRuntimeRunner(f"{precision}-graph.onnx", "cpu", model_bytes=model.SerializeToString(), info=info)
+
+
+def onnxruntime_devices() -> list[str]:
+    """The devices the onnxruntime backend can use here: the CPU, and CUDA where its provider and a GPU are."""
+    if module_version("onnxruntime")[0] is None:
+        return []
+    providers = importlib.import_module("onnxruntime").get_available_providers()
+    return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in providers and "cuda" in torch_devices() else [])

@@ -11,6 +11,7 @@ import numpy as np
 from vitseg_export.artifact import ArtifactInfo, manifest_path, read_manifest, read_onnx_metadata
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.files import sha256_file
+from vitseg_export.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 
 OPENVINO_HINT = "pip install 'vitseg-export[openvino]'"
@@ -137,3 +138,10 @@ def read_openvino_info(path: Path) -> ArtifactInfo:
     except (ET.ParseError, OSError) as e:
         raise VitsegError(f"{path} is not a readable OpenVINO IR ({e})", "the file is damaged; export it again") from None
     return ArtifactInfo.from_metadata(path, "openvino", props)
+
+
+def openvino_devices() -> list[str]:
+    """The devices the openvino backend can use here (lower case), and "auto"."""
+    if module_version("openvino")[0] is None:
+        return []
+    return [d.split(".")[0].lower() for d in openvino_core().available_devices] + ["auto"]

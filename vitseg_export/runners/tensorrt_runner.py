@@ -7,10 +7,46 @@ from pathlib import Path
 
 import numpy as np
 
-from vitseg_export.artifact import read_artifact_info
-from vitseg_export.errors import VitsegError
+from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.formats import read_artifact_info
+from vitseg_export.probes import Availability
 from vitseg_export.runners.base import INPUT_NAME, Runner
-from vitseg_export.runners.cuda import DeviceBuffer, Stream
+from vitseg_export.runners.cuda import CUDA_HINT, DeviceBuffer, Stream, cuda_devices, runtime
+
+
+def tensorrt_availability() -> tuple[bool, str, str]:
+    """(usable, TensorRT version or why not, how to fix) for building and running engines here."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or OSError from a bindings wheel without its libraries
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return False, f"TensorRT is not available here ({why})", \
+            "install TensorRT (pip install tensorrt, or JetPack on Jetson), or use --format onnx"
+    try:
+        runtime()
+    except VitsegError:
+        return False, "the TensorRT path needs cuda-python for its buffers and streams", CUDA_HINT
+    if not cuda_devices():
+        return False, "TensorRT needs a CUDA GPU and the CUDA runtime sees none", "run on a machine with an NVIDIA GPU and driver"
+    return True, f"TensorRT {trt.__version__}", ""
+
+
+def require_tensorrt() -> None:
+    """TensorRT and a CUDA GPU, or one clear error (BackendMissingError, exit 2) before any other work."""
+    ok, detail, hint = tensorrt_availability()
+    if not ok:
+        raise BackendMissingError(detail, hint)
+
+
+def probe_tensorrt() -> Availability:
+    """The trt format's and tensorrt backend's probe."""
+    ok, detail, hint = tensorrt_availability()
+    return Availability(ok, detail, hint)
+
+
+def tensorrt_devices() -> list[str]:
+    """The devices the tensorrt backend can use here."""
+    return ["cuda"] if tensorrt_availability()[0] else []
 
 
 class TensorRTRunner(Runner):
@@ -29,8 +65,6 @@ class TensorRTRunner(Runner):
         self.path = path
 
     def activate_impl(self) -> None:
-        from vitseg_export.export.tensorrt_engine import require_tensorrt
-
         require_tensorrt()
         import tensorrt as trt  # typed against the 10.3 and 11.4 bindings by mypy
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import numpy as np
 
 from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.probes import module_version
 from vitseg_export.runners.base import Runner, require_module
 
 
@@ -73,3 +75,11 @@ class TorchRunner(Runner):
         self.torch.backends.cuda.matmul.allow_tf32, self.torch.backends.cudnn.allow_tf32 = self.saved_tf32
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
+
+
+def torch_devices() -> list[str]:
+    """The devices the torch backend can use here (none without torch)."""
+    if module_version("torch")[0] is None:
+        return []
+    torch = importlib.import_module("torch")
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
