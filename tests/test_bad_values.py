@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
-
 from clitools import NO_CLICK, error_lines, one_line, run_no_click, run_table
 from conftest import make_image_folder
+from PIL import Image
 
 INPUT = "one of this command's inputs"
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import NO_CLICK, one_line, run_no_click
 from PIL import Image
 
-from vitseg_export.images import load_rgb
 from vitseg_export.errors import CheckpointError, Terminated, VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes
+from vitseg_export.images import load_rgb
 
-from clitools import NO_CLICK, one_line, run_no_click
 
 def test_usage_errors_are_one_line_without_click(tmp_path):
     proc = run_no_click(tmp_path, "export", "--bogus")

@@ -183,6 +183,7 @@ def test_inference_precision_is_what_the_device_computes_in(capabilities, wanted
 
 def test_op_breakdown_compiles_an_ir_in_the_precision_it_runs_in(tmp_path, cli, monkeypatch):
     """The profiler's view of an IR must be the runner's: the precision its rt_info asks for, not always f32."""
+    from vitseg_export import profiling
     from vitseg_export.profiling import openvino_op_breakdown
     from vitseg_export.runners import openvino_runner
 
@@ -190,7 +191,7 @@ def test_op_breakdown_compiles_an_ir_in_the_precision_it_runs_in(tmp_path, cli, 
     assert r.exit_code == 0, r.stderr
     asked = []
     real = openvino_runner.inference_precision
-    monkeypatch.setattr(openvino_runner, "inference_precision",
+    monkeypatch.setattr(profiling, "inference_precision",
                         lambda core, device, wanted: asked.append(wanted) or real(core, device, wanted))
     ops = openvino_op_breakdown(tmp_path / "h.xml", np.zeros((1, 3, 64, 64), np.float32), runs=1, threads=1)
     assert asked == ["f16"] and ops and abs(sum(o["share"] for o in ops) - 1) < 1e-6

@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vitseg_export.artifact import DEFAULT_BATCH_SIZES, alternate_size
-from vitseg_export.formats import read_artifact_info
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export import onnx_export
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
+from vitseg_export.formats import read_artifact_info
 from vitseg_export.testing import assert_mask_parity
 from vitseg_export.verify import verify_artifact
 

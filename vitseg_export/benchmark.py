@@ -6,20 +6,22 @@ A failure in one cell is recorded in its status and does not stop the others."""
 from __future__ import annotations
 
 import copy
-import io
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from PIL import Image
-
-from vitseg_export.images import colorize
+from vitseg_export.benchmark_report import BenchmarkReport, BenchmarkRow, write_report_files
+from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
+from vitseg_export.comparator import compare, load_inputs
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_bytes, write_json
-from vitseg_export.formats import Format, get_format
+from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings
+from vitseg_export.formats import FORMATS, Format, get_format
 from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
+from vitseg_export.profiling import environment, profile
+from vitseg_export.pruning import prune_model
+from vitseg_export.runners import runner_for
+from vitseg_export.verify import report_from_comparison, write_report
 
 OVERLAY_IMAGES = 3
 
@@ -39,59 +41,6 @@ class BenchmarkSettings:
     calib: str = "synthetic"
     calib_images: int = 32
     prune_ratios: tuple[float, ...] = ()  # also benchmark structurally pruned copies (method "all", no fine-tuning)
-
-
-@dataclass
-class BenchmarkRow:
-    """One cell of the matrix (or the PyTorch reference). JSON form: the field names."""
-
-    name: str
-    format: str
-    precision: str
-    status: str = "pending"
-    path: str | None = None
-    size_mb: float | None = None
-    pixel_agreement: float | None = None
-    miou_vs_reference: float | None = None
-    miou_drop_vs_labels: float | None = None
-    miou_vs_labels: float | None = None
-    max_abs_logit_diff: float | None = None
-    latency_p50_ms: float | None = None
-    latency_p90_ms: float | None = None
-    speedup: float | None = None
-    gflops: float | None = None
-    params: int | None = None
-    rewrites: list[str] | None = None
-    int8_mac_share: float | None = None
-    fallback_layers: list[str] | None = None
-
-    def to_json(self) -> dict:
-        """The row as in benchmark.json."""
-        return asdict(self)
-
-    @property
-    def failed(self) -> bool:
-        """The cell has a failure status."""
-        return self.status.startswith("failed")
-
-
-@dataclass
-class BenchmarkReport:
-    checkpoint: str
-    architecture: str
-    image_size: list[int]
-    device: str
-    batch: int
-    rows: list[BenchmarkRow]
-    environment: dict
-
-    def to_json(self) -> dict:
-        """benchmark.json."""
-        return {**{k: v for k, v in asdict(self).items() if k != "rows"}, "rows": [r.to_json() for r in self.rows]}
-
-    def row(self, name: str) -> BenchmarkRow:
-        """The row called `name`."""
-        return next(r for r in self.rows if r.name == name)
 
 
 @dataclass
@@ -116,9 +65,6 @@ def _validate(settings: BenchmarkSettings) -> list[Format]:
 
 def _variants(checkpoint: str, loaded, output: Path, settings: BenchmarkSettings) -> list[_Variant]:
     """The checkpoint, plus a structurally pruned copy per ratio (method "all", saved under output/)."""
-    from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
-    from vitseg_export.pruning import prune_model
-
     variants = [_Variant("", checkpoint, loaded)]
     for ratio in settings.prune_ratios:
         pruned, _ = prune_model(loaded.model, loaded.meta.family, ratio, "all")
@@ -138,8 +84,6 @@ def _artifact_path(artifacts: Path, variant: _Variant, fmt: Format, precision: s
 
 def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings: BenchmarkSettings, artifacts: Path,
                  log: Callable[[str], None]) -> _Cell:
-    from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings
-
     row = BenchmarkRow(f"{fmt.name}-{precision}{variant.suffix}", fmt.name, precision)
     cell = _Cell(row)
     availability = fmt.probe()
@@ -171,10 +115,6 @@ def _verify_cells(variant: _Variant, cells: list[_Cell], settings: BenchmarkSett
                   overlay: dict | None, log: Callable[[str], None]) -> float | None:
     """One comparator loop: the variant's PyTorch reference once per batch against every exported cell.
     Returns the reference's mIoU vs labels (where the data has labels)."""
-    from vitseg_export.comparator import compare, load_inputs
-    from vitseg_export.runners import runner_for
-    from vitseg_export.verify import report_from_comparison, write_report
-
     live = [c for c in cells if c.path is not None]
     inputs = load_inputs(settings.verify_data, "val", settings.verify_images, size)
     log(f"verifying {len(live)} artifacts{variant.suffix} on {len(inputs)} held-out images in one pass")
@@ -242,8 +182,6 @@ def _fill_parity(row: BenchmarkRow, report) -> None:
 
 
 def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSettings, log: Callable[[str], None]) -> None:
-    from vitseg_export.profiling import profile
-
     for cell in cells:
         if cell.path is None or (cell.row.failed and cell.row.pixel_agreement is None):
             continue
@@ -266,14 +204,10 @@ def _mark_slower_than_fp32(rows: list[BenchmarkRow]) -> None:
 
 def available_formats() -> tuple[str, ...]:
     """The formats this machine can make (their probes pass): the benchmark's and the demo's default."""
-    from vitseg_export.formats import FORMATS
-
     return tuple(name for name, fmt in FORMATS.items() if fmt.probe().ok)
 
 
 def _reference_row(checkpoint: str, loaded, size, settings: BenchmarkSettings, log) -> BenchmarkRow:
-    from vitseg_export.profiling import profile
-
     log(f"profiling PyTorch eager fp32 ({loaded.meta.architecture}, {size[0]}x{size[1]})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -289,9 +223,6 @@ def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
     """Export, verify and profile every format x precision of `checkpoint` (and its pruned copies); write
     the report files under `output`. Raises VitsegError for unknown formats/precisions or checkpoints;
     a failing cell is recorded in its row."""
-    from vitseg_export.checkpoint import load_checkpoint
-    from vitseg_export.profiling import environment
-
     formats = _validate(settings)
     loaded = load_checkpoint(checkpoint)
     size = tuple(settings.image_size or loaded.meta.image_size)
@@ -311,77 +242,5 @@ def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
         rows += [c.row for c in cells]
     report = BenchmarkReport(checkpoint, loaded.meta.architecture, list(size), settings.device, 1, rows,
                              environment(settings.threads))
-    _write(report, output, overlay)
+    write_report_files(report, output, overlay)
     return report
-
-
-def _write(report: BenchmarkReport, output: Path, overlay: dict) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "benchmark.json", report.to_json())
-    atomic_write_bytes(output / "benchmark.md", markdown_table(report).encode())
-    _pareto_plot(report, output / "pareto.png")
-    if overlay:
-        _overlay_grid(overlay, output / "overlays.png")
-
-
-def _fmt(value, pattern: str) -> str:
-    return "-" if value is None else pattern.format(value)
-
-
-def markdown_table(report: BenchmarkReport) -> str:
-    """benchmark.md: one row per artifact, with the machine it was measured on."""
-    env = report.environment
-    lines = [f"# {report.architecture} at {report.image_size[0]}x{report.image_size[1]}, batch 1, "
-             f"{report.device} ({env['cpu']['model']}, {env['cpu']['cores']} cores)", "",
-             "| artifact | status | size | agreement | mIoU vs ref | mIoU drop vs labels | p50 latency | speedup | GFLOPs |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in report.rows:
-        lines.append(
-            f"| {r.name} | {r.status} | {_fmt(r.size_mb, '{:.2f} MB')} "
-            f"| {_fmt(None if r.pixel_agreement is None else r.pixel_agreement * 100, '{:.3f}%')} "
-            f"| {_fmt(None if r.miou_vs_reference is None else r.miou_vs_reference * 100, '{:.2f}')} "
-            f"| {_fmt(None if r.miou_drop_vs_labels is None else r.miou_drop_vs_labels * 100, '{:+.2f} pt')} "
-            f"| {_fmt(r.latency_p50_ms, '{:.2f} ms')} | {_fmt(r.speedup, '{:.2f}x')} | {_fmt(r.gflops, '{:.2f}')} |")
-    return "\n".join(lines) + "\n"
-
-
-def _pareto_plot(report: BenchmarkReport, path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    for r in report.rows:
-        if r.latency_p50_ms is None or r.pixel_agreement is None:
-            continue
-        ax.scatter(r.latency_p50_ms, r.pixel_agreement * 100, s=40)
-        ax.annotate(r.name, (r.latency_p50_ms, r.pixel_agreement * 100), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("p50 latency, batch 1 (ms)")
-    ax.set_ylabel("pixel agreement with PyTorch fp32 (%)")
-    ax.set_title(f"{report.architecture} {report.image_size[0]}x{report.image_size[1]} on {report.device}")
-    ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _overlay_grid(overlay: dict, path: Path) -> None:
-    """One row per image: input, reference mask, then each artifact's mask (collected in the verify loop)."""
-    from PIL import ImageDraw
-
-    images = overlay.pop("input")
-    titles = ["input"] + [name for name, masks in overlay.items() if len(masks) == len(images)]
-    columns = [np.stack([(p.transpose(1, 2, 0) * 255).round().astype(np.uint8) for p in images])]
-    columns += [colorize(np.stack(masks)) for masks in overlay.values() if len(masks) == len(images)]
-    grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
-    width = max(grid.shape[1] // len(titles), 1)
-    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + 28), "white")
-    canvas.paste(Image.fromarray(grid), (0, 28))
-    draw = ImageDraw.Draw(canvas)
-    for i, title in enumerate(titles):  # column titles, two lines so long names fit narrow columns
-        half = len(title) // 2 if len(title) * 6 > width else len(title)
-        draw.text((i * width + 2, 2), title[:half], fill="black")
-        draw.text((i * width + 2, 14), title[half:], fill="black")
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
 from vitseg_export import __version__
@@ -113,9 +115,6 @@ class LoadedCheckpoint:
 # ---- reading ------------------------------------------------------------------------------------
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path} cannot be read (permission denied)", "fix the file's permissions") from None
     try:
@@ -323,8 +322,6 @@ def init_from_foreign(arch: Architecture, path: Path, num_classes: int | None = 
 def save_checkpoint(model: nn.Module, meta: CheckpointMeta, run_dir: Path) -> Path:
     """Write model.safetensors + config.json into run_dir as one group (all or nothing, config last), so an
     interruption never leaves new weights beside an old config or a config without its weights."""
-    from safetensors.torch import save
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_group({run_dir / WEIGHTS_FILE: save(state, metadata={"format": "pt"}),
                         run_dir / CONFIG_FILE: json_bytes(meta.to_json())})

@@ -23,7 +23,8 @@ from typing import Callable, Mapping
 import numpy as np
 from PIL import Image
 
-from vitseg_export.errors import VitsegError
+from vitseg_export.data.sources import open_source
+from vitseg_export.errors import DataError, VitsegError
 from vitseg_export.images import pixels_from_image
 from vitseg_export.parity import ConsistencyAccumulator, ParityAccumulator, ParitySummary, Thresholds, judge, worst_case
 from vitseg_export.runners.base import Runner, mask_of
@@ -116,9 +117,6 @@ class InputSet:
 def load_inputs(spec: str, split: str, count: int, size: Size, batch_sizes: tuple[int, ...] = (1,)) -> InputSet:
     """Up to `count` images of a data spec's split, preprocessed to `size` as every backend sees them, with
     labels (resized nearest) where the source has masks. Raises DataError for a spec without images."""
-    from vitseg_export.data.sources import open_source
-    from vitseg_export.errors import DataError
-
     source = open_source(spec, split)
     n = min(count, len(source))
     if n == 0:

@@ -3,8 +3,16 @@ formats and precisions are available. Torch-free at import; every probe reports 
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+
+from vitseg_export.formats import FORMATS
+from vitseg_export.probes import module_version
+from vitseg_export.runners import BACKENDS
+from vitseg_export.tables import lazy_module
+
+torch = lazy_module("torch")
 
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 # bf16 arithmetic: OpenVINO int8 IRs compute their float part in bf16 where the CPU has these
@@ -21,8 +29,6 @@ def cpu_info() -> dict:
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags") and ":" in line:
                 flags = set(line.split(":", 1)[1].split())
-    import os
-
     return {"model": model, "cores": os.cpu_count(), "int8_features": {f: f in flags for f in INT8_CPU_FLAGS},
             "bf16_features": {f: f in flags for f in BF16_CPU_FLAGS}}
 
@@ -31,7 +37,6 @@ def _cuda(torch_ok: bool) -> dict:
     cuda: dict = {"available": False, "devices": []}
     if not torch_ok:
         return cuda
-    import torch
 
     cuda["available"] = torch.cuda.is_available()
     cuda["build"] = torch.version.cuda
@@ -45,10 +50,6 @@ def _cuda(torch_ok: bool) -> dict:
 def probe() -> dict:
     """What this machine has and can do: every row of the backend and format tables probed, CUDA, CPU int8
     features, and notes on what follows from them. JSON-ready."""
-    from vitseg_export.formats import FORMATS
-    from vitseg_export.probes import module_version
-    from vitseg_export.runners import BACKENDS
-
     report: dict = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_info()}
     torch_version, torch_error = module_version("torch")
     report["torch"] = {"version": torch_version, "error": torch_error}

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from vitseg_export.errors import VitsegError
+
 # Temp files and backups that exist right now (registered before they are created), so that whatever
 # interrupts a write, `remove_temp_files` (the CLI's last step) finds every one of them.
 _LIVE_TEMPS: set[Path] = set()
@@ -209,8 +211,6 @@ def sha256_file(path: Path) -> str:
 def check_output_file(path: Path, what: str = "output") -> None:
     """Before any heavy work: `path` must not be a directory and its directory must be creatable and
     writable. Raises VitsegError (one line) otherwise."""
-    from vitseg_export.errors import VitsegError
-
     path = Path(path)
     if path.is_dir():
         raise VitsegError(f"{what} {path} is a directory", "pass a file path, e.g. model.onnx")
@@ -219,8 +219,6 @@ def check_output_file(path: Path, what: str = "output") -> None:
 
 def check_output_dir(directory: Path, what: str = "output") -> None:
     """Before any heavy work: `directory` must be (or be creatable as) a writable directory."""
-    from vitseg_export.errors import VitsegError
-
     directory = Path(directory)
     existing = next((p for p in [directory, *directory.parents] if p.exists()), Path("."))
     if not existing.is_dir():
@@ -263,8 +261,6 @@ def check_outputs_spare_inputs(outputs: Mapping[str, Path | Iterable[Path]], fil
     compared after resolving symlinks (and hard links): `outputs` maps an option name to the path(s) it writes;
     `files` are the files the command reads (a directory stands for its existing entries); `folders` are
     directories read as a whole (data folders), inside which nothing may be written."""
-    from vitseg_export.errors import VitsegError
-
     hint = "write it somewhere else: vitseg never writes over what it reads"
     protected = _protected(files, folders)
     for option, paths in outputs.items():

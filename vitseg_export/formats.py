@@ -90,18 +90,18 @@ def read_artifact_info(path: str | Path) -> ArtifactInfo:
 register_format(Format(
     "onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.onnx_export:export_artifact"), read_info=lazy("vitseg_export.artifact:read_onnx_info"),
-    probe=lazy("vitseg_export.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:summary_lines"),
+    probe=lazy("vitseg_export.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:onnx_summary"),
     int8_target="cpu"))
 register_format(Format(
     "trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)", "tensorrt",
     tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),
     read_info=lazy("vitseg_export.artifact:read_manifest_info"),
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
-    summary=lazy("vitseg_export.export.tensorrt_engine:summary_lines"), int8_target="trt",
+    summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_onnx=lazy("vitseg_export.export.tensorrt_engine:engine_from_artifact"), onnx_beside=True))
 register_format(Format(
     "openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.openvino_export:export_openvino"),
     read_info=lazy("vitseg_export.runners.openvino_runner:read_openvino_info"),
     probe=lazy("vitseg_export.probes:probe_openvino_export"),
-    summary=lazy("vitseg_export.export.openvino_export:summary_lines"), static_by_default=True, sidecars=(".bin",)))
+    summary=lazy("vitseg_export.export.openvino_export:ir_summary"), static_by_default=True, sidecars=(".bin",)))

@@ -105,19 +105,19 @@ register_precision(Precision(
 register_precision(Precision(
     "fp16", Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
                        max_mean_abs_logit_diff=0.05),
-    convert=lazy("vitseg_export.export.fp16:convert"), trt_weak_flags=("FP16",), parity_on_noise=False,
+    convert=lazy("vitseg_export.export.fp16:fp16_conversion"), trt_weak_flags=("FP16",), parity_on_noise=False,
     needs_logits=False, description="fp16 weights and activations with fp32 islands", min_parity_images=8,
     openvino_compress_to_fp16=True, openvino_inference_precision="f16",
-    describe=lazy("vitseg_export.export.fp16:describe")))
+    describe=lazy("vitseg_export.export.fp16:describe_fp16")))
 register_precision(Precision(
     "int8", Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
                        max_mean_abs_logit_diff=None),
-    convert=lazy("vitseg_export.export.int8:convert"), trt_weak_flags=("FP16", "INT8"), parity_on_noise=False,
+    convert=lazy("vitseg_export.export.int8:int8_conversion"), trt_weak_flags=("FP16", "INT8"), parity_on_noise=False,
     needs_logits=True, description="calibrated int8 Q/DQ with sensitivity-driven float fallback", min_parity_images=8,
     calibrated=True, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",
     # int8 IRs compute their float part in bf16 where the CPU has it, as TensorRT's int8 graphs are fp16 there
     openvino_inference_precision="bf16", openvino_quantize=lazy("vitseg_export.export.openvino_export:quantize_ir"),
-    describe=lazy("vitseg_export.export.int8:describe")))
+    describe=lazy("vitseg_export.export.fallback:describe_int8")))
 
 
 def thresholds_for(precision: str, **overrides: float | None) -> Thresholds:

@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vitseg_export.files import atomic_write_group
 from vitseg_export.formats import is_artifact
 from vitseg_export.images import colorize, image_size, load_rgb, pixels_from_image
-from vitseg_export.files import atomic_write_group
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.base import mask_of
 

@@ -7,15 +7,34 @@ CUDA runners synchronize inside `infer` (outputs come back as numpy), so wall-cl
 from __future__ import annotations
 
 import importlib
+import json
 import platform
 import resource
+import shutil
+import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vitseg_export.doctor import cpu_info
+from vitseg_export.formats import format_for_path
+from vitseg_export.probes import module_version
+from vitseg_export.runners import runner_for
 from vitseg_export.runners.base import Runner
+from vitseg_export.runners.onnxruntime_runner import session_options
+from vitseg_export.runners.openvino_runner import inference_precision, openvino_core, read_openvino_info
+from vitseg_export.tables import lazy_module
+
+# Heavy or optional, imported when first used: profiling an artifact needs neither torch nor onnx.
+torch = lazy_module("torch")
+onnx = lazy_module("onnx")
+ort = lazy_module("onnxruntime")
+int8 = lazy_module("vitseg_export.export.int8")  # node_macs (needs onnx)
+registry = lazy_module("vitseg_export.modeling.registry")  # count_parameters (needs torch)
+flop_counter = lazy_module("torch.utils.flop_counter")
 
 
 def measure_latency(runner: Runner, pixels: np.ndarray, warmup: int = 5, iters: int = 20) -> dict:
@@ -41,22 +60,15 @@ def peak_rss_mb() -> float:
 
 def environment(threads: int | None = None) -> dict:
     """Where figures were measured: CPU (with int8 flags), threads, library versions, GPU and Jetson power mode."""
-    from vitseg_export.doctor import cpu_info
-
     env = {"cpu": cpu_info(), "threads": threads, "python": platform.python_version(), "platform": platform.platform()}
     for lib in ("numpy", "onnxruntime", "onnx", "torch", "tensorrt"):
         try:
             env[f"{lib}_version"] = importlib.import_module(lib).__version__
         except Exception:
             env[f"{lib}_version"] = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            env["gpu"] = {"name": p.name, "compute_capability": f"{p.major}.{p.minor}"}
-    except ImportError:
-        pass
+    if env["torch_version"] is not None and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = {"name": p.name, "compute_capability": f"{p.major}.{p.minor}"}
     jetson = Path("/etc/nv_tegra_release")
     if jetson.is_file():
         env["jetson"] = {"release": jetson.read_text().strip()[:200], **_jetson_power()}
@@ -65,9 +77,6 @@ def environment(threads: int | None = None) -> dict:
 
 def _jetson_power() -> dict:
     """Power mode (nvpmodel -q) and clocks (jetson_clocks --show) when readable: latency depends on them."""
-    import shutil
-    import subprocess
-
     out = {}
     for key, cmd in (("power_mode", ["nvpmodel", "-q"]), ("clocks", ["jetson_clocks", "--show"])):
         if shutil.which(cmd[0]):
@@ -81,13 +90,6 @@ def _jetson_power() -> dict:
 def onnx_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads: int | None = None) -> list[dict]:
     """Where an ONNX artifact spends its time: onnxruntime's own profiler, summed per op type over
     `runs` inferences, sorted by share (its trace file goes to a temp dir that is removed)."""
-    import json
-    import tempfile
-
-    import onnxruntime as ort
-
-    from vitseg_export.runners.onnxruntime_runner import session_options
-
     opts = session_options(threads)
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="vitseg-ort-profile-") as tmp:
@@ -111,8 +113,6 @@ def openvino_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads
     """Where OpenVINO spends its time on an IR or ONNX file (CPU): its per-layer performance counters,
     summed per layer type and kernel (e.g. "MatMul/brgemm_avx2_I8"), sorted by share. An IR is compiled with
     the inference precision it runs in (its rt_info, as the runner does); an ONNX file in f32."""
-    from vitseg_export.runners.openvino_runner import inference_precision, openvino_core, read_openvino_info
-
     core = openvino_core()
     wanted = "f32"
     if Path(path).suffix == ".xml":
@@ -134,11 +134,7 @@ def openvino_op_breakdown(path: Path, pixels: np.ndarray, runs: int = 5, threads
 
 def onnx_compute(path: Path, size: tuple[int, int]) -> dict:
     """Parameters and executed GFLOPs (2 x MACs of Conv/MatMul/Gemm) per image of an ONNX artifact."""
-    try:
-        import onnx
-
-        from vitseg_export.export.int8 import node_macs
-    except ImportError:
+    if module_version("onnx")[0] is None:  # the edge install: latency without the compute figures
         return {"params": None, "gflops": None}
     model = onnx.load(str(path))
     params = sum(int(np.prod(i.dims)) for i in model.graph.initializer
@@ -146,20 +142,15 @@ def onnx_compute(path: Path, size: tuple[int, int]) -> dict:
     pixels = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
     if model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
         pixels = pixels.astype(np.float16)
-    return {"params": params, "gflops": 2 * sum(node_macs(model, pixels).values()) / 1e9}
+    return {"params": params, "gflops": 2 * sum(int8.node_macs(model, pixels).values()) / 1e9}
 
 
 def torch_compute(runner: Runner, size: tuple[int, int]) -> dict:
     """Parameters and GFLOPs per image of a torch runner's model (torch's FlopCounterMode)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from vitseg_export.modeling.registry import count_parameters
-
     segmenter = runner.segmenter  # type: ignore[attr-defined]
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), flop_counter.FlopCounterMode(display=False) as counter:
         segmenter(torch.rand(1, 3, *size, device=runner.device))
-    return {"params": count_parameters(segmenter), "gflops": counter.get_total_flops() / 1e9}
+    return {"params": registry.count_parameters(segmenter), "gflops": counter.get_total_flops() / 1e9}
 
 
 @dataclass
@@ -197,14 +188,10 @@ def _profile_batch(runner: Runner, batch: int, size: tuple[int, int], warmup: in
     pixels = np.random.default_rng(0).random((batch, 3, *size), dtype=np.float32)
     torch_cuda = runner.device == "cuda" and runner.backend == "torch"
     if torch_cuda:
-        import torch
-
         torch.cuda.reset_peak_memory_stats()
     row = measure_latency(runner, pixels, warmup, iters)
     cuda_peak = None
     if torch_cuda:
-        import torch
-
         cuda_peak = torch.cuda.max_memory_allocated() / 2**20
     row.update(peak_rss_mb=peak_rss_mb(), peak_cuda_mb=cuda_peak)
     if gflops:
@@ -219,9 +206,6 @@ def profile(model: str | Path, batches: list[int], device: str = "cpu", threads:
     `model` is an artifact (its format's backend, or `backend`) or a checkpoint (PyTorch eager); `threads`
     applies while profiling only; `autocast` runs checkpoints under CUDA fp16 autocast (artifacts run at the
     precision they were exported in). Raises VitsegError/BackendMissingError when it cannot run here."""
-    from vitseg_export.formats import format_for_path
-    from vitseg_export.runners import runner_for
-
     path = Path(str(model))
     options: dict = {"threads": threads} if threads else {}
     if autocast and (backend or ("torch" if format_for_path(path) is None else None)) == "torch":

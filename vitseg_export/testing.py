@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vitseg_export.formats import read_artifact_info
+from vitseg_export.precisions import thresholds_for
+from vitseg_export.verify import verify_artifact
+
 
 def assert_mask_parity(artifact: str | Path, reference: str, data: str = "synthetic", num_images: int = 8,
                        device: str = "cpu", batch_sizes: tuple[int, ...] | None = None,
@@ -20,10 +24,6 @@ def assert_mask_parity(artifact: str | Path, reference: str, data: str = "synthe
     (`batch_sizes`/`sizes` as `vitseg verify --batch-sizes/--sizes`), batch consistency included; raise
     AssertionError naming the failing shape and every failed check, else return the report's JSON form.
     Thresholds default to the precision's preset."""
-    from vitseg_export.formats import read_artifact_info
-    from vitseg_export.precisions import thresholds_for
-    from vitseg_export.verify import verify_artifact
-
     artifact = Path(artifact)
     thresholds = thresholds_for(read_artifact_info(artifact).precision, **threshold_overrides)
     result = verify_artifact(artifact, reference, data, num_images, device, thresholds, batch_sizes=batch_sizes,

@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vitseg_export.checkpoint import CheckpointMeta, LoadedCheckpoint, save_checkpoint
-from vitseg_export.files import write_json
+from vitseg_export.checkpoint import (
+    CheckpointMeta,
+    LoadedCheckpoint,
+    init_from_foreign,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vitseg_export.data.sources import IGNORE_INDEX, open_source
 from vitseg_export.data.transforms import SegmentationDataset
 from vitseg_export.errors import DataError, VitsegError
+from vitseg_export.files import write_json
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import Segmenter, TrainingRecipe
 
@@ -266,9 +273,6 @@ def training_start(model: str | None, init: str | None, data: str, seed: int = 0
     Face checkpoint (`init`), or foreign weights (`init` a bare weights file, `model` saying what to
     build). The classifier follows the data's class count (re-initialized, with a warning, when it differs).
     Raises VitsegError/CheckpointError for what cannot be started from."""
-    import warnings
-
-    from vitseg_export.checkpoint import CheckpointMeta, init_from_foreign, load_checkpoint
 
     if model is None and init is None:
         raise VitsegError("nothing to train", "pass --model ARCH (see `vitseg models`) or --init CHECKPOINT")

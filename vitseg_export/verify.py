@@ -15,13 +15,15 @@ import numpy as np
 from PIL import Image
 
 from vitseg_export.artifact import ArtifactInfo
-from vitseg_export.formats import read_artifact_info
-from vitseg_export.images import colorize
-from vitseg_export.comparator import Comparison, ShapeVerdict
+from vitseg_export.checkpoint import load_checkpoint
+from vitseg_export.comparator import Comparison, ShapeVerdict, compare, load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes, write_json
+from vitseg_export.formats import read_artifact_info
+from vitseg_export.images import colorize
 from vitseg_export.parity import ParitySummary, Thresholds, thresholds_dict
 from vitseg_export.precisions import get_precision, thresholds_for
+from vitseg_export.runners import runner_for
 
 
 @dataclass
@@ -87,10 +89,6 @@ def verify_artifact(
     `batch_sizes` and `sizes` choose them for dynamic artifacts), with batch consistency. Returns the report
     (passed or not); raises VitsegError for a mismatched reference, a data spec without images, a shape the
     artifact does not accept or a backend that cannot run here."""
-    from vitseg_export.checkpoint import load_checkpoint
-    from vitseg_export.comparator import compare, load_inputs
-    from vitseg_export.runners import runner_for
-
     info = read_artifact_info(artifact)
     shapes = info.declared_shapes(batch_sizes, sizes)
     loaded = load_checkpoint(reference)

@@ -23,9 +23,9 @@ from vitseg_export.cli import prune as prune_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
-from vitseg_export.images import max_image_pixels
 from vitseg_export.errors import Terminated, VitsegError
 from vitseg_export.files import remove_temp_files
+from vitseg_export.images import max_image_pixels
 
 app = typer.Typer(
     name="vitseg",

@@ -12,8 +12,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.text import Text
 
-from vitseg_export.artifact import MAX_INPUT_PIXELS, MAX_INPUT_SIDE
-from vitseg_export.files import json_bytes
+from vitseg_export.artifact import MAX_INPUT_PIXELS, MAX_INPUT_SIDE, MIN_INPUT_SIDE
+from vitseg_export.data.sources import data_folder
+from vitseg_export.errors import VitsegError
+from vitseg_export.files import check_outputs_spare_inputs, json_bytes
+from vitseg_export.formats import artifact_files
 
 # Results on stdout, progress and logs on stderr.
 console = Console()
@@ -55,8 +58,6 @@ def print_json(data: Any) -> None:
 def parse_size(text: str, option: str = "--image-size") -> tuple[int, int]:
     """'512' -> (512, 512); '384x512' -> (384, 512) as (H, W); VitsegError for anything else, and for sizes no
     model runs at (over MAX_INPUT_SIDE per side or MAX_INPUT_PIXELS in all: refused before anything is allocated)."""
-    from vitseg_export.errors import VitsegError
-
     parts = text.lower().split("x")
     try:
         values = [int(p) for p in parts]
@@ -70,8 +71,6 @@ def parse_size(text: str, option: str = "--image-size") -> tuple[int, int]:
 
 def check_size(height: int, width: int, option: str = "--image-size") -> None:
     """VitsegError for an input size larger than vitseg runs a model at."""
-    from vitseg_export.errors import VitsegError
-
     if max(height, width) > MAX_INPUT_SIDE or height * width > MAX_INPUT_PIXELS:
         raise VitsegError(f"{option} {height}x{width} is larger than vitseg runs a model at",
                           f"use at most {MAX_INPUT_SIDE} per side and {MAX_INPUT_PIXELS:,} pixels")
@@ -79,8 +78,6 @@ def check_size(height: int, width: int, option: str = "--image-size") -> None:
 
 def square_size(value: Any) -> Any:
     """A typer callback for a square training size: MIN_INPUT_SIDE..MAX_INPUT_SIDE."""
-    from vitseg_export.artifact import MIN_INPUT_SIDE
-
     if value is not None and not MIN_INPUT_SIDE <= value <= MAX_INPUT_SIDE:
         raise typer.BadParameter(f"{value} is not a size in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}")
     return value
@@ -97,10 +94,6 @@ def spare_inputs(outputs: dict, models: Iterable[str | Path] = (), data: Iterabl
     """The output rule before any work (files.check_outputs_spare_inputs): `outputs` may not be, contain or sit
     inside the command's inputs: `models` (artifacts with their sidecars and manifests, checkpoint files and
     directories; architecture names have none), the folders of `data` specs, other `files` (images)."""
-    from vitseg_export.data.sources import data_folder
-    from vitseg_export.files import check_outputs_spare_inputs
-    from vitseg_export.formats import artifact_files
-
     read = [f for m in models for f in artifact_files(Path(m)) if f.exists()] + [Path(f) for f in files]
     folders = [f for f in (data_folder(spec) for spec in data if spec) if f is not None]
     check_outputs_spare_inputs({k: v for k, v in outputs.items() if v is not None}, read, folders)
@@ -111,8 +104,6 @@ MAX_BATCH = 1024  # the largest batch size profile and verify run (a larger one 
 
 def parse_ints(text: str, option: str, maximum: int = MAX_BATCH) -> list[int]:
     """'1,4,8' -> [1, 4, 8]: integers in 1..maximum, comma-separated (VitsegError naming `option` otherwise)."""
-    from vitseg_export.errors import VitsegError
-
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:

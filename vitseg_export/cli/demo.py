@@ -13,6 +13,18 @@ import typer
 from rich.text import Text
 
 from vitseg_export.cli.common import console, err_console, log, square_size
+from vitseg_export.cli.profile import print_benchmark_table
+from vitseg_export.cli.train import train as train_command
+from vitseg_export.data.sources import open_source
+from vitseg_export.errors import ParityError
+from vitseg_export.files import atomic_write_bytes, check_output_dir
+from vitseg_export.predict import predict_images
+from vitseg_export.tables import lazy_module
+
+# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
+# on an artifact runs without torch.
+benchmark = lazy_module("vitseg_export.benchmark")
+registry = lazy_module("vitseg_export.modeling.registry")
 
 
 def demo(
@@ -25,28 +37,20 @@ def demo(
     precisions: Annotated[str, typer.Option("--precisions", help="Comma-separated precisions to export.")] = "fp32,fp16,int8",
 ) -> None:
     """Train -> export (fp32, fp16, int8) -> verify -> profile -> predict, on CPU in a few minutes."""
-    from vitseg_export.benchmark import BenchmarkSettings, available_formats, run_benchmark
-    from vitseg_export.cli.profile import print_benchmark_table
-    from vitseg_export.cli.train import train as train_command
-    from vitseg_export.data.sources import open_source
-    from vitseg_export.errors import ParityError
-    from vitseg_export.files import atomic_write_bytes, check_output_dir
-    from vitseg_export.modeling.registry import get_architecture, get_family
-    from vitseg_export.predict import predict_images
 
     check_output_dir(output, "--output")
-    arch = get_architecture(model)
-    size = get_family(arch.family).fixed_input_size(arch.config) or image_size
+    arch = registry.get_architecture(model)
+    size = registry.get_family(arch.family).fixed_input_size(arch.config) or image_size
     run_dir = output / "run"
     err_console.rule(Text(f"1/3 train {model} on synthetic[:{train_images}] ({epochs} epochs, {size}px)"))
     train_command(output=run_dir, model=model, data=f"synthetic[:{train_images}]", epochs=epochs, image_size=size,
                   batch_size=16, init=None, lr=None, workers=1, seed=0)
 
-    err_console.rule(Text(f"2/3 export {precisions} to {', '.join(available_formats())}, verify each against PyTorch, profile"))
-    settings = BenchmarkSettings(formats=available_formats(), precisions=tuple(p.strip() for p in precisions.split(",")),
+    err_console.rule(Text(f"2/3 export {precisions} to {', '.join(benchmark.available_formats())}, verify each against PyTorch, profile"))
+    settings = benchmark.BenchmarkSettings(formats=benchmark.available_formats(), precisions=tuple(p.strip() for p in precisions.split(",")),
                                  image_size=(size, size),
                                  verify_images=verify_images)
-    report = run_benchmark(str(run_dir), output, settings, log=log)
+    report = benchmark.run_benchmark(str(run_dir), output, settings, log=log)
 
     err_console.rule("3/3 predict")
     samples, predictions = output / "samples", output / "predictions"

@@ -6,13 +6,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitseg_export.cli.common import JsonFlag, console, print_json
+from vitseg_export.doctor import probe
 
 
 def doctor(json_output: JsonFlag = False) -> None:
     """Print the CPU and its int8 features, torch/CUDA, every backend and format (with what it needs), and
     therefore what this machine can export and run."""
-    from vitseg_export.doctor import probe
-
     r = probe()
     if json_output:
         print_json(r)

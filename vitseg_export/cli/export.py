@@ -8,10 +8,29 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitseg_export.cli.common import FRACTION, POSITIVE, JsonFlag, console, log, parse_size, print_json, spare_inputs, status
+from vitseg_export.cli.common import (
+    FRACTION,
+    POSITIVE,
+    JsonFlag,
+    console,
+    log,
+    parse_size,
+    print_json,
+    spare_inputs,
+    status,
+)
+from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
-from vitseg_export.formats import FORMATS
-from vitseg_export.precisions import PRECISIONS
+from vitseg_export.export.settings import EngineSettings, ExportRequest, Int8Settings, OnnxExportSettings
+from vitseg_export.files import check_output_file
+from vitseg_export.formats import FORMATS, get_format
+from vitseg_export.precisions import PRECISIONS, get_precision
+from vitseg_export.tables import lazy_module
+
+# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
+# on an artifact runs without torch.
+checkpoints = lazy_module("vitseg_export.checkpoint")
+trt_lint = lazy_module("vitseg_export.export.trt_lint")
 
 
 def default_artifact_path(checkpoint: str, architecture: str, precision: str, suffix: str = ".onnx") -> Path:
@@ -55,10 +74,6 @@ def export(
 ) -> None:
     """Export a checkpoint (or, for formats that build on one, an ONNX artifact); refuses to write a graph
     whose outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
-    from vitseg_export.export.settings import EngineSettings, ExportRequest, OnnxExportSettings
-    from vitseg_export.formats import get_format
-    from vitseg_export.precisions import get_precision
-
     fmt = get_format(format)
     get_precision(precision)
     fmt.require()  # a missing backend says so before any other work
@@ -84,8 +99,6 @@ def export(
 
 
 def _int8_settings(calib: str, images: int, method: str, target: str, min_agreement: Optional[float], heldout: Optional[str]):
-    from vitseg_export.export.settings import Int8Settings
-
     return Int8Settings(calib=calib, calib_images=images, method=method, target=target, heldout=heldout,
                         min_agreement=min_agreement)
 
@@ -93,8 +106,6 @@ def _int8_settings(calib: str, images: int, method: str, target: str, min_agreem
 def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
     """(artifact path, ExportResult): from an ONNX artifact where the format builds on one, else from the checkpoint.
     The output path and the data specs are checked before any heavy work."""
-    from vitseg_export.files import check_output_file
-
     if output is not None:
         check_output_file(output, "--output")
         _spare_inputs(fmt, checkpoint, output, request)
@@ -107,10 +118,8 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
         _spare_inputs(fmt, checkpoint, path, request)
         with status(fmt.name) as update:
             return path, fmt.from_onnx(Path(checkpoint), path, request, update)
-    from vitseg_export.checkpoint import load_checkpoint
-    from vitseg_export.data.sources import check_labels_fit
 
-    loaded = load_checkpoint(checkpoint)
+    loaded = checkpoints.load_checkpoint(checkpoint)
     for spec, source in sources.items():
         check_labels_fit(source, spec, loaded.meta.config.num_classes)
     path = output or default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0])
@@ -131,8 +140,6 @@ def _spare_inputs(fmt, checkpoint: str, path: Path, request) -> None:
 def _check_data(request) -> dict:
     """Open every data spec the export will read (DataError, one line, for a bad one) before the export starts;
     returns {spec: its validation split}, the images whose labels the export compares with."""
-    from vitseg_export.data.sources import open_source
-
     held_out = {request.onnx.parity_data: open_source(request.onnx.parity_data, "val")}
     if request.precision == "int8":
         open_source(request.int8.calib, "calib")
@@ -144,9 +151,8 @@ def _check_data(request) -> dict:
 def _lint(result, check_trt: bool) -> list:
     if not check_trt or result.model_proto is None:
         return []
-    from vitseg_export.export.trt_lint import lint_for_tensorrt
 
-    return lint_for_tensorrt(result.model_proto)
+    return trt_lint.lint_for_tensorrt(result.model_proto)
 
 
 def _print_lint(path: Path, lint: list) -> None:

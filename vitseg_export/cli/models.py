@@ -8,6 +8,11 @@ import typer
 from rich.table import Table
 
 from vitseg_export.cli.common import JsonFlag, console, print_json
+from vitseg_export.tables import lazy_module
+
+# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
+# on an artifact runs without torch.
+registry = lazy_module("vitseg_export.modeling.registry")
 
 
 def models(
@@ -15,16 +20,15 @@ def models(
     include_test: Annotated[bool, typer.Option("--include-test", help="Also list the tiny test twins.")] = False,
 ) -> None:
     """List the architectures vitseg builds, trains and exports."""
-    from vitseg_export.modeling.registry import ARCHITECTURES, build_model, count_parameters
 
     rows = []
-    for arch in ARCHITECTURES.values():
+    for arch in registry.ARCHITECTURES.values():
         if arch.tiny_twin_of and not include_test:
             continue
         rows.append({
             "name": arch.name,
             "family": arch.family,
-            "params": count_parameters(build_model(arch.family, arch.config)),
+            "params": registry.count_parameters(registry.build_model(arch.family, arch.config)),
             "image_size": arch.image_size,
             "num_classes": arch.num_classes,
             "description": arch.description,

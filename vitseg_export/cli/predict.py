@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from vitseg_export.cli.common import BackendOption, JsonFlag, console, print_json, progress_bar, spare_inputs
+from vitseg_export.errors import VitsegError
+from vitseg_export.files import check_output_dir
+from vitseg_export.predict import predict_images
 
 
 def predict(
@@ -21,10 +24,6 @@ def predict(
     json_output: JsonFlag = False,
 ) -> None:
     """Write class-index mask PNGs (and optional overlays) for images, naming each as it is written."""
-    from vitseg_export.errors import VitsegError
-    from vitseg_export.files import check_output_dir
-    from vitseg_export.predict import predict_images
-
     for kind, test in (("does not exist", lambda p: not p.exists()), ("is a directory, not an image", Path.is_dir)):
         bad = [str(p) for p in images if test(p)]
         if bad:

@@ -11,11 +11,29 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vitseg_export.cli.common import (RATIO, BackendOption, DataSpec, ThreadsOption, console, err_console, log, parse_ints,
-                                     parse_size, print_json, spare_inputs)
+from vitseg_export.cli.common import (
+    RATIO,
+    BackendOption,
+    DataSpec,
+    ThreadsOption,
+    console,
+    err_console,
+    log,
+    parse_ints,
+    parse_size,
+    print_json,
+    spare_inputs,
+)
 from vitseg_export.errors import VitsegError
+from vitseg_export.files import check_output_dir, check_output_file, write_json
 from vitseg_export.formats import FORMATS
 from vitseg_export.precisions import PRECISIONS
+from vitseg_export.profiling import profile as run_profile
+from vitseg_export.tables import lazy_module
+
+# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
+# on an artifact runs without torch.
+matrix = lazy_module("vitseg_export.benchmark")
 
 
 def profile(
@@ -31,9 +49,6 @@ def profile(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""
-    from vitseg_export.files import check_output_file, write_json
-    from vitseg_export.profiling import profile as run_profile
-
     batches = parse_ints(batch, "--batch")
     size = parse_size(image_size) if image_size else None
     if json_file:
@@ -89,18 +104,16 @@ def benchmark(
     json_output: Annotated[bool, typer.Option("--json", help="Print benchmark.json on stdout.")] = False,
 ) -> None:
     """Export, verify and profile every format x precision; one table with speedups vs PyTorch eager fp32."""
-    from vitseg_export.benchmark import BenchmarkSettings, available_formats, run_benchmark
-    from vitseg_export.files import check_output_dir
 
     check_output_dir(output, "--output")
     spare_inputs({"--output": output}, models=[checkpoint], data=[data, calib])
-    settings = BenchmarkSettings(formats=available_formats() if formats == "auto" else tuple(f.strip() for f in formats.split(",")),
+    settings = matrix.BenchmarkSettings(formats=matrix.available_formats() if formats == "auto" else tuple(f.strip() for f in formats.split(",")),
                                  precisions=tuple(p.strip() for p in precisions.split(",")),
                                  image_size=parse_size(image_size) if image_size else None, device=device,
                                  verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
                                  fold=not no_fold, calib=calib,
                                  prune_ratios=_ratios(prune) if prune else ())
-    report = run_benchmark(checkpoint, output, settings, log=log)
+    report = matrix.run_benchmark(checkpoint, output, settings, log=log)
     if json_output:
         print_json(report.to_json())
     else:

@@ -8,6 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from vitseg_export.cli.common import RATIO, DataSpec, console, log, spare_inputs, square_size
+from vitseg_export.files import check_output_dir
+from vitseg_export.tables import lazy_module
+
+# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
+# on an artifact runs without torch.
+pruning_run = lazy_module("vitseg_export.pruning_run")
 
 
 def prune(
@@ -23,14 +29,12 @@ def prune(
     eval_images: Annotated[int, typer.Option("--eval-images", min=1, max=100000, help="Validation images for the before/after figures.")] = 64,
 ) -> None:
     """Remove attention heads, MLP channels and decoder channels by importance; fine-tune; report accuracy."""
-    from vitseg_export.files import check_output_dir
-    from vitseg_export.pruning_run import PruneSettings, prune_checkpoint
 
     check_output_dir(output, "--output")
     spare_inputs({"--output": output}, models=[checkpoint], data=[data])  # never prune a run in place
 
-    settings = PruneSettings(ratio, method, sparsity, finetune_epochs, data, image_size, batch_size, eval_images)
-    report = prune_checkpoint(checkpoint, output, settings, log=log)
+    settings = pruning_run.PruneSettings(ratio, method, sparsity, finetune_epochs, data, image_size, batch_size, eval_images)
+    report = pruning_run.prune_checkpoint(checkpoint, output, settings, log=log)
 
     def fmt(s):
         return "-" if s is None else f"pixel accuracy {s['pixel_accuracy'] * 100:.2f}%, mIoU {s['miou'] * 100:.2f}"

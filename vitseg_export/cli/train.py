@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from vitseg_export.cli.common import POSITIVE, DataSpec, console, progress_bar, spare_inputs, square_size
+from vitseg_export.files import check_output_dir
+from vitseg_export.tables import lazy_module
+
+# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
+# on an artifact runs without torch.
+training = lazy_module("vitseg_export.training")
 
 
 def train(
@@ -26,16 +33,11 @@ def train(
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed.")] = 0,
 ) -> None:
     """Train a segmentation model; writes the best and last checkpoints atomically and metrics.json."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-    from vitseg_export.files import check_output_dir
-    from vitseg_export.training import TrainSettings, score_of, training_start
-    from vitseg_export.training import train as run_training
 
     check_output_dir(output, "--output")
     spare_inputs({"--output": output}, models=[init] if init else [], data=[data])
-    start = training_start(model, init, data, seed)
-    settings = TrainSettings(data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+    start = training.training_start(model, init, data, seed)
+    settings = training.TrainSettings(data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                              num_workers=workers, seed=seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -51,9 +53,9 @@ def train(
                                   f"{_percent(info['val_pixel_accuracy'])}%  val mIoU {_percent(info['val_miou'])}  "
                                   f"({info['seconds']:.0f}s)", markup=False)
 
-        history = run_training(start, settings, output, progress)
+        history = training.train(start, settings, output, progress)
     if rank0:
-        best = max(history, key=score_of)
+        best = max(history, key=training.score_of)
         console.print(f"best epoch {best.epoch}: val pixel accuracy {_percent(best.val_pixel_accuracy)}%, "
                       f"mIoU {_percent(best.val_miou)}; checkpoint {output} (last: {output / 'last'})", highlight=False,
                       markup=False, soft_wrap=True)

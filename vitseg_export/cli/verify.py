@@ -9,9 +9,29 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitseg_export.cli.common import (FRACTION, NON_NEGATIVE, BackendOption, DataSpec, JsonFlag, console, parse_ints,
-                                     parse_size, print_json, progress_bar, spare_inputs)
+from vitseg_export.cli.common import (
+    FRACTION,
+    NON_NEGATIVE,
+    BackendOption,
+    DataSpec,
+    JsonFlag,
+    console,
+    parse_ints,
+    parse_size,
+    print_json,
+    progress_bar,
+    spare_inputs,
+)
+from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import ParityError
+from vitseg_export.files import check_output_dir, check_output_file
+from vitseg_export.formats import read_artifact_info
+from vitseg_export.precisions import thresholds_for
+from vitseg_export.tables import lazy_module
+
+# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
+# on an artifact runs without torch.
+verification = lazy_module("vitseg_export.verify")
 
 
 def verify(
@@ -32,11 +52,6 @@ def verify(
 ) -> None:
     """Compare an artifact with its PyTorch reference on real images, at every batch size and input size it
     declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
-    from vitseg_export.formats import read_artifact_info
-    from vitseg_export.data.sources import check_labels_fit, open_source
-    from vitseg_export.files import check_output_dir, check_output_file
-    from vitseg_export.precisions import thresholds_for
-    from vitseg_export.verify import verify_artifact, write_report
 
     if report:
         check_output_file(report, "--report")
@@ -53,12 +68,12 @@ def verify(
                                 max_abs_logit_diff=max_abs_diff)
     with progress_bar() as bar:
         task = bar.add_task("verify", total=num_images)
-        result = verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
+        result = verification.verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total),
                                  backend=backend, batch_sizes=batches, sizes=other_sizes)
     r = result.to_json()
     if report:
-        write_report(result, report)
+        verification.write_report(result, report)
     if json_output:
         print_json({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]})
     else:

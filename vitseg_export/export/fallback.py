@@ -47,7 +47,7 @@ def decision_targets(targets: Thresholds) -> Thresholds:
 Score = tuple[float, float]  # (pixel agreement, mIoU) against the fp32 graph
 
 
-def describe(score: Score) -> str:
+def describe_score(score: Score) -> str:
     """'agreement 99.123%, mIoU vs fp32 98.45'."""
     return f"agreement {score[0] * 100:.3f}%, mIoU vs fp32 {score[1] * 100:.2f}"
 
@@ -123,7 +123,7 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Ca
     (none when the fully quantized graph meets them). Raises VitsegError when even `max_units` of them in
     float miss the targets."""
     initial = held.score(graph.runner(set()))
-    progress(f"int8 held-out {describe(initial)} (aiming at {held.targets.min_agreement * 100:.2f}% / "
+    progress(f"int8 held-out {describe_score(initial)} (aiming at {held.targets.min_agreement * 100:.2f}% / "
              f"{held.targets.min_miou_vs_reference * 100:.2f})")
     if held.meets(initial):
         return Fallback([], initial, initial)
@@ -134,14 +134,14 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Ca
 
     def attempt(count: int) -> bool:
         tried[count] = held.score(graph.runner({u for _, u in ranked[:count]}))
-        progress(f"int8: {count} units in float: {describe(tried[count])}")
+        progress(f"int8: {count} units in float: {describe_score(tried[count])}")
         return held.meets(tried[count])
 
     low, high = 0, 1
     while high < len(ranked) and not attempt(high):
         low, high = high, min(2 * high, len(ranked))
     if (high not in tried and not attempt(high)) or not held.meets(tried[high]):
-        raise VitsegError(f"int8 could not reach the int8 targets on held-out images ({describe(tried[high])} with "
+        raise VitsegError(f"int8 could not reach the int8 targets on held-out images ({describe_score(tried[high])} with "
                           f"{high} of {len(units)} units in float)", hint)
     while high - low > 1:
         middle = (low + high) // 2
@@ -149,7 +149,7 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Ca
     floated = [{"node": unit, "sqnr_db_when_float": round(sqnr, 2),
                 "reason": f"most helpful remaining unit (logit SQNR {sqnr:.1f} dB with it alone in float)"}
                for sqnr, unit in ranked[:high]]
-    floated[-1]["after"] = describe(tried[high])
+    floated[-1]["after"] = describe_score(tried[high])
     return Fallback(floated, tried[high], initial)
 
 
@@ -181,7 +181,7 @@ def fallback_record(result: Fallback, held: Heldout, targets: Thresholds, macs: 
                                  "min_miou_vs_reference": held.targets.min_miou_vs_reference}}
 
 
-def describe_record(details: dict) -> list[str]:
+def describe_int8(details: dict) -> list[str]:
     """What `vitseg export` prints about an int8 manifest section: the MAC share, the layers in float."""
     share = details["int8_mac_share"]
     target = f" ({details['target']} target)" if details.get("target") else ""

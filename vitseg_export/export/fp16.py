@@ -52,7 +52,7 @@ def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False)
                        "fp32_nodes": kept, "fp32_ops": dict(by_op), "calibration_images": len(pixels)}
 
 
-def convert(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
+def fp16_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
     """The fp16 precision's converter (precisions.py): AutoCast on 8 images of the data spec's calib split."""
     ctx.progress("converting to fp16 (AutoCast: fp32 where values exceed 512)")
     images = load_inputs(ctx.data, "calib", 8, ctx.image_size).images
@@ -60,7 +60,7 @@ def convert(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
     return Conversion(converted, details)
 
 
-def describe(details: dict) -> list[str]:
+def describe_fp16(details: dict) -> list[str]:
     """What `vitseg export` prints about an fp16 manifest section (an AutoCast graph's fp32 islands)."""
     if "fp32_nodes" not in details:  # fp16 weights of an IR: nothing converted in the graph
         return []

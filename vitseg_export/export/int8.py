@@ -22,10 +22,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from vitseg_export.comparator import InputSet, load_inputs
 from vitseg_export.errors import VitsegError
-from vitseg_export.export.fallback import Heldout, calibration_record, describe_record, fall_back, fallback_record
+from vitseg_export.export.fallback import Heldout, calibration_record, fall_back, fallback_record
 from vitseg_export.export.graph import remove_dead_nodes, to_float
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
@@ -53,7 +55,7 @@ def attention_matmuls(model: onnx.ModelProto) -> list[str]:
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not constants & set(n.input)]
 
-__all__ = ["Int8Result", "Int8Settings", "QUANTIZED_OP_TYPES", "convert", "describe", "node_macs", "quantize_int8",
+__all__ = ["Int8Result", "Int8Settings", "QUANTIZED_OP_TYPES", "int8_conversion", "node_macs", "quantize_int8",
            "quantized_layers", "restore_float_consumers"]
 
 
@@ -67,8 +69,6 @@ def quantized_layers(model: onnx.ModelProto) -> list[str]:
 def node_macs(model: onnx.ModelProto, pixels: np.ndarray) -> dict[str, int]:
     """Multiply-accumulates of every Conv/MatMul/Gemm at batch 1, from one ONNX Runtime run that
     exposes their inputs and outputs (works for any graph, dynamic axes included)."""
-    import onnxruntime as ort
-
     m = copy.deepcopy(model)
     targets = [n for n in m.graph.node if n.op_type in QUANTIZED_OP_TYPES]
     existing = {o.name for o in m.graph.output}
@@ -152,8 +152,6 @@ class _OrtQuantizer:
     name = "onnxruntime.quantization.quantize_static"
 
     def __init__(self, model: onnx.ModelProto, calib: InputSet, settings: Int8Settings, work: Path, cache: Path):
-        from onnxruntime.quantization import CalibrationMethod
-
         self.fp32_path = work / "fp32.onnx"
         onnx.save(model, self.fp32_path)
         self.work, self.cache = work, cache
@@ -171,8 +169,6 @@ class _OrtQuantizer:
             self.extra = {**self.extra, "CalibTensorRangeSymmetric": True}
 
     def __call__(self) -> onnx.ModelProto:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
         with tempfile.TemporaryDirectory(dir=self.work) as tmp, library_output_on_stderr():
             out = Path(tmp) / "q.onnx"
             quantize_static(
@@ -331,12 +327,7 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
     return Int8Result(final, details)
 
 
-def convert(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
+def int8_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
     """The int8 precision's converter (precisions.py): calibrated Q/DQ with the mask-metric fallback."""
     result = quantize_int8(model, ctx.image_size, ctx.int8, cache_dir=ctx.cache_dir, progress=ctx.progress)
     return Conversion(result.model, result.details)
-
-
-def describe(details: dict) -> list[str]:
-    """What `vitseg export` prints about an int8 manifest section."""
-    return describe_record(details)

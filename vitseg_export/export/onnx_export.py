@@ -35,16 +35,20 @@ from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.graph import graph_stats, remove_dead_nodes
 from vitseg_export.export.settings import OUTPUT_CHOICES, ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.modeling.registry import Segmenter, get_family
+from vitseg_export.optimize import fold
 from vitseg_export.precisions import ConversionContext, Precision, get_precision
 from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.torch_runner import TorchRunner
+from vitseg_export.tables import lazy_module
+
+onnxslim = lazy_module("onnxslim")  # --simplify only
 
 SUPPORTED_OPSETS = range(14, 22)
 
 __all__ = ["ExportGraph", "ExportResult", "OnnxExportSettings", "check_export_request", "export_onnx", "onnx_from_module",
            "export_artifact", "parity_inputs", "parity_lines", "parity_record", "precision_parity_inputs", "self_parity",
-           "summary_lines"]
+           "onnx_summary"]
 
 
 @dataclass
@@ -121,8 +125,6 @@ def onnx_from_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings, siz
                      progress: Callable[[str], None] = lambda m: None) -> tuple[onnx.ModelProto, list[str]]:
     """The fp32 ONNX graph of the checkpoint (folded unless `settings.fold` is off), at the requested
     opset (checked), simplified when asked. Returns (graph, names of the rewrites applied)."""
-    from vitseg_export.optimize import fold
-
     rewrites: list[str] = []
     exported = loaded.segmenter().eval()
     if settings.fold:
@@ -279,8 +281,6 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
 def _simplify(model: onnx.ModelProto, progress) -> onnx.ModelProto:
     """onnxslim's simplification. The result is what the fp32 self-parity then judges against PyTorch,
     like every graph: a simplification that changes outputs beyond the fp32 preset is refused there."""
-    import onnxslim
-
     progress("simplifying with onnxslim")
     return onnxslim.slim(model)
 
@@ -307,7 +307,7 @@ def parity_lines(parity: dict | None) -> list[str]:
     return [line]
 
 
-def summary_lines(path: Path, manifest: ExportManifest) -> list[str]:
+def onnx_summary(path: Path, manifest: ExportManifest) -> list[str]:
     """What `vitseg export` prints about a written ONNX artifact."""
     describe = get_precision(manifest.metadata["precision"]).describe
     meta = manifest.metadata

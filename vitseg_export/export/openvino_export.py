@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
 from vitseg_export.comparator import load_inputs
@@ -45,6 +46,7 @@ from vitseg_export.tables import lazy_module
 
 ov = lazy_module("openvino")
 nncf = lazy_module("nncf")
+nncf_advanced = lazy_module("nncf.quantization.advanced_parameters")
 
 WEIGHT_OPS = ("MatMul", "Convolution", "GroupConvolution")
 # Depthwise convolutions (SegFormer's Mix-FFN) stay float: their per-channel ranges differ by orders of
@@ -152,8 +154,6 @@ def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: 
                 progress: Callable[[str], None]) -> tuple[Any, dict]:
     """The int8 precision's OpenVINO step: NNCF PTQ (transformer preset: SmoothQuant, min-max) of the fp32 IR,
     then the one fallback; returns (int8 model, the manifest's int8 section)."""
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-
     calib = load_inputs(settings.calib, "calib", settings.calib_images, graph.size)
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, graph.size)
     fp32_info = replace(info, precision="fp32", extra={**info.extra, "inference_precision": '"f32"'})
@@ -166,7 +166,7 @@ def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: 
         quantized = nncf.quantize(model, nncf.Dataset([im.pixels[None] for im in calib.images]), subset_size=len(calib),
                                   model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
                                   ignored_scope=nncf.IgnoredScope(names=attention, types=list(FLOAT_OP_TYPES), validate=False),
-                                  advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True))
+                                  advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(disable_bias_correction=True))
     ir = IRQuantized(quantized, info)
     result = fall_back(ir, held, settings.max_fallback, progress, hint="calibrate on more representative images, or use fp16")
     final = ir.graph(result.units)
@@ -184,8 +184,6 @@ def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: 
 
 
 def _convert(graph: VerifiedGraph, work: Path) -> Any:
-    import onnx
-
     onnx.save(graph.model, work / "fp32.onnx")
     return ov.convert_model(work / "fp32.onnx")
 
@@ -236,7 +234,7 @@ def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress:
     return ExportResult(output, manifest)
 
 
-def summary_lines(path: Path, manifest: Any) -> list[str]:
+def ir_summary(path: Path, manifest: Any) -> list[str]:
     """What `vitseg export` prints about a written IR."""
     describe = get_precision(manifest.metadata["precision"]).describe
     lines = describe(manifest.precision_details or {}) if describe is not None else []
@@ -246,4 +244,4 @@ def summary_lines(path: Path, manifest: Any) -> list[str]:
     return lines + parity_lines(manifest.self_parity)
 
 
-__all__ = ["IRQuantized", "export_openvino", "ir_attention_matmuls", "quantize_ir", "summary_lines"]
+__all__ = ["IRQuantized", "export_openvino", "ir_attention_matmuls", "quantize_ir", "ir_summary"]

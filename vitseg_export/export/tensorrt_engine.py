@@ -16,19 +16,31 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from vitseg_export import __version__
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
+from vitseg_export.comparator import compare, load_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.settings import EngineSettings, ExportRequest
+from vitseg_export.export.trt_lint import lint_for_tensorrt
 from vitseg_export.files import sha256_file
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import get_precision
-from vitseg_export.runners.tensorrt_runner import require_tensorrt
+from vitseg_export.runners.cuda import cuda_devices
+from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
+from vitseg_export.runners.tensorrt_runner import TensorRTRunner, require_tensorrt
+from vitseg_export.tables import lazy_module
+
+if TYPE_CHECKING:  # mypy checks every call against the TensorRT 10.3 and 11.4 bindings (tests/test_trt_typing.py)
+    import tensorrt as trt
+else:  # optional, and never on the CI machines: imported on first use
+    trt = lazy_module("tensorrt")
+# the checkpoint path (torch) only: building an engine from an ONNX artifact needs no torch
+onnx_export = lazy_module("vitseg_export.export.onnx_export")
 
 __all__ = ["EngineSettings", "check_against_onnx", "check_against_pytorch", "engine_from_artifact", "engine_from_onnx",
-           "export_engine", "summary_lines"]
+           "export_engine", "engine_summary"]
 
 
 def collecting_logger(trt: Any) -> Any:
@@ -130,9 +142,6 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
     it with its manifest. Raises BackendMissingError without TensorRT/GPU, VitsegError when parsing or building
     fails, ParityError when the engine differs (nothing is written then)."""
     require_tensorrt()
-    import tensorrt as trt  # typed: mypy checks every call below against the 10.3 and 11.4 bindings
-
-    from vitseg_export.runners.cuda import cuda_devices
 
     info = read_artifact_info(onnx_path)
     logger = collecting_logger(trt)
@@ -177,10 +186,6 @@ def check_against_onnx(engine: Path, onnx_path: Path, data: str = "synthetic", n
     """The engine against the vitseg ONNX it was built from (itself verified against PyTorch when it was
     exported), run by ONNX Runtime on the CPU: every shape of the engine's profile, batch consistency, the
     precision's preset. Returns the `self_parity` record; ParityError when it fails. Torch-free."""
-    from vitseg_export.comparator import compare, load_inputs
-    from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
-    from vitseg_export.runners.tensorrt_runner import TensorRTRunner
-
     info = read_artifact_info(engine)
     precision = get_precision(info.precision)
     inputs = load_inputs(data, "val", num_images, tuple(info.input_size)).at_shapes(info.declared_shapes())  # type: ignore[arg-type]
@@ -198,49 +203,39 @@ def check_against_onnx(engine: Path, onnx_path: Path, data: str = "synthetic", n
 def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
     """checkpoint -> verified ONNX (int8 for TensorRT: no int32 bias, fp16 float part) -> lint -> engine at
     `output`. The ONNX artifact is kept beside it (`<output>.onnx`)."""
-    from vitseg_export.export.onnx_export import ExportResult, export_onnx
-    from vitseg_export.export.trt_lint import lint_for_tensorrt
-
     require_tensorrt()
     onnx_path = output.with_suffix(".onnx")
-    result = export_onnx(loaded, onnx_path, request.onnx, progress=progress, int8=request.int8)
+    result = onnx_export.export_onnx(loaded, onnx_path, request.onnx, progress=progress, int8=request.int8)
     lint = lint_for_tensorrt(result.model_proto)
     if lint:
         raise VitsegError(f"{onnx_path.name} has {len(lint)} TensorRT incompatibilities; first: {lint[0]}",
                           "fix the graph or use --format onnx")
     manifest = engine_from_onnx(onnx_path, output, request.engine, progress,
                                 check=lambda engine: check_against_pytorch(engine, loaded, request))
-    return ExportResult(output, manifest, result.model_proto)
+    return onnx_export.ExportResult(output, manifest, result.model_proto)
 
 
 def check_against_pytorch(engine: Path, loaded: Any, request: ExportRequest) -> dict:
     """The engine against PyTorch (the checkpoint it comes from) at every shape of its profile, batch
     consistency included, as every vitseg export is judged: the `self_parity` record; ParityError when it fails."""
-    from vitseg_export.export.onnx_export import parity_record, precision_parity_inputs, self_parity
-    from vitseg_export.runners.tensorrt_runner import TensorRTRunner
-
     info = read_artifact_info(engine)
     precision = get_precision(info.precision)
-    inputs = precision_parity_inputs(precision, request.onnx, info)
-    return parity_record(self_parity(loaded, TensorRTRunner(engine), inputs, precision.name, request.int8), inputs)
+    inputs = onnx_export.precision_parity_inputs(precision, request.onnx, info)
+    return onnx_export.parity_record(onnx_export.self_parity(loaded, TensorRTRunner(engine), inputs, precision.name, request.int8), inputs)
 
 
 def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
     """The trt format's exporter from an existing vitseg ONNX artifact (formats.py): the engine, judged against
     that ONNX on ONNX Runtime CPU at every shape of its profile."""
-    from vitseg_export.export.onnx_export import ExportResult
-
     def check(engine: Path) -> dict:
         return check_against_onnx(engine, Path(onnx_path), request.onnx.parity_data)
 
-    return ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress, check))
+    return onnx_export.ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress, check))
 
 
-def summary_lines(path: Path, manifest: ExportManifest) -> list[str]:
+def engine_summary(path: Path, manifest: ExportManifest) -> list[str]:
     """What `vitseg export` prints about a written engine."""
-    from vitseg_export.export.onnx_export import parity_lines
-
     x = manifest.extra
     lines = [f"wrote {path} ({manifest.size_bytes / 1e6:.2f} MB, TensorRT {x['tensorrt_version']}, {x['gpu']} sm "
              f"{x['compute_capability']}, {'strongly' if x['strongly_typed'] else 'weakly'} typed) and {path.name}.json"]
-    return lines + parity_lines(manifest.self_parity)
+    return lines + onnx_export.parity_lines(manifest.self_parity)

@@ -9,6 +9,7 @@ hashes, classes) are data in `models/`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
@@ -127,8 +128,6 @@ class ModelFamily:
 
     def fold(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
         """Exact rewrites for inference: (rewritten copy in eval mode, names of the rewrites applied)."""
-        import copy
-
         return copy.deepcopy(model).eval(), []
 
     def prune(self, state_dict: dict, config: Any, ratio: float, parts: set[str]) -> Any:

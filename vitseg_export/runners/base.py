@@ -5,20 +5,18 @@ Subclasses override the `*_impl` methods; nothing touches a device before `activ
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 
 import numpy as np
 
-from vitseg_export.errors import VitsegError
+from vitseg_export.errors import BackendMissingError, VitsegError
 
 INPUT_NAME = "pixels"
 
 
 def require_module(name: str, why: str, hint: str):
     """Import `name` for a backend, or raise BackendMissingError(`why`, `hint`) (one line, exit 2)."""
-    import importlib
-
-    from vitseg_export.errors import BackendMissingError
 
     try:
         return importlib.import_module(name)

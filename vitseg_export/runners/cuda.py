@@ -6,11 +6,17 @@ Type-checked with mypy against stubs generated from cuda-bindings (tests/typing/
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.tables import lazy_module
+
+if TYPE_CHECKING:  # mypy checks the calls against the cuda-bindings stubs
+    from cuda.bindings import runtime as cudart
+else:  # optional (the [trt] extra): imported on first use
+    cudart = lazy_module("cuda.bindings.runtime")
 
 CUDA_HINT = "pip install 'vitseg-export[trt]' (cuda-python); on Jetson it comes with JetPack"
 
@@ -19,7 +25,7 @@ def runtime() -> Any:
     """The cuda-python runtime module (`cuda.bindings.runtime`, cuda-bindings 12.6 and newer);
     BackendMissingError when it is not installed."""
     try:
-        from cuda.bindings import runtime as cudart
+        cudart.cudaGetDeviceCount  # the first use imports it
     except ImportError:
         raise BackendMissingError("cuda-python is not installed (TensorRT's buffers and streams need it)",
                                   CUDA_HINT) from None

@@ -12,12 +12,13 @@ from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 from vitseg_export.runners.torch_runner import torch_devices
+from vitseg_export.tables import lazy_module
+
+ort = lazy_module("onnxruntime")  # imported by the first session, as every backend's library
 
 
 def session_options(threads: int | None = None, optimize: bool = True):
     """ONNX Runtime session options as vitseg uses them: quiet, optional thread count and optimization."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -48,7 +49,7 @@ class OnnxRuntimeRunner(Runner):
         self.given_info = info
 
     def activate_impl(self) -> None:
-        ort = require_module("onnxruntime", "onnxruntime is not installed", "pip install onnxruntime (GPU: onnxruntime-gpu)")
+        require_module("onnxruntime", "onnxruntime is not installed", "pip install onnxruntime (GPU: onnxruntime-gpu)")
         available = ort.get_available_providers()
         wanted = self.provider or ("CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider")
         if wanted not in available:

@@ -3,6 +3,7 @@ iGPU/dGPU), NPU or AUTO. Needs only numpy and openvino: no torch, no onnxruntime
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,6 @@ def read_openvino_info(path: Path) -> ArtifactInfo:
     ONNX artifact run by OpenVINO."""
     if path.suffix.lower() == ".onnx":
         return ArtifactInfo.from_metadata(path, "onnx", read_onnx_metadata(path))
-    import xml.etree.ElementTree as ET
-
     props: dict[str, str] = {}
     try:
         for _, element in ET.iterparse(path, events=("end",)):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,12 +13,18 @@ from vitseg_export.formats import read_artifact_info
 from vitseg_export.probes import Availability
 from vitseg_export.runners.base import INPUT_NAME, Runner
 from vitseg_export.runners.cuda import CUDA_HINT, DeviceBuffer, Stream, cuda_devices, runtime
+from vitseg_export.tables import lazy_module
+
+if TYPE_CHECKING:  # mypy checks every call against the TensorRT 10.3 and 11.4 bindings (tests/test_trt_typing.py)
+    import tensorrt as trt
+else:  # optional, and never on the CI machines: imported on first use
+    trt = lazy_module("tensorrt")
 
 
 def tensorrt_availability() -> tuple[bool, str, str]:
     """(usable, TensorRT version or why not, how to fix) for building and running engines here."""
     try:
-        import tensorrt as trt
+        version = trt.__version__  # the first use imports it
     except Exception as e:  # ImportError, or OSError from a bindings wheel without its libraries
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return False, f"TensorRT is not available here ({why})", \
@@ -28,7 +35,7 @@ def tensorrt_availability() -> tuple[bool, str, str]:
         return False, "the TensorRT path needs cuda-python for its buffers and streams", CUDA_HINT
     if not cuda_devices():
         return False, "TensorRT needs a CUDA GPU and the CUDA runtime sees none", "run on a machine with an NVIDIA GPU and driver"
-    return True, f"TensorRT {trt.__version__}", ""
+    return True, f"TensorRT {version}", ""
 
 
 def require_tensorrt() -> None:
@@ -66,8 +73,6 @@ class TensorRTRunner(Runner):
 
     def activate_impl(self) -> None:
         require_tensorrt()
-        import tensorrt as trt  # typed against the 10.3 and 11.4 bindings by mypy
-
         self.describe(read_artifact_info(self.path))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)

@@ -10,6 +10,11 @@ import numpy as np
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.probes import module_version
 from vitseg_export.runners.base import Runner, require_module
+from vitseg_export.tables import lazy_module
+
+# torch and the model code are imported when a runner activates: this module (its device list) loads without torch.
+checkpoints = lazy_module("vitseg_export.checkpoint")
+registry = lazy_module("vitseg_export.modeling.registry")
 
 
 class TorchRunner(Runner):
@@ -32,14 +37,12 @@ class TorchRunner(Runner):
 
     def activate_impl(self) -> None:
         torch = require_module("torch", "the torch backend needs PyTorch", "pip install 'vitseg-export[torch]'")
-        from vitseg_export.checkpoint import LoadedCheckpoint, load_checkpoint
-        from vitseg_export.modeling.registry import get_family
 
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BackendMissingError("--device cuda: torch sees no CUDA GPU here", "use --device cpu, or a CUDA build of torch")
         if self.autocast and self.device != "cuda":
             raise VitsegError("--autocast is PyTorch's CUDA fp16 autocast", "add --device cuda, or drop --autocast")
-        loaded = self.checkpoint if isinstance(self.checkpoint, LoadedCheckpoint) else load_checkpoint(self.checkpoint)
+        loaded = self.checkpoint if isinstance(self.checkpoint, checkpoints.LoadedCheckpoint) else checkpoints.load_checkpoint(self.checkpoint)
         self.loaded = loaded
         segmenter = loaded.segmenter()
         if self.device != "cpu":  # a copy: moving the caller's module would pull it off the CPU under other runners
@@ -47,7 +50,7 @@ class TorchRunner(Runner):
         self.segmenter = segmenter.eval().to(self.device)
         self.class_names = list(loaded.meta.class_names)
         self.input_size = tuple(loaded.meta.image_size)
-        self.dynamic_size = get_family(loaded.meta.family).fixed_input_size(loaded.meta.config) is None
+        self.dynamic_size = registry.get_family(loaded.meta.family).fixed_input_size(loaded.meta.config) is None
         self.torch = torch
         self.saved_threads = torch.get_num_threads()
         # the reference is exact fp32: no TF32 rounding in cuBLAS/cuDNN (cuDNN allows it by default),
