@@ -129,20 +129,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs TensorRT: `import tensorrt` fails here (not installable on CI)"))
 
 
-def make_image_folder(root: Path, count: int = 12, size: int = 32, value: int = 1, mask_size: int | None = None,
-                      skip_mask: int | None = None) -> str:
-    """A `folder:ROOT` dataset: `count` RGB images (size x size) under images/, masks of class `value` (at
-    `mask_size`, default the image size) under masks/, the mask of image `skip_mask` left out. Returns the spec."""
+def make_image_folder(root: Path, count: int = 12, size: int | tuple[int, int] = 32, value: int = 1,
+                      mask_size: int | None = None, skip_mask: int | None = None, random_classes: int | None = None,
+                      mask_for=None, class_names: list[str] | None = None) -> str:
+    """The one `folder:ROOT` dataset builder: `count` RGB images of `size` (S or (W, H)) under images/, masks under
+    masks/ (of class `value`, at `mask_size` when given; random images and masks of `random_classes` classes,
+    seeded; or `mask_for(i)` -> (H, W) array), the mask of image `skip_mask` left out, `class_names` in
+    classes.txt. Returns the spec."""
     import numpy as np
     from PIL import Image
 
+    width, height = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
+    if class_names:
+        (root / "classes.txt").write_text("\n".join(class_names) + "\n")
     for i in range(count):
-        Image.new("RGB", (size, size), (i * 10 % 256, 50, 90)).save(root / "images" / f"im{i:02d}.png")
+        if random_classes:
+            image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+            mask = rng.integers(0, random_classes, (height, width), dtype=np.uint8)
+        else:
+            image = Image.new("RGB", (width, height), (i * 10 % 256, 50, 90))
+            side = mask_size or None
+            mask = mask_for(i) if mask_for else np.full((side, side) if side else (height, width), value, np.uint8)
+        image.save(root / "images" / f"im{i:02d}.png")
         if i != skip_mask:
-            m = mask_size or size
-            Image.fromarray(np.full((m, m), value, np.uint8)).save(root / "masks" / f"im{i:02d}.png")
+            Image.fromarray(mask).save(root / "masks" / f"im{i:02d}.png")
     return f"folder:{root}"
 
 

@@ -62,25 +62,23 @@ def test_oxford_pets_layout_maps_trimap_values(tmp_path):
         open_source(f"pets:{tmp_path}", "val")
 
 
-def test_folder_with_classes_and_ignore_index(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    (tmp_path / "classes.txt").write_text("road\ncar\n")
-    for i in range(12):
-        Image.new("RGB", (20, 10), (i * 10, 0, 0)).save(tmp_path / "images" / f"img{i:02d}.png")
+def test_folder_with_classes_and_ignore_index(tmp_path, image_folder):
+    def road_car_and_an_ignored_row(i):
         m = np.zeros((10, 20), np.uint8)
         m[:, 10:] = 1
         m[0] = IGNORE_INDEX
-        Image.fromarray(m).save(tmp_path / "masks" / f"img{i:02d}.png")
-    train, val = open_source(f"folder:{tmp_path}", "train"), open_source(f"folder:{tmp_path}", "val")
-    assert train.class_names == ("road", "car") and len(train) == 11 and [s.name for s in val] == ["img09"]
+        return m
+
+    spec = image_folder(tmp_path, 12, size=(20, 10), mask_for=road_car_and_an_ignored_row, class_names=["road", "car"])
+    train, val = open_source(spec, "train"), open_source(spec, "val")
+    assert train.class_names == ("road", "car") and len(train) == 11 and [s.name for s in val] == ["im09"]
     ds = SegmentationDataset(val, (8, 16), train=False)
     image, mask = ds[0]
     assert image.shape == (3, 8, 16) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
     assert set(mask.unique().tolist()) == {0, 1, IGNORE_INDEX}
-    (tmp_path / "masks" / "img00.png").unlink()
-    with pytest.raises(DataError, match="img00.png is missing"):
-        open_source(f"folder:{tmp_path}", "train")[0]
+    (tmp_path / "masks" / "im00.png").unlink()
+    with pytest.raises(DataError, match="im00.png is missing"):
+        open_source(spec, "train")[0]
 
 
 def test_training_transform_flips_image_and_mask_together():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clitools import NO_CLICK, one_line, run_no_click
+from conftest import make_image_folder
 from PIL import Image
 
 from vitseg_export.errors import CheckpointError, Terminated, VitsegError
@@ -168,22 +169,12 @@ def test_same_stem_inputs_get_distinct_masks_and_directories_are_refused(tmp_pat
     assert r.exit_code == 2 and "is a directory, not an image" in r.stderr and not (tmp_path / "out2").exists()
 
 
-def _folder(root: Path, count: int = 12, value: int = 1, mask_size: int = 32, skip_mask: int | None = None):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(count):
-        Image.new("RGB", (32, 32), (i * 10, 50, 90)).save(root / "images" / f"im{i:02d}.png")
-        if i != skip_mask:
-            Image.fromarray(np.full((mask_size, mask_size), value, np.uint8)).save(root / "masks" / f"im{i:02d}.png")
-    return f"folder:{root}"
-
-
 @pytest.mark.parametrize("kind,message", [("value", "has class values [7]"), ("size", "is 16x16 but"),
                                           ("missing", "is missing for im03.png"), ("ignored", "no labelled pixels"),
                                           ("huge", "im04.png cannot be read as a mask"),
                                           ("image", "im02.png is not an image vitseg can read")])
 def test_bad_datasets_are_refused_up_front_inone_line(tmp_path, cli, kind, message):
-    spec = _folder(tmp_path / "data", value={"value": 7, "ignored": 255}.get(kind, 1),
+    spec = make_image_folder(tmp_path / "data", value={"value": 7, "ignored": 255}.get(kind, 1),
                    mask_size=16 if kind == "size" else 32, skip_mask=3 if kind == "missing" else None)
     if kind == "huge":  # over PIL's decompression-bomb limit: refused, not a DecompressionBombError traceback
         _png_header(tmp_path / "data" / "masks" / "im04.png", 14000, 13000)
@@ -338,7 +329,7 @@ def test_allowing_large_images_lifts_pils_own_limit_too(tmp_path, monkeypatch):
 
 
 def test_labels_the_model_cannot_predict_are_refused_before_verifying(tmp_path, cli, exported):
-    spec = _folder(tmp_path / "data", value=4)
+    spec = make_image_folder(tmp_path / "data", value=4)
     (tmp_path / "data" / "classes.txt").write_text("a\nb\nc\nd\ne\n")
     r = cli("verify", str(exported("segformer-b0-test")), "--reference", "segformer-b0-test", "--data", spec)
     assert r.exit_code == 2 and "class values up to 4 but the model predicts 3 classes" in r.stderr, r.stderr
@@ -348,7 +339,7 @@ def test_labels_the_model_cannot_predict_are_refused_before_verifying(tmp_path, 
 def test_an_image_that_fails_to_decode_in_a_worker_isone_line(tmp_path, cli):
     """The header is fine (it passes the up-front checks), the pixels are not: the error comes from a DataLoader
     worker process, whose traceback torch puts into the exception's message."""
-    spec = _folder(tmp_path / "data")
+    spec = make_image_folder(tmp_path / "data")
     png = (tmp_path / "data" / "images" / "im05.png").read_bytes()
     (tmp_path / "data" / "images" / "im05.png").write_bytes(png[:len(png) // 2])  # header fine, pixels cut off
     r = cli("train", "--model", "segformer-b0-test", "--data", spec, "--epochs", "1", "--image-size", "32",

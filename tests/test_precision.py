@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import make_image_folder
 from onnx import TensorProto
 
 from vitseg_export.export.fp16 import fp32_nodes
@@ -168,25 +169,12 @@ def test_cli_export_int8_reports_mac_share(tmp_path, cli):
     assert r.exit_code == 2 and "no images" in r.stderr and not (tmp_path / "c.onnx").exists()
 
 
-def _folder(root, count: int, size: int = 32):
-    """A folder:DIR data set the test makes itself: random images with 3-class masks."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"im{i:02d}.png")
-        Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8)).save(root / "masks" / f"im{i:02d}.png")
-    return f"folder:{root}"
-
-
 def test_int8_is_judged_on_the_users_own_data(tmp_path, twin):
     """--calib folder:DIR: the held-out images that decide the fallback come from that folder's validation
     split (disjoint from its calibration images), and self-parity runs on the --data the user gave."""
     from vitseg_export.data.sources import open_source
 
-    spec = _folder(tmp_path / "data", 20)
+    spec = make_image_folder(tmp_path / "data", 20, random_classes=3)
     calib_names = {open_source(spec, "calib").name_of(i) for i in range(len(open_source(spec, "calib")))}
     val_names = {open_source(spec, "val").name_of(i) for i in range(len(open_source(spec, "val")))}
     assert val_names and not calib_names & val_names

@@ -12,9 +12,9 @@ import pytest
 
 from vitseg_export import formats, runners
 from vitseg_export.artifact import ArtifactInfo, read_onnx_metadata
-from vitseg_export.formats import Format, read_artifact_info, register_format
+from vitseg_export.formats import Format, read_artifact_info
 from vitseg_export.probes import Availability, module_version
-from vitseg_export.runners import Backend, register_backend
+from vitseg_export.runners import Backend
 
 
 def _make_runner(model, device, outputs, **options):
@@ -42,15 +42,12 @@ def _read_info(path: Path) -> ArtifactInfo:
 
 @pytest.fixture
 def toy_backend():
-    saved_formats, saved_backends = dict(formats.FORMATS), dict(runners.BACKENDS)
-    register_backend(Backend("onnxruntime-noopt", _make_runner, _probe, lambda: ["cpu"]))
-    register_format(Format("tonnx", (".tonnx",), "ONNX run without graph optimizations", "onnxruntime-noopt",
-                           ("fp32", "fp16"), _export, _read_info, _probe, lambda path, m: [f"wrote {path}"]))
-    yield
-    formats.FORMATS.clear()
-    formats.FORMATS.update(saved_formats)
-    runners.BACKENDS.clear()
-    runners.BACKENDS.update(saved_backends)
+    backend = Backend("onnxruntime-noopt", _make_runner, _probe, lambda: ["cpu"])
+    fmt = Format("tonnx", (".tonnx",), "ONNX run without graph optimizations", "onnxruntime-noopt", ("fp32", "fp16"),
+                 _export, _read_info, _probe, lambda path, m: [f"wrote {path}"])
+    with runners.BACKENDS.scoped(backend), formats.FORMATS.scoped(fmt):
+        yield
+    assert "tonnx" not in formats.FORMATS and "onnxruntime-noopt" not in runners.BACKENDS  # put back
 
 
 def test_a_backend_registered_from_one_module_is_everywhere(tmp_path, cli, toy_backend):
@@ -72,8 +69,9 @@ def test_a_backend_registered_from_one_module_is_everywhere(tmp_path, cli, toy_b
     assert rows["tonnx-fp32"]["status"] == "verified" and rows["tonnx-fp32"]["path"].endswith(".tonnx")
 
 
-def test_unknown_formats_and_backends_name_the_known_ones(cli):
+def test_unknown_formats_and_backends_name_the_known_ones(cli, exported):
     r = cli("export", "segformer-b0-test", "--format", "tonnx")
     assert r.exit_code == 2 and "--format tonnx is unknown" in r.stderr and "onnx" in r.stderr
-    r = cli("verify", "x.onnx", "-r", "segformer-b0-test", "--backend", "nosuch")
-    assert r.exit_code == 2
+    # a real artifact, so the refusal can only come from resolving the backend
+    r = cli("verify", str(exported("segformer-b0-test")), "-r", "segformer-b0-test", "--backend", "nosuch")
+    assert r.exit_code == 2 and "unknown backend 'nosuch'" in r.stderr and "onnxruntime" in r.stderr

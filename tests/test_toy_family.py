@@ -16,14 +16,7 @@ from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.modeling import registry
-from vitseg_export.modeling.registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Architecture,
-    ModelFamily,
-    TrainingRecipe,
-    register_family,
-)
+from vitseg_export.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, Architecture, ModelFamily, TrainingRecipe
 from vitseg_export.profiling import profile
 from vitseg_export.verify import verify_artifact
 
@@ -78,14 +71,10 @@ class ToySegFamily(ModelFamily):
 
 @pytest.fixture
 def toy_family():
-    """Register the family for one test; the registries are put back afterwards."""
-    families, architectures = dict(registry.FAMILIES), dict(registry.ARCHITECTURES)
-    family = register_family(ToySegFamily())
-    yield family
-    registry.FAMILIES.clear()
-    registry.FAMILIES.update(families)
-    registry.ARCHITECTURES.clear()
-    registry.ARCHITECTURES.update(architectures)
+    """The family registered for one test; the registries are put back afterwards."""
+    family = ToySegFamily()
+    with registry.FAMILIES.scoped(family), registry.ARCHITECTURES.scoped(*family.architectures()):
+        yield family
 
 
 def test_a_family_defined_in_one_file_trains_exports_verifies_and_profiles(tmp_path, cli, toy_family):

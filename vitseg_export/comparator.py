@@ -40,12 +40,12 @@ class Shape:
     height: int
     width: int
 
-    def __str__(self) -> str:
-        return f"batch {self.batch}, {self.height}x{self.width}"
-
     def to_json(self) -> dict:
         """`batch`, `height`, `width`."""
         return {"batch": self.batch, "height": self.height, "width": self.width}
+
+    def __str__(self) -> str:
+        return f"batch {self.batch}, {self.height}x{self.width}"
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """The `vitseg` command: the root app only wires the command modules; `main()` is the one place
-that turns the project's exceptions into a one-line message, a hint and an exit code."""
+that turns the project's exceptions into a one-line message, a hint and an exit code.
+
+Every command module loads at start-up, so each declares the heavy library modules it calls with
+`lazy_module` (imported on first use): `vitseg --help` stays fast, and `vitseg predict` on an artifact never
+imports torch."""
 
 from __future__ import annotations
 

@@ -21,8 +21,6 @@ from vitseg_export.files import atomic_write_bytes, check_output_dir
 from vitseg_export.predict import predict_images
 from vitseg_export.tables import lazy_module
 
-# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
-# on an artifact runs without torch.
 benchmark = lazy_module("vitseg_export.benchmark")
 registry = lazy_module("vitseg_export.modeling.registry")
 

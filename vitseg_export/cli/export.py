@@ -27,10 +27,8 @@ from vitseg_export.formats import FORMATS, get_format
 from vitseg_export.precisions import PRECISIONS, get_precision
 from vitseg_export.tables import lazy_module
 
-# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
-# on an artifact runs without torch.
-checkpoints = lazy_module("vitseg_export.checkpoint")
-trt_lint = lazy_module("vitseg_export.export.trt_lint")
+checkpoints = lazy_module("vitseg_export.checkpoint")  # torch
+trt_lint = lazy_module("vitseg_export.export.trt_lint")  # onnx, for --check-trt only
 
 
 def default_artifact_path(checkpoint: str, architecture: str, precision: str, suffix: str = ".onnx") -> Path:

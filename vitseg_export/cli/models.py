@@ -10,8 +10,6 @@ from rich.table import Table
 from vitseg_export.cli.common import JsonFlag, console, print_json
 from vitseg_export.tables import lazy_module
 
-# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
-# on an artifact runs without torch.
 registry = lazy_module("vitseg_export.modeling.registry")
 
 

@@ -31,8 +31,6 @@ from vitseg_export.precisions import PRECISIONS
 from vitseg_export.profiling import profile as run_profile
 from vitseg_export.tables import lazy_module
 
-# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
-# on an artifact runs without torch.
 matrix = lazy_module("vitseg_export.benchmark")
 
 

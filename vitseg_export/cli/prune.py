@@ -11,9 +11,7 @@ from vitseg_export.cli.common import RATIO, DataSpec, console, log, spare_inputs
 from vitseg_export.files import check_output_dir
 from vitseg_export.tables import lazy_module
 
-# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
-# on an artifact runs without torch.
-pruning_run = lazy_module("vitseg_export.pruning_run")
+pruning_run = lazy_module("vitseg_export.pruning_run")  # pruning and fine-tuning: torch
 
 
 def prune(

@@ -14,8 +14,6 @@ from vitseg_export.cli.common import POSITIVE, DataSpec, console, progress_bar, 
 from vitseg_export.files import check_output_dir
 from vitseg_export.tables import lazy_module
 
-# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
-# on an artifact runs without torch.
 training = lazy_module("vitseg_export.training")
 
 

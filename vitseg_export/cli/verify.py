@@ -29,8 +29,6 @@ from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import thresholds_for
 from vitseg_export.tables import lazy_module
 
-# Heavy modules, imported on first use: every command's module loads at start-up, and `vitseg predict`
-# on an artifact runs without torch.
 verification = lazy_module("vitseg_export.verify")
 
 

@@ -1,1 +1,2 @@
-"""optimized module -> artifact: ONNX (and, later, precision and TensorRT steps)."""
+"""optimized module -> artifact: the verified fp32 ONNX graph every format starts from (onnx_export), the
+precision converters (fp16, int8 with the one fallback), and the OpenVINO and TensorRT exporters."""

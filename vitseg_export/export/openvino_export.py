@@ -44,6 +44,7 @@ from vitseg_export.precisions import get_precision
 from vitseg_export.runners.openvino_runner import OpenVINORunner, inference_precision, openvino_core
 from vitseg_export.tables import lazy_module
 
+# the [openvino] extra, imported when an IR is made (the module itself loads without it)
 ov = lazy_module("openvino")
 nncf = lazy_module("nncf")
 nncf_advanced = lazy_module("nncf.quantization.advanced_parameters")

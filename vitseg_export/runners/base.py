@@ -99,13 +99,12 @@ class Runner(ABC):
         return out
 
     @abstractmethod
-    def activate_impl(self) -> None: ...
+    def activate_impl(self) -> None:
+        """Load the model (called once by `activate`)."""
 
     @abstractmethod
-    def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]: ...
+    def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Run validated float32 pixels; return the output dict."""
 
     def deactivate_impl(self) -> None:
         """Release what `activate_impl` loaded."""
-        """Run validated float32 pixels; return the output dict."""
-        """Load the model (called once by `activate`)."""
-        pass

@@ -97,8 +97,7 @@ def read_ir(core: Any, path: Path) -> Any:
         if not weights.is_file():
             raise VitsegError(f"{path.name} has no {weights.name} beside it (the IR's weights)",
                               "keep the .xml and its .bin together, or export it again")
-        recorded = _recorded_bin_sha256(path)
-        if recorded and sha256_file(weights) != recorded:
+        if (recorded := _recorded_bin_sha256(path)) and sha256_file(weights) != recorded:
             raise VitsegError(f"{weights.name} is not the weights {path.name} was exported with (its sha256 differs "
                               f"from {manifest_path(path).name})", "copy the .bin that belongs to this .xml, or export it again")
     try:
