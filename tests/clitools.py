@@ -25,24 +25,29 @@ from vitseg_export.cli import main
 main()
 """
 
-# Runs every argv of a JSON list through main() in one process (imports paid once), capturing each one's exit
-# code, stdout and stderr; writes the results as JSON.
+# Runs every case of a JSON list ({"argv": [...], "env": {...}}) through main() in one process (imports paid
+# once), with the case's environment variables set for it, capturing each one's exit code, stdout and stderr;
+# writes the results as JSON.
 TABLE = GUARD + r"""
-import contextlib, io, json
+import contextlib, io, json, os
 from vitseg_export.cli import common, main
 cases, destination = sys.argv[1:3]
 results = []
-for argv in json.load(open(cases)):
+for case in json.load(open(cases)):
     out, err = io.StringIO(), io.StringIO()
     common.console.file, common.err_console.file = out, err
-    sys.argv = ["vitseg", *argv]
+    sys.argv = ["vitseg", *case["argv"]]
+    saved = dict(os.environ)
+    os.environ.update(case["env"])
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    results.append({"argv": argv, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    os.environ.clear()
+    os.environ.update(saved)
+    results.append({"argv": case["argv"], "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
 json.dump(results, open(destination, "w"))
 """
 
@@ -56,10 +61,12 @@ def run_no_click(tmp_path: Path, *args, env=None, prelude: str = "", **kw) -> su
                           env={**os.environ, **(env or {})}, **streams)
 
 
-def run_table(tmp_path: Path, table: list[list[str]], env=None) -> list[dict]:
-    """Every argv of `table` through the CLI in one subprocess without click: [{argv, code, stdout, stderr}]."""
+def run_table(tmp_path: Path, table: list, env=None) -> list[dict]:
+    """Every case of `table` (an argv list, or (argv list, {VAR: value})) through the CLI in one subprocess
+    without click: [{argv, code, stdout, stderr}]."""
     cases, results, script = tmp_path / "cases.json", tmp_path / "results.json", tmp_path / "vitseg_table.py"
-    cases.write_text(json.dumps([[str(a) for a in argv] for argv in table]))
+    rows = [case if isinstance(case, tuple) else (case, {}) for case in table]
+    cases.write_text(json.dumps([{"argv": [str(a) for a in argv], "env": env_vars} for argv, env_vars in rows]))
     script.write_text(TABLE)
     proc = subprocess.run([sys.executable, str(script), str(cases), str(results)], capture_output=True, text=True,
                           timeout=1200, env={**os.environ, **(env or {})})

@@ -40,11 +40,16 @@ def inputs(tmp_path_factory):
         twin = load_checkpoint("segformer-b0-test")
         save_checkpoint(twin.model, twin.meta, d / "ck")
         other = load_checkpoint("segformer-b2-test")
+        for parameter in twin.model.parameters():  # the same architecture, other weights: a .bin of the same size
+            parameter.data.mul_(1.05)
+        save_checkpoint(twin.model, twin.meta, d / "ck2")
     loaded = load_checkpoint(d / "ck")
     export_onnx(loaded, d / "a.onnx", OnnxExportSettings())
     export_openvino(loaded, d / "a.xml", ExportRequest("openvino", OnnxExportSettings(dynamic_batch=False)), lambda m: None)
     export_openvino(other, d / "other" / "b.xml", ExportRequest("openvino", OnnxExportSettings(dynamic_batch=False)),
                     lambda m: None)
+    export_openvino(load_checkpoint(d / "ck2"), d / "same" / "c.xml",
+                    ExportRequest("openvino", OnnxExportSettings(dynamic_batch=False)), lambda m: None)
     (d / "imgs").mkdir()
     for i in range(3):
         Image.new("RGB", (64, 48), (40 * i, 90, 20)).save(d / "imgs" / f"x{i}.png")
@@ -52,6 +57,12 @@ def inputs(tmp_path_factory):
     os.symlink(d / "a.onnx", d / "link.onnx")
     os.symlink(d / "ck" / "model.safetensors", d / "link-to-weights.onnx")
     _damaged(d)
+    _damaged_checkpoints(d)
+    make_image_folder(d / "masks-file", count=12, size=64)
+    shutil.rmtree(d / "masks-file" / "masks")
+    (d / "masks-file" / "masks").write_text("not a folder")
+    make_image_folder(d / "binary-classes", count=12, size=64)
+    (d / "binary-classes" / "classes.txt").write_bytes(b"\xff\xfe\x00pet")
     return d
 
 
@@ -75,6 +86,35 @@ def _damaged(d: Path) -> None:
         model = onnx.load(d / "a.onnx")
         next(p for p in model.metadata_props if p.key == f"vitseg.{key}").value = value
         onnx.save(model, d / f"bad-{key}.onnx")
+
+
+# config.json fields of the tiny run, damaged one at a time: each must be refused (exit 2), never coerced
+BAD_CONFIGS = {
+    "isz_00": ("image_size", [0, 0]), "isz_str": ("image_size", "64"), "isz_float": ("image_size", [64.5, 64]),
+    "isz_huge": ("image_size", [100000, 100000]), "cls_str": ("class_names", "abc"), "fmt_99": ("format_version", 99),
+    "mean_str": ("normalization", {"mean": "abc", "std": [1, 1, 1]}), "std_0": ("normalization", {"mean": [0, 0, 0], "std": [0, 1, 1]}),
+    "heads_0": ("model_config.num_heads", [0, 2, 5, 8]), "mlp_nan": ("model_config.mlp_ratio", float("nan")),
+    "classes_float": ("model_config.num_classes", 3.0), "dropout_2": ("model_config.classifier_dropout", 2.0),
+    "channels_str": ("model_config.num_channels", "3"), "arch_int": ("architecture", 5), "training_str": ("training", "abc"),
+}
+
+
+def _damaged_checkpoints(d: Path) -> None:
+    for name, (key, value) in BAD_CONFIGS.items():
+        shutil.copytree(d / "ck", d / "bad" / name)
+        config = json.loads((d / "ck" / "config.json").read_text())
+        section, _, field = key.rpartition(".")
+        (config[section] if section else config)[field] = value
+        (d / "bad" / name / "config.json").write_text(json.dumps(config))
+    shutil.copy(d / "same" / "c.bin", _ir_copy(d, "same-size-bin-no-manifest", manifest=False).with_suffix(".bin"))
+    shutil.copy(d / "a.onnx", d / "wrong-manifest.onnx")
+    shutil.copy(d / "a.xml.json", d / "wrong-manifest.onnx.json")  # a manifest, of another file
+    model = onnx.load(d / "a.onnx")
+    for key, value in (("input_size", "[96, 96]"), ("class_names", '["a", "b", "c", "d", "e"]'), ("precision", '"fp99"')):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        next(p for p in m.metadata_props if p.key == f"vitseg.{key}").value = value
+        onnx.save(m, d / f"inconsistent-{key}.onnx")
 
 
 def _tree(d: Path) -> dict[str, str]:
@@ -156,8 +196,8 @@ CASES = [
     ("predict {d}/no-bin/a.xml {d}/imgs/x0.png -o {d}/o", "has no a.bin beside it"),
     ("verify {d}/no-bin/a.xml -r {d}/ck", "has no a.bin beside it"),
     ("predict {d}/truncated/a.xml {d}/imgs/x0.png -o {d}/o", "is not the weights a.xml was exported with"),
-    ("verify {d}/truncated-no-manifest/a.xml -r {d}/ck", "is not a readable OpenVINO model (Incorrect weights in bin file!)"),
-    ("predict {d}/truncated-no-manifest/a.xml {d}/imgs/x0.png -o {d}/o", "is not a readable OpenVINO model"),
+    ("verify {d}/truncated-no-manifest/a.xml -r {d}/ck", "is not the weights a.xml was exported with"),
+    ("predict {d}/truncated-no-manifest/a.xml {d}/imgs/x0.png -o {d}/o", "is not the one the IR records"),
     ("verify {d}/other-bin/a.xml -r {d}/ck", "is not the weights a.xml was exported with"),
     ("predict {d}/garbage-xml/a.xml {d}/imgs/x0.png -o {d}/o", "is not a readable OpenVINO IR"),
     # malformed artifact metadata, whatever the type
@@ -165,14 +205,62 @@ CASES = [
     ("predict {d}/bad-class_names.onnx {d}/imgs/x0.png -o {d}/o", "'class_names' is 5, not a list of class names"),
     ("predict {d}/bad-normalization.onnx {d}/imgs/x0.png -o {d}/o", "'normalization'"),
     ("profile {d}/bad-dynamic_batch.onnx", "'dynamic_batch' is \"yes\", not true or false"),
+    # metadata that disagrees with the graph, an unknown precision, a manifest of another file, a swapped .bin
+    ("verify {d}/inconsistent-input_size.onnx -r {d}/ck", "its metadata says 96x96, and its graph takes 64x64"),
+    ("predict {d}/inconsistent-class_names.onnx {d}/imgs/x0.png -o {d}/o", "its metadata says 5 classes, and it predicts 3"),
+    ("predict {d}/inconsistent-precision.onnx {d}/imgs/x0.png -o {d}/o", "precision 'fp99' is unknown"),
+    ("predict {d}/wrong-manifest.onnx {d}/imgs/x0.png -o {d}/o", "describes another file than wrong-manifest.onnx"),
+    ("predict {d}/same-size-bin-no-manifest/a.xml {d}/imgs/x0.png -o {d}/o", "is not the weights a.xml was exported with"),
+    # a checkpoint named by one of its files protects all of them
+    ("export {d}/ck/config.json -o {d}/ck/model.safetensors", INPUT),
+    ("profile {d}/ck/config.json --iters 1 --warmup 0 --json {d}/ck/model.safetensors", INPUT),
+    ("verify {d}/a.onnx -r {d}/ck/config.json --report {d}/ck/model.safetensors", INPUT),
+    # an output of the wrong kind
+    ("export {d}/ck --format openvino -o {d}/m.bin", "--format openvino writes .xml files"),
+    ("export {d}/ck -o {d}/m.xml", "--format onnx writes .onnx files"),
+    # options that do not apply are refused, not ignored; choices before any work; empty values are values
+    ("export {d}/ck --min-shape 1x3x64x64 -o {d}/q.onnx", "--min-shape applies to --format trt"),
+    ("export {d}/ck --calib synthetic -o {d}/q.onnx", "--calib applies to --precision int8 only"),
+    ("export {d}/ck --max-batch-size 4 -o {d}/q.onnx", "--max-batch-size applies to --format triton only"),
+    ("export {d}/ck --precision int8 --target bogus -o {d}/q.onnx", "--target bogus is unknown"),
+    ("export {d}/ck --precision int8 --calib-method bogus -o {d}/q.onnx", "--calib-method bogus is unknown"),
+    ("export {d}/ck --image-size '' -o {d}/q.onnx", "is not HxW"),
+    ("verify {d}/a.onnx -r {d}/ck --batch-sizes ''", "--batch-sizes ''"),
+    ("benchmark {d}/ck -o {d}/b --prune ''", "--prune ''"),
+    ("benchmark {d}/ck -o {d}/b --image-size 31", "--image-size 31 is too small"),
+    ("benchmark {d}/ck -o {d}/b --formats trt", "TensorRT is not available here"),
+    ("demo --precisions bogus -o {d}/demo", "precision 'bogus' is unknown"),
+    ("profile {d}/a.onnx --iters 1 --image-size 96", "takes 64x64 input only (a static size)"),
+    ("profile {d}/ck --iters 1 --image-size 8", "--image-size 8 is too small"),
+    ("train --model segformer-b0-test -o {d}/t --batch-size 99999999999999999999999", "'--batch-size'"),
+    ("verify {d}/a.onnx -r {d}/ck --data synthetic[:99999999999999999999999]", "asks for"),
+    # data folders that are not what they claim
+    ("verify {d}/a.onnx -r {d}/ck --data folder:{d}/masks-file", "is a file, not a folder of masks"),
+    ("verify {d}/a.onnx -r {d}/ck --data folder:{d}/binary-classes", "classes.txt is not UTF-8 text"),
+] + [(f"export {{d}}/bad/{name} -o {{d}}/q.onnx", key.rpartition(".")[2]) for name, (key, _) in BAD_CONFIGS.items()]
+
+# environment values, each refused with its name and the range it means
+ENV_CASES = [
+    ({"VITSEG_MAX_IMAGE_PIXELS": "\u00b2"}, "VITSEG_MAX_IMAGE_PIXELS='\u00b2' is not a whole number"),
+    ({"VITSEG_DEBUG": "maybe"}, "VITSEG_DEBUG='maybe' is not a yes or no"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without RANK"),
+    ({"RANK": "2"}, "RANK=2 is not below WORLD_SIZE=1"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is not a whole number"),
 ]
+
+
+def _argv(text: str, d: Path) -> list[str]:
+    return ["" if a == "''" else a for a in text.format(d=d).split()]
 
 
 def test_every_command_refuses_bad_values_in_one_line_and_keeps_its_inputs(inputs, tmp_path):
     before = _tree(inputs)
-    results = run_table(tmp_path, [argv.format(d=inputs).split() for argv, _ in CASES])
+    cases = CASES + [("models", expected) for _, expected in ENV_CASES]
+    table = [_argv(argv, inputs) for argv, _ in CASES] + [(["models"], env) for env, _ in ENV_CASES]
+    results = run_table(tmp_path, table)
     problems = []
-    for (argv, expected), r in zip(CASES, results):
+    for (argv, expected), r in zip(cases, results):
         lines = error_lines(r["stderr"])
         if r["code"] != 2 or len(lines) != 1 or "Traceback" in r["stderr"] or expected not in lines[0]:
             problems.append(f"{argv}: exit {r['code']}, stderr {r['stderr'][-400:]!r}")
@@ -231,3 +319,49 @@ def test_an_interrupted_predict_says_which_masks_it_finished(tmp_path, inputs):
         assert Image.open(path).size == (256, 256)  # whole
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files
     assert json.dumps(finished)  # the names are plain text
+
+
+def test_a_closed_stdout_is_refused_and_a_full_stderr_costs_no_work(tmp_path, inputs):
+    closed = run_no_click(tmp_path, "models", preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 2 and "stdout is closed" in closed.stderr
+    with open("/dev/full", "w") as full:  # progress and logs go nowhere; the export itself must still land
+        proc = run_no_click(tmp_path, "export", inputs / "ck", "-o", tmp_path / "m.onnx", stderr=full)
+    assert proc.returncode == 0 and (tmp_path / "m.onnx").is_file() and (tmp_path / "m.onnx.json").is_file()
+    with open("/dev/full", "w") as full:
+        failed = run_no_click(tmp_path, "export", "--bogus", stderr=full)
+    assert failed.returncode == 2  # the exit code still says it
+
+
+def test_a_failed_int8_export_keeps_no_calibration_cache(tmp_path, twin, monkeypatch):
+    """The ranges cache lands with the artifact, in its group: an export that fails after calibrating (here
+    at its final self-parity) leaves neither."""
+    from vitseg_export.errors import ParityError
+    from vitseg_export.export import onnx_export
+    from vitseg_export.export.settings import Int8Settings
+
+    real = onnx_export.self_parity
+    monkeypatch.setattr(onnx_export, "self_parity", lambda loaded, candidate, inputs, precision="fp32", int8=None: (
+        real(loaded, candidate, inputs, precision, int8) if precision == "fp32" else
+        (_ for _ in ()).throw(ParityError("injected", "test"))))
+    with pytest.raises(ParityError):
+        onnx_export.export_onnx(twin("segformer-b0-test"), tmp_path / "out" / "q.onnx",
+                                onnx_export.OnnxExportSettings(precision="int8"),
+                                int8=Int8Settings(calib="synthetic[:4]", calib_images=4, heldout_images=4,
+                                                  min_agreement=0.0, min_miou_vs_reference=0.0))
+    assert not (tmp_path / "out").exists()  # no artifact, no cache, and not the directories made for them
+
+
+def test_an_output_directory_made_for_a_failed_write_is_removed(tmp_path, monkeypatch):
+    from vitseg_export import files
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "_commit", full)
+    with pytest.raises(OSError):
+        files.atomic_write_group({tmp_path / "new" / "deep" / "a.png": b"x"})
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError):
+        files.atomic_write_group({tmp_path / "kept" / "a.png": b"x"})
+    assert (tmp_path / "kept").is_dir()  # directories that were there stay

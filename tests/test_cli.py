@@ -55,13 +55,14 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
 def test_export_json_stdout_is_only_the_manifest_with_every_converter(tmp_path):
     """Model Optimizer (fp16 AutoCast, int8 --target trt) and NNCF (OpenVINO int8) log and draw progress on
     stdout by themselves: `--json` must still print nothing but the manifest there."""
-    cases = [("fp16", "onnx", ["--precision", "fp16"]), ("int8-trt", "onnx", ["--precision", "int8", "--target", "trt"])]
+    int8 = ["--precision", "int8", "--calib-images", "8"]
+    cases = [("fp16", "onnx", ["--precision", "fp16"]), ("int8-trt", "onnx", [*int8, "--target", "trt"])]
     if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
-        cases.append(("int8-ov", "xml", ["--format", "openvino", "--precision", "int8"]))
+        cases.append(("int8-ov", "xml", ["--format", "openvino", *int8]))
     for name, suffix, args in cases:
         out = tmp_path / f"{name}.{suffix}"
         proc = subprocess.run([sys.executable, "-m", "vitseg_export", "export", "segformer-b0-test", *args,
-                               "--calib-images", "8", "--json", "-o", str(out)], capture_output=True, text=True, timeout=300)
+                               "--json", "-o", str(out)], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         manifest = json.loads(proc.stdout)  # fails on any stray line
         assert manifest["artifact"] == out.name, name

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_group, json_bytes
+from vitseg_export.files import atomic_write_group, json_bytes, sha256_file
 
 META_PREFIX = "vitseg."
 MIN_INPUT_SIDE = 32  # the smallest height or width vitseg exports or runs a dynamic-size model at
@@ -151,7 +151,8 @@ class ArtifactInfo:
             class_names=typed("class_names", lambda v: isinstance(v, list) and v and all(map(text, v)), "a list of class names"),
             input_size=tuple(size), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
             precision=typed("precision", text, "a precision name"),
-            opset=typed("opset", lambda v: isinstance(v, int) and not isinstance(v, bool), "an opset number", 0) or None,
+            opset=typed("opset", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64, "an opset number",
+                        0) or None,
             outputs=typed("outputs", lambda v: isinstance(v, list) and v and set(v) <= {"logits", "mask"},
                           "a list of logits and/or mask"),
             dynamic_batch=typed("dynamic_batch", lambda v: isinstance(v, bool), "true or false", False),
@@ -202,6 +203,15 @@ class ExportManifest:
         return cls(**{k: v for k, v in data.items() if k in known}, precision_details=data.get(precision), extra=extra)
 
 
+@dataclass
+class ExportResult:
+    """What every exporter returns: where the artifact is, its manifest, and (ONNX graphs) the graph itself."""
+
+    path: Path
+    manifest: ExportManifest
+    model_proto: Any = field(repr=False, default=None)  # onnx.ModelProto where the format is a graph
+
+
 def manifest_path(artifact: Path) -> Path:
     """Where an artifact's manifest lives: beside it, named `<artifact>.json`."""
     return artifact.with_name(artifact.name + ".json")
@@ -226,6 +236,18 @@ def read_manifest(path: Path) -> ExportManifest:
         return ExportManifest.from_json(json.loads(text))
     except (ValueError, TypeError, AttributeError) as e:
         raise VitsegError(f"{manifest} is not a valid vitseg manifest ({e})", "re-export the artifact") from None
+
+
+def check_manifest_matches(path: Path) -> None:
+    """Where an artifact has a manifest beside it, the manifest must be readable and describe this very file
+    (its sha256): VitsegError otherwise (an artifact copied over another one's, a manifest of another model).
+    An artifact without a manifest is fine where it carries its own metadata (ONNX, OpenVINO IR)."""
+    if not manifest_path(path).is_file():
+        return
+    manifest = read_manifest(path)
+    if not isinstance(manifest.sha256, str) or sha256_file(path) != manifest.sha256:
+        raise VitsegError(f"{manifest_path(path).name} describes another file than {path.name} (its sha256 differs)",
+                          "keep the artifact and its manifest together, or export it again")
 
 
 def read_onnx_info(path: Path) -> ArtifactInfo:

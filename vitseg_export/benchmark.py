@@ -58,6 +58,10 @@ class _Variant:
 
 def _validate(settings: BenchmarkSettings) -> list[Format]:
     formats = [get_format(f) for f in settings.formats]
+    directories = [f.name for f in formats if f.directory]
+    if directories:
+        raise VitsegError(f"--formats {directories[0]} writes a repository, not an artifact the benchmark runs",
+                          "benchmark the artifact it serves (onnx, openvino, trt); time the server with `vitseg profile --server`")
     for p in settings.precisions:
         get_precision(p)
     return formats
@@ -204,7 +208,7 @@ def _mark_slower_than_fp32(rows: list[BenchmarkRow]) -> None:
 
 def available_formats() -> tuple[str, ...]:
     """The formats this machine can make (their probes pass): the benchmark's and the demo's default."""
-    return tuple(name for name, fmt in FORMATS.items() if fmt.probe().ok)
+    return tuple(name for name, fmt in FORMATS.items() if not fmt.directory and fmt.probe().ok)
 
 
 def _reference_row(checkpoint: str, loaded, size, settings: BenchmarkSettings, log) -> BenchmarkRow:

@@ -14,6 +14,7 @@ through `--init` via `init_from_foreign`. No pickle anywhere: safetensors, or
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,8 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from vitseg_export import __version__
-from vitseg_export.errors import CheckpointError
+from vitseg_export.artifact import MAX_INPUT_SIDE, MIN_INPUT_SIDE
+from vitseg_export.errors import CheckpointError, VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes, sha256_file
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import PET_CLASSES, Architecture, ModelFamily, Segmenter
@@ -69,6 +71,7 @@ class CheckpointMeta:
     def from_json(cls, data: dict, where: str) -> "CheckpointMeta":
         """Parse a config.json dict; CheckpointError (naming `where`) when it is not a valid vitseg config."""
         try:
+            _check_fields(data)
             family = data["family"]
             norm = data["normalization"]
             meta = cls(
@@ -76,11 +79,13 @@ class CheckpointMeta:
                 family=family,
                 config=registry.config_from_dict(family, data["model_config"]),
                 class_names=list(data["class_names"]),
-                image_size=(int(data["image_size"][0]), int(data["image_size"][1])),
+                image_size=(data["image_size"][0], data["image_size"][1]),
                 mean=tuple(norm["mean"]),
                 std=tuple(norm["std"]),
                 training=data.get("training", {}),
             )
+        except VitsegError as e:
+            raise CheckpointError(f"{where}: {e.message}", e.hint) from None
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"{where} is not a valid vitseg config ({type(e).__name__}: {e})",
                                   "re-save the checkpoint with `vitseg train` or point at the run directory") from None
@@ -97,6 +102,36 @@ class CheckpointMeta:
         n = config.num_classes
         names = class_names or (list(PET_CLASSES) if n == 3 else [f"class_{i}" for i in range(n)])
         return cls(arch.name, arch.family, config, names, (arch.image_size, arch.image_size), arch.mean, arch.std)
+
+
+def _check_fields(data: dict) -> None:
+    """The config.json fields vitseg reads, each of its type and range (VitsegError naming the first that is
+    not: a damaged config is refused, never coerced)."""
+    def numbers(value, count: int, positive: bool) -> bool:
+        return isinstance(value, list) and len(value) == count and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+            for x in value)
+
+    if not isinstance(data, dict):
+        raise VitsegError("the config is not a JSON object", "re-save the checkpoint with vitseg")
+    norm = data.get("normalization")
+    checks = [
+        ("format_version", data.get("format_version", FORMAT_VERSION) == FORMAT_VERSION, f"format version {FORMAT_VERSION}"),
+        ("architecture", isinstance(data.get("architecture"), str), "a name"),
+        ("family", isinstance(data.get("family"), str), "a family name"),
+        ("class_names", isinstance(data.get("class_names"), list) and data["class_names"] and
+         all(isinstance(c, str) and c for c in data["class_names"]), "a list of class names"),
+        ("image_size", isinstance(data.get("image_size"), list) and len(data["image_size"]) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and MIN_INPUT_SIDE <= x <= MAX_INPUT_SIDE for x in data["image_size"]),
+         f"[height, width] in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}"),
+        ("normalization", isinstance(norm, dict) and numbers(norm.get("mean"), 3, False) and numbers(norm.get("std"), 3, True),
+         "{mean: [3 numbers], std: [3 positive numbers]}"),
+        ("training", isinstance(data.get("training", {}), dict), "an object"),
+    ]
+    for key, ok, meaning in checks:
+        if not ok:
+            raise VitsegError(f"{key} is {json.dumps(data.get(key))[:60]}, not {meaning}",
+                              "the config.json is damaged; re-save the checkpoint with `vitseg train`")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import threading
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ _LIVE_TEMPS: set[Path] = set()
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM back until the block ends, so that a group's renames and its cleanup are never
     cut in half: their Python handlers are swapped for a recorder and the recorded signals are handed to the
     original handlers afterwards. Python runs signal handlers only in the main thread, so elsewhere nothing
@@ -149,19 +150,70 @@ def atomic_write_group(files: dict[Path, bytes]) -> None:
     """Write several files as one output, all or nothing: every file goes to a temp file beside its
     target (fsynced), then all are renamed over their targets in the dict's order (put a manifest last),
     with Ctrl-C and SIGTERM held back during the renames. On any failure (disk full, permissions, an
-    interruption while writing) the temp files are removed and existing targets keep their previous
-    content. Files get the mode the umask gives (0644 usually)."""
+    interruption while writing) the temp files are removed, existing targets keep their previous
+    content, and directories the write created are removed again. Files get the mode the umask gives."""
     files = {Path(path): data for path, data in files.items()}
+    created = _missing_directories(files)
     temps: dict[Path, Path] = {}
+    committed = False
     try:
         for path, data in files.items():
             temps[path] = _write_temp(path, data)
-        with _signals_deferred():
+        with signals_deferred():
             _commit(temps)
+        committed = True
     finally:
-        with _signals_deferred():
+        with signals_deferred():
             for temp in temps.values():
                 _discard(temp)
+            for directory in [] if committed else created:  # deepest first; only those the failed write left empty
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
+
+
+def _missing_directories(files: dict[Path, bytes]) -> list[Path]:
+    """The directories writing `files` will create, deepest first."""
+    missing: set[Path] = set()
+    for path in files:
+        missing.update(d for d in path.parents if not d.exists())
+    return sorted(missing, key=lambda d: len(d.parts), reverse=True)
+
+
+def atomic_write_directory(target: Path, files: dict[str, bytes]) -> None:
+    """Write a directory as one output, all or nothing: `files` (paths relative to `target` -> bytes) go into
+    a temp directory beside it, which then replaces `target` (an existing one, with whatever else it held, is
+    moved aside and removed only once the new one is in place). Ctrl-C and SIGTERM are held back during the
+    swap; on any failure the previous directory is back as it was and no temp directory is left."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp, backup = _new_temp_name(target, "dir"), _new_temp_name(target, "old")
+    try:
+        for relative, data in files.items():
+            path = temp / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        with signals_deferred():
+            moved = target.exists()
+            if moved:
+                os.replace(target, backup)
+            try:
+                os.replace(temp, target)
+            except BaseException:
+                if moved:
+                    os.replace(backup, target)
+                raise
+            _fsync_dir(target.parent)
+    finally:
+        with signals_deferred():
+            for leftover in (temp, backup):
+                shutil.rmtree(leftover, ignore_errors=True)
+                _LIVE_TEMPS.discard(leftover)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -170,10 +222,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def remove_temp_files() -> list[Path]:
-    """Remove every temp file a write left behind (none, unless an interruption bypassed its cleanup);
-    returns them. The CLI calls it last, on every path."""
+    """Remove every temp file (and temp directory) a write left behind (none, unless an interruption bypassed
+    its cleanup); returns them. The CLI calls it last, on every path."""
     left = sorted(_LIVE_TEMPS)
     for temp in left:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
         _discard(temp)
     return left
 
@@ -234,16 +288,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")  # a weights file is r
 def _protected(files: Iterable[Path], folders: Iterable[Path]) -> list[tuple[Path, bool]]:
     """(path, whole) for everything a command reads. A directory among `files` (a run or checkpoint directory)
     stands for its existing entries, each whole, and itself not whole: new files may be written beside them
-    (an export next to its checkpoint), none of them replaced. `folders` are whole."""
+    (an export next to its checkpoint), none of them replaced. A checkpoint named by one of its files (its
+    weights, its config.json) stands for its whole directory the same way: the weights, the config and a
+    Hugging Face directory's preprocessor_config.json are read together. `folders` are whole."""
     out: list[tuple[Path, bool]] = [(Path(f), True) for f in folders]
     for f in map(Path, files):
-        if f.is_dir():
-            out.append((f, False))
-            out += [(entry, True) for entry in f.iterdir()]
-        else:
-            out.append((f, True))
-            if f.suffix.lower() in WEIGHT_SUFFIXES and (f.parent / "config.json").is_file():
-                out.append((f.parent / "config.json", True))
+        checkpoint_file = f.is_file() and (f.name == "config.json" or f.suffix.lower() in WEIGHT_SUFFIXES) and \
+            (f.parent / "config.json").is_file()
+        directory = f if f.is_dir() else f.parent if checkpoint_file else None
+        out.append((f, directory is None))
+        if directory is not None:
+            out += [(directory, False)] + [(entry, True) for entry in directory.iterdir()]
     return out
 
 

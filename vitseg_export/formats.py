@@ -35,7 +35,9 @@ class Format:
     probe: Callable[[], Availability]  # can this machine make artifacts of this format?
     summary: Callable[[Path, Any], list[str]]  # what `vitseg export` prints about a written artifact (path, ExportManifest)
     int8_target: str = "cpu"  # the int8 graph flavour its exporter asks for (vitseg_export.export.int8)
-    from_onnx: Exporter | None = None  # convert an existing vitseg ONNX artifact instead of a checkpoint
+    from_artifact: Exporter | None = None  # build from an existing vitseg artifact (of `artifact_sources`) instead
+    artifact_sources: tuple[str, ...] = ()  # the formats of the artifacts it builds from
+    directory: bool = False  # --output names a directory (a repository) the artifact is written into
     static_by_default: bool = False  # static batch unless --dynamic-batch is asked for (runtimes that gain from it)
     sidecars: tuple[str, ...] = ()  # suffixes of the files beside an artifact that belong to it (an IR's .bin)
     onnx_beside: bool = False  # exporting a checkpoint also writes the ONNX it was built from beside the artifact
@@ -98,10 +100,19 @@ register_format(Format(
     read_info=lazy("vitseg_export.artifact:read_manifest_info"),
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
-    from_onnx=lazy("vitseg_export.export.tensorrt_engine:engine_from_artifact"), onnx_beside=True))
+    from_artifact=lazy("vitseg_export.export.tensorrt_engine:engine_from_artifact"), artifact_sources=("onnx",),
+    onnx_beside=True))
 register_format(Format(
     "openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.openvino_export:export_openvino"),
     read_info=lazy("vitseg_export.runners.openvino_runner:read_openvino_info"),
     probe=lazy("vitseg_export.probes:probe_openvino_export"),
     summary=lazy("vitseg_export.export.openvino_export:ir_summary"), static_by_default=True, sidecars=(".bin",)))
+register_format(Format(
+    "triton", (), "Triton Inference Server model repository (config.pbtxt, the artifact, vitseg's record)", "triton",
+    tuple(PRECISIONS), export=lazy("vitseg_export.serving.repository:export_repository"),
+    read_info=lazy("vitseg_export.serving.repository:read_repository_info"),
+    probe=lazy("vitseg_export.probes:probe_triton_repository"),
+    summary=lazy("vitseg_export.serving.repository:repository_summary"),
+    from_artifact=lazy("vitseg_export.serving.repository:repository_from_artifact"),
+    artifact_sources=("onnx", "openvino", "trt"), directory=True))

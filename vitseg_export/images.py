@@ -5,6 +5,7 @@ predict, and the class-colour palette. Torch-free: the edge path (`vitseg predic
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +24,7 @@ def max_image_pixels() -> int:
     value = os.environ.get("VITSEG_MAX_IMAGE_PIXELS")
     if value is None:
         return DEFAULT_MAX_IMAGE_PIXELS
-    if not value.strip().isdigit():
+    if not re.fullmatch(r"[0-9]+", value.strip()):
         raise VitsegError(f"VITSEG_MAX_IMAGE_PIXELS={value!r} is not a whole number of pixels >= 0",
                           "set it to e.g. 100000000 (0: no limit), or unset it for the 64 MP default")
     return int(value)

@@ -18,7 +18,7 @@ holds fp32 logits to the fp32 logit limit and reduced precisions' masks to their
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,10 +40,12 @@ class ConversionContext:
 
 @dataclass
 class Conversion:
-    """A converted graph and the manifest section that describes the conversion."""
+    """A converted graph, the manifest section that describes the conversion, and files to write with the
+    artifact (in the same all-or-nothing group: int8's calibration cache)."""
 
     model: Any  # onnx.ModelProto
     details: dict
+    files: dict = field(default_factory=dict)  # Path -> bytes
 
 
 @dataclass(frozen=True)

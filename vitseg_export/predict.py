@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from vitseg_export.files import atomic_write_group
+from vitseg_export.files import atomic_write_group, signals_deferred
 from vitseg_export.formats import is_artifact
 from vitseg_export.images import colorize, image_size, load_rgb, pixels_from_image
 from vitseg_export.runners import runner_for
@@ -79,12 +79,14 @@ def predict_images(model: str, images: list[Path], output: Path, overlay: bool =
             if overlay_path is not None:
                 blend = (0.55 * np.asarray(image, np.float32) + 0.45 * colorize(full)).round().astype(np.uint8)
                 files[overlay_path] = _png_bytes(blend)
-            atomic_write_group(files)  # an image's mask and overlay land together
             counts = np.bincount(full.ravel(), minlength=len(names))
-            results.append(Prediction(path, mask_path, overlay_path,
-                                      {names[c] if c < len(names) else str(c): int(n) for c, n in enumerate(counts)}))
-            if progress:
-                progress(results[-1], i + 1, len(images))
+            result = Prediction(path, mask_path, overlay_path,
+                                {names[c] if c < len(names) else str(c): int(n) for c, n in enumerate(counts)})
+            with signals_deferred():  # an image's files and its report land together: an interruption names them
+                atomic_write_group(files)  # an image's mask and overlay land together
+                results.append(result)
+                if progress:
+                    progress(result, i + 1, len(images))
     return results
 
 

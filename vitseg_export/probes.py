@@ -46,6 +46,12 @@ def probe_onnx_export() -> Availability:
     return modules_available(("torch", "onnx", "onnxruntime"), "pip install 'vitseg-export[torch]'")
 
 
+def probe_triton_repository() -> Availability:
+    """What writing a Triton repository needs: tritonclient (Triton's config schema), and ONNX export."""
+    serve = modules_available(("tritonclient.grpc.model_config_pb2",), "pip install 'vitseg-export[serve]'")
+    return serve if not serve.ok else probe_onnx_export()
+
+
 def probe_openvino_export() -> Availability:
     """What OpenVINO IR export needs: OpenVINO, NNCF (int8), and what ONNX export needs."""
     return modules_available(("openvino", "nncf", "torch", "onnx"), "pip install 'vitseg-export[torch,openvino]'")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vitseg_export.doctor import cpu_info
+from vitseg_export.errors import VitsegError
 from vitseg_export.formats import format_for_path
 from vitseg_export.probes import module_version
 from vitseg_export.runners import runner_for
@@ -212,6 +213,10 @@ def profile(model: str | Path, batches: list[int], device: str = "cpu", threads:
         options["autocast"] = True
     runner = runner_for(model, device=device, backend=backend, **options)
     with runner:
+        if size is not None and not runner.dynamic_size and tuple(size) != tuple(runner.input_size):
+            h, w = runner.input_size
+            raise VitsegError(f"{path.name} takes {h}x{w} input only (a static size), not {size[0]}x{size[1]}",
+                              "drop --image-size, or export with --dynamic-size (SegFormer)")
         size = size or tuple(runner.input_size)
         if runner.backend == "torch":
             compute = torch_compute(runner, size)

@@ -91,11 +91,39 @@ def verify_artifact(
     artifact does not accept or a backend that cannot run here."""
     info = read_artifact_info(artifact)
     shapes = info.declared_shapes(batch_sizes, sizes)
+    candidate = runner_for(artifact, device=device, backend=backend)
+    return judge_candidate(info, candidate, artifact, shapes, reference, data, num_images, device, thresholds, save_diff,
+                           progress)
+
+
+def verify_server(url: str, model: str, reference: str, data: str = "synthetic", num_images: int = 16,
+                  concurrency: int = 8, device: str = "cpu", overrides: dict | None = None,
+                  save_diff: Path | None = None, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """The verdict on what clients of a served model receive: every image sent alone, and among `concurrency`
+    concurrent requests (which the server's dynamic batcher batches), against the PyTorch reference on `device`,
+    with batch consistency, judged by the served precision's preset (`overrides`: single limits, as
+    thresholds_for takes them). The report's `shapes` are the batches the server was sent. Raises VitsegError
+    when the endpoint cannot be reached or was not written by vitseg."""
+    candidate = runner_for(url, device="server", backend="triton", model=model, concurrency=concurrency).activate()
+    try:
+        info = candidate.info
+        shapes = {tuple(info.input_size): tuple(sorted({1, concurrency}))}
+        thresholds = thresholds_for(info.precision, **(overrides or {}))
+        return judge_candidate(info, candidate, str(candidate.endpoint), shapes, reference, data, num_images, device,
+                               thresholds, save_diff, progress)
+    finally:
+        candidate.deactivate()
+
+
+def judge_candidate(info: ArtifactInfo, candidate, artifact: Path | str, shapes: dict, reference: str, data: str,
+                    num_images: int, device: str, thresholds: Thresholds | None, save_diff: Path | None,
+                    progress: Callable[[int, int], None] | None) -> VerifyReport:
+    """One candidate (an artifact's runner, or a served model's) against the PyTorch reference at `shapes`: the
+    loop both verify commands share."""
     loaded = load_checkpoint(reference)
     check_reference(info, loaded)
     thresholds = thresholds or thresholds_for(info.precision)
     inputs = load_inputs(data, "val", num_images, tuple(info.input_size)).at_shapes(shapes)
-    candidate = runner_for(artifact, device=device, backend=backend)
     seen = [0]
 
     def on_image(image, ref_logits, masks) -> None:
@@ -110,12 +138,14 @@ def verify_artifact(
                          consistency=get_precision(info.precision).consistency(thresholds))
     verdict = result.comparisons["artifact"]
     if verdict.error is not None:
-        raise VitsegError(f"{artifact.name} could not be run: {verdict.error}", "see the message; re-export if needed")
-    return report_from_comparison(verdict, artifact, reference, info.precision, candidate, device, data,
+        name = artifact.name if isinstance(artifact, Path) else artifact
+        raise VitsegError(f"{name} could not be run: {verdict.error}", "see the message; re-export if needed")
+    return report_from_comparison(verdict, artifact, reference, info.precision, candidate,
+                                  candidate.device, data,
                                   result.reference_seconds_per_image, thresholds, info.architecture)
 
 
-def report_from_comparison(comparison: Comparison, artifact: Path, reference: str, precision: str, runner, device: str,
+def report_from_comparison(comparison: Comparison, artifact: Path | str, reference: str, precision: str, runner, device: str,
                            data: str, reference_seconds: float, thresholds: Thresholds | None = None,
                            architecture: str | None = None) -> VerifyReport:
     """The verify report of one comparator verdict (a Comparison) for `artifact` run by `runner`."""

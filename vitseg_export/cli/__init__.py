@@ -24,6 +24,7 @@ from vitseg_export.cli import models as models_cmd
 from vitseg_export.cli import predict as predict_cmd
 from vitseg_export.cli import profile as profile_cmd
 from vitseg_export.cli import prune as prune_cmd
+from vitseg_export.cli import serve as serve_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
 from vitseg_export.cli.common import err_console
@@ -41,7 +42,7 @@ app = typer.Typer(
 COMMANDS = {"models": models_cmd.models, "train": train_cmd.train, "export": export_cmd.export,
             "verify": verify_cmd.verify, "predict": predict_cmd.predict, "demo": demo_cmd.demo,
             "doctor": doctor_cmd.doctor, "profile": profile_cmd.profile, "benchmark": profile_cmd.benchmark,
-            "prune": prune_cmd.prune}
+            "prune": prune_cmd.prune, "serve": serve_cmd.serve}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 
@@ -57,8 +58,11 @@ def _fail(message: str, hint: str | None, code: int) -> NoReturn:
         line.append(f" ({' '.join(hint.split())})", style="dim")
     try:
         err_console.print(line, soft_wrap=True)
-    except (UnicodeEncodeError, OSError):  # a stream that cannot take the text: the line, escaped, as bytes
-        os.write(2, (line.plain + "\n").encode("ascii", "backslashreplace"))
+    except UnicodeEncodeError:  # a stream that cannot take the text: the line, escaped, as bytes
+        try:
+            os.write(2, (line.plain + "\n").encode("ascii", "backslashreplace"))
+        except OSError:  # stderr closed or full: the exit code still says it
+            pass
     sys.exit(code)
 
 
@@ -85,6 +89,32 @@ _signals_received: list[int] = []
 def _on_sigterm(signum, frame) -> None:
     _signals_received.append(signum)
     raise Terminated()
+
+
+TRUE_VALUES, FALSE_VALUES = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def check_environment() -> None:
+    """Every environment value vitseg reads, checked with the range it means (VitsegError naming it, never a
+    silent default): VITSEG_DEBUG, VITSEG_MAX_IMAGE_PIXELS, and torchrun's WORLD_SIZE, RANK and LOCAL_RANK."""
+    debug = os.environ.get("VITSEG_DEBUG")
+    if debug is not None and debug.strip().lower() not in TRUE_VALUES + FALSE_VALUES:
+        raise VitsegError(f"VITSEG_DEBUG={debug!r} is not a yes or no", "set it to 1 (tracebacks) or 0, or unset it")
+    max_image_pixels()
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = os.environ.get(name)
+        if text is not None:
+            if not text.strip().isascii() or not text.strip().isdigit():
+                raise VitsegError(f"{name}={text!r} is not a whole number >= 0", "torchrun sets it; unset it to run on one process")
+            values[name] = int(text)
+    world, rank = values.get("WORLD_SIZE"), values.get("RANK")
+    if world is not None and world < 1:
+        raise VitsegError(f"WORLD_SIZE={world} is not a number of processes >= 1", "torchrun sets it; unset it to run on one process")
+    if (world or 1) > 1 and rank is None:
+        raise VitsegError(f"WORLD_SIZE={world} without RANK", "start distributed training with torchrun, which sets both")
+    if rank is not None and rank >= (world or 1):
+        raise VitsegError(f"RANK={rank} is not below WORLD_SIZE={world or 1}", "start distributed training with torchrun, which sets both")
 
 
 def _usage_error(e: BaseException) -> tuple[str, str, int] | None:
@@ -129,7 +159,7 @@ def _report(e: BaseException, debug: bool) -> NoReturn:
         _fail(str(e) or type(e).__name__, "check the path, its permissions and the free space", 2)
     if isinstance(e, MemoryError) or any(m in str(e).lower() for m in ALLOCATION_FAILURES):
         _fail("out of memory", "use smaller images, a smaller --batch-size or a machine with more memory", 2)
-    if isinstance(e, UnicodeError):  # a stream or file system that cannot encode a path
+    if isinstance(e, UnicodeEncodeError):  # a stream or file system that cannot encode a path
         _fail(f"a path or name cannot be encoded here ({e})", "use UTF-8 (PYTHONIOENCODING=utf-8, a UTF-8 locale)", 2)
     if type(e).__name__ == "DecompressionBombError":  # PIL: an image too large to decode safely
         _fail(str(e), "downscale the image", 2)
@@ -142,12 +172,14 @@ def main() -> None:
     the same cleanup as Ctrl-C, and no temp file outlives the command."""
     warnings.showwarning = _show_warning
     _streams_escape_what_they_cannot_encode()
-    debug = os.environ.get("VITSEG_DEBUG") == "1"
+    debug = os.environ.get("VITSEG_DEBUG", "").strip().lower() in TRUE_VALUES
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # kills clean up like Ctrl-C
     _signals_received.clear()
     try:
-        max_image_pixels()  # environment values are checked before any command runs, like options
+        if sys.stdout is None:  # `vitseg ... >&-`: results would be lost
+            raise VitsegError("stdout is closed, so vitseg's results would be lost", "run it with stdout open, or redirect it to a file")
+        check_environment()  # environment values are checked before any command runs, like options
         code = app(standalone_mode=False)
     except SystemExit:
         raise

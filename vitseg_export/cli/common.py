@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from pathlib import Path
@@ -18,9 +19,38 @@ from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_outputs_spare_inputs, json_bytes
 from vitseg_export.formats import artifact_files
 
+
+class _BestEffortStderr(io.TextIOBase):
+    """stderr for progress, logs and errors that never fails the command: a full or broken stderr
+    (2>/dev/full, a closed pipe) loses those lines, not the work. Resolved at every write, like sys.stderr."""
+
+    def write(self, text: str) -> int:
+        stream = sys.stderr
+        if stream is not None:
+            try:
+                stream.write(text)
+            except (OSError, ValueError):
+                pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def isatty(self) -> bool:
+        return bool(sys.stderr is not None and sys.stderr.isatty())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+
 # Results on stdout, progress and logs on stderr.
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(file=_BestEffortStderr())
 
 def finite_range(low: float, high: float | None, meaning: str, open_ends: bool = False) -> Callable[[Any], Any]:
     """A typer callback that refuses (usage error, exit 2) a value outside [low, high] ((low, high) with
@@ -42,6 +72,7 @@ FRACTION = finite_range(0.0, 1.0, "a fraction in [0, 1]")
 NON_NEGATIVE = finite_range(0.0, None, "a finite number >= 0")
 POSITIVE = finite_range(0.0, None, "a finite number > 0", open_ends=True)
 RATIO = finite_range(0.0, 1.0, "a fraction in (0, 1)", open_ends=True)
+WORKSPACE = finite_range(0.0, 1024.0, "a workspace in (0, 1024] GB", open_ends=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: the runtime's).")]
@@ -65,6 +96,8 @@ def parse_size(text: str, option: str = "--image-size") -> tuple[int, int]:
         values = []
     if len(values) not in (1, 2) or min(values, default=0) <= 0:
         raise VitsegError(f"{option} '{text}' is not HxW or S", f"e.g. {option} 512 or {option} 384x512")
+    if min(values) < MIN_INPUT_SIDE:
+        raise VitsegError(f"{option} {text} is too small", f"use at least {MIN_INPUT_SIDE}x{MIN_INPUT_SIDE}")
     check_size(values[0], values[-1], option)
     return (values[0], values[-1])
 

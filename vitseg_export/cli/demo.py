@@ -18,6 +18,7 @@ from vitseg_export.cli.train import train as train_command
 from vitseg_export.data.sources import open_source
 from vitseg_export.errors import ParityError
 from vitseg_export.files import atomic_write_bytes, check_output_dir
+from vitseg_export.precisions import get_precision
 from vitseg_export.predict import predict_images
 from vitseg_export.tables import lazy_module
 
@@ -37,6 +38,9 @@ def demo(
     """Train -> export (fp32, fp16, int8) -> verify -> profile -> predict, on CPU in a few minutes."""
 
     check_output_dir(output, "--output")
+    wanted = tuple(p.strip() for p in precisions.split(","))
+    for name in wanted:  # a bad precision is one line before training, not after it
+        get_precision(name)
     arch = registry.get_architecture(model)
     size = registry.get_family(arch.family).fixed_input_size(arch.config) or image_size
     run_dir = output / "run"
@@ -45,7 +49,7 @@ def demo(
                   batch_size=16, init=None, lr=None, workers=1, seed=0)
 
     err_console.rule(Text(f"2/3 export {precisions} to {', '.join(benchmark.available_formats())}, verify each against PyTorch, profile"))
-    settings = benchmark.BenchmarkSettings(formats=benchmark.available_formats(), precisions=tuple(p.strip() for p in precisions.split(",")),
+    settings = benchmark.BenchmarkSettings(formats=benchmark.available_formats(), precisions=wanted,
                                  image_size=(size, size),
                                  verify_images=verify_images)
     report = benchmark.run_benchmark(str(run_dir), output, settings, log=log)

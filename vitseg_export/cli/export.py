@@ -10,10 +10,13 @@ import typer
 
 from vitseg_export.cli.common import (
     FRACTION,
-    POSITIVE,
+    MAX_BATCH,
+    WORKSPACE,
     JsonFlag,
+    check_size,
     console,
     log,
+    parse_ints,
     parse_size,
     print_json,
     spare_inputs,
@@ -21,14 +24,24 @@ from vitseg_export.cli.common import (
 )
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
-from vitseg_export.export.settings import EngineSettings, ExportRequest, Int8Settings, OnnxExportSettings
-from vitseg_export.files import check_output_file
-from vitseg_export.formats import FORMATS, get_format
+from vitseg_export.export.settings import (
+    CALIB_METHODS,
+    INT8_TARGETS,
+    OUTPUT_CHOICES,
+    EngineSettings,
+    ExportRequest,
+    Int8Settings,
+    OnnxExportSettings,
+    TritonSettings,
+)
+from vitseg_export.files import check_output_dir, check_output_file
+from vitseg_export.formats import FORMATS, format_for_path, get_format
 from vitseg_export.precisions import PRECISIONS, get_precision
 from vitseg_export.tables import lazy_module
 
 checkpoints = lazy_module("vitseg_export.checkpoint")  # torch
 trt_lint = lazy_module("vitseg_export.export.trt_lint")  # onnx, for --check-trt only
+repository = lazy_module("vitseg_export.serving.repository")  # the Triton backends
 
 
 def default_artifact_path(checkpoint: str, architecture: str, precision: str, suffix: str = ".onnx") -> Path:
@@ -39,10 +52,10 @@ def default_artifact_path(checkpoint: str, architecture: str, precision: str, su
 
 
 def export(
-    checkpoint: Annotated[str, typer.Argument(help="Run dir, .safetensors, Hugging Face SegFormer dir, or architecture name.")],
+    checkpoint: Annotated[str, typer.Argument(help="Run dir, .safetensors, Hugging Face SegFormer dir, or architecture name; for formats that build on one, an artifact (.onnx, .xml, .engine).")],
     format: Annotated[str, typer.Option("--format", help=f"Artifact format: {', '.join(FORMATS)}.")] = "onnx",
     precision: Annotated[str, typer.Option("--precision", help=f"Numeric precision: {', '.join(PRECISIONS)}.")] = "fp32",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Artifact path (default: beside the checkpoint).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Artifact path (default: beside the checkpoint); triton: the repository directory.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (17: native LayerNormalization, TensorRT-portable).")] = 17,
     dynamic_batch: Annotated[Optional[bool], typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension (default: dynamic, static for formats that run faster static: openvino).")] = None,
     dynamic_size: Annotated[bool, typer.Option("--dynamic-size", help="Dynamic height/width (SegFormer only).")] = False,
@@ -54,74 +67,132 @@ def export(
     data: Annotated[str, typer.Option("--data", help="Images that judge the export (their validation split): synthetic[:N], pets:DIR or folder:DIR.")] = "synthetic",
     calib: Annotated[Optional[str], typer.Option("--calib", help="int8: calibration data spec (its calib split); default: --data.")] = None,
     heldout: Annotated[Optional[str], typer.Option("--heldout", help="int8: data spec whose validation split decides the float fallback; default: --calib's.")] = None,
-    calib_images: Annotated[int, typer.Option("--calib-images", min=1, max=100000, help="int8: calibration images.")] = 32,
-    calib_method: Annotated[str, typer.Option("--calib-method", help="int8: minmax, entropy or percentile.")] = "minmax",
+    calib_images: Annotated[Optional[int], typer.Option("--calib-images", min=1, max=100000, help="int8: calibration images (default 32).")] = None,
+    calib_method: Annotated[Optional[str], typer.Option("--calib-method", help="int8: minmax (default), entropy or percentile.")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="int8: cpu (ONNX Runtime) or trt (TensorRT: float part in fp16); default trt for --format trt, else cpu.")] = None,
     check_trt: Annotated[bool, typer.Option("--check-trt", help="Lint the ONNX against the TensorRT parser's supported ops/attributes.")] = False,
-    workspace: Annotated[float, typer.Option("--workspace", callback=POSITIVE, help="trt: builder workspace in GB.")] = 4.0,
+    workspace: Annotated[Optional[float], typer.Option("--workspace", callback=WORKSPACE, help="trt: builder workspace in GB (default 4).")] = None,
     min_shape: Annotated[Optional[str], typer.Option("--min-shape", help="trt: NxCxHxW of the optimization profile.")] = None,
     opt_shape: Annotated[Optional[str], typer.Option("--opt-shape", help="trt: NxCxHxW.")] = None,
     max_shape: Annotated[Optional[str], typer.Option("--max-shape", help="trt: NxCxHxW.")] = None,
     sparsity: Annotated[bool, typer.Option("--sparsity", help="trt: allow 2:4 sparse kernels (Ampere+).")] = False,
     timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="trt: timing cache file to reuse and update.")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="trt: version-compatible engine.")] = False,
-    dla_core: Annotated[Optional[int], typer.Option("--dla-core", min=0, help="trt: build for this DLA core (Jetson; fp16/int8, static shapes).")] = None,
+    dla_core: Annotated[Optional[int], typer.Option("--dla-core", min=0, max=15, help="trt: build for this DLA core (Jetson; fp16/int8, static shapes).")] = None,
     weakly_typed: Annotated[bool, typer.Option("--weakly-typed", help="trt: TensorRT 10.x fallback with FP16/INT8 builder flags.")] = False,
     min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", callback=FRACTION, help="int8: held-out agreement to reach by falling back layers (default: the int8 preset).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="triton: the model's name (default: ARCHITECTURE-PRECISION).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="triton: onnxruntime, openvino, tensorrt (Triton's native backends) or python (vitseg's runner in Triton's Python backend); default: the artifact's native one.")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", min=1, max=MAX_BATCH, help="triton: the largest batch the dynamic batcher forms (default 8).")] = None,
+    instances: Annotated[Optional[int], typer.Option("--instances", min=1, max=64, help="triton: model instances (default 1).")] = None,
+    preferred_batch: Annotated[Optional[str], typer.Option("--preferred-batch", help="triton: batch sizes the batcher prefers, comma-separated (default 4,8).")] = None,
+    max_queue_delay_us: Annotated[Optional[int], typer.Option("--max-queue-delay-us", min=0, max=10_000_000, help="triton: how long a request may wait for others to batch with (default 1000).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="triton: cpu (default) or gpu instances.")] = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Export a checkpoint (or, for formats that build on one, an ONNX artifact); refuses to write a graph
-    whose outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
+    """Export a checkpoint (or, for formats that build on one, an artifact); refuses to write a graph whose
+    outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
     fmt = get_format(format)
     get_precision(precision)
+    given = {k: v for k, v in locals().items() if k in OPTION_GROUPS and v not in (None, False)}
+    _refuse_what_does_not_apply(fmt.name, precision, backend, given)
+    _check_choices(outputs, calib_method, target, backend, device)
     fmt.require()  # a missing backend says so before any other work
     request = ExportRequest(
-        format, OnnxExportSettings(precision=precision, opset=opset, image_size=parse_size(image_size) if image_size else None,
+        format, OnnxExportSettings(precision=precision, opset=opset, image_size=parse_size(image_size) if image_size is not None else None,
                                    dynamic_batch=not fmt.static_by_default if dynamic_batch is None else dynamic_batch,
                                    dynamic_size=dynamic_size, outputs=outputs,
                                    simplify=simplify, fp16_io=fp16_io, fold=not no_fold, parity_data=data),
-        _int8_settings(calib or data, calib_images, calib_method, target or fmt.int8_target, min_agreement, heldout),
-        EngineSettings(workspace_gb=workspace, min_shape=_shape(min_shape), opt_shape=_shape(opt_shape),
-                       max_shape=_shape(max_shape), sparsity=sparsity, timing_cache=timing_cache,
-                       version_compatible=version_compatible, dla_core=dla_core, weakly_typed=weakly_typed),
-        check_trt)
-    path, result = _run_export(fmt, checkpoint, output, request)
+        Int8Settings(calib=calib or data, calib_images=calib_images or 32, method=calib_method or "minmax",
+                     target=target or fmt.int8_target, heldout=heldout, min_agreement=min_agreement),
+        EngineSettings(workspace_gb=4.0 if workspace is None else workspace, min_shape=_shape(min_shape, "--min-shape"),
+                       opt_shape=_shape(opt_shape, "--opt-shape"), max_shape=_shape(max_shape, "--max-shape"),
+                       sparsity=sparsity, timing_cache=timing_cache, version_compatible=version_compatible,
+                       dla_core=dla_core, weakly_typed=weakly_typed),
+        check_trt, _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device))
+    _, result = _run_export(fmt, checkpoint, output, request)
+    path = result.path
     lint = _lint(result, check_trt)
     if json_output:
         print_json({"artifact": str(path), **result.manifest.to_json(), **({"trt_lint": [str(p) for p in lint]} if check_trt else {})})
         return
     for line in fmt.summary(path, result.manifest):
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
     if check_trt:
         _print_lint(path, lint)
 
 
-def _int8_settings(calib: str, images: int, method: str, target: str, min_agreement: Optional[float], heldout: Optional[str]):
-    return Int8Settings(calib=calib, calib_images=images, method=method, target=target, heldout=heldout,
-                        min_agreement=min_agreement)
+# option -> what it applies to: the int8 precision, a TensorRT engine, a Triton repository, fp16
+OPTION_GROUPS = {**dict.fromkeys(("calib", "heldout", "calib_images", "calib_method", "target", "min_agreement"), "int8"),
+                 **dict.fromkeys(("workspace", "min_shape", "opt_shape", "max_shape", "sparsity", "timing_cache",
+                                  "version_compatible", "dla_core", "weakly_typed"), "trt"),
+                 **dict.fromkeys(("name", "backend", "max_batch_size", "instances", "preferred_batch",
+                                  "max_queue_delay_us", "device"), "triton"),
+                 "fp16_io": "fp16"}
+
+
+def _refuse_what_does_not_apply(fmt: str, precision: str, backend: Optional[str], given: dict) -> None:
+    """An option given for a format or precision it does not apply to is refused, never silently ignored."""
+    engine = fmt == "trt" or (fmt == "triton" and backend == "tensorrt")
+    applies = {"int8": precision == "int8", "trt": engine, "triton": fmt == "triton", "fp16": precision == "fp16"}
+    for option, group in OPTION_GROUPS.items():
+        if option in given and not applies[group]:
+            flag = "--" + option.replace("_", "-")
+            what = {"int8": "--precision int8", "trt": "--format trt (or --format triton --backend tensorrt)",
+                    "triton": "--format triton", "fp16": "--precision fp16"}[group]
+            raise VitsegError(f"{flag} applies to {what} only, not --format {fmt} --precision {precision}",
+                              f"drop {flag}, or export with {what}")
+
+
+def _check_choices(outputs: str, calib_method: Optional[str], target: Optional[str], backend: Optional[str],
+                   device: Optional[str]) -> None:
+    """Values with a fixed set of choices, checked before any work."""
+    for option, value, choices in (("--outputs", outputs, OUTPUT_CHOICES), ("--calib-method", calib_method, CALIB_METHODS),
+                                   ("--target", target, INT8_TARGETS), ("--device", device, ("cpu", "gpu"))):
+        if value is not None and value not in choices:
+            raise VitsegError(f"{option} {value} is unknown", f"use one of: {', '.join(choices)}")
+    if backend is not None:
+        repository.TRITON_BACKENDS.row(backend)
+
+
+def _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device) -> TritonSettings:
+    defaults = TritonSettings()
+    return TritonSettings(name=name, backend=backend, max_batch_size=max_batch_size or defaults.max_batch_size,
+                          instances=instances or defaults.instances,
+                          preferred_batch=tuple(parse_ints(preferred_batch, "--preferred-batch")) if preferred_batch is not None
+                          else defaults.preferred_batch,
+                          max_queue_delay_us=defaults.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us,
+                          device=device or defaults.device)
 
 
 def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
     """(artifact path, ExportResult): from an ONNX artifact where the format builds on one, else from the checkpoint.
     The output path and the data specs are checked before any heavy work."""
+    check_output = check_output_dir if fmt.directory else check_output_file
     if output is not None:
-        check_output_file(output, "--output")
+        check_output(output, "--output")
         _spare_inputs(fmt, checkpoint, output, request)
+        if not fmt.directory and output.suffix.lower() not in fmt.suffixes:
+            raise VitsegError(f"--output {output}: --format {fmt.name} writes {' or '.join(fmt.suffixes)} files",
+                              f"e.g. -o {output.with_suffix(fmt.suffixes[0])}")
     sources = _check_data(request)
-    if checkpoint.endswith(".onnx"):
-        if fmt.from_onnx is None:
-            raise VitsegError(f"--format {fmt.name} exports checkpoints, and {checkpoint} is an ONNX artifact",
+    source = format_for_path(Path(checkpoint))
+    if source is not None:
+        if fmt.from_artifact is None or source.name not in fmt.artifact_sources:
+            builds = f"from {' or '.join(fmt.artifact_sources)} artifacts or checkpoints" if fmt.artifact_sources else "from checkpoints"
+            raise VitsegError(f"--format {fmt.name} builds {builds}, and {checkpoint} is a {source.name} artifact",
                               "pass the checkpoint it was exported from")
-        path = output or Path(checkpoint).with_suffix(fmt.suffixes[0])
+        path = output or (Path(checkpoint).parent / "triton" if fmt.directory else Path(checkpoint).with_suffix(fmt.suffixes[0]))
         _spare_inputs(fmt, checkpoint, path, request)
         with status(fmt.name) as update:
-            return path, fmt.from_onnx(Path(checkpoint), path, request, update)
+            return path, fmt.from_artifact(Path(checkpoint), path, request, lambda m: (update(m), log(f"  {m}")))
 
     loaded = checkpoints.load_checkpoint(checkpoint)
     for spec, source in sources.items():
         check_labels_fit(source, spec, loaded.meta.config.num_classes)
-    path = output or default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0])
-    check_output_file(path, "output")
+    path = output or (default_artifact_path(checkpoint, "triton", "repository", "") if fmt.directory else
+                      default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0]))
+    check_output(path, "output")
     _spare_inputs(fmt, checkpoint, path, request)
     with status("export") as update:
         return path, fmt.export(loaded, path, request, lambda m: (update(m), log(f"  {m}")))
@@ -130,7 +201,9 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
 def _spare_inputs(fmt, checkpoint: str, path: Path, request) -> None:
     """Every file the export writes (the artifact, its sidecars and manifest, the ONNX beside an engine) spares
     the checkpoint or artifact it reads and the data folders."""
-    written = fmt.files(path) + (fmt.files(path.with_suffix(".onnx")) if fmt.onnx_beside and not checkpoint.endswith(".onnx") else [])
+    written = [path] if fmt.directory else fmt.files(path)
+    if fmt.onnx_beside and format_for_path(Path(checkpoint)) is None:
+        written += fmt.files(path.with_suffix(".onnx"))
     spare_inputs({"--output": written}, models=[checkpoint],
                  data=[request.onnx.parity_data, request.int8.calib, request.int8.heldout])
 
@@ -162,10 +235,15 @@ def _print_lint(path: Path, lint: list) -> None:
     console.print("TensorRT lint: every op and attribute is supported by the TensorRT ONNX parser")
 
 
-def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+def _shape(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+    """'1x3x512x512' -> (1, 3, 512, 512): a batch in 1..MAX_BATCH, 3 channels, a size vitseg runs at."""
     if text is None:
         return None
     try:
-        return tuple(int(v) for v in text.lower().split("x"))
+        shape = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise VitsegError(f"shape '{text}' is not NxCxHxW", "e.g. 1x3x512x512") from None
+        shape = ()
+    if len(shape) != 4 or shape[1] != 3 or not 1 <= shape[0] <= MAX_BATCH:
+        raise VitsegError(f"{option} '{text}' is not NxCxHxW with 3 channels and N in 1..{MAX_BATCH}", f"e.g. {option} 1x3x512x512")
+    check_size(shape[2], shape[3], option)
+    return shape

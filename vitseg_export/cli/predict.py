@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vitseg_export.cli.common import BackendOption, JsonFlag, console, print_json, progress_bar, spare_inputs
-from vitseg_export.errors import VitsegError
+from vitseg_export.errors import Terminated, VitsegError
 from vitseg_export.files import check_output_dir
 from vitseg_export.predict import predict_images
 
@@ -32,7 +32,10 @@ def predict(
     check_output_dir(output, "--output")
     spare_inputs({"--output": output}, models=[model], files=images)
 
+    done: list = []
+
     def written(r) -> None:  # as each mask lands, so that an interrupted run says what it finished
+        done.append(r)
         if not json_output:
             console.print(f"{r.image} -> {r.mask_path}" + (f", {r.overlay_path}" if r.overlay_path else ""), markup=False,
                           highlight=False, soft_wrap=True)
@@ -40,15 +43,24 @@ def predict(
     with progress_bar() as bar:
         task = bar.add_task("predict", total=len(images))
 
-        def progress(r, done: int, total: int) -> None:
+        def progress(r, count: int, total: int) -> None:
             written(r)
-            bar.update(task, completed=done)
+            bar.update(task, completed=count)
 
-        results = predict_images(model, images, output, overlay, device, progress=progress, backend=backend,
-                                 max_pixels=0 if allow_large_images else None)
+        try:
+            results = predict_images(model, images, output, overlay, device, progress=progress, backend=backend,
+                                     max_pixels=0 if allow_large_images else None)
+        except (KeyboardInterrupt, Terminated):
+            if json_output:  # what it finished, as the JSON a whole run prints
+                print_json(_json_rows(done))
+            raise
     if json_output:
-        print_json([{"image": str(r.image), "mask": str(r.mask_path), "overlay": str(r.overlay_path) if r.overlay_path else None,
-                     "class_pixels": r.class_pixels} for r in results])
+        print_json(_json_rows(results))
         return
     console.print(f"wrote {len(results)} mask{'s' if len(results) != 1 else ''}{' and overlays' if overlay else ''} "
                   f"to {output}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _json_rows(results: list) -> list[dict]:
+    return [{"image": str(r.image), "mask": str(r.mask_path), "overlay": str(r.overlay_path) if r.overlay_path else None,
+             "class_pixels": r.class_pixels} for r in results]

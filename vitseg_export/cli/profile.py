@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vitseg_export.cli.common import (
+    POSITIVE,
     RATIO,
     BackendOption,
     DataSpec,
@@ -26,16 +27,18 @@ from vitseg_export.cli.common import (
 )
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_output_dir, check_output_file, write_json
-from vitseg_export.formats import FORMATS
-from vitseg_export.precisions import PRECISIONS
+from vitseg_export.formats import FORMATS, get_format
+from vitseg_export.precisions import PRECISIONS, get_precision
+from vitseg_export.profiling import environment
 from vitseg_export.profiling import profile as run_profile
 from vitseg_export.tables import lazy_module
 
 matrix = lazy_module("vitseg_export.benchmark")
+client = lazy_module("vitseg_export.serving.client")
 
 
 def profile(
-    models: Annotated[list[str], typer.Argument(help="ONNX artifacts, engines or checkpoints (PyTorch eager).")],
+    models: Annotated[Optional[list[str]], typer.Argument(help="Artifacts (.onnx, .xml, .engine) or checkpoints (PyTorch eager); or --server.")] = None,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: ThreadsOption = None,
@@ -45,10 +48,21 @@ def profile(
     backend: BackendOption = None,
     autocast: Annotated[bool, typer.Option("--autocast", help="Run checkpoints under PyTorch's CUDA fp16 autocast (eager fp16); artifacts keep their exported precision.")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    server: Annotated[Optional[str], typer.Option("--server", help="Time a served model instead: http://HOST:PORT or grpc://HOST:PORT.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="--server: the served model's name.")] = None,
+    concurrency: Annotated[str, typer.Option("--concurrency", help="--server: concurrent clients per level, comma-separated.")] = "1,4,16",
+    duration: Annotated[float, typer.Option("--duration", callback=POSITIVE, help="--server: seconds each level runs.")] = 10.0,
 ) -> None:
-    """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch."""
+    """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch; with
+    --server, client-side latency, throughput and errors of a served model per concurrency level."""
+    if (not models) == (server is None):
+        raise typer.BadParameter("pass MODELS or --server URL --model NAME, one of them")
+    if server is not None:
+        if model is None:
+            raise typer.BadParameter("--server needs --model")
+        return _profile_server(server, model, parse_ints(concurrency, "--concurrency", maximum=256), duration, json_file)
     batches = parse_ints(batch, "--batch")
-    size = parse_size(image_size) if image_size else None
+    size = parse_size(image_size) if image_size is not None else None
     if json_file:
         check_output_file(json_file, "--json")
         spare_inputs({"--json": json_file}, models=models)
@@ -60,6 +74,30 @@ def profile(
     print_profile_tables(results, device, warmup, iters)
     if json_file:
         write_json(json_file, results)
+
+
+def _profile_server(server: str, model: str, levels: list[int], duration: float, json_file: Optional[Path]) -> None:
+    """`vitseg profile --server`: one load test per concurrency level, a table, the JSON."""
+    if json_file:
+        check_output_file(json_file, "--json")
+    report = client.LoadReport(f"{server.rstrip('/')}/{model}", [], environment=environment(None))
+    with err_console.status("profiling") as status:
+        for level in levels:
+            status.update(Text(f"{level} concurrent clients for {duration:g} s"))
+            report.levels.append(client.load_test(server, model, level, duration))
+    table = Table(title=escape(f"{report.endpoint}: client-side, single-image requests, {duration:g} s per level"),
+                  title_justify="left")
+    for col in ("clients", "requests", "errors", "img/s", "p50 ms", "p90 ms", "p99 ms"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in report.levels:
+        table.add_row(str(row.concurrency), str(row.requests), str(row.errors), f"{row.throughput_per_s:.1f}",
+                      *("-" if v is None else f"{v:.2f}" for v in (row.p50_ms, row.p90_ms, row.p99_ms)))
+    console.print(table)
+    errors = [row for row in report.levels if row.errors]
+    if errors:
+        console.print(f"first error at {errors[0].concurrency} clients: {errors[0].first_error}", markup=False, highlight=False)
+    if json_file:
+        write_json(json_file, report.to_json())
 
 
 def print_profile_tables(results: list[dict], device: str, warmup: int, iters: int) -> None:
@@ -105,12 +143,17 @@ def benchmark(
 
     check_output_dir(output, "--output")
     spare_inputs({"--output": output}, models=[checkpoint], data=[data, calib])
+    if formats != "auto":  # formats asked for by name must be available here: one line, before any work
+        for name in formats.split(","):
+            get_format(name.strip()).require()
+    for name in precisions.split(","):
+        get_precision(name.strip())
     settings = matrix.BenchmarkSettings(formats=matrix.available_formats() if formats == "auto" else tuple(f.strip() for f in formats.split(",")),
                                  precisions=tuple(p.strip() for p in precisions.split(",")),
-                                 image_size=parse_size(image_size) if image_size else None, device=device,
+                                 image_size=parse_size(image_size) if image_size is not None else None, device=device,
                                  verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
                                  fold=not no_fold, calib=calib,
-                                 prune_ratios=_ratios(prune) if prune else ())
+                                 prune_ratios=_ratios(prune) if prune is not None else ())
     report = matrix.run_benchmark(checkpoint, output, settings, log=log)
     if json_output:
         print_json(report.to_json())

@@ -23,7 +23,7 @@ def prune(
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, max=10000)] = 0,
     data: DataSpec = "synthetic",
     image_size: Annotated[Optional[int], typer.Option("--image-size", callback=square_size)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 16,
     eval_images: Annotated[int, typer.Option("--eval-images", min=1, max=100000, help="Validation images for the before/after figures.")] = 64,
 ) -> None:
     """Remove attention heads, MLP channels and decoder channels by importance; fine-tune; report accuracy."""

@@ -23,7 +23,7 @@ def train(
     data: DataSpec = "synthetic",
     epochs: Annotated[int, typer.Option(min=1, max=10000)] = 3,
     image_size: Annotated[Optional[int], typer.Option("--image-size", callback=square_size, help="Square training size (default: the model's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 16,
     init: Annotated[Optional[str], typer.Option("--init", help="Start from a vitseg run, a Hugging Face SegFormer dir, "
                                                 "or timm/seed-article ViT weights (.safetensors/.bin/.pth).")] = None,
     lr: Annotated[Optional[float], typer.Option(callback=POSITIVE, help="Learning rate (default: Adam 4e-4 for vit, AdamW 6e-4 for segformer).")] = None,

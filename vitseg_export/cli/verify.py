@@ -33,8 +33,8 @@ verification = lazy_module("vitseg_export.verify")
 
 
 def verify(
-    artifact: Annotated[Path, typer.Argument(help="The exported artifact (.onnx, .engine, ...).")],
     reference: Annotated[str, typer.Option("--reference", "-r", help="The checkpoint it was exported from.")],
+    artifact: Annotated[Optional[Path], typer.Argument(help="The exported artifact (.onnx, .xml, .engine); or --server.")] = None,
     data: DataSpec = "synthetic",
     num_images: Annotated[int, typer.Option("--num-images", min=1, max=100000)] = 16,
     device: Annotated[str, typer.Option(help="cpu or cuda (both sides).")] = "cpu",
@@ -46,29 +46,47 @@ def verify(
     backend: BackendOption = None,
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Batch sizes to judge a dynamic-batch artifact at (default 1,4; an engine: its profile's min,opt,max).")] = None,
     sizes: Annotated[Optional[str], typer.Option("--sizes", help="Other HxW sizes to judge a dynamic-size artifact at, comma-separated (default: one, 3/4 of its own).")] = None,
+    server: Annotated[Optional[str], typer.Option("--server", help="Judge a served model instead: http://HOST:PORT or grpc://HOST:PORT.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="--server: the served model's name.")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=256, help="--server: concurrent requests, so the dynamic batcher forms batches.")] = 8,
     json_output: JsonFlag = False,
 ) -> None:
-    """Compare an artifact with its PyTorch reference on real images, at every batch size and input size it
-    declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
-
+    """Compare an artifact (or what a served model returns) with its PyTorch reference on real images, at every
+    batch size and input size it declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
+    if (artifact is None) == (server is None):
+        raise typer.BadParameter("pass an ARTIFACT or --server URL --model NAME, one of them")
+    if server is not None and (model is None or batch_sizes or sizes or backend):
+        raise typer.BadParameter("--server needs --model, and takes --concurrency instead of --batch-sizes, --sizes, --backend")
     if report:
         check_output_file(report, "--report")
     if save_diff:
         check_output_dir(save_diff, "--save-diff")
-    spare_inputs({"--report": report, "--save-diff": save_diff}, models=[artifact, reference], data=[data])
+    spare_inputs({"--report": report, "--save-diff": save_diff}, models=[artifact, reference] if artifact else [reference],
+                 data=[data])
+    overrides = {"min_agreement": min_agreement, "min_miou_vs_reference": min_miou, "max_abs_logit_diff": max_abs_diff}
+    if server is not None:
+        with progress_bar() as bar:
+            task = bar.add_task("verify", total=num_images)
+            result = verification.verify_server(server, model, reference, data, num_images, concurrency, device,
+                                                overrides=overrides, save_diff=save_diff,
+                                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+        return _report(result, f"{server.rstrip('/')}/{model}", reference, report, json_output)
     info = read_artifact_info(artifact)
-    batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes else None
-    other_sizes = [parse_size(t, "--sizes") for t in sizes.split(",") if t.strip()] if sizes else None
+    batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes is not None else None
+    other_sizes = [parse_size(t.strip(), "--sizes") for t in sizes.split(",")] if sizes is not None else None
     info.declared_shapes(batches, other_sizes)  # a shape the artifact does not take: one line, before any work
     check_labels_fit(open_source(data, "val"), data, len(info.class_names))  # bad data: one line, before any work
-    precision = info.precision
-    thresholds = thresholds_for(precision, min_agreement=min_agreement, min_miou_vs_reference=min_miou,
-                                max_abs_logit_diff=max_abs_diff)
+    thresholds = thresholds_for(info.precision, **overrides)
     with progress_bar() as bar:
         task = bar.add_task("verify", total=num_images)
         result = verification.verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total),
                                  backend=backend, batch_sizes=batches, sizes=other_sizes)
+    _report(result, artifact.name, reference, report, json_output)
+
+
+def _report(result, name: str, reference: str, report: Optional[Path], json_output: bool) -> None:
+    """Write, print and judge a verify report (exit 3 through ParityError on a failure)."""
     r = result.to_json()
     if report:
         verification.write_report(result, report)
@@ -78,10 +96,10 @@ def verify(
         print_verify_table(r)
         print_shape_lines(r)
     if not result.passed:
-        raise ParityError(f"{artifact.name} FAILED{result.failed_at} ({r['precision']} preset): " + "; ".join(result.failures),
+        raise ParityError(f"{name} FAILED{result.failed_at} ({r['precision']} preset): " + "; ".join(result.failures),
                           "see the report; raise thresholds only with a reason")
     if not json_output:
-        console.print(f"[green]PASS[/] {escape(artifact.name)} matches {escape(reference)} ({r['precision']} preset, "
+        console.print(f"[green]PASS[/] {escape(name)} matches {escape(reference)} ({r['precision']} preset, "
                       f"{len(r['shapes'])} shape{'s' if len(r['shapes']) > 1 else ''})", soft_wrap=True)
 
 
@@ -108,7 +126,8 @@ def print_shape_lines(r: dict) -> None:
 
 def print_verify_table(r: dict) -> None:
     """The verify report (its JSON form) as a table on stdout."""
-    table = Table(title=escape(f"verify {Path(r['artifact']).name} ({r['backend']}, {r['device']}) vs PyTorch fp32"))
+    name = r["artifact"] if "://" in r["artifact"] else Path(r["artifact"]).name
+    table = Table(title=escape(f"verify {name} ({r['backend']}, {r['device']}) vs PyTorch fp32"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("limit", justify="right")

@@ -107,7 +107,7 @@ class OxfordPets(Source):
             if not needed.exists():
                 raise DataError(f"pets:{root}: {needed} is missing",
                                 "point at the extracted Oxford-IIIT Pet root (images/ and annotations/)")
-        self.names = [line.split()[0] for line in list_file.read_text().splitlines()
+        self.names = [line.split()[0] for line in _text(list_file).splitlines()
                       if line.strip() and not line.startswith("#")]
         if not self.names:
             raise DataError(f"{list_file} lists no images", "the dataset copy is incomplete")
@@ -158,10 +158,13 @@ class ImageMaskFolder(Source):
         if len(files) >= 10:
             files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
         self.files = files
+        if (root / "masks").exists() and not (root / "masks").is_dir():
+            raise DataError(f"folder:{root}: {root / 'masks'} is a file, not a folder of masks",
+                            "put one mask per image in DIR/masks/<stem>.png, or remove it for unlabelled images")
         self.masks = root / "masks" if (root / "masks").is_dir() else None
         classes = root / "classes.txt"
         if classes.is_file():
-            self.class_names = tuple(c.strip() for c in classes.read_text().splitlines() if c.strip())
+            self.class_names = tuple(c.strip() for c in _text(classes).splitlines() if c.strip())
         self.description = f"folder:{root} split={split}"
         sizes = [_image_size(path) for path in files]
         self.max_label = None
@@ -199,6 +202,14 @@ class ImageMaskFolder(Source):
         if self.masks is not None:  # validated when the source was opened
             mask = _read_mask(self.masks / f"{path.stem}.png", None, path.name).astype(np.uint8)
         return Sample(_open_image(path), mask, path.stem)
+
+
+def _text(path: Path) -> str:
+    """A text file of a data set (a class list, a split list), or DataError when it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text", "save it as UTF-8, one name per line") from None
 
 
 def _as_data_error(read: Callable[[Path], Any], path: Path) -> Any:
@@ -245,6 +256,7 @@ def check_labels_fit(source: Source, spec: str, num_classes: int) -> None:
 # ---- the spec string ----------------------------------------------------------------------------
 
 DEFAULT_SYNTHETIC = {"train": 1000, "val": 64, "calib": 64}
+MAX_SYNTHETIC = 1_000_000  # images of one split: beyond, an epoch is days long and an index overflows
 _SYNTHETIC = re.compile(r"^synthetic(?:\[:(\d+)\])?$")
 
 
@@ -261,8 +273,8 @@ def open_source(spec: str, split: str = "train", seed: int = 0) -> Source:
     m = _SYNTHETIC.match(spec)
     if m:
         n = int(m.group(1)) if m.group(1) else DEFAULT_SYNTHETIC[split]
-        if n == 0:
-            raise DataError(f"'{spec}' selects no images", "use synthetic[:N] with N >= 1")
+        if not 1 <= n <= MAX_SYNTHETIC:
+            raise DataError(f"'{spec}' asks for {n:,} images", f"use synthetic[:N] with N in 1..{MAX_SYNTHETIC:,}")
         return SyntheticPets(n, split, seed)
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("pets", "folder"):

@@ -31,7 +31,6 @@ from vitseg_export.export.fallback import Heldout, calibration_record, fall_back
 from vitseg_export.export.graph import remove_dead_nodes, to_float
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
-from vitseg_export.files import atomic_write_bytes
 from vitseg_export.precisions import Conversion, ConversionContext
 from vitseg_export.runners.base import require_module
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner, graph_runner, session_options
@@ -270,6 +269,7 @@ class OnnxQuantized:
 class Int8Result:
     model: onnx.ModelProto
     details: dict = field(default_factory=dict)  # the manifest's `int8` section
+    files: dict = field(default_factory=dict)  # the calibration cache to write with the artifact (Path -> bytes)
 
 
 def _check(model: onnx.ModelProto, settings: Int8Settings) -> None:
@@ -294,7 +294,7 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
     """Calibrated int8 Q/DQ graph of vitseg's verified fp32 `model` (its first output must be `logits`):
     ONNX Runtime's quantizer for --target cpu, Model Optimizer's for --target trt, then the one fallback until
     the held-out targets are met. Raises VitsegError (bad settings, no images, targets unreachable). cpu ranges
-    are cached in `cache_dir` (only once int8 succeeded)."""
+    are cached in `cache_dir`: the result's `files`, for the exporter to write with the artifact."""
     _check(model, settings)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
@@ -313,8 +313,8 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         graph = OnnxQuantized(quantized, model, size, held.num_classes)
         result = fall_back(graph, held, settings.max_fallback, progress)
         ranges = json.loads(cache.read_text()) if cache.is_file() else None
-        if kept is not None and cache != kept and cache.is_file():
-            atomic_write_bytes(kept, cache.read_bytes())
+        # the cache is kept only once the export succeeds: written with the artifact, in its group
+        files = {kept: cache.read_bytes()} if kept is not None and cache != kept and cache.is_file() else {}
     final = graph.graph(result.units)
     int8_layers = set(quantized_layers(final))
     macs = node_macs(model, held_inputs.images[0].pixels[None])
@@ -324,10 +324,10 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
                                                  ranges=ranges),
                "quantization": _settings_record(settings, len(held_inputs), quantizer),
                "float_part": "fp16" if settings.target == "trt" else "fp32"}
-    return Int8Result(final, details)
+    return Int8Result(final, details, files)
 
 
 def int8_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
     """The int8 precision's converter (precisions.py): calibrated Q/DQ with the mask-metric fallback."""
     result = quantize_int8(model, ctx.image_size, ctx.int8, cache_dir=ctx.cache_dir, progress=ctx.progress)
-    return Conversion(result.model, result.details)
+    return Conversion(result.model, result.details, result.files)

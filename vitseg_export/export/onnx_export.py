@@ -19,7 +19,7 @@ import hashlib
 import io
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from vitseg_export import __version__
-from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
+from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
 from vitseg_export.checkpoint import LoadedCheckpoint
 from vitseg_export.comparator import Comparison, InputSet, compare, load_inputs, noise_inputs
 from vitseg_export.errors import ParityError, VitsegError
@@ -49,13 +49,6 @@ SUPPORTED_OPSETS = range(14, 22)
 __all__ = ["ExportGraph", "ExportResult", "OnnxExportSettings", "check_export_request", "export_onnx", "onnx_from_module",
            "export_artifact", "parity_inputs", "parity_lines", "parity_record", "precision_parity_inputs", "self_parity",
            "onnx_summary"]
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    manifest: ExportManifest
-    model_proto: onnx.ModelProto | None = field(repr=False, default=None)
 
 
 class ExportGraph(nn.Module):
@@ -257,12 +250,12 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     t0 = time.perf_counter()
     graph = verified_fp32_graph(loaded, settings, output, progress)
     precision = get_precision(settings.precision)
-    model, details, parity, inputs = graph.model, None, graph.parity, graph.inputs
+    model, details, parity, inputs, files = graph.model, None, graph.parity, graph.inputs, {}
     if precision.convert is not None:
         context = ConversionContext(graph.size, int8 or Int8Settings(), settings.fp16_io,
                                     output.parent / ".vitseg-calibration-cache", progress, settings.parity_data)
         conversion = precision.convert(model, context)
-        model, details = conversion.model, conversion.details
+        model, details, files = conversion.model, conversion.details, conversion.files
         inputs = precision_parity_inputs(precision, settings, graph.info)
         progress(f"checking {precision.name} parity against PyTorch at {_shapes_text(inputs)}")
         parity = self_parity(loaded, graph_candidate(model, graph.info), inputs, precision.name, int8)
@@ -274,7 +267,7 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         fp32_graph_parity=graph.parity.to_json(), precision_details=details or {},
         export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random",
         extra={"graph": graph_stats(model)})
-    write_artifact(output, {output: data}, manifest)
+    write_artifact(output, {output: data, **files}, manifest)
     return ExportResult(output, manifest, model)
 
 

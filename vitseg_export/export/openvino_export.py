@@ -25,11 +25,11 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
+from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
 from vitseg_export.comparator import load_inputs
+from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import Heldout, calibration_record, fall_back, fallback_record
 from vitseg_export.export.onnx_export import (
-    ExportResult,
     VerifiedGraph,
     export_settings_record,
     parity_lines,
@@ -40,6 +40,7 @@ from vitseg_export.export.onnx_export import (
 )
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import ExportRequest, Int8Settings
+from vitseg_export.files import sha256_file
 from vitseg_export.precisions import get_precision
 from vitseg_export.runners.openvino_runner import OpenVINORunner, inference_precision, openvino_core
 from vitseg_export.tables import lazy_module
@@ -195,6 +196,13 @@ def _save(model: Any, info: ArtifactInfo, compress_to_fp16: bool, work: Path) ->
     model.set_rt_info(info.extra["inference_precision"], ["vitseg", "inference_precision"])
     path = work / "model.xml"
     ov.save_model(model, path, compress_to_fp16=compress_to_fp16)
+    # the IR names its weights: the .bin's sha256 in its rt_info, so a .bin of another model is refused even
+    # without the manifest (saving again writes the same .bin: checked)
+    weights = sha256_file(path.with_suffix(".bin"))
+    model.set_rt_info(weights, ["vitseg", "bin_sha256"])
+    ov.save_model(model, path, compress_to_fp16=compress_to_fp16)
+    if sha256_file(path.with_suffix(".bin")) != weights:
+        raise VitsegError("OpenVINO wrote different weights saving the same model twice", "report this as a bug in vitseg")
     return path
 
 

@@ -68,6 +68,20 @@ class EngineSettings:
 
 
 @dataclass
+class TritonSettings:
+    """A Triton model repository (`--format triton`): the model's name, the Triton backend that runs it
+    (None: the artifact format's native one), batching and instances."""
+
+    name: str | None = None  # default: <architecture>-<precision>
+    backend: str | None = None  # onnxruntime, openvino, tensorrt or python
+    max_batch_size: int = 8
+    instances: int = 1
+    preferred_batch: tuple[int, ...] = (4, 8)
+    max_queue_delay_us: int = 1000
+    device: str = "cpu"  # cpu or gpu: the instance group's kind
+
+
+@dataclass
 class ExportRequest:
     """Everything `vitseg export` can ask of a format's exporter; each exporter reads what it needs."""
 
@@ -76,6 +90,7 @@ class ExportRequest:
     int8: Int8Settings = field(default_factory=Int8Settings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     check_trt: bool = False
+    triton: TritonSettings = field(default_factory=TritonSettings)
 
     @property
     def precision(self) -> str:

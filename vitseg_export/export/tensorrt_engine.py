@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from vitseg_export import __version__
-from vitseg_export.artifact import ArtifactInfo, ExportManifest, write_artifact
+from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
 from vitseg_export.comparator import compare, load_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.settings import EngineSettings, ExportRequest
@@ -212,7 +212,7 @@ def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: C
                           "fix the graph or use --format onnx")
     manifest = engine_from_onnx(onnx_path, output, request.engine, progress,
                                 check=lambda engine: check_against_pytorch(engine, loaded, request))
-    return onnx_export.ExportResult(output, manifest, result.model_proto)
+    return ExportResult(output, manifest, result.model_proto)
 
 
 def check_against_pytorch(engine: Path, loaded: Any, request: ExportRequest) -> dict:
@@ -230,7 +230,7 @@ def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, p
     def check(engine: Path) -> dict:
         return check_against_onnx(engine, Path(onnx_path), request.onnx.parity_data)
 
-    return onnx_export.ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress, check))
+    return ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress, check))
 
 
 def engine_summary(path: Path, manifest: ExportManifest) -> list[str]:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
@@ -200,14 +204,62 @@ def config_to_dict(config: Any) -> dict:
     return {k: _jsonable(v) for k, v in asdict(config).items()}
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of a config field's type (bool is not an int; floats are finite)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    return True
+
+
+def _in_range(name: str, value: Any) -> bool:
+    """Counts and sizes are >= 1, rates (dropout, drop path) in [0, 1), other numbers > 0 (eps, ratios)."""
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_in_range(name, v) for v in value)
+    if isinstance(value, int):
+        return value >= 1
+    if isinstance(value, float):
+        return 0.0 <= value < 1.0 if ("dropout" in name or "drop_path" in name) else value > 0
+    return True
+
+
 def config_from_dict(family: str, data: dict) -> Any:
-    """The config of `family` from `config_to_dict` output; VitsegError for unknown families or fields."""
+    """The config of `family` from `config_to_dict` output; VitsegError for unknown families or fields, and for a
+    field of the wrong type or out of its range (a damaged config.json: never coerced)."""
     cls = get_family(family).config_class
+    if not isinstance(data, dict):
+        raise VitsegError(f"model_config is {json.dumps(data)[:60]}, not an object", "re-save the checkpoint with vitseg")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise VitsegError(f"unknown {family} config fields {unknown}", "the checkpoint was written by a newer vitseg")
-    return cls(**{k: _tupled(v) for k, v in data.items()})
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if not _matches(value, hints[name]) or not _in_range(name, value):
+            raise VitsegError(f"model_config.{name} is {json.dumps(value)[:60]}, not a valid {hints[name]}"
+                              " (counts >= 1, rates in [0, 1))", "the config.json is damaged; re-save the checkpoint with vitseg")
+    try:
+        return cls(**{k: _tupled(v) for k, v in data.items()})
+    except ValueError as e:  # the family's own consistency checks (__post_init__)
+        raise VitsegError(f"model_config is inconsistent ({e})", "the config.json is damaged; re-save the checkpoint") from None
 
 
 def build_model(family: str, config: Any) -> nn.Module:

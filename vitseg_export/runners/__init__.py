@@ -55,6 +55,10 @@ register_backend(Backend("tensorrt", lazy("vitseg_export.runners.tensorrt_runner
 register_backend(Backend("openvino", lazy("vitseg_export.runners.openvino_runner:OpenVINORunner"),
                          version_probe("openvino", "pip install 'vitseg-export[openvino]'"),
                          lazy("vitseg_export.runners.openvino_runner:openvino_devices")))
+# a model served by Triton (`vitseg verify/profile --server URL --model NAME`): the client side of the endpoint
+register_backend(Backend("triton", lazy("vitseg_export.serving.client:TritonClientRunner"),
+                         version_probe("tritonclient", "pip install 'vitseg-export[serve]'"),
+                         lazy("vitseg_export.serving.client:served_devices")))
 
 
 __all__ = ["BACKENDS", "Backend", "Runner", "get_backend", "register_backend", "runner_for"]

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.precisions import get_precision
 
 INPUT_NAME = "pixels"
 
@@ -51,7 +52,9 @@ class Runner(ABC):
     precision: str = "fp32"
 
     def describe(self, info) -> None:
-        """Take what the runner knows about its model from the artifact's metadata (an ArtifactInfo)."""
+        """Take what the runner knows about its model from the artifact's metadata (an ArtifactInfo); VitsegError
+        for metadata that names a precision vitseg does not know."""
+        get_precision(info.precision)  # damaged metadata: one line naming the known precisions
         self.info = info
         self.input_size = tuple(info.input_size)
         self.dynamic_batch = info.dynamic_batch
@@ -96,6 +99,9 @@ class Runner(ABC):
         out = self.infer_impl(np.ascontiguousarray(pixels, dtype=np.float32))
         if "logits" in out:  # fp16 graphs and engines may return float16 logits
             out["logits"] = out["logits"].astype(np.float32, copy=False)
+            if self.class_names and out["logits"].shape[1] != len(self.class_names):
+                raise VitsegError(f"{self.name}: its metadata says {len(self.class_names)} classes, and it predicts "
+                                  f"{out['logits'].shape[1]}", "the metadata was changed after export; re-export it")
         return out
 
     @abstractmethod

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitseg_export.artifact import ArtifactInfo
+from vitseg_export.artifact import ArtifactInfo, check_manifest_matches
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
@@ -59,6 +59,8 @@ class OnnxRuntimeRunner(Runner):
         # to TF32 by default on Ampere and later, which put an H100's fp32 logits 1e-2 from PyTorch's
         first = (wanted, {"use_tf32": "0"}) if wanted == "CUDAExecutionProvider" else wanted
         providers = [first] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+        if self.model_bytes is None:
+            check_manifest_matches(self.path)
         source = self.model_bytes if self.model_bytes is not None else str(self.path)
         try:
             self.session = ort.InferenceSession(source, session_options(self.threads, self.optimize), providers=providers)
@@ -69,21 +71,55 @@ class OnnxRuntimeRunner(Runner):
             self.path, "onnx", dict(self.session.get_modelmeta().custom_metadata_map)))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        check_graph_matches(self.path, self.info, self.session.get_inputs()[0].shape,
+                            {o.name: o.shape for o in self.session.get_outputs()})
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        results = self.session.run(None, {INPUT_NAME: pixels.astype(self.input_dtype, copy=False)})
+        try:
+            results = self.session.run(None, {INPUT_NAME: pixels.astype(self.input_dtype, copy=False)})
+        except Exception as e:  # ONNX Runtime's own error types (InvalidArgument, Fail, RuntimeException)
+            raise VitsegError(f"ONNX Runtime could not run {self.path.name} on a {tuple(pixels.shape)} input "
+                              f"({str(e).strip().splitlines()[0][:200]})", "re-export the artifact") from None
         return dict(zip(self.output_names, results))
 
     def deactivate_impl(self) -> None:
         del self.session
 
 
+def check_graph_matches(path: Path, info: ArtifactInfo, input_shape: list, outputs: dict[str, list]) -> None:
+    """VitsegError when an artifact's metadata disagrees with its graph (a damaged or hand-edited artifact):
+    the input's static size and batch, the output names, the class count of static logits."""
+    def static(dim) -> bool:
+        return isinstance(dim, int) and dim > 0
+
+    where = f"{path.name}: its metadata says"
+    hint = "the metadata was changed after export; re-export it with `vitseg export`"
+    if len(input_shape) == 4:
+        n, _, h, w = input_shape
+        if static(h) and static(w) and (info.dynamic_size or (h, w) != tuple(info.input_size)):
+            size = "a dynamic size" if info.dynamic_size else f"{info.input_size[0]}x{info.input_size[1]}"
+            raise VitsegError(f"{where} {size}, and its graph takes {h}x{w}", hint)
+        if static(n) and info.dynamic_batch:
+            raise VitsegError(f"{where} a dynamic batch, and its graph takes batch {n}", hint)
+    if set(info.outputs) != set(outputs):
+        raise VitsegError(f"{where} outputs {', '.join(info.outputs)}, and its graph has {', '.join(outputs)}", hint)
+    logits = outputs.get("logits")
+    if info.class_names and logits is not None and len(logits) == 4 and static(logits[1]) and logits[1] != len(info.class_names):
+        raise VitsegError(f"{where} {len(info.class_names)} classes, and its graph predicts {logits[1]}", hint)
+
+
 def graph_runner(model, size: tuple[int, int], num_classes: int, precision: str) -> OnnxRuntimeRunner:
     """A CPU runner for an in-memory graph of vitseg's layout (`pixels` in, `logits` first out) that carries
-    no vitseg metadata yet (intermediate graphs of the precision steps)."""
+    no vitseg metadata yet (intermediate graphs of the precision steps): its batch and size as the graph has
+    them, `num_classes` (0: as the graph has them)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    symbolic = [not d.HasField("dim_value") for d in dims]
+    logits = model.graph.output[0].type.tensor_type.shape.dim
+    num_classes = num_classes or (logits[1].dim_value if len(logits) == 4 and logits[1].HasField("dim_value") else 0)
     info = ArtifactInfo(Path("graph.onnx"), "onnx", "in-memory graph", [f"class_{i}" for i in range(num_classes)],
                         size, (0.0,) * 3, (1.0,) * 3, precision, None, [o.name for o in model.graph.output],
-                        dynamic_batch=True, dynamic_size=False, source_sha256=None, vitseg_version="")
+                        dynamic_batch=bool(symbolic and symbolic[0]), dynamic_size=len(symbolic) == 4 and symbolic[2],
+                        source_sha256=None, vitseg_version="")
     return OnnxRuntimeRunner(f"{precision}-graph.onnx", "cpu", model_bytes=model.SerializeToString(), info=info)
 
 

@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from vitseg_export.artifact import ArtifactInfo, manifest_path, read_manifest, read_onnx_metadata
+from vitseg_export.artifact import (
+    ArtifactInfo,
+    check_manifest_matches,
+    manifest_path,
+    read_manifest,
+    read_onnx_metadata,
+)
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.files import sha256_file
 from vitseg_export.probes import module_version
@@ -97,9 +103,12 @@ def read_ir(core: Any, path: Path) -> Any:
         if not weights.is_file():
             raise VitsegError(f"{path.name} has no {weights.name} beside it (the IR's weights)",
                               "keep the .xml and its .bin together, or export it again")
-        if (recorded := _recorded_bin_sha256(path)) and sha256_file(weights) != recorded:
-            raise VitsegError(f"{weights.name} is not the weights {path.name} was exported with (its sha256 differs "
-                              f"from {manifest_path(path).name})", "copy the .bin that belongs to this .xml, or export it again")
+        check_manifest_matches(path)
+        # the IR records its .bin's sha256 in its own rt_info (an IR without its manifest is still checked)
+        recorded = read_openvino_info(path).extra.get("bin_sha256") or _recorded_bin_sha256(path)
+        if recorded and sha256_file(weights) != recorded:
+            raise VitsegError(f"{weights.name} is not the weights {path.name} was exported with (its sha256 is not the "
+                              "one the IR records)", "copy the .bin that belongs to this .xml, or export it again")
     try:
         return core.read_model(str(path))
     except RuntimeError as e:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vitseg_export.artifact import check_manifest_matches
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.probes import Availability
@@ -73,6 +74,7 @@ class TensorRTRunner(Runner):
 
     def activate_impl(self) -> None:
         require_tensorrt()
+        check_manifest_matches(self.path)
         self.describe(read_artifact_info(self.path))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)

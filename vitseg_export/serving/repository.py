@@ -1,0 +1,229 @@
+"""artifact -> Triton model repository: `REPO/NAME/config.pbtxt`, `REPO/NAME/1/<model files>` and vitseg's
+record of it (`REPO/NAME/vitseg.json`), written as one directory, all or nothing.
+
+The config is generated from the artifact's metadata: `pixels` in (FP32, or FP16 for an fp16-I/O graph; the
+graph normalizes), `logits` and/or `mask` out (the graph argmaxes: no ensemble is needed), `max_batch_size`
+within what the artifact accepts (a static-batch artifact is refused; an engine's profile bounds it),
+`dynamic_batching` with preferred sizes and a queue delay, an `instance_group`, and vitseg's metadata as
+`parameters` (so a client can rebuild the ArtifactInfo: `vitseg verify --server`). Every config is parsed with
+Triton's own schema (tritonclient's `ModelConfig`) before anything is written.
+
+Triton backends are a table: the native ones (onnxruntime_onnx, tensorrt_plan, openvino) load the artifact
+under Triton's file names; `python` runs vitseg's own torch-free runner (onnxruntime, OpenVINO or TensorRT) in
+a Python-backend model (triton_model.py, copied as model.py) for Triton installs without the native backend.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, read_manifest
+from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.export.settings import ExportRequest, TritonSettings
+from vitseg_export.files import atomic_write_directory, json_bytes, sha256_file
+from vitseg_export.formats import format_for_path, get_format, read_artifact_info
+from vitseg_export.tables import Table, lazy_module
+
+model_config_pb2 = lazy_module("tritonclient.grpc.model_config_pb2")  # the [serve] extra: Triton's own schema
+text_format = lazy_module("google.protobuf.text_format")
+
+SERVE_HINT = "pip install 'vitseg-export[serve]'"
+MODEL_FILE = "model.py"  # what Triton's Python backend loads from a version directory
+PYTHON_MODEL_RECORD = "vitseg-python.json"  # which artifact file the Python-backend model runs, on which device
+REPOSITORY_RECORD = "vitseg.json"  # vitseg's record of a repository model (the artifact's manifest and more)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class TritonBackend:
+    """One way Triton runs a vitseg artifact."""
+
+    name: str
+    config: str  # the config.pbtxt line that names it
+    formats: tuple[str, ...]  # the artifact formats it runs (vitseg_export.formats)
+    file_names: dict[str, str]  # artifact file suffix -> the name Triton expects in the version directory
+    python: bool = False  # a Python-backend model that runs vitseg's runner
+    description: str = ""
+
+
+TRITON_BACKENDS: Table[TritonBackend] = Table("--backend {name} is not a Triton backend vitseg writes", "use one of: {names}")
+TRITON_BACKENDS.register(TritonBackend("onnxruntime", 'platform: "onnxruntime_onnx"', ("onnx",), {".onnx": "model.onnx"},
+                                       description="Triton's ONNX Runtime backend (NGC containers)"))
+TRITON_BACKENDS.register(TritonBackend("openvino", 'backend: "openvino"', ("openvino",), {".xml": "model.xml", ".bin": "model.bin"},
+                                       description="Triton's OpenVINO backend (NGC containers)"))
+TRITON_BACKENDS.register(TritonBackend("tensorrt", 'platform: "tensorrt_plan"', ("trt",), {".engine": "model.plan", ".plan": "model.plan"},
+                                       description="Triton's TensorRT backend (NGC containers, Jetson -igpu builds)"))
+TRITON_BACKENDS.register(TritonBackend("python", 'backend: "python"', ("onnx", "openvino", "trt"), {}, python=True,
+                                       description="Triton's Python backend running vitseg's own runner"))
+NATIVE_BACKEND = {"onnx": "onnxruntime", "openvino": "openvino", "trt": "tensorrt"}  # artifact format -> default
+ARTIFACT_FORMAT = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "trt", "python": "onnx"}  # from a checkpoint
+
+
+def validate_config(text: str, where: str = "config.pbtxt") -> Any:
+    """Parse a config.pbtxt with Triton's own schema; returns the ModelConfig message. VitsegError naming the
+    problem for a text Triton would reject; BackendMissingError without tritonclient."""
+    try:
+        message = model_config_pb2.ModelConfig()
+    except ImportError:
+        raise BackendMissingError("checking a config.pbtxt against Triton's schema needs tritonclient", SERVE_HINT) from None
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        raise VitsegError(f"{where} does not follow Triton's model configuration schema ({e})",
+                          "report this as a bug in vitseg") from None
+
+
+def _dims(info: ArtifactInfo, leading: tuple[int, ...] = ()) -> str:
+    h, w = (-1, -1) if info.dynamic_size else info.input_size
+    return "[" + ", ".join(str(d) for d in (*leading, h, w)) + "]"
+
+
+def config_text(name: str, info: ArtifactInfo, backend: TritonBackend, settings: TritonSettings, io_type: str) -> str:
+    """The config.pbtxt of a vitseg artifact served by `backend`."""
+    outputs = []
+    if "logits" in info.outputs:
+        outputs.append(f'  {{ name: "logits" data_type: {io_type} dims: {_dims(info, (len(info.class_names),))} }}')
+    if "mask" in info.outputs:
+        outputs.append(f'  {{ name: "mask" data_type: TYPE_UINT8 dims: {_dims(info)} }}')
+    parameters = "\n".join(f"parameters {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}"
+                           for k, v in sorted(info.metadata_props().items()))
+    kind = "KIND_GPU" if settings.device == "gpu" else "KIND_CPU"
+    preferred = ", ".join(str(b) for b in settings.preferred_batch)
+    return (f"# written by vitseg-export {info.vitseg_version}: {info.architecture} {info.precision} "
+            f"({backend.description})\n"
+            f'name: "{name}"\n{backend.config}\nmax_batch_size: {settings.max_batch_size}\n'
+            f'input [\n  {{ name: "pixels" data_type: {io_type} dims: {_dims(info, (3,))} }}\n]\n'
+            f"output [\n" + ",\n".join(outputs) + "\n]\n"
+            f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+            f"  max_queue_delay_microseconds: {settings.max_queue_delay_us}\n}}\n"
+            f"instance_group [ {{ count: {settings.instances} kind: {kind} }} ]\n"
+            f"# vitseg's metadata: what `vitseg verify --server` rebuilds the artifact's description from\n"
+            f"{parameters}\n")
+
+
+def check_settings(settings: TritonSettings, info: ArtifactInfo, artifact: Path) -> None:
+    """Refuse (VitsegError, one line) settings the artifact cannot honour or Triton would reject."""
+    if settings.name is not None and not NAME.match(settings.name):
+        raise VitsegError(f"--name {settings.name!r} is not a Triton model name",
+                          "use letters, digits, '_', '-' and '.', starting with a letter or digit")
+    if settings.device not in ("cpu", "gpu"):
+        raise VitsegError(f"--device {settings.device} is not a Triton instance kind", "use cpu or gpu")
+    if not info.dynamic_batch:
+        raise VitsegError(f"{artifact.name} has a static batch of 1, and Triton's dynamic batcher sends batches of up to "
+                          f"{settings.max_batch_size}", "export it with --dynamic-batch, or pass its checkpoint (vitseg then "
+                          "exports it with a dynamic batch)")
+    bad = [b for b in settings.preferred_batch if not 1 <= b <= settings.max_batch_size]
+    if bad:
+        raise VitsegError(f"--preferred-batch {bad[0]} is outside 1..--max-batch-size {settings.max_batch_size}",
+                          "pick preferred sizes the batcher may form")
+    if info.profile is not None:
+        low, high = info.profile["min"][0], info.profile["max"][0]
+        if low != 1:
+            raise VitsegError(f"{artifact.name}'s optimization profile starts at batch {low}, and Triton sends batches "
+                              "from 1", "rebuild the engine with --min-shape 1x3xHxW")
+        if settings.max_batch_size > high:
+            raise VitsegError(f"--max-batch-size {settings.max_batch_size} is over the engine's profile maximum {high}",
+                              f"use --max-batch-size {high}, or rebuild with a larger --max-shape")
+
+
+def _io_type(manifest: ExportManifest) -> str:
+    """TYPE_FP16 for a graph with fp16 inputs and outputs (`--fp16-io`), else TYPE_FP32."""
+    return "TYPE_FP16" if (manifest.precision_details or {}).get("io_dtype") == "float16" else "TYPE_FP32"
+
+
+def _model_files(artifact: Path, backend: TritonBackend, settings: TritonSettings) -> dict[str, bytes]:
+    """The version directory's files: the artifact under Triton's names, or (python) the artifact and its
+    manifest as they are, the model.py that runs them, and which file and device it runs."""
+    fmt = format_for_path(artifact)
+    assert fmt is not None
+    sources = [p for p in fmt.files(artifact) if p.is_file()]
+    if not backend.python:
+        return {backend.file_names[p.suffix.lower()]: p.read_bytes() for p in sources if p.suffix.lower() in backend.file_names}
+    files = {p.name: p.read_bytes() for p in sources}
+    files[MODEL_FILE] = Path(__file__).with_name("triton_model.py").read_bytes()
+    files[PYTHON_MODEL_RECORD] = json_bytes({"artifact": artifact.name, "device": "cuda" if settings.device == "gpu" else "cpu"})
+    return files
+
+
+def repository_from_artifact(artifact: Path, repository: Path, request: ExportRequest,
+                             progress: Callable[[str], None] = lambda m: None) -> Any:
+    """Write the Triton model of a vitseg artifact (.onnx, .xml, .engine) into `repository`, checked against
+    Triton's schema first. Returns an ExportResult whose manifest describes the repository model. Raises
+    VitsegError for an artifact or settings Triton cannot serve."""
+    info, manifest = read_artifact_info(artifact), read_manifest(artifact)
+    settings = request.triton
+    backend = TRITON_BACKENDS.row(settings.backend or NATIVE_BACKEND[info.format])
+    if info.format not in backend.formats:
+        raise VitsegError(f"Triton's {backend.name} backend does not run {info.format} artifacts ({artifact.name})",
+                          f"use --backend {NATIVE_BACKEND[info.format]} or python")
+    check_settings(settings, info, artifact)
+    name = settings.name or f"{info.architecture}-{info.precision}"
+    progress(f"writing the Triton model {name} ({backend.name} backend) into {repository}")
+    text = config_text(name, info, backend, settings, _io_type(manifest))
+    validate_config(text, f"{name}/config.pbtxt")
+    version = {f"1/{relative}": data for relative, data in _model_files(artifact, backend, settings).items()}
+    record = ExportManifest(
+        artifact=name, format="triton", sha256=sha256_file(artifact), size_bytes=sum(len(b) for b in version.values()),
+        metadata=info.metadata_json(), self_parity=manifest.self_parity, precision_details=manifest.precision_details,
+        extra={"repository": str(repository), "backend": backend.name, "triton": {
+            "max_batch_size": settings.max_batch_size, "preferred_batch": list(settings.preferred_batch),
+            "max_queue_delay_us": settings.max_queue_delay_us, "instances": settings.instances, "device": settings.device},
+            "source_artifact": str(artifact), "source_format": info.format, "source_manifest": manifest.to_json(),
+            "files": sorted(["config.pbtxt", *version])})
+    atomic_write_directory(repository / name, {**version, REPOSITORY_RECORD: json_bytes(record.to_json()),
+                                               "config.pbtxt": text.encode()})
+    return ExportResult(repository / name, record)
+
+
+def export_repository(loaded: Any, repository: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
+    """The triton format's exporter from a checkpoint: the artifact its backend runs, exported with a dynamic
+    batch and verified as every export is (in a temp directory), then its repository model."""
+    settings = request.triton
+    backend = TRITON_BACKENDS.row(settings.backend or "onnxruntime")
+    fmt = get_format(ARTIFACT_FORMAT[backend.name])
+    fmt.require()
+    if request.precision == "int8" and fmt.int8_target != request.int8.target:
+        raise VitsegError(f"--precision int8 for Triton's {backend.name} backend needs --target {fmt.int8_target}",
+                          f"add --target {fmt.int8_target} (or pick another --backend)")
+    dynamic = replace(request, onnx=replace(request.onnx, dynamic_batch=True))
+    with tempfile.TemporaryDirectory(prefix="vitseg-triton-") as tmp:
+        artifact = Path(tmp) / f"{loaded.meta.architecture}-{request.precision}{fmt.suffixes[0]}"
+        fmt.export(loaded, artifact, dynamic, progress)
+        return repository_from_artifact(artifact, repository, replace(request, triton=replace(settings, backend=backend.name)),
+                                        progress)
+
+
+def repository_summary(path: Path, manifest: ExportManifest) -> list[str]:
+    """What `vitseg export --format triton` prints."""
+    x = manifest.extra
+    t = x["triton"]
+    lines = [f"wrote the Triton model {path} ({x['backend']} backend, max batch {t['max_batch_size']}, preferred "
+             f"{t['preferred_batch']}, queue delay {t['max_queue_delay_us']} us, {t['instances']} x {t['device']}): "
+             + ", ".join(x["files"]), "config.pbtxt checked against Triton's schema (tritonclient ModelConfig)"]
+    parity = manifest.self_parity
+    if parity:
+        lines.append(f"the artifact it serves matched PyTorch on {parity['images']} inputs: agreement "
+                     f"{parity['pixel_agreement'] * 100:.4f}%")
+    if x["backend"] != "python":
+        lines.append(f"serve it with Triton's {x['backend']} backend (the NGC tritonserver container); here "
+                     "`vitseg serve` runs Python-backend models (export with --backend python)")
+    return lines
+
+
+def read_repository_info(model_dir: Path) -> ArtifactInfo:
+    """The vitseg metadata of a repository model directory (its vitseg.json)."""
+    record = model_dir / REPOSITORY_RECORD
+    if not record.is_file():
+        raise VitsegError(f"{model_dir} has no {REPOSITORY_RECORD}: it is not a model vitseg wrote",
+                          "write it with `vitseg export --format triton`")
+    manifest = read_manifest(record.with_suffix(""))  # read_manifest reads PATH.json
+    return ArtifactInfo.from_metadata(model_dir, "triton", {f"vitseg.{k}": json.dumps(v) for k, v in manifest.metadata.items()})
+
+
+__all__ = ["TRITON_BACKENDS", "TritonBackend", "check_settings", "config_text", "export_repository",
+           "read_repository_info", "repository_from_artifact", "repository_summary", "validate_config"]
