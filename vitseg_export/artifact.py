@@ -242,6 +242,8 @@ def check_manifest_matches(path: Path) -> None:
     """Where an artifact has a manifest beside it, the manifest must be readable and describe this very file
     (its sha256): VitsegError otherwise (an artifact copied over another one's, a manifest of another model).
     An artifact without a manifest is fine where it carries its own metadata (ONNX, OpenVINO IR)."""
+    if not path.is_file():
+        raise VitsegError(f"artifact {path} does not exist", "check the path, or export one with `vitseg export`")
     if not manifest_path(path).is_file():
         return
     manifest = read_manifest(path)

@@ -7,12 +7,14 @@ import os
 import platform
 from pathlib import Path
 
+from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.probes import module_version
 from vitseg_export.runners import BACKENDS
 from vitseg_export.tables import lazy_module
 
 torch = lazy_module("torch")
+server = lazy_module("vitseg_export.serving.server")  # where tritonserver is, for `vitseg serve`
 
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 # bf16 arithmetic: OpenVINO int8 IRs compute their float part in bf16 where the CPU has these
@@ -66,8 +68,18 @@ def probe() -> dict:
                          "precisions": {p: a.ok for p in fmt.precisions}, "runs_on": backends[fmt.backend]["devices"]}
     report["formats"] = formats
     report["predict_without_torch"] = backends["onnxruntime"]["available"]
+    report["serve"] = _serve()
     report["notes"] = _notes(report)
     return report
+
+
+def _serve() -> dict:
+    """The tritonserver `vitseg serve` would run, and the backends it has."""
+    try:
+        found = server.find_tritonserver()
+    except VitsegError as e:
+        return {"available": False, "detail": e.message, "hint": e.hint or ""}
+    return {"available": True, "path": str(found.path), "backends": found.backend_names()}
 
 
 def _notes(report: dict) -> list[str]:

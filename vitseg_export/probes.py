@@ -4,6 +4,7 @@ the tables' probes are built from these, and nothing here imports what it probes
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,9 +19,13 @@ class Availability:
 def module_version(module: str) -> tuple[str | None, str | None]:
     """(version, None) when `module` imports, else (None, why not)."""
     try:
-        return getattr(importlib.import_module(module), "__version__", "unknown"), None
+        imported = importlib.import_module(module)
     except Exception as e:  # ImportError, or a broken native library (OSError) for tensorrt
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    try:  # packages without __version__ (tritonclient): their distribution's
+        return getattr(imported, "__version__", None) or importlib.metadata.version(module.split(".")[0]), None
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown", None
 
 
 def modules_available(modules: tuple[str, ...], hint: str) -> Availability:

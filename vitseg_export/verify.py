@@ -104,7 +104,7 @@ def verify_server(url: str, model: str, reference: str, data: str = "synthetic",
     with batch consistency, judged by the served precision's preset (`overrides`: single limits, as
     thresholds_for takes them). The report's `shapes` are the batches the server was sent. Raises VitsegError
     when the endpoint cannot be reached or was not written by vitseg."""
-    candidate = runner_for(url, device="server", backend="triton", model=model, concurrency=concurrency).activate()
+    candidate = runner_for(url, device="server", backend="triton", model_name=model, concurrency=concurrency).activate()
     try:
         info = candidate.info
         shapes = {tuple(info.input_size): tuple(sorted({1, concurrency}))}

@@ -32,6 +32,9 @@ def doctor(json_output: JsonFlag = False) -> None:
         status = (", ".join(f"{p} yes" for p in f["precisions"]) if f["available"]
                   else f"no: {f['detail']} ({f['hint']})")
         t.add_row(f"export --format {name}", escape(status))
+    serve = r["serve"]
+    t.add_row("vitseg serve", escape(f"{serve['path']} (backends: {', '.join(serve['backends']) or 'none'})" if serve["available"]
+                                     else f"no: {serve['detail']} ({serve['hint']})"))
     for note in r["notes"]:
         t.add_row("note", escape(note))
     console.print(t)

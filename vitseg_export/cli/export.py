@@ -86,7 +86,7 @@ def export(
     max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", min=1, max=MAX_BATCH, help="triton: the largest batch the dynamic batcher forms (default 8).")] = None,
     instances: Annotated[Optional[int], typer.Option("--instances", min=1, max=64, help="triton: model instances (default 1).")] = None,
     preferred_batch: Annotated[Optional[str], typer.Option("--preferred-batch", help="triton: batch sizes the batcher prefers, comma-separated (default 4,8).")] = None,
-    max_queue_delay_us: Annotated[Optional[int], typer.Option("--max-queue-delay-us", min=0, max=10_000_000, help="triton: how long a request may wait for others to batch with (default 1000).")] = None,
+    max_queue_delay_us: Annotated[Optional[int], typer.Option("--max-queue-delay-us", min=0, max=10_000_000, help="triton: how long a request may wait for others to batch with (default 0: never).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="triton: cpu (default) or gpu instances.")] = None,
     json_output: JsonFlag = False,
 ) -> None:

@@ -77,7 +77,7 @@ class TritonSettings:
     max_batch_size: int = 8
     instances: int = 1
     preferred_batch: tuple[int, ...] = (4, 8)
-    max_queue_delay_us: int = 1000
+    max_queue_delay_us: int = 0  # Triton's default: a lone request never waits; under load requests still batch
     device: str = "cpu"  # cpu or gpu: the instance group's kind
 
 

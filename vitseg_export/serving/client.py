@@ -112,11 +112,11 @@ class TritonClientRunner(Runner):
     backend = "triton"
     devices = ("server",)
 
-    def __init__(self, url: str, device: str = "server", outputs: tuple[str, ...] | None = None, model: str = "",
+    def __init__(self, url: str, device: str = "server", outputs: tuple[str, ...] | None = None, model_name: str = "",
                  concurrency: int = 8):
-        """`url`: http://HOST:PORT or grpc://HOST:PORT; `model`: the served model's name; `outputs` is accepted for
-        the uniform interface (the model decides)."""
-        self.endpoint = Endpoint.parse(url, model)
+        """`url`: http://HOST:PORT or grpc://HOST:PORT; `model_name`: the served model's name; `outputs` is accepted
+        for the uniform interface (the model decides)."""
+        self.endpoint = Endpoint.parse(url, model_name)
         super().__init__(f"triton:{self.endpoint}", device)
         self.concurrency = concurrency
 
@@ -130,18 +130,18 @@ class TritonClientRunner(Runner):
         self.input_type = self.config["input"][0]["data_type"].replace("TYPE_", "")
         self.pool = ThreadPoolExecutor(self.concurrency) if self.endpoint.protocol == "grpc" else None
 
-    def request(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """One request of one image (1, 3, H, W) -> its outputs; VitsegError with the server's reason."""
+    def request(self, pixels: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """One request of one image (1, 3, H, W) -> its `outputs` (default all); VitsegError with the server's reason."""
         module = grpc if self.endpoint.protocol == "grpc" else http
+        names = outputs or self.output_names
         data = pixels.astype(NUMPY_TYPES[self.input_type], copy=False)
         tensor = module.InferInput(INPUT_NAME, list(data.shape), self.input_type)
         tensor.set_data_from_numpy(data)
         try:
-            result = self.client.infer(self.endpoint.model, [tensor],
-                                       outputs=[module.InferRequestedOutput(n) for n in self.output_names])
+            result = self.client.infer(self.endpoint.model, [tensor], outputs=[module.InferRequestedOutput(n) for n in names])
         except Exception as e:  # InferenceServerException and transport errors
             raise VitsegError(f"{self.endpoint} answered with an error ({_reason(e)})", "see the server's log") from None
-        return {n: result.as_numpy(n) for n in self.output_names}
+        return {n: result.as_numpy(n) for n in names}
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         images = [pixels[i:i + 1] for i in range(pixels.shape[0])]
@@ -206,28 +206,37 @@ class LoadReport:
 
 def load_test(url: str, model: str, concurrency: int, seconds: float, warmup: int = 3) -> LoadLevel:
     """`concurrency` clients (threads, one connection each) sending single-image requests back to back for
-    `seconds`, after each warmed up: client-side latency of every request that succeeded, throughput, errors."""
-    probe = TritonClientRunner(url, model=model, concurrency=1).activate()
+    `seconds`, after each warmed up: client-side latency of every request that succeeded, throughput, errors.
+    Each request asks for what a segmentation client wants: the mask (the logits where the model has no mask)."""
+    probe = TritonClientRunner(url, model_name=model, concurrency=1).activate()
     pixels = np.random.default_rng(0).random((1, 3, *probe.input_size), dtype=np.float32)
+    wanted = ["mask"] if "mask" in probe.output_names else probe.output_names
     probe.deactivate()
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    ready = threading.Barrier(concurrency + 1)
+    ready, go = threading.Barrier(concurrency + 1), threading.Event()
     deadline = [0.0]
 
+    failed: list[VitsegError] = []
+
     def client_loop() -> None:
-        runner = TritonClientRunner(url, model=model, concurrency=1).activate()
+        runner = None
         try:
+            runner = TritonClientRunner(url, model_name=model, concurrency=1).activate()
             for _ in range(warmup):
-                runner.request(pixels)
+                runner.request(pixels, wanted)
+        except VitsegError as e:  # a client that cannot even warm up: the whole level fails with its reason
+            failed.append(e)
+            return
         finally:
             ready.wait()
+        go.wait()  # the window's deadline is set
         try:
             while time.perf_counter() < deadline[0]:
                 t0 = time.perf_counter()
                 try:
-                    runner.request(pixels)
+                    runner.request(pixels, wanted)
                 except VitsegError as e:
                     with lock:
                         errors.append(e.message)
@@ -243,9 +252,12 @@ def load_test(url: str, model: str, concurrency: int, seconds: float, warmup: in
     ready.wait()  # every client connected and warmed up: the measured window starts now
     t0 = time.perf_counter()
     deadline[0] = t0 + seconds
+    go.set()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    if failed:
+        raise failed[0]
     lat = np.asarray(latencies)
 
     def pct(q: float) -> float | None:

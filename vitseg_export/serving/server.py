@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -177,7 +178,8 @@ def wait_ready(process: subprocess.Popen, serving: Serving, stop: threading.Even
         failed = [m for m in states if m.get("state") == "UNAVAILABLE" and m.get("reason")]
         if failed:
             m = failed[0]
-            raise VitsegError(f"Triton could not load model {m['name']!r}: {' '.join(m['reason'].split())[:300]}",
+            reason = " ".join(m["reason"].split(" At: ")[0].split())  # a Python backend's reason ends with its traceback
+            raise VitsegError(f"Triton could not load model {m['name']!r}: {reason[:300]}",
                               "fix the model (see the server log), or re-export it")
         ready = {m["name"] for m in states if m.get("state") == "READY"}
         if set(serving.models) <= ready and _get(f"http://127.0.0.1:{serving.http_port}/v2/health/ready")[0] == 200:
@@ -255,12 +257,13 @@ def serve(source: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_po
                               f"{', '.join(available)}", "write it with `vitseg export --format triton --backend python`, "
                               "or serve the repository in the NGC Triton container")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        if server.libraries is not None:
-            env["LD_LIBRARY_PATH"] = f"{server.libraries}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
+        if server.libraries is not None:  # the packaged build's libraries, and this Python's libpython for the stub
+            libraries = [str(server.libraries), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")]
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libraries if p)
         command = [str(server.path), f"--model-repository={repository}", f"--backend-directory={backends}",
                    f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}",
-                   "--allow-gpu-metrics=false", f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--strict-readiness=true"]
-        log(f"starting {server.path} on {repository} ({', '.join(f'{n}: {b}' for n, b in serving.models.items())})")
+                   "--allow-gpu-metrics=false", f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--strict-readiness=true",
+                   "--exit-on-error=false"]  # a model that fails to load: its reason is read from the index, then stop
         with _stop_on_signals() as stop, open(serving.log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:

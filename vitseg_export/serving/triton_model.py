@@ -50,6 +50,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         """One response per request, in order: requests of one input size run as one batch."""
         responses: list = [None] * len(requests)
+        self._requested = [[n for n in r.requested_output_names() if n in self.outputs] for r in requests]
         groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
         for index, request in enumerate(requests):
             try:
@@ -76,8 +77,9 @@ class TritonPythonModel:
         start = 0
         for index, pixels in members:
             end = start + len(pixels)
+            wanted = self._requested[index] or self.outputs  # only what the client asked for (a mask is 1/C of logits)
             responses[index] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(name, np.ascontiguousarray(outputs[name][start:end])) for name in self.outputs])
+                pb_utils.Tensor(name, np.ascontiguousarray(outputs[name][start:end])) for name in wanted])
             start = end
 
     def finalize(self) -> None:
