@@ -35,17 +35,33 @@ from vitseg_export.profiling import environment, onnx_op_breakdown, openvino_op_
 from vitseg_export.runners import runner_for
 from vitseg_export.verify import verify_artifact
 
-ARTIFACTS = [  # (row, format, precision, dynamic batch)
-    ("vitseg onnx fp32 (dynamic batch, as shipped)", "onnx", "fp32", True),
-    ("vitseg onnx fp32 (static)", "onnx", "fp32", False),
+ARTIFACTS = [  # (row, format, precision, dynamic batch, int8 CPU class)
+    ("vitseg onnx fp32 (dynamic batch, as shipped)", "onnx", "fp32", True, None),
+    ("vitseg onnx fp32 (static)", "onnx", "fp32", False, None),
     # ONNX Runtime's CPU optimizer turns a static graph's MatMul+Add into Gemm, which it then cannot fuse
     # with Q/DQ into integer kernels: the int8 graph is measured as shipped (dynamic batch) and static
-    ("vitseg onnx int8 (--target cpu, dynamic batch, as shipped)", "onnx", "int8", True),
-    ("vitseg onnx int8 (--target cpu, static)", "onnx", "int8", False),
-    ("vitseg openvino fp32 IR", "openvino", "fp32", False),
-    ("vitseg openvino fp16 IR", "openvino", "fp16", False),
-    ("vitseg openvino int8 IR (nncf + mask fallback)", "openvino", "int8", False),
+    ("vitseg onnx int8 (--cpu-class avx2, dynamic batch, as shipped)", "onnx", "int8", True, "avx2"),
+    ("vitseg onnx int8 (--cpu-class avx2, static)", "onnx", "int8", False, "avx2"),
+    ("vitseg onnx int8 (--cpu-class vnni, dynamic batch)", "onnx", "int8", True, "vnni"),
+    ("vitseg openvino fp32 IR", "openvino", "fp32", False, None),
+    ("vitseg openvino fp16 IR", "openvino", "fp16", False, None),
+    ("vitseg openvino int8 IR (--cpu-class avx2: overflow fix)", "openvino", "int8", False, "avx2"),
+    ("vitseg openvino int8 IR (--cpu-class vnni)", "openvino", "int8", False, "vnni"),
 ]
+
+
+def probe_table() -> list[dict]:
+    """int8 vs fp32 per op type on this CPU (vitseg_export/export/int8_probe.py), both runtimes, both classes."""
+    from vitseg_export.export.int8 import _ort_layer_runner
+    from vitseg_export.export.int8_probe import time_layers
+    from vitseg_export.export.openvino_export import _ov_layer_runner
+
+    rows = []
+    for runtime, compile_fn in (("onnxruntime", _ort_layer_runner), ("openvino", _ov_layer_runner)):
+        for made_for in ("avx2", "vnni"):
+            record = time_layers(compile_fn, runtime, made_for)
+            rows += [{"runtime": runtime, "made_for": made_for, "op": op, **row} for op, row in record["ops"].items()]
+    return rows
 
 
 def matmul_peak_gflops(threads: int, n: int = 2048, iters: int = 10) -> dict[str, float]:
@@ -76,11 +92,15 @@ def matmul_peak_gflops(threads: int, n: int = 2048, iters: int = 10) -> dict[str
 def export_rows(checkpoint: str, size: tuple[int, int], out: Path, args) -> dict[str, dict]:
     loaded = load_checkpoint(checkpoint)
     rows = {}
-    for name, fmt_name, precision, dynamic in ARTIFACTS:
+    for name, fmt_name, precision, dynamic, cpu_class in ARTIFACTS:
+        if args.int8_only and precision == "fp16":
+            continue
         fmt = get_format(fmt_name)
-        path = out / f"{fmt_name}-{precision}{'-dyn' if dynamic else ''}{fmt.suffixes[0]}"
+        path = out / f"{fmt_name}-{precision}{'-' + cpu_class if cpu_class else ''}{'-dyn' if dynamic else ''}{fmt.suffixes[0]}"
+        # every int8 row is made and timed, also one vitseg would refuse here: the refusal is in its details
         request = ExportRequest(fmt_name, OnnxExportSettings(precision=precision, image_size=size, dynamic_batch=dynamic),
-                                Int8Settings(calib_images=args.calib_images))
+                                Int8Settings(calib_images=args.calib_images, heldout_images=args.verify_images,
+                                             cpu_class=cpu_class or "avx2", allow_float_fallback=True))
         print(f"export {name} -> {path}", flush=True)
         try:
             result = fmt.export(loaded, path, request, lambda m: None)
@@ -171,7 +191,9 @@ def bench_model(label: str, checkpoint: str, size: tuple[int, int], out: Path, a
     loaded = load_checkpoint(checkpoint)
     fns: dict[str, Callable] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if loaded.meta.family == "segformer":
+        if args.int8_only:
+            pass  # no peers: the int8 rows against their format's fp32
+        elif loaded.meta.family == "segformer":
             fns.update(peer_callables(loaded, size, args.threads, Path(tmp)))
         else:
             eager = runner_for(loaded, "cpu", backend="torch", threads=args.threads).activate()
@@ -238,6 +260,27 @@ def targets(seg: dict, vit: dict) -> list[str]:
     return lines
 
 
+def int8_lines(model: dict, here: str) -> list[str]:
+    """Issue 20's figures: every int8 row against its own format's fp32 in the same interleaved run, its share of
+    MACs in int8 and its agreement; the target (>= 1.3x at >= 99%) applies where the CPU has VNNI/AMX."""
+    rows = {r["row"]: r for r in model["rows"] if "latency_ms" in r}
+    fp32 = {"onnx": rows.get("vitseg onnx fp32 (dynamic batch, as shipped)"), "openvino": rows.get("vitseg openvino fp32 IR")}
+    lines = []
+    for name, r in rows.items():
+        if r.get("precision") != "int8" or fp32.get(r["format"]) is None:
+            continue
+        ratio = fp32[r["format"]]["latency_ms"] / r["latency_ms"]
+        d = r.get("details") or {}
+        made_for = d.get("cpu_class", "?")
+        verdict = ""
+        if here in ("vnni", "amx") and made_for == here:
+            verdict = " (target >= 1.3x at >= 99%: " + ("MET" if ratio >= 1.3 and r.get("pixel_agreement", 0) >= 0.99 else "NOT MET") + ")"
+        lines.append(f"{model['model']} {name}: {ratio:.2f}x its fp32 ({r['latency_ms']:.1f} vs {fp32[r['format']]['latency_ms']:.1f} ms), "
+                     f"{d.get('int8_mac_share', 0) * 100:.1f}% of MACs int8, {len(d.get('fallback_layers', []))} units in float, "
+                     f"agreement {r.get('pixel_agreement', 0) * 100:.2f}%, made for {made_for} on this {here} CPU{verdict}")
+    return lines
+
+
 def markdown(result: dict) -> str:
     cpu = result["environment"]["cpu"]
     lines = [f"CPU: {cpu['model']}, {cpu['cores']} cores, int8 flags: "
@@ -256,6 +299,11 @@ def markdown(result: dict) -> str:
             speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
             lines.append(f"| {r['row']} | {latency} | {speedup} | {agreement} | {miou} | {status} |")
         lines.append("")
+    lines += ["### int8 vs fp32 per op type (one layer each, interleaved; int8_probe)", "",
+              "| runtime | made for | op | shape | fp32 | int8 | int8 speedup |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['runtime']} | {r['made_for']} | {r['op']} | {'x'.join(map(str, r['shape']))} | {r['fp32_ms']:.3f} ms "
+              f"| {r['int8_ms']:.3f} ms | {r['speedup']:.2f}x |" for r in result["probe"]]
+    lines.append("")
     return "\n".join(lines + result["targets"]) + "\n"
 
 
@@ -269,6 +317,7 @@ def main() -> None:
     ap.add_argument("--verify-images", type=int, default=16)
     ap.add_argument("--calib-images", type=int, default=32)
     ap.add_argument("--output", type=Path, default=Path("bench-cpu"))
+    ap.add_argument("--int8-only", action="store_true", help="fp32 and int8 rows only (no peers, no fp16): issue 20's figures")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     peaks = matmul_peak_gflops(args.threads)
@@ -287,7 +336,9 @@ def main() -> None:
               "matmul_gflops_by_library": peaks,
               "segformer": seg, "vit": vit,
               "best_fp32_efficiency": (gflops / (fp32["latency_ms"] / 1e3) / peak) if fp32 and gflops else None}
-    result["targets"] = targets(seg, vit)
+    result["probe"] = probe_table()
+    here = result["environment"]["cpu"]["class"]
+    result["targets"] = ([] if args.int8_only else targets(seg, vit)) + int8_lines(seg, here) + int8_lines(vit, here)
     if result["best_fp32_efficiency"]:
         result["targets"].append(f"best SegFormer fp32 row: {gflops:.2f} GFLOP per image, "
                                  f"{result['best_fp32_efficiency'] * 100:.1f}% of the measured matmul peak")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.doctor import cpu_info
+from vitseg_export.cpu import cpu_info
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.export.settings import ExportRequest, TritonSettings
 from vitseg_export.profiling import measure_latency

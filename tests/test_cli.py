@@ -42,20 +42,28 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
     if importlib.util.find_spec("openvino") is not None:  # the demo shows every format this machine can make
         assert names[4:] == ["openvino-fp32", "openvino-fp16", "openvino-int8"]
     for row in report["rows"][1:]:
+        if row["precision"] == "int8" and row["status"].startswith("skipped: "):
+            # the demo's int8 rows are real or absent with the reason (the tiny model's int8 rarely pays on a CPU)
+            assert row["path"] is None and row["latency_p50_ms"] is None and ("slower than fp32" in row["status"] or
+                                                                             "of the MACs stayed int8" in row["status"]), row
+            continue
         assert row["status"].startswith("verified") and row["latency_p50_ms"] > 0 and row["speedup"] > 0, row
     assert report["rows"][1]["pixel_agreement"] >= 0.9999
     assert (tmp_path / "demo" / "artifacts" / "segformer-b0-test-fp32.onnx.json").is_file()
     assert len(list((tmp_path / "demo" / "predictions").glob("*_mask.png"))) == 4
-    assert json.loads((tmp_path / "demo" / "reports" / "verify-onnx-int8.json").read_text())["precision"] == "int8"
+    int8_report = tmp_path / "demo" / "reports" / "verify-onnx-int8.json"
+    assert int8_report.is_file() == (report["rows"][3]["status"] == "verified")
+    if int8_report.is_file():
+        assert json.loads(int8_report.read_text())["precision"] == "int8"
     for name in ("benchmark.md", "pareto.png", "overlays.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
-    assert "onnx-int8" in result.stdout and "verified" in result.stdout
+    assert "onnx-int8" in result.stdout and "verified" in result.stdout and "Traceback" not in result.stderr
 
 
 def test_export_json_stdout_is_only_the_manifest_with_every_converter(tmp_path):
     """Model Optimizer (fp16 AutoCast, int8 --target trt) and NNCF (OpenVINO int8) log and draw progress on
     stdout by themselves: `--json` must still print nothing but the manifest there."""
-    int8 = ["--precision", "int8", "--calib-images", "8"]
+    int8 = ["--precision", "int8", "--calib-images", "8", "--allow-float-fallback"]
     cases = [("fp16", "onnx", ["--precision", "fp16"]), ("int8-trt", "onnx", [*int8, "--target", "trt"])]
     if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
         cases.append(("int8-ov", "xml", ["--format", "openvino", *int8]))

@@ -74,7 +74,8 @@ def test_onnx_artifact_runs_on_the_openvino_backend(exported, cli):
 
 def _int8(twin, tmp_path, dynamic_batch=False, **targets):
     request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=dynamic_batch),
-                            Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4, **targets))
+                            Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4,
+                                         **{"allow_float_fallback": True, **targets}))
     return export_openvino(twin("vit-seg-tiny-test"), tmp_path / "q.xml", request, lambda m: None)
 
 
@@ -151,7 +152,7 @@ def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_p
 
     request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=False),
                             Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4,
-                                         min_agreement=0.0, min_miou_vs_reference=0.0))
+                                         min_agreement=0.0, min_miou_vs_reference=0.0, allow_float_fallback=True))
     result = export_openvino(twin("segformer-b0-test"), tmp_path / "s.xml", request, lambda m: None)
     q = result.manifest.precision_details
     assert q["float_op_types"] == ["GroupConvolution"] and q["fallback_groups"] == []

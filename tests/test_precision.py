@@ -55,7 +55,9 @@ def test_fp16_io(exported):
 
 
 def _int8(tmp_path, twin, name, **kw):
-    settings = Int8Settings(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", heldout_images=6, **kw)
+    # the tiny twins run in well under a millisecond: int8 there is not judged on speed (tests of the refusal are)
+    settings = Int8Settings(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", heldout_images=6,
+                            **{"allow_float_fallback": True, **kw})
     path = tmp_path / f"{name}-int8.onnx"
     result = export_onnx(twin(name), path, OnnxExportSettings(precision="int8", outputs="both"), int8=settings)
     return path, result.manifest.to_json()
@@ -93,8 +95,10 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exporte
                 assert inits[w.input[1]].size == 1, n.name
     assert weights_seen > 5
     consumers = [n for n in model.graph.node for i in n.input if i in producers and producers[i].op_type == "DequantizeLinear"]
-    if target == "cpu":  # only MatMul/Gemm inputs are quantized; LayerNorm, Softmax, GELU and residual Adds stay float
-        assert consumers and {n.op_type for n in consumers} <= {"MatMul", "Gemm", "Add"}
+    if target == "cpu":  # only MatMul/Gemm and dense Conv inputs are quantized; LayerNorm, Softmax, GELU, residual
+        # Adds and the depthwise convolutions (slower in int8 in ONNX Runtime) stay float
+        assert consumers and {n.op_type for n in consumers} <= {"MatMul", "Gemm", "Conv", "Add"}
+        assert not [n.name for n in consumers if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
         assert all(inits[producers[i].input[0]].dtype == np.int32 for n in consumers if n.op_type == "Add"
                    for i in n.input if i in producers and producers[i].op_type == "DequantizeLinear")  # only biases
     else:  # Model Optimizer places Q/DQ where TensorRT fuses them; the float part is fp16, with 2-3 Casts
@@ -158,7 +162,7 @@ def test_int8_trt_target_runs_float_part_in_fp16(tmp_path, twin):
 
 def test_cli_export_int8_reports_mac_share(tmp_path, cli):
     r = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib", "synthetic[:4]", "--calib-images", "4",
-            "-o", str(tmp_path / "q.onnx"))
+            "--allow-float-fallback", "-o", str(tmp_path / "q.onnx"))
     assert r.exit_code == 0, r.stderr
     assert "of MACs run in int8" in r.stdout
     bad = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib-method", "magic", "-o", str(tmp_path / "b.onnx"))
@@ -178,7 +182,7 @@ def test_int8_is_judged_on_the_users_own_data(tmp_path, twin):
     calib_names = {open_source(spec, "calib").name_of(i) for i in range(len(open_source(spec, "calib")))}
     val_names = {open_source(spec, "val").name_of(i) for i in range(len(open_source(spec, "val")))}
     assert val_names and not calib_names & val_names
-    settings = Int8Settings(calib=spec, calib_images=8, heldout_images=2)
+    settings = Int8Settings(calib=spec, calib_images=8, heldout_images=2, allow_float_fallback=True)
     result = export_onnx(twin("vit-seg-tiny-test"), tmp_path / "q.onnx",
                          OnnxExportSettings(precision="int8", parity_data=spec), int8=settings)
     q = result.manifest.precision_details
@@ -186,6 +190,6 @@ def test_int8_is_judged_on_the_users_own_data(tmp_path, twin):
     assert q["calibration"]["source"].startswith(f"{spec} split=calib")
     assert result.manifest.self_parity["source"].startswith(f"{spec} split=val")
     default = export_onnx(twin("vit-seg-tiny-test"), tmp_path / "d.onnx", OnnxExportSettings(precision="int8"),
-                          int8=Int8Settings(calib="synthetic[:4]", calib_images=4, heldout_images=2))
+                          int8=Int8Settings(calib="synthetic[:4]", calib_images=4, heldout_images=2, allow_float_fallback=True))
     assert default.manifest.precision_details["heldout"]["source"].startswith("synthetic") and "split=val" in \
         default.manifest.precision_details["heldout"]["source"]

@@ -34,7 +34,7 @@ def test_benchmark_schema_and_files(tmp_path, cli, monkeypatch):
     from vitseg_export.cli import common
 
     monkeypatch.setattr(common.console, "width", 80)  # a piped log: every column must fit, nothing cut
-    r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--formats", "onnx", "--precisions", "fp32,int8",
+    r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--formats", "onnx", "--precisions", "fp32,int8", "--allow-float-fallback",
             "--verify-images", "2", "--iters", "3", "--calib", "synthetic[:4]")
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "b" / "benchmark.json").read_text())

@@ -61,7 +61,7 @@ def test_a_backend_registered_from_one_module_is_everywhere(tmp_path, cli, toy_b
     assert json.loads(r.stdout)["backend"] == "onnxruntime-noopt"
     doctor = json.loads(cli("doctor", "--json").stdout)
     assert doctor["formats"]["tonnx"]["available"] and doctor["backends"]["onnxruntime-noopt"]["devices"] == ["cpu"]
-    r = cli("benchmark", "vit-seg-tiny-test", "--formats", "onnx,tonnx", "--precisions", "fp32,int8", "--output",
+    r = cli("benchmark", "vit-seg-tiny-test", "--formats", "onnx,tonnx", "--precisions", "fp32,int8", "--allow-float-fallback", "--output",
             str(tmp_path / "b"), "--verify-images", "2", "--iters", "2", "--calib", "synthetic[:4]")
     assert r.exit_code == 0, r.stderr
     rows = {row["name"]: row for row in json.loads((tmp_path / "b" / "benchmark.json").read_text())["rows"]}

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitseg_export.cpu import CPU_CLASSES
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_group, json_bytes, sha256_file
 
@@ -58,6 +59,7 @@ class ArtifactInfo:
     source_checkpoint: str = ""
     extra: dict = field(default_factory=dict)
     profile: dict | None = None  # a TensorRT engine's optimization profile: {"min"|"opt"|"max": [N, 3, H, W]}
+    cpu_class: str = ""  # the CPU class an int8 CPU artifact's arithmetic is made for (vitseg_export.cpu), else ""
 
     def declared_shapes(self, batch_sizes: tuple[int, ...] | None = None,
                         sizes: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], tuple[int, ...]]:
@@ -107,7 +109,7 @@ class ArtifactInfo:
                 "precision": self.precision, "opset": self.opset, "outputs": list(self.outputs),
                 "dynamic_batch": self.dynamic_batch, "dynamic_size": self.dynamic_size,
                 "source_checkpoint": self.source_checkpoint, "source_sha256": self.source_sha256 or "",
-                "vitseg_version": self.vitseg_version}
+                "vitseg_version": self.vitseg_version, **({"cpu_class": self.cpu_class} if self.cpu_class else {})}
 
     def metadata_props(self) -> dict[str, str]:
         """The metadata as `vitseg.KEY` -> JSON text pairs (ONNX metadata_props, OpenVINO rt_info)."""
@@ -160,6 +162,7 @@ class ArtifactInfo:
             source_sha256=typed("source_sha256", text, "a hex digest", "") or None,
             vitseg_version=typed("vitseg_version", text, "a version", "unknown"),
             family=typed("family", text, "a family name", ""), source_checkpoint=typed("source_checkpoint", text, "a path", ""),
+            cpu_class=typed("cpu_class", lambda v: v in ("", *CPU_CLASSES), f"one of {', '.join(CPU_CLASSES)}", ""),
             extra={k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)},
         )
 

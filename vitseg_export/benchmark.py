@@ -14,7 +14,8 @@ from typing import Callable
 from vitseg_export.benchmark_report import BenchmarkReport, BenchmarkRow, write_report_files
 from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
 from vitseg_export.comparator import compare, load_inputs
-from vitseg_export.errors import VitsegError
+from vitseg_export.cpu import CPU_CLASSES, SAFE_CLASS, cpu_class
+from vitseg_export.errors import Int8NotWorthIt, VitsegError
 from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.formats import FORMATS, Format, get_format
 from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
@@ -41,6 +42,8 @@ class BenchmarkSettings:
     calib: str = "synthetic"
     calib_images: int = 32
     prune_ratios: tuple[float, ...] = ()  # also benchmark structurally pruned copies (method "all", no fine-tuning)
+    # int8 that is mostly float, or slower than fp32 on this CPU, is a "skipped" row with the reason unless allowed
+    allow_float_fallback: bool = False
 
 
 @dataclass
@@ -86,6 +89,13 @@ def _artifact_path(artifacts: Path, variant: _Variant, fmt: Format, precision: s
     return artifacts / (stem + ("" if fmt.name == "onnx" else f"-{fmt.name}") + fmt.suffixes[0])
 
 
+def benchmark_cpu_class() -> str:
+    """The benchmark times its rows on this machine, so its int8 is made for this machine's CPU class (judged
+    here: refused as a row when it cannot pay); the safe class on a CPU vitseg has no class for."""
+    here = cpu_class()
+    return here if here in CPU_CLASSES else SAFE_CLASS
+
+
 def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings: BenchmarkSettings, artifacts: Path,
                  log: Callable[[str], None]) -> _Cell:
     row = BenchmarkRow(f"{fmt.name}-{precision}{variant.suffix}", fmt.name, precision)
@@ -98,10 +108,14 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
     request = ExportRequest(fmt.name, OnnxExportSettings(precision=precision, image_size=size, outputs="both", fold=settings.fold,
                                                          parity_data=settings.verify_data,
                                                          dynamic_batch=not fmt.static_by_default),
-                            Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target))
+                            Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target,
+                                         cpu_class=benchmark_cpu_class(), allow_float_fallback=settings.allow_float_fallback))
     try:
         path = _artifact_path(artifacts, variant, fmt, precision)
         result = fmt.export(variant.loaded, path, request, lambda m: log(f"  {m}"))
+    except Int8NotWorthIt as e:  # int8 that would be float in all but name, or slower than fp32 here: no row to time
+        row.status = f"skipped: {e.message}"
+        return cell
     except VitsegError as e:
         row.status = f"failed: {e.message}"
         return cell

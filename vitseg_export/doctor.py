@@ -3,10 +3,9 @@ formats and precisions are available. Torch-free at import; every probe reports 
 
 from __future__ import annotations
 
-import os
 import platform
-from pathlib import Path
 
+from vitseg_export.cpu import cpu_info
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
 from vitseg_export.probes import module_version
@@ -15,25 +14,6 @@ from vitseg_export.tables import lazy_module
 
 torch = lazy_module("torch")
 server = lazy_module("vitseg_export.serving.server")  # where tritonserver is, for `vitseg serve`
-
-INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-# bf16 arithmetic: OpenVINO int8 IRs compute their float part in bf16 where the CPU has these
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_info() -> dict:
-    """CPU model, core count and the int8- and bf16-relevant instruction set flags (from /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    return {"model": model, "cores": os.cpu_count(), "int8_features": {f: f in flags for f in INT8_CPU_FLAGS},
-            "bf16_features": {f: f in flags for f in BF16_CPU_FLAGS}}
-
 
 def _cuda(torch_ok: bool) -> dict:
     cuda: dict = {"available": False, "devices": []}

@@ -35,5 +35,14 @@ class ParityError(VitsegError):
     exit_code = 3
 
 
+class Int8NotWorthIt(VitsegError):
+    """An int8 artifact that would not be int8 in anything but name (mostly float, or slower than fp32 where it
+    runs): refused unless --allow-float-fallback. The benchmark shows such a row as skipped, with the reason.
+    Exit code 3, as a parity failure: the artifact asked for is not one vitseg will call int8."""
+
+    exit_code = 3
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so every `finally` (temp files, temp dirs) runs as for Ctrl-C."""
+

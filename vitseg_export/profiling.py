@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitseg_export.doctor import cpu_info
+from vitseg_export.cpu import cpu_info
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import format_for_path
 from vitseg_export.probes import module_version

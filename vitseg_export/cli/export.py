@@ -22,6 +22,7 @@ from vitseg_export.cli.common import (
     spare_inputs,
     status,
 )
+from vitseg_export.cpu import CPU_CLASSES, SAFE_CLASS
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.settings import (
@@ -70,6 +71,8 @@ def export(
     calib_images: Annotated[Optional[int], typer.Option("--calib-images", min=1, max=100000, help="int8: calibration images (default 32).")] = None,
     calib_method: Annotated[Optional[str], typer.Option("--calib-method", help="int8: minmax (default), entropy or percentile.")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="int8: cpu (ONNX Runtime) or trt (TensorRT: float part in fp16); default trt for --format trt, else cpu.")] = None,
+    cpu_class: Annotated[Optional[str], typer.Option("--cpu-class", help=f"int8 for CPUs: the class of the CPU it will run on: {SAFE_CLASS} (default: 7-bit weights, exact and verified on every x86 CPU), vnni or amx (8-bit weights: exact only with AVX512-VNNI/AVX-VNNI/AMX). `vitseg doctor` names this machine's.")] = None,
+    allow_float_fallback: Annotated[bool, typer.Option("--allow-float-fallback", help="int8: accept an artifact that is mostly float after the fallback, or slower than fp32 on the CPU class it is for (default: refused).")] = False,
     check_trt: Annotated[bool, typer.Option("--check-trt", help="Lint the ONNX against the TensorRT parser's supported ops/attributes.")] = False,
     workspace: Annotated[Optional[float], typer.Option("--workspace", callback=WORKSPACE, help="trt: builder workspace in GB (default 4).")] = None,
     min_shape: Annotated[Optional[str], typer.Option("--min-shape", help="trt: NxCxHxW of the optimization profile.")] = None,
@@ -95,8 +98,8 @@ def export(
     fmt = get_format(format)
     get_precision(precision)
     given = {k: v for k, v in locals().items() if k in OPTION_GROUPS and v not in (None, False)}
-    _refuse_what_does_not_apply(fmt.name, precision, backend, given)
-    _check_choices(outputs, calib_method, target, backend, device)
+    _refuse_what_does_not_apply(fmt.name, precision, backend, target or fmt.int8_target, given)
+    _check_choices(outputs, calib_method, target, backend, device, cpu_class)
     fmt.require()  # a missing backend says so before any other work
     request = ExportRequest(
         format, OnnxExportSettings(precision=precision, opset=opset, image_size=parse_size(image_size) if image_size is not None else None,
@@ -104,7 +107,8 @@ def export(
                                    dynamic_size=dynamic_size, outputs=outputs,
                                    simplify=simplify, fp16_io=fp16_io, fold=not no_fold, parity_data=data),
         Int8Settings(calib=calib or data, calib_images=calib_images or 32, method=calib_method or "minmax",
-                     target=target or fmt.int8_target, heldout=heldout, min_agreement=min_agreement),
+                     target=target or fmt.int8_target, heldout=heldout, min_agreement=min_agreement,
+                     cpu_class=cpu_class or SAFE_CLASS, allow_float_fallback=allow_float_fallback),
         EngineSettings(workspace_gb=4.0 if workspace is None else workspace, min_shape=_shape(min_shape, "--min-shape"),
                        opt_shape=_shape(opt_shape, "--opt-shape"), max_shape=_shape(max_shape, "--max-shape"),
                        sparsity=sparsity, timing_cache=timing_cache, version_compatible=version_compatible,
@@ -123,7 +127,9 @@ def export(
 
 
 # option -> what it applies to: the int8 precision, a TensorRT engine, a Triton repository, fp16
-OPTION_GROUPS = {**dict.fromkeys(("calib", "heldout", "calib_images", "calib_method", "target", "min_agreement"), "int8"),
+OPTION_GROUPS = {**dict.fromkeys(("calib", "heldout", "calib_images", "calib_method", "target", "min_agreement",
+                                  "allow_float_fallback"), "int8"),
+                 "cpu_class": "int8_cpu",
                  **dict.fromkeys(("workspace", "min_shape", "opt_shape", "max_shape", "sparsity", "timing_cache",
                                   "version_compatible", "dla_core", "weakly_typed"), "trt"),
                  **dict.fromkeys(("name", "backend", "max_batch_size", "instances", "preferred_batch",
@@ -131,24 +137,27 @@ OPTION_GROUPS = {**dict.fromkeys(("calib", "heldout", "calib_images", "calib_met
                  "fp16_io": "fp16"}
 
 
-def _refuse_what_does_not_apply(fmt: str, precision: str, backend: Optional[str], given: dict) -> None:
+def _refuse_what_does_not_apply(fmt: str, precision: str, backend: Optional[str], target: str, given: dict) -> None:
     """An option given for a format or precision it does not apply to is refused, never silently ignored."""
     engine = fmt == "trt" or (fmt == "triton" and backend == "tensorrt")
-    applies = {"int8": precision == "int8", "trt": engine, "triton": fmt == "triton", "fp16": precision == "fp16"}
+    applies = {"int8": precision == "int8", "int8_cpu": precision == "int8" and target == "cpu", "trt": engine,
+               "triton": fmt == "triton", "fp16": precision == "fp16"}
     for option, group in OPTION_GROUPS.items():
         if option in given and not applies[group]:
             flag = "--" + option.replace("_", "-")
-            what = {"int8": "--precision int8", "trt": "--format trt (or --format triton --backend tensorrt)",
+            what = {"int8": "--precision int8", "int8_cpu": "--precision int8 for CPUs (--target cpu)", "trt": "--format trt (or --format triton --backend tensorrt)",
                     "triton": "--format triton", "fp16": "--precision fp16"}[group]
-            raise VitsegError(f"{flag} applies to {what} only, not --format {fmt} --precision {precision}",
+            against = f"--format {fmt} --precision {precision}" + (f" --target {target}" if group == "int8_cpu" else "")
+            raise VitsegError(f"{flag} applies to {what} only, not {against}",
                               f"drop {flag}, or export with {what}")
 
 
 def _check_choices(outputs: str, calib_method: Optional[str], target: Optional[str], backend: Optional[str],
-                   device: Optional[str]) -> None:
+                   device: Optional[str], cpu_class: Optional[str]) -> None:
     """Values with a fixed set of choices, checked before any work."""
     for option, value, choices in (("--outputs", outputs, OUTPUT_CHOICES), ("--calib-method", calib_method, CALIB_METHODS),
-                                   ("--target", target, INT8_TARGETS), ("--device", device, ("cpu", "gpu"))):
+                                   ("--target", target, INT8_TARGETS), ("--device", device, ("cpu", "gpu")),
+                                   ("--cpu-class", cpu_class, CPU_CLASSES)):
         if value is not None and value not in choices:
             raise VitsegError(f"{option} {value} is unknown", f"use one of: {', '.join(choices)}")
     if backend is not None:

@@ -137,6 +137,7 @@ def benchmark(
     threads: ThreadsOption = None,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without the exact rewrites.")] = False,
     prune: Annotated[Optional[str], typer.Option("--prune", help="Also benchmark pruned copies at these ratios (e.g. 0.25,0.5; method all, no fine-tuning: use `vitseg prune` for that).")] = None,
+    allow_float_fallback: Annotated[bool, typer.Option("--allow-float-fallback", help="Time int8 rows that are mostly float or slower than fp32 on this CPU (default: such rows are skipped, with the reason).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print benchmark.json on stdout.")] = False,
 ) -> None:
     """Export, verify and profile every format x precision; one table with speedups vs PyTorch eager fp32."""
@@ -153,7 +154,8 @@ def benchmark(
                                  image_size=parse_size(image_size) if image_size is not None else None, device=device,
                                  verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
                                  fold=not no_fold, calib=calib,
-                                 prune_ratios=_ratios(prune) if prune is not None else ())
+                                 prune_ratios=_ratios(prune) if prune is not None else (),
+                                 allow_float_fallback=allow_float_fallback)
     report = matrix.run_benchmark(checkpoint, output, settings, log=log)
     if json_output:
         print_json(report.to_json())

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
 
 from vitseg_export.comparator import InputSet, RecordedOutputs, compare, record
-from vitseg_export.errors import VitsegError
+from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class
+from vitseg_export.errors import Int8NotWorthIt, VitsegError
 from vitseg_export.parity import Thresholds
 from vitseg_export.runners.base import Runner
 
@@ -181,10 +183,75 @@ def fallback_record(result: Fallback, held: Heldout, targets: Thresholds, macs: 
                                  "min_miou_vs_reference": held.targets.min_miou_vs_reference}}
 
 
+MOSTLY_INT8 = 0.5  # below this share of MACs in int8, an "int8" artifact is a float model with int8-rounded weights
+
+
+def check_mostly_int8(record: dict, settings) -> None:
+    """Int8NotWorthIt when the fallback left under half of the MACs in int8 (unless allowed)."""
+    share = record["int8_mac_share"]
+    if share < MOSTLY_INT8 and not settings.allow_float_fallback:
+        raise Int8NotWorthIt(f"only {share * 100:.0f}% of the MACs stayed int8 ({len(record['fallback_layers'])} units went "
+                             "back to float to meet the targets): this would be a float model with int8-rounded weights",
+                             "export fp32 here, try quantization-aware training (`vitseg qat`), or accept it with "
+                             "--allow-float-fallback")
+
+
+TIMED_PAIRS = 15  # fp32 and int8 runs, alternating: one machine, one moment
+
+
+def speed_here(fp32: Runner, int8: Runner, size: tuple[int, int], settings) -> dict | None:
+    """Where this CPU is one the int8 artifact computes exactly on, time it against the same format's fp32
+    (batch 1, alternating runs, medians). On a CPU of the class it is made for, slower than fp32 is refused
+    (Int8NotWorthIt) unless allowed; on another exact class the figure is recorded, not judged (it says nothing
+    about the target's speed). Returns the record (None: int8 is not exact here, nothing measured)."""
+    here = cpu_class()
+    if here not in classes_exact_for(settings.cpu_class):
+        return None
+    pixels = {"pixels": np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)}
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    with fp32, int8:
+        for runner in (fp32, int8, fp32, int8):  # warm-up
+            runner.infer(pixels)
+        for _ in range(TIMED_PAIRS):
+            for name, runner in (("fp32", fp32), ("int8", int8)):
+                t0 = time.perf_counter()
+                runner.infer(pixels)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    fp32_ms, int8_ms = float(np.median(times["fp32"])), float(np.median(times["int8"]))
+    record = {"cpu_class": here, "fp32_ms": round(fp32_ms, 3), "int8_ms": round(int8_ms, 3),
+              "speedup": round(fp32_ms / int8_ms, 3), "pairs": TIMED_PAIRS, "judged": here == settings.cpu_class}
+    if int8_ms > fp32_ms and here == settings.cpu_class and not settings.allow_float_fallback:
+        raise Int8NotWorthIt(f"the int8 artifact runs {int8_ms:.2f} ms here against {fp32_ms:.2f} ms for fp32 "
+                             f"({fp32_ms / int8_ms:.2f}x) on this {here} CPU it is made for: slower than fp32",
+                             "export fp32 for this CPU, build for a VNNI target with --cpu-class vnni, or accept it for "
+                             "its size with --allow-float-fallback")
+    return record
+
+
+def cpu_record(settings, speed: dict | None, probe: dict | None) -> dict:
+    """The manifest's CPU-class record of an int8 CPU artifact: what its arithmetic is made for, the classes its
+    verdict holds on (where it computes exactly what was verified here), the probe and how it compared with fp32
+    here."""
+    here = cpu_class()
+    exact = classes_exact_for(settings.cpu_class)
+    return {"cpu_class": settings.cpu_class, "exact_on": exact, "verified_on": here,
+            "verdict_holds_on": exact if here in exact else [here],
+            "weights": "7-bit, saturation-safe" if settings.cpu_class == SAFE_CLASS else "8-bit",
+            "int8_probe": probe if probe is not None else f"not run: this CPU is {here}, the artifact is for {settings.cpu_class}",
+            "speed_here": speed if speed is not None else
+            f"not measured: int8 made for {settings.cpu_class} is not exact on this {here} CPU"}
+
+
 def describe_int8(details: dict) -> list[str]:
-    """What `vitseg export` prints about an int8 manifest section: the MAC share, the layers in float."""
+    """What `vitseg export` prints about an int8 manifest section: the MAC share, the layers in float, the CPU
+    class it is made for and how it compared with fp32 here."""
     share = details["int8_mac_share"]
     target = f" ({details['target']} target)" if details.get("target") else ""
     lines = [f"int8{target}: {share * 100:.1f}% of MACs run in int8, {len(details['fallback_layers'])} units fell back "
-             "to float" + (" (mostly float: most compute is NOT int8)" if share < 0.5 else "")]
+             "to float" + (" (mostly float: most compute is NOT int8)" if share < MOSTLY_INT8 else "")]
+    if details.get("cpu_class"):
+        speed = details["speed_here"]
+        lines.append(f"  made for {details['cpu_class']} CPUs ({details['weights']} weights; exact on "
+                     f"{', '.join(details['exact_on'])}); " + (f"here: {speed['speedup']:.2f}x its fp32 ({speed['int8_ms']:.2f} "
+                     f"vs {speed['fp32_ms']:.2f} ms)" if isinstance(speed, dict) else speed))
     return lines + [f"  float: {row['node']} ({row['reason']})" for row in details["fallback_layers"]]

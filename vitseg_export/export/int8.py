@@ -1,7 +1,8 @@
 """fp32 ONNX -> int8 ONNX (Q/DQ), for two targets, then the one int8 fallback (export/fallback.py):
-- cpu: onnxruntime's `quantize_static`, symmetric (zero point 0), per-tensor, MatMul/Gemm only (what its CPU
-  provider runs in integer kernels), 7-bit weights (reduce_range: no u8 x s8 pair saturates int16 without
-  VNNI), ranges cached so re-quantizing with other exclusions does not re-calibrate;
+- cpu: onnxruntime's `quantize_static`, symmetric (zero point 0), per-tensor, MatMul/Gemm and dense Convs (what
+  its CPU provider runs faster in integer kernels), 7-bit weights for CPUs without VNNI/AMX (reduce_range: no
+  u8 x s8 pair saturates int16; --cpu-class), ranges cached so re-quantizing with other exclusions does not
+  re-calibrate; first, int8_probe asks whether int8 can pay at all on this CPU;
 - trt: NVIDIA Model Optimizer's ONNX PTQ, Q/DQ where TensorRT fuses them, the float part in fp16.
 LayerNorm, Softmax, GELU and residual Adds stay float on both; so do attention's activation x activation
 MatMuls. When held-out agreement misses the targets, the layers whose return to float helps most (logit SQNR
@@ -26,9 +27,19 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from vitseg_export.comparator import InputSet, load_inputs
+from vitseg_export.cpu import SAFE_CLASS
 from vitseg_export.errors import VitsegError
-from vitseg_export.export.fallback import Heldout, calibration_record, fall_back, fallback_record
+from vitseg_export.export.fallback import (
+    Heldout,
+    calibration_record,
+    check_mostly_int8,
+    cpu_record,
+    fall_back,
+    fallback_record,
+    speed_here,
+)
 from vitseg_export.export.graph import remove_dead_nodes, to_float
+from vitseg_export.export.int8_probe import check_int8_pays
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
 from vitseg_export.precisions import Conversion, ConversionContext
@@ -36,11 +47,20 @@ from vitseg_export.runners.base import require_module
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner, graph_runner, session_options
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
-# --target cpu: ONNX Runtime's CPU provider runs int8 MatMul/Gemm in integer kernels (MatMulIntegerToFloat,
-# QLinearMatMul), but left SegFormer's convolutions (patch embeddings, sequence reduction, depthwise) as
-# DequantizeLinear + float Conv: measured at 512 px, quantized Convs took 31 ms + 17 ms of dequantization
-# against 12 ms in fp32. So only MatMul/Gemm are quantized for the CPU.
-CPU_QUANTIZED_OP_TYPES = ("MatMul", "Gemm")
+# --target cpu: what ONNX Runtime's CPU provider runs faster in int8 (QLinearConv, MatMulIntegerToFloat,
+# QLinearMatMul), measured per op type (vitseg_export/export/int8_probe.py, scripts/bench_cpu.py) on a 2-core
+# AMD EPYC with AVX-512 VNNI: MatMul 2.9x (7-bit weights) / 5.5x (8-bit), 1x1 Conv 2.5x, depthwise 3x3 Conv
+# 0.72-0.81x. So MatMul/Gemm and every Conv but the depthwise ones. Trained SegFormer-B0 at 512 px, same
+# machine: MatMul only kept 46.9% of the MACs in int8 (a mostly-float "int8"), 1.08x fp32; with the dense
+# Convs 68.0% at 1.06x (7-bit) / 1.11x (8-bit), 99.71% / 99.81% agreement; depthwise Convs too: 0.99x.
+CPU_QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
+
+
+def depthwise_convs(model: onnx.ModelProto) -> list[str]:
+    """Grouped (depthwise) Conv nodes: slower in int8 than fp32 in ONNX Runtime's CPU kernels."""
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
 # Both targets keep attention's activation x activation MatMuls (Q.K^T, softmax.V) in float: per-tensor
 # int8 has one step of max/127, and softmax probabilities of ~1/keys fall under it at long sequences.
 # Measured on a trained SegFormer-B0 at 512 px (256 keys in stage 1), Model Optimizer int8: 83.9% mask
@@ -154,7 +174,9 @@ class _OrtQuantizer:
         self.fp32_path = work / "fp32.onnx"
         onnx.save(model, self.fp32_path)
         self.work, self.cache = work, cache
-        self.excluded = attention_matmuls(model)
+        self.attention = attention_matmuls(model)
+        self.depthwise = depthwise_convs(model)
+        self.excluded = self.attention + self.depthwise
         self.batches = [im.pixels[None] for im in calib.images]
         self.method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}[settings.method]
@@ -164,6 +186,8 @@ class _OrtQuantizer:
         # 184 vs 248 ms, at the same agreement)
         self.per_channel = False
         self.extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+        # 7-bit weights unless the target CPU has VNNI/AMX: then every class computes the same integers
+        self.safe = settings.cpu_class == SAFE_CLASS
         if settings.method != "minmax":
             self.extra = {**self.extra, "CalibTensorRangeSymmetric": True}
 
@@ -173,7 +197,7 @@ class _OrtQuantizer:
             quantize_static(
                 self.fp32_path, out, _Reader(self.batches), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(CPU_QUANTIZED_OP_TYPES), nodes_to_exclude=self.excluded,
-                per_channel=self.per_channel, reduce_range=True,
+                per_channel=self.per_channel, reduce_range=self.safe,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=self.method,
                 extra_options=self.extra, calibration_cache_path=self.cache)
             quantized = onnx.load(out)
@@ -183,8 +207,10 @@ class _OrtQuantizer:
     def record(self) -> dict:
         """How the graph was quantized (the manifest's `quantization`)."""
         return {"quantizer": self.name, "activation_type": "int8 symmetric per-tensor",
-                "weight_type": "int8 symmetric " + ("per-channel (output-channel axis)" if self.per_channel else "per-tensor"),
-                "attention_matmuls": f"float ({len(self.excluded)} activation x activation MatMuls excluded)",
+                "weight_type": ("7-bit (saturation-safe) " if self.safe else "8-bit ") + "symmetric " +
+                               ("per-channel (output-channel axis)" if self.per_channel else "per-tensor"),
+                "attention_matmuls": f"float ({len(self.attention)} activation x activation MatMuls excluded)",
+                "depthwise_convs": f"float ({len(self.depthwise)} excluded: slower in int8 on ONNX Runtime's CPU kernels)",
                 "extra_options": self.extra}
 
 
@@ -281,6 +307,12 @@ def _check(model: onnx.ModelProto, settings: Int8Settings) -> None:
         raise VitsegError("int8 export needs the logits output", "export with --outputs logits or both")
 
 
+def _ort_layer_runner(model_bytes: bytes, quantized: bool) -> Callable[[np.ndarray], object]:
+    """One of int8_probe's single-layer graphs on ONNX Runtime's CPU provider, as vitseg's runners set it up."""
+    session = ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x})
+
+
 def _settings_record(settings: Int8Settings, heldout_images: int, quantizer: Any) -> dict:
     targets = settings.targets()
     return {"calib": settings.calib, "calib_images": settings.calib_images, "method": settings.method,
@@ -296,6 +328,7 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
     the held-out targets are met. Raises VitsegError (bad settings, no images, targets unreachable). cpu ranges
     are cached in `cache_dir`: the result's `files`, for the exporter to write with the artifact."""
     _check(model, settings)
+    probe = check_int8_pays(settings, _ort_layer_runner, "onnxruntime") if settings.target == "cpu" else None
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     image_list_hash = calibration_record(calib, settings.method)["image_list_sha256"]
@@ -318,7 +351,12 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
     final = graph.graph(result.units)
     int8_layers = set(quantized_layers(final))
     macs = node_macs(model, held_inputs.images[0].pixels[None])
-    details = {"target": settings.target, **fallback_record(result, held, settings.targets(), macs, int8_layers),
+    record = fallback_record(result, held, settings.targets(), macs, int8_layers)
+    check_mostly_int8(record, settings)
+    speed = None
+    if settings.target == "cpu":  # a CPU graph: does its int8 pay on this CPU, where it is exact?
+        speed = speed_here(graph_runner(model, size, 0, "fp32"), graph_runner(final, size, 0, "int8"), size, settings)
+    details = {"target": settings.target, **record, **(cpu_record(settings, speed, probe) if settings.target == "cpu" else {}),
                "quantized_nodes": len(int8_layers),
                "calibration": calibration_record(calib, settings.method, cache=None if kept is None else str(kept),
                                                  ranges=ranges),

@@ -251,6 +251,9 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     graph = verified_fp32_graph(loaded, settings, output, progress)
     precision = get_precision(settings.precision)
     model, details, parity, inputs, files = graph.model, None, graph.parity, graph.inputs, {}
+    info = graph.info
+    if precision.calibrated and (int8 or Int8Settings()).target == "cpu":  # int8 for CPUs: the class it is made for
+        info = replace(info, cpu_class=(int8 or Int8Settings()).cpu_class)
     if precision.convert is not None:
         context = ConversionContext(graph.size, int8 or Int8Settings(), settings.fp16_io,
                                     output.parent / ".vitseg-calibration-cache", progress, settings.parity_data)
@@ -258,11 +261,11 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         model, details, files = conversion.model, conversion.details, conversion.files
         inputs = precision_parity_inputs(precision, settings, graph.info)
         progress(f"checking {precision.name} parity against PyTorch at {_shapes_text(inputs)}")
-        parity = self_parity(loaded, graph_candidate(model, graph.info), inputs, precision.name, int8)
-    data = _embed(model, graph.info)
+        parity = self_parity(loaded, graph_candidate(model, info), inputs, precision.name, int8)
+    data = _embed(model, info)
     manifest = ExportManifest(
         artifact=output.name, format="onnx", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
-        metadata=graph.info.metadata_json(), export_settings=export_settings_record(settings, graph.size),
+        metadata=info.metadata_json(), export_settings=export_settings_record(settings, graph.size),
         self_parity=parity_record(parity, inputs), rewrites=graph.rewrites,
         fp32_graph_parity=graph.parity.to_json(), precision_details=details or {},
         export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random",

@@ -27,8 +27,18 @@ import onnx
 
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
 from vitseg_export.comparator import load_inputs
+from vitseg_export.cpu import SAFE_CLASS
 from vitseg_export.errors import VitsegError
-from vitseg_export.export.fallback import Heldout, calibration_record, fall_back, fallback_record
+from vitseg_export.export.fallback import (
+    Heldout,
+    calibration_record,
+    check_mostly_int8,
+    cpu_record,
+    fall_back,
+    fallback_record,
+    speed_here,
+)
+from vitseg_export.export.int8_probe import check_int8_pays
 from vitseg_export.export.onnx_export import (
     VerifiedGraph,
     export_settings_record,
@@ -152,10 +162,22 @@ def _weight_layers(model: Any) -> dict[str, bool]:
             for op in model.get_ordered_ops() if op.get_type_name() in WEIGHT_OPS}
 
 
+def _ov_layer_runner(model_bytes: bytes, quantized: bool) -> Callable[[np.ndarray], object]:
+    """One of int8_probe's single-layer graphs on OpenVINO's CPU plugin, compiled as the runner compiles an IR
+    of its precision (int8: the float part in bf16 where the CPU has it)."""
+    core = openvino_core()
+    wanted = get_precision("int8" if quantized else "fp32").openvino_inference_precision
+    compiled = core.compile_model(core.read_model(model_bytes, ov.Tensor(np.empty(0, np.uint8))), "CPU",
+                                  {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision(core, "CPU", wanted)})
+    request = compiled.create_infer_request()
+    return lambda x: request.infer([x])
+
+
 def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo,
                 progress: Callable[[str], None]) -> tuple[Any, dict]:
     """The int8 precision's OpenVINO step: NNCF PTQ (transformer preset: SmoothQuant, min-max) of the fp32 IR,
     then the one fallback; returns (int8 model, the manifest's int8 section)."""
+    probe = check_int8_pays(settings, _ov_layer_runner, "openvino")
     calib = load_inputs(settings.calib, "calib", settings.calib_images, graph.size)
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, graph.size)
     fp32_info = replace(info, precision="fp32", extra={**info.extra, "inference_precision": '"f32"'})
@@ -164,19 +186,27 @@ def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: 
     # No bias correction: it shifts biases to offset the quantization of a layer's input, so a layer returned
     # to float by removing its FakeQuantize would keep a wrong bias (measured: same agreement without it).
     attention = ir_attention_matmuls(model)
+    # Without VNNI/AMX (the default class, avx2) NNCF's overflow fix keeps weights to 7 bits, so no u8 x s8 pair
+    # saturates AVX2's int16 sums and every CPU class computes the same integers
+    overflow = nncf_advanced.OverflowFix.ENABLE if settings.cpu_class == SAFE_CLASS else nncf_advanced.OverflowFix.DISABLE
     with library_output_on_stderr():
         quantized = nncf.quantize(model, nncf.Dataset([im.pixels[None] for im in calib.images]), subset_size=len(calib),
                                   model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
                                   ignored_scope=nncf.IgnoredScope(names=attention, types=list(FLOAT_OP_TYPES), validate=False),
-                                  advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(disable_bias_correction=True))
+                                  advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(
+                                      disable_bias_correction=True, overflow_fix=overflow))
     ir = IRQuantized(quantized, info)
     result = fall_back(ir, held, settings.max_fallback, progress, hint="calibrate on more representative images, or use fp16")
     final = ir.graph(result.units)
     layers = _weight_layers(final)
     int8_layers = {name for name, quantized in layers.items() if quantized}
+    record = fallback_record(result, held, settings.targets(), _layer_macs(final, graph.size), int8_layers)
+    check_mostly_int8(record, settings)
+    speed = speed_here(OpenVINORunner("fp32.xml", "cpu", model=model, info=fp32_info), ir.runner(result.units), graph.size,
+                       settings)
     return final, {
-        "quantizer": "nncf.quantize + vitseg mask-metric fallback",
-        **fallback_record(result, held, settings.targets(), _layer_macs(final, graph.size), int8_layers),
+        "quantizer": "nncf.quantize + vitseg mask-metric fallback", **record, **cpu_record(settings, speed, probe),
+        "overflow_fix": str(overflow),
         "fallback_groups": sorted(result.units), "quantized_layers": len(int8_layers),
         "float_layers": [name for name, quantized in layers.items() if not quantized],
         "attention": f"{len(attention)} activation x activation MatMuls kept float; ScaledDotProductAttention ops "
@@ -215,7 +245,8 @@ def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress:
     precision = get_precision(settings.precision)
     graph = verified_fp32_graph(loaded, settings, output, progress, fmt="openvino")
     wanted = precision.openvino_inference_precision
-    info = replace(graph.info, extra={**graph.info.extra, "inference_precision": f'"{wanted}"'})
+    info = replace(graph.info, extra={**graph.info.extra, "inference_precision": f'"{wanted}"'},
+                   cpu_class=request.int8.cpu_class if precision.calibrated else "")
     details: dict = {"weights": precision.openvino_weights()}
     with tempfile.TemporaryDirectory(prefix="vitseg-openvino-") as tmp:
         model = _convert(graph, Path(tmp))
@@ -231,7 +262,7 @@ def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress:
         files = {output: xml.read_bytes(), output.with_suffix(".bin"): xml.with_suffix(".bin").read_bytes()}
     manifest = ExportManifest(
         artifact=output.name, format="openvino", sha256=hashlib.sha256(files[output]).hexdigest(),
-        size_bytes=sum(len(b) for b in files.values()), metadata=graph.info.metadata_json(),
+        size_bytes=sum(len(b) for b in files.values()), metadata=info.metadata_json(),
         export_settings={**export_settings_record(settings, graph.size), "openvino_version": ov.__version__},
         self_parity=parity_record(parity, inputs), rewrites=graph.rewrites,
         fp32_graph_parity=graph.parity.to_json(), precision_details=details,

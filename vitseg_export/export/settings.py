@@ -44,6 +44,11 @@ class Int8Settings:
     heldout: str | None = None  # None: the validation split of `calib` (disjoint from its calibration split)
     heldout_images: int = 32
     max_fallback: int = 64
+    # the CPU class the int8 arithmetic is made for (vitseg_export.cpu): avx2 (the default) is saturation-safe,
+    # 7-bit weights that compute the same integers on every x86 CPU; vnni (and amx) use all 8 bits, exact only
+    # on CPUs with VNNI or AMX. Not used by --target trt.
+    cpu_class: str = "avx2"
+    allow_float_fallback: bool = False  # accept an int8 that is mostly float, or slower than fp32 here
 
     def targets(self) -> Thresholds:
         """The agreement and mIoU against the fp32 graph the int8 graph must reach: as set, else the int8

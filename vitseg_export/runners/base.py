@@ -6,10 +6,12 @@ Subclasses override the `*_impl` methods; nothing touches a device before `activ
 from __future__ import annotations
 
 import importlib
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
 
+from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.precisions import get_precision
 
@@ -55,6 +57,11 @@ class Runner(ABC):
         """Take what the runner knows about its model from the artifact's metadata (an ArtifactInfo); VitsegError
         for metadata that names a precision vitseg does not know."""
         get_precision(info.precision)  # damaged metadata: one line naming the known precisions
+        here = cpu_class()
+        if info.cpu_class and self.device in ("cpu", "auto") and here not in classes_exact_for(info.cpu_class):
+            warnings.warn(f"{info.path.name}'s int8 was made for {info.cpu_class} CPUs (8-bit weights, exact with VNNI or "
+                          f"AMX); this CPU is {here}, where its integer products may saturate: verify it here, or export "
+                          f"with --cpu-class {SAFE_CLASS} (computes the same on every CPU)", stacklevel=2)
         self.info = info
         self.input_size = tuple(info.input_size)
         self.dynamic_batch = info.dynamic_batch

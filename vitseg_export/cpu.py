@@ -1,0 +1,64 @@
+"""The CPU an int8 artifact runs on, by class: what decides whether its integer arithmetic is exact and whether
+it pays. A leaf (no vitseg imports): doctor, profiling, the exporters and the runners read it.
+
+- avx2: no VNNI. An int8 dot product is `vpmaddubsw` (u8 x s8 pairs summed into int16, saturating) plus
+  `vpmaddwd`: about the cost of an fp32 FMA, and 8-bit weights can saturate the int16 sums.
+- vnni: AVX512-VNNI or AVX-VNNI: `vpdpbusd` sums u8 x s8 products straight into int32, exactly, 4x the work
+  per instruction of AVX2's path.
+- amx: AMX-INT8 tiles (Sapphire Rapids and later), the same exact products.
+
+Saturation-safe int8 (weights of 7 bits: no u8 x s7 pair can reach the int16 limit; onnxruntime's
+`reduce_range`, NNCF's overflow fix) computes the same integers on every class, so a verdict measured on one
+holds on the others; 8-bit weights are exact only on vnni and amx.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+# bf16 arithmetic: OpenVINO int8 IRs compute their float part in bf16 where the CPU has these
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_CLASSES = ("avx2", "vnni", "amx")  # in order: each computes exactly what the previous ones do
+SAFE_CLASS = "avx2"  # int8 made for it (7-bit weights) computes the same integers on every class
+
+
+def cpu_flags() -> set[str]:
+    """The instruction set flags of this machine's CPU (from /proc/cpuinfo; empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_info() -> dict:
+    """CPU model, core count, the int8- and bf16-relevant instruction set flags, and its class."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name") and ":" in line), model)
+    flags = cpu_flags()
+    return {"model": model, "cores": os.cpu_count(), "class": cpu_class(flags),
+            "int8_features": {f: f in flags for f in INT8_CPU_FLAGS}, "bf16_features": {f: f in flags for f in BF16_CPU_FLAGS}}
+
+
+def cpu_class(flags: set[str] | None = None) -> str:
+    """This machine's (or `flags`') int8 class: amx, vnni, avx2, or "other" (no AVX2: not an x86 int8 target)."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_int8" in flags:
+        return "amx"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "vnni"
+    return "avx2" if "avx2" in flags else "other"
+
+
+def classes_exact_for(made_for: str) -> list[str]:
+    """The classes on which int8 made for `made_for` computes exactly what it was verified with: every class
+    for saturation-safe int8 (avx2), vnni and amx for 8-bit weights."""
+    return list(CPU_CLASSES) if made_for == SAFE_CLASS else [c for c in CPU_CLASSES if c != SAFE_CLASS]
