@@ -52,12 +52,12 @@ ARTIFACTS = [  # (row, format, precision, dynamic batch, int8 CPU class)
 
 def probe_table() -> list[dict]:
     """int8 vs fp32 per op type on this CPU (vitseg_export/export/int8_probe.py), both runtimes, both classes."""
-    from vitseg_export.export.int8 import _ort_layer_runner
+    from vitseg_export.export.int8 import ort_layer_runner
     from vitseg_export.export.int8_probe import time_layers
-    from vitseg_export.export.openvino_export import _ov_layer_runner
+    from vitseg_export.export.openvino_export import ov_layer_runner
 
     rows = []
-    for runtime, compile_fn in (("onnxruntime", _ort_layer_runner), ("openvino", _ov_layer_runner)):
+    for runtime, compile_fn in (("onnxruntime", ort_layer_runner), ("openvino", ov_layer_runner)):
         for made_for in ("avx2", "vnni"):
             record = time_layers(compile_fn, runtime, made_for)
             rows += [{"runtime": runtime, "made_for": made_for, "op": op, **row} for op, row in record["ops"].items()]

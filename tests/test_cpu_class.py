@@ -14,7 +14,7 @@ import pytest
 from vitseg_export import cpu
 from vitseg_export.errors import Int8NotWorthIt
 from vitseg_export.export import int8_probe
-from vitseg_export.export.int8 import _ort_layer_runner
+from vitseg_export.export.int8 import ort_layer_runner
 from vitseg_export.export.onnx_export import export_onnx
 from vitseg_export.export.settings import Int8Settings, OnnxExportSettings
 from vitseg_export.runners import base, runner_for
@@ -96,7 +96,7 @@ def test_a_mostly_float_int8_is_refused_and_nothing_is_written(tmp_path, cli):
 
 
 def test_the_probe_times_each_op_type_and_refuses_only_when_int8_loses_everywhere():
-    record = int8_probe.time_layers(_ort_layer_runner, "onnxruntime", HERE if HERE in cpu.CPU_CLASSES else "avx2")
+    record = int8_probe.time_layers(ort_layer_runner, "onnxruntime", HERE if HERE in cpu.CPU_CLASSES else "avx2")
     assert set(record["ops"]) == set(int8_probe.PROBE_LAYERS) and record["cpu_class"] == HERE
     for row in record["ops"].values():
         assert row["fp32_ms"] > 0 and row["int8_ms"] > 0 and row["speedup"] == pytest.approx(row["fp32_ms"] / row["int8_ms"], rel=1e-2)
@@ -109,13 +109,13 @@ def test_the_probe_times_each_op_type_and_refuses_only_when_int8_loses_everywher
 
 def test_the_probe_runs_only_on_the_class_the_int8_is_for(monkeypatch):
     other = "vnni" if HERE == "avx2" else "avx2"
-    assert int8_probe.check_int8_pays(Int8Settings(cpu_class=other), _ort_layer_runner, "onnxruntime") is None
+    assert int8_probe.check_int8_pays(Int8Settings(cpu_class=other), ort_layer_runner, "onnxruntime") is None
     monkeypatch.setattr(int8_probe, "time_layers", lambda compile_fn, runtime, made_for, ops: {
         "cpu_class": HERE, "runtime": runtime, "made_for": made_for, "ops": {op: {"speedup": 0.5} for op in ops}})
     with pytest.raises(Int8NotWorthIt, match="cannot pay") as refused:
-        int8_probe.check_int8_pays(Int8Settings(cpu_class=HERE), _ort_layer_runner, "onnxruntime")
+        int8_probe.check_int8_pays(Int8Settings(cpu_class=HERE), ort_layer_runner, "onnxruntime")
     assert "--cpu-class vnni" in refused.value.hint and "--allow-float-fallback" in refused.value.hint
-    allowed = int8_probe.check_int8_pays(Int8Settings(cpu_class=HERE, allow_float_fallback=True), _ort_layer_runner, "onnxruntime")
+    allowed = int8_probe.check_int8_pays(Int8Settings(cpu_class=HERE, allow_float_fallback=True), ort_layer_runner, "onnxruntime")
     assert allowed["ops"]["matmul"]["speedup"] == 0.5
 
 

@@ -68,17 +68,17 @@ def test_export_refuses_a_graph_that_differs_from_pytorch(tmp_path, monkeypatch,
     """Corrupt the exported bytes before the parity check: nothing may be written."""
     from vitseg_export.export import onnx_export
 
-    original = onnx_export._to_onnx_bytes
+    original = onnx_export.module_to_onnx
 
     def corrupted(*args, **kwargs):
-        model = onnx.load_from_string(original(*args, **kwargs))
+        model = original(*args, **kwargs)
         init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
         # random, not uniform: a uniform shift of a conv feeding a LayerNorm cancels exactly
         arr = onnx.numpy_helper.to_array(init) + np.random.default_rng(0).normal(0, 0.5, tuple(init.dims))
         init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
-        return model.SerializeToString()
+        return model
 
-    monkeypatch.setattr(onnx_export, "_to_onnx_bytes", corrupted)
+    monkeypatch.setattr(onnx_export, "module_to_onnx", corrupted)
     with pytest.raises(ParityError, match="differs from PyTorch"):
         export_onnx(twin("segformer-b0-test"), tmp_path / "bad.onnx", OnnxExportSettings())
     assert not list(tmp_path.iterdir())

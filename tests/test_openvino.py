@@ -148,7 +148,7 @@ def test_doctor_lists_openvino_and_its_devices(cli):
 def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_path, twin):
     """SegFormer's Mix-FFN depthwise convolutions never get quantizers (one per-tensor scale flattens their
     channel ranges: 65% agreement on a trained B0 at 512 px); the MAC share counts fused attention as float."""
-    from vitseg_export.export.openvino_export import _layer_macs, _weight_layers
+    from vitseg_export.export.openvino_export import _layer_macs, ir_weight_layers
 
     request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=False),
                             Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4,
@@ -158,7 +158,7 @@ def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_p
     assert q["float_op_types"] == ["GroupConvolution"] and q["fallback_groups"] == []
     assert q["inference_precision"]["hint"] == "bf16" and q["inference_precision"]["checked_with"] in ("bf16", "f32")
     model = openvino.Core().read_model(str(tmp_path / "s.xml"))
-    layers, macs = _weight_layers(model), _layer_macs(model, (64, 64))
+    layers, macs = ir_weight_layers(model), _layer_macs(model, (64, 64))
     depthwise = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "GroupConvolution"]
     assert depthwise and not any(layers[name] for name in depthwise)
     assert set(depthwise) <= set(q["float_layers"]) and q["quantized_layers"] > 0

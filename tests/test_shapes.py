@@ -153,10 +153,9 @@ def test_verify_rejects_an_artifact_wrong_at_another_size(exported, cli):
 
 
 def test_export_self_parity_refuses_shapes_the_graph_declares_but_fails(tmp_path, monkeypatch, twin):
-    original = onnx_export._to_onnx_bytes
+    original = onnx_export.module_to_onnx
     fault = {"apply": mix_batch}
-    monkeypatch.setattr(onnx_export, "_to_onnx_bytes", lambda *a, **k: fault["apply"](
-        onnx.load_from_string(original(*a, **k))).SerializeToString())
+    monkeypatch.setattr(onnx_export, "module_to_onnx", lambda *a, **k: fault["apply"](original(*a, **k)))
     with pytest.raises(ParityError, match="at batch 4, 64x64"):
         export_onnx(twin(B0), tmp_path / "dyn.onnx", OnnxExportSettings())
     assert not list(tmp_path.iterdir())

@@ -41,6 +41,8 @@ class Format:
     static_by_default: bool = False  # static batch unless --dynamic-batch is asked for (runtimes that gain from it)
     sidecars: tuple[str, ...] = ()  # suffixes of the files beside an artifact that belong to it (an IR's .bin)
     onnx_beside: bool = False  # exporting a checkpoint also writes the ONNX it was built from beside the artifact
+    # `vitseg qat`: (loaded checkpoint, output path, ExportRequest, QatSettings, progress, on_step) -> ExportResult
+    qat: Callable[..., Any] | None = None
 
     def files(self, path: Path) -> list[Path]:
         """Every file an artifact at `path` consists of: itself, its sidecars, its manifest."""
@@ -93,7 +95,7 @@ register_format(Format(
     "onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.onnx_export:export_artifact"), read_info=lazy("vitseg_export.artifact:read_onnx_info"),
     probe=lazy("vitseg_export.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:onnx_summary"),
-    int8_target="cpu"))
+    int8_target="cpu", qat=lazy("vitseg_export.export.qat_onnx:qat_onnx")))
 register_format(Format(
     "trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)", "tensorrt",
     tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),
@@ -107,7 +109,8 @@ register_format(Format(
     export=lazy("vitseg_export.export.openvino_export:export_openvino"),
     read_info=lazy("vitseg_export.runners.openvino_runner:read_openvino_info"),
     probe=lazy("vitseg_export.probes:probe_openvino_export"),
-    summary=lazy("vitseg_export.export.openvino_export:ir_summary"), static_by_default=True, sidecars=(".bin",)))
+    summary=lazy("vitseg_export.export.openvino_export:ir_summary"), static_by_default=True, sidecars=(".bin",),
+    qat=lazy("vitseg_export.export.qat_openvino:qat_openvino")))
 register_format(Format(
     "triton", (), "Triton Inference Server model repository (config.pbtxt, the artifact, vitseg's record)", "triton",
     tuple(PRECISIONS), export=lazy("vitseg_export.serving.repository:export_repository"),

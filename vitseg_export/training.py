@@ -81,7 +81,8 @@ def metrics_from_confusion(cm: torch.Tensor) -> tuple[float, float, list[float]]
     return acc, miou, iou.tolist()
 
 
-def _dist_info() -> tuple[bool, int, int, int]:
+def dist_info() -> tuple[bool, int, int, int]:
+    """(distributed, rank, world size, local rank); joins the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -133,7 +134,8 @@ class _Run:
     rank: int
 
 
-def _device(local_rank: int) -> torch.device:
+def training_device(local_rank: int) -> torch.device:
+    """This process's GPU where there is one (under torchrun: its local rank's), else the CPU."""
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -161,8 +163,8 @@ def _loaders(meta: CheckpointMeta, settings: TrainSettings, size: int, world: in
 
 
 def _prepare(start: LoadedCheckpoint, settings: TrainSettings) -> _Run:
-    distributed, rank, world, local_rank = _dist_info()
-    device = _device(local_rank)
+    distributed, rank, world, local_rank = dist_info()
+    device = training_device(local_rank)
     meta = copy.deepcopy(start.meta)  # the caller's checkpoint is left as it was
     size = settings.image_size or meta.image_size[0]
     fixed = registry.get_family(meta.family).fixed_input_size(meta.config)

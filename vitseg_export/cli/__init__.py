@@ -24,6 +24,7 @@ from vitseg_export.cli import models as models_cmd
 from vitseg_export.cli import predict as predict_cmd
 from vitseg_export.cli import profile as profile_cmd
 from vitseg_export.cli import prune as prune_cmd
+from vitseg_export.cli import qat as qat_cmd
 from vitseg_export.cli import serve as serve_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
@@ -42,7 +43,8 @@ app = typer.Typer(
 COMMANDS = {"models": models_cmd.models, "train": train_cmd.train, "export": export_cmd.export,
             "verify": verify_cmd.verify, "predict": predict_cmd.predict, "demo": demo_cmd.demo,
             "doctor": doctor_cmd.doctor, "profile": profile_cmd.profile, "benchmark": profile_cmd.benchmark,
-            "prune": prune_cmd.prune, "serve": serve_cmd.serve}
+            "prune": prune_cmd.prune, "serve": serve_cmd.serve,
+            "qat": qat_cmd.qat}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 

@@ -180,11 +180,11 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
     check_output = check_output_dir if fmt.directory else check_output_file
     if output is not None:
         check_output(output, "--output")
-        _spare_inputs(fmt, checkpoint, output, request)
+        spare_export_inputs(fmt, checkpoint, output, request)
         if not fmt.directory and output.suffix.lower() not in fmt.suffixes:
             raise VitsegError(f"--output {output}: --format {fmt.name} writes {' or '.join(fmt.suffixes)} files",
                               f"e.g. -o {output.with_suffix(fmt.suffixes[0])}")
-    sources = _check_data(request)
+    sources = check_export_data(request)
     source = format_for_path(Path(checkpoint))
     if source is not None:
         if fmt.from_artifact is None or source.name not in fmt.artifact_sources:
@@ -192,7 +192,7 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
             raise VitsegError(f"--format {fmt.name} builds {builds}, and {checkpoint} is a {source.name} artifact",
                               "pass the checkpoint it was exported from")
         path = output or (Path(checkpoint).parent / "triton" if fmt.directory else Path(checkpoint).with_suffix(fmt.suffixes[0]))
-        _spare_inputs(fmt, checkpoint, path, request)
+        spare_export_inputs(fmt, checkpoint, path, request)
         with status(fmt.name) as update:
             return path, fmt.from_artifact(Path(checkpoint), path, request, lambda m: (update(m), log(f"  {m}")))
 
@@ -202,12 +202,12 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
     path = output or (default_artifact_path(checkpoint, "triton", "repository", "") if fmt.directory else
                       default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0]))
     check_output(path, "output")
-    _spare_inputs(fmt, checkpoint, path, request)
+    spare_export_inputs(fmt, checkpoint, path, request)
     with status("export") as update:
         return path, fmt.export(loaded, path, request, lambda m: (update(m), log(f"  {m}")))
 
 
-def _spare_inputs(fmt, checkpoint: str, path: Path, request) -> None:
+def spare_export_inputs(fmt, checkpoint: str, path: Path, request) -> None:
     """Every file the export writes (the artifact, its sidecars and manifest, the ONNX beside an engine) spares
     the checkpoint or artifact it reads and the data folders."""
     written = [path] if fmt.directory else fmt.files(path)
@@ -217,7 +217,7 @@ def _spare_inputs(fmt, checkpoint: str, path: Path, request) -> None:
                  data=[request.onnx.parity_data, request.int8.calib, request.int8.heldout])
 
 
-def _check_data(request) -> dict:
+def check_export_data(request) -> dict:
     """Open every data spec the export will read (DataError, one line, for a bad one) before the export starts;
     returns {spec: its validation split}, the images whose labels the export compares with."""
     held_out = {request.onnx.parity_data: open_source(request.onnx.parity_data, "val")}

@@ -223,8 +223,9 @@ def speed_here(fp32: Runner, int8: Runner, size: tuple[int, int], settings) -> d
     if int8_ms > fp32_ms and here == settings.cpu_class and not settings.allow_float_fallback:
         raise Int8NotWorthIt(f"the int8 artifact runs {int8_ms:.2f} ms here against {fp32_ms:.2f} ms for fp32 "
                              f"({fp32_ms / int8_ms:.2f}x) on this {here} CPU it is made for: slower than fp32",
-                             "export fp32 for this CPU, build for a VNNI target with --cpu-class vnni, or accept it for "
-                             "its size with --allow-float-fallback")
+                             "export fp32 for this CPU" + (", build for a VNNI target with --cpu-class vnni" if
+                                                             here == SAFE_CLASS else "") +
+                             ", try `vitseg qat`, or accept it for its size with --allow-float-fallback")
     return record
 
 

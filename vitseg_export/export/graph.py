@@ -102,3 +102,92 @@ def _original_constants(model: onnx.ModelProto) -> dict[tuple[str, int], np.ndar
     inits = {i.name: i for i in model.graph.initializer}
     return {(n.name, k): numpy_helper.to_array(inits[name]) for n in model.graph.node
             for k, name in enumerate(n.input) if name in inits and inits[name].data_type == onnx.TensorProto.FLOAT}
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _set_axis(node: onnx.NodeProto, axis: int) -> None:
+    kept = [a for a in node.attribute if a.name != "axis"]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute("axis", axis)])
+
+
+def constants_as_initializers(model: onnx.ModelProto) -> int:
+    """Turn Constant nodes holding a tensor into initializers of the same name (in place); returns how many."""
+    constants = [n for n in model.graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+                 and n.attribute[0].name == "value"]
+    for node in constants:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        model.graph.node.remove(node)
+    return len(constants)
+
+
+def quantize_constant_weights(model: onnx.ModelProto) -> int:
+    """A fake-quantized module's export (QuantizeLinear of a float weight, then DequantizeLinear, perhaps a
+    Transpose) as quantizers write graphs: DequantizeLinear of an int8 initializer, already transposed, its axis
+    moved with it (in place). The int8 values are what QuantizeLinear computes (round half to even, saturate);
+    returns how many weights. Graph-order assumptions: none; Q/DQ whose outputs have several readers stay."""
+    constants_as_initializers(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    producers = {o: n for n in model.graph.node for o in n.output}
+    done = 0
+    for dq in [n for n in model.graph.node if n.op_type == "DequantizeLinear"]:
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or not all(name in inits for name in q.input if name):
+            continue
+        q_values = _quantized(q, inits)
+        values = numpy_helper.from_array(q_values, f"{q.output[0]}_int8")
+        dq.input[0] = values.name
+        transpose = next((n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == dq.output[0]), None)
+        if transpose is not None and readers.get(dq.output[0]) == 1:
+            perm = list(next(a.ints for a in transpose.attribute if a.name == "perm"))
+            values = numpy_helper.from_array(np.ascontiguousarray(q_values.transpose(perm)), values.name)
+            if numpy_helper.to_array(inits[dq.input[1]]).size > 1:
+                _set_axis(dq, perm.index(_axis(dq) % q_values.ndim))
+            dq.output[0], transpose.output[0] = transpose.output[0], dq.output[0]  # the Transpose is now dead
+        model.graph.initializer.append(values)
+        inits[values.name] = values
+        done += 1
+    remove_dead_nodes(model)
+    return done
+
+
+def _quantized(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """What a QuantizeLinear of constants computes: saturate(round_half_even(x / scale) + zero_point)."""
+    x = numpy_helper.to_array(inits[q.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
+    zero = numpy_helper.to_array(inits[q.input[2]]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * x.ndim
+        shape[_axis(q) % x.ndim] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    info = np.iinfo(zero.dtype)
+    return np.clip(np.rint(x / scale) + zero.astype(np.float32), info.min, info.max).astype(zero.dtype)
+
+
+def remove_identity_casts(model: onnx.ModelProto) -> int:
+    """Remove Casts whose input already has the type they cast to (the exporter writes float -> float Casts
+    around autocast regions); their readers read the input. Returns how many (in place)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    outputs = {o.name for o in model.graph.output}
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and n.output[0] not in outputs
+             and types.get(n.input[0]) == next(a.i for a in n.attribute if a.name == "to")]
+    for cast in casts:
+        for node in model.graph.node:
+            for k, name in enumerate(node.input):
+                if name == cast.output[0]:
+                    node.input[k] = cast.input[0]
+    remove_dead_nodes(model)
+    return len(casts)

@@ -274,7 +274,7 @@ class OnnxQuantized:
     float reads its original fp32 weights again (graph.to_float)."""
 
     model: onnx.ModelProto
-    original: onnx.ModelProto  # the fp32 graph
+    original: onnx.ModelProto | None  # the fp32 graph (None: floated layers keep the graph's own float weights)
     size: tuple[int, int]
     num_classes: int
 
@@ -298,7 +298,8 @@ class Int8Result:
     files: dict = field(default_factory=dict)  # the calibration cache to write with the artifact (Path -> bytes)
 
 
-def _check(model: onnx.ModelProto, settings: Int8Settings) -> None:
+def check_int8_settings(model: onnx.ModelProto, settings: Int8Settings) -> None:
+    """VitsegError for an int8 request the graph or the settings cannot honour (before any calibration)."""
     if settings.method not in CALIB_METHODS:
         raise VitsegError(f"--calib-method {settings.method} is unknown", f"use one of {', '.join(CALIB_METHODS)}")
     if settings.target not in INT8_TARGETS:
@@ -307,7 +308,7 @@ def _check(model: onnx.ModelProto, settings: Int8Settings) -> None:
         raise VitsegError("int8 export needs the logits output", "export with --outputs logits or both")
 
 
-def _ort_layer_runner(model_bytes: bytes, quantized: bool) -> Callable[[np.ndarray], object]:
+def ort_layer_runner(model_bytes: bytes, quantized: bool) -> Callable[[np.ndarray], object]:
     """One of int8_probe's single-layer graphs on ONNX Runtime's CPU provider, as vitseg's runners set it up."""
     session = ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x})
@@ -327,8 +328,8 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
     ONNX Runtime's quantizer for --target cpu, Model Optimizer's for --target trt, then the one fallback until
     the held-out targets are met. Raises VitsegError (bad settings, no images, targets unreachable). cpu ranges
     are cached in `cache_dir`: the result's `files`, for the exporter to write with the artifact."""
-    _check(model, settings)
-    probe = check_int8_pays(settings, _ort_layer_runner, "onnxruntime") if settings.target == "cpu" else None
+    check_int8_settings(model, settings)
+    probe = check_int8_pays(settings, ort_layer_runner, "onnxruntime") if settings.target == "cpu" else None
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     image_list_hash = calibration_record(calib, settings.method)["image_list_sha256"]
@@ -343,26 +344,38 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         held = Heldout.recorded(graph_runner(model, size, 0, "fp32"), held_inputs, settings.targets())
         quantized = quantizer()
         remove_dead_nodes(quantized)
-        graph = OnnxQuantized(quantized, model, size, held.num_classes)
-        result = fall_back(graph, held, settings.max_fallback, progress)
+        macs = node_macs(model, held_inputs.images[0].pixels[None])
+        final, record = settle_graph(quantized, model, model, macs, size, settings, held, probe, progress)
         ranges = json.loads(cache.read_text()) if cache.is_file() else None
         # the cache is kept only once the export succeeds: written with the artifact, in its group
         files = {kept: cache.read_bytes()} if kept is not None and cache != kept and cache.is_file() else {}
+    details = {**record, "calibration": calibration_record(calib, settings.method, cache=None if kept is None else str(kept),
+                                                           ranges=ranges),
+               "quantization": _settings_record(settings, len(held_inputs), quantizer),
+               "float_part": "fp16" if settings.target == "trt" else "fp32"}
+    return Int8Result(final, details, files)
+
+
+def settle_graph(quantized: onnx.ModelProto, fp32: onnx.ModelProto, original: onnx.ModelProto | None,
+                 macs: dict[str, int], size: tuple[int, int],
+                 settings: Int8Settings, held: Heldout, probe: dict | None,
+                 progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dict]:
+    """A Q/DQ graph through the one fallback and the int8 checks (mostly int8; for a CPU graph, not slower than
+    the fp32 graph on the CPU class it is for): (final graph, the manifest's int8 record without the
+    quantizer's own keys). `original`: where a layer returned to float gets its weights (None: the graph's own
+    float weights, those its QuantizeLinear nodes read); `macs`: node_macs of the graph's layers."""
+    graph = OnnxQuantized(quantized, original, size, held.num_classes)
+    result = fall_back(graph, held, settings.max_fallback, progress)
     final = graph.graph(result.units)
     int8_layers = set(quantized_layers(final))
-    macs = node_macs(model, held_inputs.images[0].pixels[None])
     record = fallback_record(result, held, settings.targets(), macs, int8_layers)
     check_mostly_int8(record, settings)
     speed = None
     if settings.target == "cpu":  # a CPU graph: does its int8 pay on this CPU, where it is exact?
-        speed = speed_here(graph_runner(model, size, 0, "fp32"), graph_runner(final, size, 0, "int8"), size, settings)
-    details = {"target": settings.target, **record, **(cpu_record(settings, speed, probe) if settings.target == "cpu" else {}),
-               "quantized_nodes": len(int8_layers),
-               "calibration": calibration_record(calib, settings.method, cache=None if kept is None else str(kept),
-                                                 ranges=ranges),
-               "quantization": _settings_record(settings, len(held_inputs), quantizer),
-               "float_part": "fp16" if settings.target == "trt" else "fp32"}
-    return Int8Result(final, details, files)
+        speed = speed_here(graph_runner(fp32, size, 0, "fp32"), graph_runner(final, size, 0, "int8"), size, settings)
+    return final, {"target": settings.target, **record,
+                   **(cpu_record(settings, speed, probe) if settings.target == "cpu" else {}),
+                   "quantized_nodes": len(int8_layers)}
 
 
 def int8_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:

@@ -36,7 +36,7 @@ from vitseg_export.export.graph import graph_stats, remove_dead_nodes
 from vitseg_export.export.settings import OUTPUT_CHOICES, ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.modeling.registry import Segmenter, get_family
 from vitseg_export.optimize import fold
-from vitseg_export.precisions import ConversionContext, Precision, get_precision
+from vitseg_export.precisions import Conversion, ConversionContext, Precision, get_precision
 from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.torch_runner import TorchRunner
@@ -104,33 +104,41 @@ def _dynamic_axes(settings: OnnxExportSettings) -> dict[str, dict[int, str]] | N
     return axes
 
 
-def _to_onnx_bytes(graph: nn.Module, example: torch.Tensor, settings: OnnxExportSettings) -> bytes:
+def module_to_onnx(graph: nn.Module, size: tuple[int, int], settings: OnnxExportSettings) -> onnx.ModelProto:
+    """An ExportGraph through torch.onnx (TorchScript) at the requested opset (checked), with vitseg's input and
+    output names and dynamic axes. Also exports fake-quantized modules (`vitseg qat`) as Q/DQ graphs."""
+    # Dynamic batch needs a batch-2 example, or the batch dimension may specialize to 1.
+    example = torch.rand(2 if settings.dynamic_batch else 1, 3, *size, generator=torch.Generator().manual_seed(0))
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic and the exporter deprecation note
         torch.onnx.export(graph, (example,), buffer, input_names=["pixels"], output_names=settings.output_names,
                           opset_version=settings.opset, dynamic_axes=_dynamic_axes(settings), do_constant_folding=True,
                           dynamo=False)
-    return buffer.getvalue()
+    model = onnx.load_from_string(buffer.getvalue())
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != settings.opset:
+        raise VitsegError(f"the exporter wrote opset {written}, not the requested {settings.opset}",
+                          f"use --opset {written} or report the model; vitseg does not ship a silently changed opset")
+    return model
+
+
+def exported_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings) -> tuple[Segmenter, list[str]]:
+    """The module every export starts from: the checkpoint's Segmenter, folded unless `settings.fold` is off
+    (eval mode). Returns (module, names of the rewrites applied)."""
+    if not settings.fold:
+        return loaded.segmenter().eval(), []
+    folded_net, rewrites = fold(loaded.model.eval())
+    return Segmenter(folded_net, loaded.meta.mean, loaded.meta.std).eval(), rewrites
 
 
 def onnx_from_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings, size: tuple[int, int],
                      progress: Callable[[str], None] = lambda m: None) -> tuple[onnx.ModelProto, list[str]]:
     """The fp32 ONNX graph of the checkpoint (folded unless `settings.fold` is off), at the requested
     opset (checked), simplified when asked. Returns (graph, names of the rewrites applied)."""
-    rewrites: list[str] = []
-    exported = loaded.segmenter().eval()
-    if settings.fold:
-        folded_net, rewrites = fold(loaded.model.eval())
-        exported = Segmenter(folded_net, loaded.meta.mean, loaded.meta.std).eval()
-    # Dynamic batch needs a batch-2 example, or the batch dimension may specialize to 1.
-    example = torch.rand(2 if settings.dynamic_batch else 1, 3, *size, generator=torch.Generator().manual_seed(0))
+    exported, rewrites = exported_module(loaded, settings)
     progress(f"exporting {loaded.meta.architecture} to ONNX opset {settings.opset}")
-    model = onnx.load_from_string(_to_onnx_bytes(ExportGraph(exported, settings.output_names).eval(), example, settings))
-    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if written != settings.opset:
-        raise VitsegError(f"the exporter wrote opset {written}, not the requested {settings.opset}",
-                          f"use --opset {written} or report the model; vitseg does not ship a silently changed opset")
+    model = module_to_onnx(ExportGraph(exported, settings.output_names).eval(), size, settings)
     if settings.simplify:
         model = _simplify(model, progress)
     remove_dead_nodes(model)
@@ -243,10 +251,12 @@ def _embed(model: onnx.ModelProto, info: ArtifactInfo) -> bytes:
 
 
 def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSettings,
-                progress: Callable[[str], None] = lambda msg: None, int8: Int8Settings | None = None) -> ExportResult:
+                progress: Callable[[str], None] = lambda msg: None, int8: Int8Settings | None = None,
+                convert: Callable[[onnx.ModelProto, ConversionContext], Conversion] | None = None) -> ExportResult:
     """Export `loaded` to an ONNX artifact at `output` (+ `<output>.json` manifest) in the requested
     precision. Raises VitsegError for requests the model cannot honour and ParityError when a graph
-    differs from PyTorch beyond its preset; nothing is written then."""
+    differs from PyTorch beyond its preset; nothing is written then. `convert` replaces the precision's
+    converter (`vitseg qat` brings its own int8 graph through the same checks and manifest)."""
     t0 = time.perf_counter()
     graph = verified_fp32_graph(loaded, settings, output, progress)
     precision = get_precision(settings.precision)
@@ -254,10 +264,11 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     info = graph.info
     if precision.calibrated and (int8 or Int8Settings()).target == "cpu":  # int8 for CPUs: the class it is made for
         info = replace(info, cpu_class=(int8 or Int8Settings()).cpu_class)
-    if precision.convert is not None:
+    convert = convert or precision.convert
+    if convert is not None:
         context = ConversionContext(graph.size, int8 or Int8Settings(), settings.fp16_io,
                                     output.parent / ".vitseg-calibration-cache", progress, settings.parity_data)
-        conversion = precision.convert(model, context)
+        conversion = convert(model, context)
         model, details, files = conversion.model, conversion.details, conversion.files
         inputs = precision_parity_inputs(precision, settings, graph.info)
         progress(f"checking {precision.name} parity against PyTorch at {_shapes_text(inputs)}")

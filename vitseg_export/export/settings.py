@@ -87,6 +87,19 @@ class TritonSettings:
 
 
 @dataclass
+class QatSettings:
+    """`vitseg qat`: quantization-aware fine-tuning from the PTQ starting point (the quantizer placement and
+    ranges of `Int8Settings`), distilled from the fp32 model on the training split of `data`."""
+
+    data: str = "synthetic"  # images to fine-tune on (their train split); labels are not needed
+    epochs: int = 1
+    lr: float = 1e-5  # NNCF's and Model Optimizer's QAT guides: about 1e-5, a small share of the original schedule
+    batch_size: int = 8
+    seed: int = 0
+    num_workers: int = 1
+
+
+@dataclass
 class ExportRequest:
     """Everything `vitseg export` can ask of a format's exporter; each exporter reads what it needs."""
 
