@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from vitseg_export.comparator import load_inputs
 from vitseg_export.export.graph import quantize_constant_weights, remove_identity_casts
 from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
-from vitseg_export.qat import distillation_loss, finetune, judge
+from vitseg_export.qat import distillation_loss, fake_quant_scores, finetune
 from vitseg_export.verify import verify_artifact
 
 QAT = QatSettings(data="synthetic[:16]", epochs=1, batch_size=8, num_workers=0)
@@ -49,7 +49,7 @@ def test_distillation_finetune_moves_a_perturbed_student_towards_its_teacher(twi
         after = distillation_loss(student(x), teacher(x)).item()
     assert record["steps"] == 12 and record["first_loss"] > 0 and after < 0.7 * before
     assert distillation_loss(teacher(x), teacher(x)).abs().item() < 1e-6
-    scores = judge(student, teacher, load_inputs("synthetic[:8]", "val", 8, (64, 64)), 3)
+    scores = fake_quant_scores(student, teacher, load_inputs("synthetic[:8]", "val", 8, (64, 64)), 3)
     assert 0.0 < scores["pixel_agreement"] <= 1.0 and scores["images"] == 8 and "miou_vs_labels" in scores
 
 
@@ -195,3 +195,17 @@ def test_qat_keeps_the_checkpoint_model_float(twin, tmp_path):
     qat_onnx(loaded, tmp_path / "q.onnx", request, QAT, lambda m: None)
     assert {type(m).__name__ for m in loaded.model.modules()} == kinds
     assert Path(tmp_path / "q.onnx").is_file()
+
+
+def test_training_that_lowers_agreement_is_discarded_and_recorded(twin):
+    from vitseg_export.qat import fine_tuned
+
+    teacher = twin("segformer-b0-test").segmenter().eval()
+    student = copy.deepcopy(teacher)  # agrees everywhere: any training can only lower agreement
+    heldout = load_inputs("synthetic[:8]", "val", 8, (64, 64))
+    record = fine_tuned(student, teacher, QatSettings(data="synthetic[:16]", lr=1e-2, batch_size=8, num_workers=0),
+                        (64, 64), heldout, 3, lambda m: None)
+    assert record["ptq_before_training"]["pixel_agreement"] == 1.0
+    assert record["qat_before_fallback"]["pixel_agreement"] < 1.0 and record["kept"].startswith("ptq")
+    for (name, a), b in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(a, b), name  # the untrained state is back

@@ -15,6 +15,7 @@ rank 0 goes on to export).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable
@@ -111,7 +112,7 @@ def finetune(student: nn.Module, teacher: nn.Module, settings: QatSettings, size
 
 
 @torch.no_grad()
-def judge(model: nn.Module, teacher: nn.Module, inputs: InputSet, num_classes: int, batch_size: int = 8) -> dict:
+def fake_quant_scores(model: nn.Module, teacher: nn.Module, inputs: InputSet, num_classes: int, batch_size: int = 8) -> dict:
     """A fake-quantized PyTorch model on held-out images: its pixel agreement with the fp32 `teacher` and,
     where the images have labels, both models' mIoU against them (the figures before any export or fallback)."""
     model.eval()
@@ -150,3 +151,25 @@ def only_rank0_goes_on() -> None:
     """After training under torchrun: WorkerDone in every process but rank 0."""
     if not is_rank0():
         raise WorkerDone
+
+
+def fine_tuned(quantized: nn.Module, teacher: nn.Module, qat: QatSettings, size: tuple[int, int], heldout: InputSet,
+               num_classes: int, progress: Callable[[str], None], on_step: StepProgress | None = None) -> dict:
+    """The QAT step both exporters share: judge the fake-quantized model (its PTQ state), fine-tune it, judge it
+    again. Where training lowered held-out agreement with the fp32 model, the PTQ state is put back (an
+    artifact never gets worse for having been trained) and the record says so. Under torchrun, only rank 0
+    returns (WorkerDone elsewhere). Returns the manifest's `int8.qat` without `layers_left_float`."""
+    ptq = fake_quant_scores(quantized, teacher, heldout, num_classes)
+    progress(f"int8: PTQ agreement {ptq['pixel_agreement'] * 100:.2f}% on {ptq['images']} held-out images; "
+             f"quantization-aware training for {qat.epochs} epoch(s) on {qat.data}")
+    before = copy.deepcopy(quantized.state_dict())
+    training = finetune(quantized, teacher, qat, size, on_step)
+    only_rank0_goes_on()
+    after = fake_quant_scores(quantized, teacher, heldout, num_classes)
+    kept = "qat"
+    if after["pixel_agreement"] < ptq["pixel_agreement"]:
+        quantized.load_state_dict(before)
+        kept = "ptq (training lowered held-out agreement; its state was discarded)"
+    progress(f"int8: QAT agreement {after['pixel_agreement'] * 100:.2f}%; exporting the "
+             + ("trained" if kept == "qat" else "PTQ (untrained: training lowered agreement)") + " model")
+    return {**training, "ptq_before_training": ptq, "qat_before_fallback": after, "kept": kept}

@@ -20,7 +20,8 @@ def doctor(json_output: JsonFlag = False) -> None:
     t.add_column("what")
     t.add_column("status", overflow="fold")
     t.add_row("python", f"{r['python']} on {r['platform']}")
-    t.add_row("cpu", f"{r['cpu']['model']} ({r['cpu']['cores']} cores); int8 features: "
+    t.add_row("cpu", f"{r['cpu']['model']} ({r['cpu']['cores']} cores); class {r['cpu']['class']} "
+              f"(`--cpu-class {r['cpu']['class']}` builds int8 for this machine's class); int8 features: "
               + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["cpu"]["int8_features"].items())
               + "; bf16: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["cpu"]["bf16_features"].items()))
     gpus = ", ".join(f"{d['name']} (sm {d['compute_capability']}, {d['memory_gb']} GB)" for d in r["cuda"]["devices"])

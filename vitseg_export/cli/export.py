@@ -109,12 +109,13 @@ def export(
         Int8Settings(calib=calib or data, calib_images=calib_images or 32, method=calib_method or "minmax",
                      target=target or fmt.int8_target, heldout=heldout, min_agreement=min_agreement,
                      cpu_class=cpu_class or SAFE_CLASS, allow_float_fallback=allow_float_fallback),
-        EngineSettings(workspace_gb=4.0 if workspace is None else workspace, min_shape=_shape(min_shape, "--min-shape"),
-                       opt_shape=_shape(opt_shape, "--opt-shape"), max_shape=_shape(max_shape, "--max-shape"),
-                       sparsity=sparsity, timing_cache=timing_cache, version_compatible=version_compatible,
-                       dla_core=dla_core, weakly_typed=weakly_typed),
+        _engine_settings(workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache, version_compatible, dla_core, weakly_typed),
         check_trt, _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device))
-    _, result = _run_export(fmt, checkpoint, output, request)
+    _report(fmt, _run_export(fmt, checkpoint, output, request)[1], check_trt, json_output)
+
+
+def _report(fmt, result, check_trt: bool, json_output: bool) -> None:
+    """What `vitseg export` prints about the written artifact (and the TensorRT lint, where asked)."""
     path = result.path
     lint = _lint(result, check_trt)
     if json_output:
@@ -162,6 +163,14 @@ def _check_choices(outputs: str, calib_method: Optional[str], target: Optional[s
             raise VitsegError(f"{option} {value} is unknown", f"use one of: {', '.join(choices)}")
     if backend is not None:
         repository.TRITON_BACKENDS.row(backend)
+
+
+def _engine_settings(workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache, version_compatible, dla_core,
+                     weakly_typed) -> EngineSettings:
+    return EngineSettings(workspace_gb=4.0 if workspace is None else workspace, min_shape=_shape(min_shape, "--min-shape"),
+                          opt_shape=_shape(opt_shape, "--opt-shape"), max_shape=_shape(max_shape, "--max-shape"),
+                          sparsity=sparsity, timing_cache=timing_cache, version_compatible=version_compatible,
+                          dla_core=dla_core, weakly_typed=weakly_typed)
 
 
 def _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device) -> TritonSettings:

@@ -35,7 +35,7 @@ def qat(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Artifact path (default: beside the checkpoint).")] = None,
     data: Annotated[str, typer.Option("--data", help="Training images (their train split; labels not needed): synthetic[:N], pets:DIR or folder:DIR.")] = "synthetic",
     epochs: Annotated[int, typer.Option(min=1, max=1000, help="Passes over --data with fake quantization.")] = 1,
-    lr: Annotated[float, typer.Option(callback=POSITIVE, help="Adam learning rate (small: the model starts where PTQ left it).")] = 1e-5,
+    lr: Annotated[float, typer.Option(callback=POSITIVE, help="Adam learning rate (small: the model starts where PTQ left it).")] = 1e-6,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 8,
     workers: Annotated[int, typer.Option(min=0, max=256, help="Data-loading worker processes (0: in the main process).")] = 1,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,

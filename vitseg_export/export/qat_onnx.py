@@ -34,7 +34,7 @@ from vitseg_export.export.onnx_export import ExportGraph, export_onnx, exported_
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.precisions import Conversion, ConversionContext
-from vitseg_export.qat import StepProgress, calibration_batches, finetune, judge, only_rank0_goes_on
+from vitseg_export.qat import StepProgress, calibration_batches, fine_tuned
 from vitseg_export.runners.base import require_module
 from vitseg_export.runners.onnxruntime_runner import graph_runner
 
@@ -116,13 +116,7 @@ def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: An
     student = copy.deepcopy(exported_module(loaded, export_settings)[0])
     progress(f"int8: ModelOpt PTQ of the PyTorch model on {len(calib)} images (the start of QAT)")
     quantized = fake_quantized(student, calib, settings)
-    ptq = judge(quantized, teacher, held_inputs, held.num_classes)
-    progress(f"int8: PTQ agreement {ptq['pixel_agreement'] * 100:.2f}% on {ptq['images']} held-out images; "
-             f"quantization-aware training for {qat.epochs} epoch(s) on {qat.data}")
-    training = finetune(quantized, teacher, qat, size, on_step)
-    only_rank0_goes_on()
-    after = judge(quantized, teacher, held_inputs, held.num_classes)
-    progress(f"int8: QAT agreement {after['pixel_agreement'] * 100:.2f}%; exporting Q/DQ ONNX")
+    record_qat = fine_tuned(quantized, teacher, qat, size, held_inputs, held.num_classes, progress, on_step)
     qdq = qdq_graph(quantized, size, export_settings)
     macs = node_macs(qdq, held_inputs.images[0].pixels[None])
     final, record = settle_graph(qdq, model, None, macs, size, settings, held, probe, progress)
@@ -141,8 +135,7 @@ def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: An
                          "heldout": settings.heldout or settings.calib, "heldout_images": len(held_inputs)},
         # the graph's float part is fp32; for TensorRT the engine build chooses (--precision of the engine)
         "float_part": "fp32",
-        "qat": {**training, "ptq_before_training": ptq, "qat_before_fallback": after,
-                "layers_left_float": [row["node"] for row in record["fallback_layers"]]}}
+        "qat": {**record_qat, "layers_left_float": [row["node"] for row in record["fallback_layers"]]}}
     return Conversion(final, details, {})
 
 

@@ -32,7 +32,7 @@ from vitseg_export.export.openvino_export import (
 )
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
-from vitseg_export.qat import StepProgress, calibration_batches, finetune, judge, only_rank0_goes_on
+from vitseg_export.qat import StepProgress, calibration_batches, fine_tuned
 from vitseg_export.tables import lazy_module
 
 ov = lazy_module("openvino")
@@ -79,19 +79,14 @@ def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, 
     overflow = overflow_fix(settings)
     progress(f"int8: NNCF PTQ of the PyTorch model on {len(calib)} images (the start of QAT)")
     with library_output_on_stderr():
+        batches = calibration_batches(calib)
         quantized = nncf.quantize(
-            student, nncf.Dataset(calibration_batches(calib)), subset_size=len(calib),
+            student, nncf.Dataset(batches), subset_size=len(batches),  # subset_size counts dataset items: batches
             model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
             # attention's q @ k^T and probs @ v are the only torch.matmul calls (Linear layers are "linear")
             ignored_scope=nncf.IgnoredScope(types=["matmul"], patterns=depthwise_patterns(student), validate=False),
             advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(overflow_fix=overflow))
-    ptq = judge(quantized, teacher, judged.held.inputs, num_classes)
-    progress(f"int8: PTQ agreement {ptq['pixel_agreement'] * 100:.2f}% on {ptq['images']} held-out images; "
-             f"quantization-aware training for {qat.epochs} epoch(s) on {qat.data}")
-    training = finetune(quantized, teacher, qat, graph.size, on_step)
-    only_rank0_goes_on()
-    after = judge(quantized, teacher, judged.held.inputs, num_classes)
-    progress(f"int8: QAT agreement {after['pixel_agreement'] * 100:.2f}%; converting to an IR")
+    record_qat = fine_tuned(quantized, teacher, qat, graph.size, judged.held.inputs, num_classes, progress, on_step)
     ir = _to_ir(quantized, graph)
     depthwise = {op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "GroupConvolution"}
     quantized_depthwise = [name for name, q in ir_weight_layers(ir).items() if q and name in depthwise]
@@ -104,8 +99,7 @@ def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, 
         "overflow_fix": str(overflow), "float_op_types": list(FLOAT_OP_TYPES),
         "attention": "activation x activation MatMuls (torch.matmul) kept float",
         "calibration": calibration_record(calib, "nncf min-max (transformer preset), PyTorch"),
-        "qat": {**training, "ptq_before_training": ptq, "qat_before_fallback": after,
-                "layers_left_float": record["float_layers"]}}
+        "qat": {**record_qat, "layers_left_float": record["float_layers"]}}
 
 
 def qat_openvino(loaded: Any, output: Path, request: ExportRequest, qat: QatSettings, progress: Callable[[str], None],

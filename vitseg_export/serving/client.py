@@ -217,7 +217,6 @@ def load_test(url: str, model: str, concurrency: int, seconds: float, warmup: in
     lock = threading.Lock()
     ready, go = threading.Barrier(concurrency + 1), threading.Event()
     deadline = [0.0]
-
     failed: list[VitsegError] = []
 
     def client_loop() -> None:
@@ -258,8 +257,11 @@ def load_test(url: str, model: str, concurrency: int, seconds: float, warmup: in
     elapsed = time.perf_counter() - t0
     if failed:
         raise failed[0]
-    lat = np.asarray(latencies)
+    return _level(concurrency, elapsed, np.asarray(latencies), errors)
 
+
+def _level(concurrency: int, elapsed: float, lat: np.ndarray, errors: list[str]) -> LoadLevel:
+    """One concurrency level's figures from the latencies (ms) of the requests that succeeded."""
     def pct(q: float) -> float | None:
         return float(np.percentile(lat, q)) if lat.size else None
 
