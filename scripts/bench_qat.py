@@ -25,6 +25,7 @@ import numpy as np
 from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.comparator import load_inputs
 from vitseg_export.errors import VitsegError
+from vitseg_export.export.fallback import final_speed
 from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.formats import get_format
 from vitseg_export.parity import confusion, miou
@@ -56,7 +57,7 @@ def row(result, kind: str, seconds: float, inputs, num_classes: int) -> dict:
             "units_in_float": len(d.get("fallback_layers", [])) if "fallback_groups" not in d else len(d.get("fallback_groups", [])),
             "heldout_before_fallback": d.get("heldout_before_fallback", {}).get("agreement"),
             "heldout_agreement": d.get("heldout_agreement"), "self_parity": result.manifest.self_parity["pixel_agreement"],
-            "miou_vs_labels": miou_vs_labels(result.path, inputs, num_classes), "speed_here": d.get("speed_here"),
+            "miou_vs_labels": miou_vs_labels(result.path, inputs, num_classes), "speed_here": final_speed(d) if d.get("cpu_class") else None,
             "qat_ptq_pytorch": qat.get("ptq_before_training"), "qat_after_pytorch": qat.get("qat_before_fallback"),
             "qat_steps": qat.get("steps")}
 
@@ -108,7 +109,7 @@ def main() -> None:
             print(f"{name:9s} {kind}: {r['int8_mac_share'] * 100:5.1f}% MACs int8, {r['units_in_float']} units float, "
                   f"held-out {r['heldout_before_fallback'] * 100:.2f}% -> {r['heldout_agreement'] * 100:.2f}%, "
                   f"mIoU vs labels {r['miou_vs_labels'] * 100:.2f}, {r['seconds']:.0f} s"
-                  + (f", {r['speed_here']['speedup']:.2f}x fp32 here" if r["speed_here"] else ""), flush=True)
+                  + (f", {r['speed_here']['speedup']:.2f}x fp32 here" if isinstance(r["speed_here"], dict) else ""), flush=True)
     print(f"fp32 PyTorch mIoU vs labels at {args.size}: {fp32_miou * 100:.2f}")
     met = []
     for name in args.paths.split(","):

@@ -61,7 +61,7 @@ def run_no_click(tmp_path: Path, *args, env=None, prelude: str = "", **kw) -> su
                           env={**os.environ, **(env or {})}, **streams)
 
 
-def run_table(tmp_path: Path, table: list, env=None) -> list[dict]:
+def run_table(tmp_path: Path, table: list, env=None, timeout: float = 1200) -> list[dict]:
     """Every case of `table` (an argv list, or (argv list, {VAR: value})) through the CLI in one subprocess
     without click: [{argv, code, stdout, stderr}]."""
     cases, results, script = tmp_path / "cases.json", tmp_path / "results.json", tmp_path / "vitseg_table.py"
@@ -69,7 +69,7 @@ def run_table(tmp_path: Path, table: list, env=None) -> list[dict]:
     cases.write_text(json.dumps([{"argv": [str(a) for a in argv], "env": env_vars} for argv, env_vars in rows]))
     script.write_text(TABLE)
     proc = subprocess.run([sys.executable, str(script), str(cases), str(results)], capture_output=True, text=True,
-                          timeout=1200, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(results.read_text())
 

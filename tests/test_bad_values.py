@@ -365,3 +365,78 @@ def test_an_output_directory_made_for_a_failed_write_is_removed(tmp_path, monkey
     with pytest.raises(OSError):
         files.atomic_write_group({tmp_path / "kept" / "a.png": b"x"})
     assert (tmp_path / "kept").is_dir()  # directories that were there stay
+
+
+@pytest.fixture
+def special(inputs, tmp_path):
+    """Special files where vitseg reads files: a FIFO (opening it waits for a writer forever), a socket, a
+    character device, and a directory; as an image, a checkpoint, an artifact, its manifest and weights, and the
+    files of a data folder."""
+    import socket
+
+    d = tmp_path
+    os.mkfifo(d / "pipe.png")
+    os.mkfifo(d / "pipe.onnx")
+    os.mkfifo(d / "pipe.safetensors")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(d / "sock.png"))
+    (d / "dir.png").mkdir()
+    shutil.copytree(inputs / "ck", d / "ck-fifo-config")
+    (d / "ck-fifo-config" / "config.json").unlink()
+    os.mkfifo(d / "ck-fifo-config" / "config.json")
+    shutil.copytree(inputs / "ck", d / "ck-fifo-weights")
+    (d / "ck-fifo-weights" / "model.safetensors").unlink()
+    os.mkfifo(d / "ck-fifo-weights" / "model.safetensors")
+    (d / "ir").mkdir()
+    for suffix in (".xml", ".xml.json"):
+        shutil.copy(inputs / ("a" + suffix), d / "ir" / ("a" + suffix))
+    os.mkfifo(d / "ir" / "a.bin")
+    shutil.copy(inputs / "a.onnx", d / "fifo-manifest.onnx")
+    os.mkfifo(d / "fifo-manifest.onnx.json")
+    for name, broken in (("fifo-image", ["images/im03.png", "images/im09.png"]),  # in the train/calib and val splits
+                         ("fifo-mask", ["masks/im03.png", "masks/im09.png"]), ("fifo-classes", ["classes.txt"])):
+        make_image_folder(d / name, count=12, size=64, class_names=["pet", "background", "border"])
+        for file in broken:
+            (d / name / file).unlink()
+            os.mkfifo(d / name / file)
+    yield d
+    server.close()
+
+
+SPECIAL_CASES = [
+    ("predict {i}/a.onnx {d}/pipe.png -o {d}/o", "image {d}/pipe.png is a FIFO (named pipe), not a file"),
+    ("predict {i}/a.onnx {d}/sock.png -o {d}/o", "image {d}/sock.png is a socket, not a file"),
+    ("predict {i}/a.onnx /dev/zero -o {d}/o", "image /dev/zero is a character device, not a file"),
+    ("predict {i}/a.onnx {d}/dir.png -o {d}/o", "image {d}/dir.png is a directory, not a file"),
+    ("predict {d}/pipe.onnx {i}/imgs/x0.png -o {d}/o", "artifact {d}/pipe.onnx is a FIFO"),
+    ("predict {d}/ir/a.xml {i}/imgs/x0.png -o {d}/o", "IR weights {d}/ir/a.bin is a FIFO"),
+    ("predict {d}/fifo-manifest.onnx {i}/imgs/x0.png -o {d}/o", "manifest {d}/fifo-manifest.onnx.json is a FIFO"),
+    ("predict {d}/pipe.safetensors {i}/imgs/x0.png -o {d}/o", "checkpoint {d}/pipe.safetensors is a FIFO"),
+    ("verify {d}/pipe.onnx -r {i}/ck", "artifact {d}/pipe.onnx is a FIFO"),
+    ("verify {i}/a.onnx -r {d}/pipe.safetensors", "checkpoint {d}/pipe.safetensors is a FIFO"),
+    ("verify {i}/a.onnx -r /dev/zero", "checkpoint /dev/zero is a character device"),
+    ("verify {i}/a.onnx -r {d}/ck-fifo-config", "config.json is a FIFO"),
+    ("verify {i}/a.onnx -r {d}/ck-fifo-weights", "model.safetensors is a FIFO"),
+    ("verify {i}/a.onnx -r {i}/ck --data folder:{d}/fifo-image", "im09.png is a FIFO"),
+    ("verify {i}/a.onnx -r {i}/ck --data folder:{d}/fifo-mask", "masks/im09.png is a FIFO"),
+    ("verify {i}/a.onnx -r {i}/ck --data folder:{d}/fifo-classes", "classes.txt is a FIFO"),
+    ("profile {d}/pipe.onnx", "artifact {d}/pipe.onnx is a FIFO"),
+    ("export {d}/pipe.safetensors -o {d}/m.onnx", "checkpoint {d}/pipe.safetensors is a FIFO"),
+    ("export {i}/ck --precision int8 --calib folder:{d}/fifo-image -o {d}/m.onnx", "im03.png is a FIFO"),
+    ("train --model segformer-b0-test --data folder:{d}/fifo-image --epochs 1 --output {d}/run", "im03.png is a FIFO"),
+]
+
+
+def test_special_files_are_refused_before_anything_opens_them(inputs, special, tmp_path):
+    """A FIFO, socket, device or directory where a command reads a file: exit 2 at once, one line naming it (a
+    FIFO opened for reading would wait for a writer forever: the table's timeout catches a hang)."""
+    table = [_argv(argv.format(i=inputs, d="{d}"), special) for argv, _ in SPECIAL_CASES]
+    results = run_table(tmp_path, table, timeout=300)
+    problems = []
+    for (argv, expected), r in zip(SPECIAL_CASES, results):
+        lines = error_lines(r["stderr"])
+        wanted = expected.format(i=inputs, d=special)
+        if r["code"] != 2 or len(lines) != 1 or "Traceback" in r["stderr"] or wanted not in lines[0]:
+            problems.append(f"{argv}: exit {r['code']}, stderr {r['stderr'][-400:]!r}")
+    assert not problems, "\n".join(problems)
+    assert not any((special / name).exists() for name in ("o", "m.onnx", "run"))

@@ -167,7 +167,7 @@ def test_same_stem_inputs_get_distinct_masks_and_directories_are_refused(tmp_pat
     assert r.exit_code == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x_mask.png", "b_x_mask.png"]
     r = cli("predict", str(exported("segformer-b0-test")), str(tmp_path / "a"), "-o", str(tmp_path / "out2"))
-    assert r.exit_code == 2 and "is a directory, not an image" in r.stderr and not (tmp_path / "out2").exists()
+    assert r.exit_code == 2 and "is a directory, not a file (pass image files" in r.stderr and not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("kind,message", [("value", "has class values [7]"), ("size", "is 16x16 but"),

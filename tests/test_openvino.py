@@ -196,3 +196,15 @@ def test_op_breakdown_compiles_an_ir_in_the_precision_it_runs_in(tmp_path, cli, 
                         lambda core, device, wanted: asked.append(wanted) or real(core, device, wanted))
     ops = openvino_op_breakdown(tmp_path / "h.xml", np.zeros((1, 3, 64, 64), np.float32), runs=1, threads=1)
     assert asked == ["f16"] and ops and abs(sum(o["share"] for o in ops) - 1) < 1e-6
+
+
+def test_doctor_prepare_builds_what_nncf_compiles_on_first_use(cli, nncf_extension):
+    """`vitseg doctor --prepare` builds NNCF's PyTorch extension (here already built by the session fixture): the
+    status, the time and where it lives."""
+    r = cli("doctor", "--json", "--prepare")
+    assert r.exit_code == 0, r.stderr
+    prepared = json.loads(r.stdout)["prepared"]
+    assert prepared[0]["extension"] == "nncf quantized_functions_cpu" and prepared[0]["status"] == "already built"
+    assert prepared[0]["build_dir"] == nncf_extension["build_dir"] and prepared[0]["seconds"] >= 0
+    human = cli("doctor", "--prepare")
+    assert human.exit_code == 0 and "nncf quantized_functions_cpu: already built" in human.stdout

@@ -44,6 +44,10 @@ def test_benchmark_schema_and_files(tmp_path, cli, monkeypatch):
     for row in report["rows"]:
         assert {"name", "format", "precision", "status", "latency_p50_ms", "speedup", "pixel_agreement"} <= set(row)
     assert 0 <= report["rows"][2]["int8_mac_share"] <= 1
+    speed = report["rows"][2]["speed_vs_baseline"]  # int8 against onnx-fp32, interleaved, by the timing rule
+    assert speed["baseline"] == "fp32" and speed["candidate"] == "int8" and speed["pairs"] >= 21
+    assert report["rows"][2]["status"] == {"slower": "verified, slower than fp32 here", "faster": "verified",
+                                           "no measurable gain": "verified, no measurable gain over fp32 here"}[speed["outcome"]]
     md = (tmp_path / "b" / "benchmark.md").read_text()
     assert "| onnx-int8 |" in md and "speedup" in md
     assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -133,7 +133,7 @@ def test_qat_onnx_for_tensorrt_and_onnxruntime_verifies_and_records_qat(twin, tm
     assert verdict.passed, verdict.to_json()
 
 
-def test_qat_openvino_ir_verifies_and_keeps_depthwise_float(twin, tmp_path):
+def test_qat_openvino_ir_verifies_and_keeps_depthwise_float(twin, tmp_path, nncf_extension):
     openvino = pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install -e '.[openvino]')")
     pytest.importorskip("nncf", reason="NNCF is an optional extra (pip install -e '.[openvino]')")
     from vitseg_export.export.openvino_export import ir_weight_layers
@@ -148,6 +148,7 @@ def test_qat_openvino_ir_verifies_and_keeps_depthwise_float(twin, tmp_path):
     details = manifest["int8"]
     assert [s[:3] for s in steps] == [(1, 1, 2), (1, 2, 2)] and all(np.isfinite(s[3]) for s in steps)
     assert details["qat"]["steps"] == 2 and details["int8_mac_share"] > 0.5 and details["cpu_class"] == "avx2"
+    assert nncf_extension["status"] in ("built", "already built") and details["qat"]["nncf_extension"] == "already built"
     layers = ir_weight_layers(openvino.Core().read_model(path))
     depthwise = {op.get_friendly_name() for op in openvino.Core().read_model(path).get_ordered_ops()
                  if op.get_type_name() == "GroupConvolution"}

@@ -18,7 +18,7 @@ from typing import Any
 
 from vitseg_export.cpu import CPU_CLASSES
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_group, json_bytes, sha256_file
+from vitseg_export.files import atomic_write_group, check_readable_file, json_bytes, sha256_file
 
 META_PREFIX = "vitseg."
 MIN_INPUT_SIDE = 32  # the smallest height or width vitseg exports or runs a dynamic-size model at
@@ -226,11 +226,19 @@ def write_artifact(path: Path, files: dict[Path, bytes], manifest: ExportManifes
     atomic_write_group({**files, manifest_path(path): json_bytes(manifest.to_json())})
 
 
+def check_artifact_file(path: Path) -> None:
+    """VitsegError (one line) unless `path` is an existing regular file (not a directory, FIFO, socket or device)."""
+    if not path.exists() and not path.is_symlink():
+        raise VitsegError(f"artifact {path} does not exist", "check the path, or export one with `vitseg export`")
+    check_readable_file(path, "artifact")
+
+
 def read_manifest(path: Path) -> ExportManifest:
     """The manifest beside an artifact; VitsegError when it is missing or unreadable."""
     manifest = manifest_path(path)
-    if not manifest.is_file():
+    if not manifest.exists():
         raise VitsegError(f"{path} has no manifest {manifest.name} beside it", "keep the artifact and its .json together")
+    check_readable_file(manifest, "manifest")
     try:
         text = manifest.read_bytes()
     except OSError as e:
@@ -245,9 +253,8 @@ def check_manifest_matches(path: Path) -> None:
     """Where an artifact has a manifest beside it, the manifest must be readable and describe this very file
     (its sha256): VitsegError otherwise (an artifact copied over another one's, a manifest of another model).
     An artifact without a manifest is fine where it carries its own metadata (ONNX, OpenVINO IR)."""
-    if not path.is_file():
-        raise VitsegError(f"artifact {path} does not exist", "check the path, or export one with `vitseg export`")
-    if not manifest_path(path).is_file():
+    check_artifact_file(path)
+    if not manifest_path(path).exists():
         return
     manifest = read_manifest(path)
     if not isinstance(manifest.sha256, str) or sha256_file(path) != manifest.sha256:
@@ -318,6 +325,7 @@ def _fields(f: io.BufferedIOBase | io.BytesIO, size: int, keep: set[int]):
 
 def read_onnx_metadata(path: Path) -> dict[str, str]:
     """metadata_props of an ONNX model file; VitsegError when the file is not a (complete) ONNX model."""
+    check_artifact_file(path)
     props: dict[str, str] = {}
     seen: set[int] = set()
     try:

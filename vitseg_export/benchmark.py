@@ -8,8 +8,11 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from vitseg_export.benchmark_report import BenchmarkReport, BenchmarkRow, write_report_files
 from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
@@ -22,6 +25,7 @@ from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
 from vitseg_export.profiling import environment, profile
 from vitseg_export.pruning import prune_model
 from vitseg_export.runners import runner_for
+from vitseg_export.timing import NO_GAIN, SLOWER, compare_speed
 from vitseg_export.verify import report_from_comparison, write_report
 
 OVERLAY_IMAGES = 3
@@ -210,14 +214,28 @@ def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSetti
         cell.row.speedup, cell.row.gflops, cell.row.params = eager_ms / b1["p50_ms"], prof.gflops, prof.params
 
 
-def _mark_slower_than_fp32(rows: list[BenchmarkRow]) -> None:
-    """Honest rows: a reduced precision that runs slower than the same format's fp32 here says so."""
-    baseline = {r.format: r for r in rows if get_precision(r.precision).baseline and r.latency_p50_ms is not None}
-    for r in rows:
-        base = baseline.get(r.format)
-        if base is not None and r is not base and r.status == "verified" and r.latency_p50_ms and \
-                r.latency_p50_ms > base.latency_p50_ms:
-            r.status = f"verified, slower than {base.precision} here"
+def _compare_with_baseline(cells: list[_Cell], size: tuple[int, int], settings: BenchmarkSettings,
+                           log: Callable[[str], None]) -> None:
+    """Honest rows: each verified reduced precision timed against the same format's fp32 artifact by the timing
+    rule (interleaved pairs at batch 1, a confidence interval, a margin: vitseg_export/timing.py), never by two
+    separately measured medians. Measurably slower says "slower than fp32 here"; inside the margin "no measurable
+    gain over fp32 here"."""
+    baseline = {c.row.format: c for c in cells if get_precision(c.row.precision).baseline and c.path is not None
+                and c.row.status == "verified"}
+    feed = {"pixels": np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)}
+    for cell in cells:
+        base = baseline.get(cell.row.format)
+        if base is None or cell is base or cell.path is None or not cell.row.status.startswith("verified"):
+            continue
+        log(f"{cell.row.name}: timing against {base.row.name} (interleaved)")
+        with runner_for(base.path, device=settings.device) as fp32, runner_for(cell.path, device=settings.device) as other:
+            comparison = compare_speed(partial(fp32.infer, feed), partial(other.infer, feed),
+                                       names=(base.row.precision, cell.row.precision))
+        cell.row.speed_vs_baseline = comparison.to_json()
+        if comparison.outcome == SLOWER:
+            cell.row.status = f"verified, slower than {base.row.precision} here"
+        elif comparison.outcome == NO_GAIN:
+            cell.row.status = f"verified, no measurable gain over {base.row.precision} here"
 
 
 def available_formats() -> tuple[str, ...]:
@@ -256,7 +274,7 @@ def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
             if variant.suffix and base_label_miou is not None and cell.row.miou_vs_labels is not None:
                 cell.row.miou_drop_vs_labels = base_label_miou - cell.row.miou_vs_labels
         _profile_cells(cells, rows[0].latency_p50_ms, settings, log)
-        _mark_slower_than_fp32([c.row for c in cells])
+        _compare_with_baseline(cells, size, settings, log)
         rows += [c.row for c in cells]
     report = BenchmarkReport(checkpoint, loaded.meta.architecture, list(size), settings.device, 1, rows,
                              environment(settings.threads))

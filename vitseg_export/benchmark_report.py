@@ -42,6 +42,8 @@ class BenchmarkRow:
     rewrites: list[str] | None = None
     int8_mac_share: float | None = None
     fallback_layers: list[str] | None = None
+    # against the same format's fp32 artifact, by the timing rule (vitseg_export/timing.py): SpeedComparison JSON
+    speed_vs_baseline: dict | None = None
 
     def to_json(self) -> dict:
         """The row as in benchmark.json."""

@@ -29,7 +29,7 @@ from torch import nn
 from vitseg_export import __version__
 from vitseg_export.artifact import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from vitseg_export.errors import CheckpointError, VitsegError
-from vitseg_export.files import atomic_write_group, json_bytes, sha256_file
+from vitseg_export.files import atomic_write_group, check_readable_file, json_bytes, sha256_file
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import PET_CLASSES, Architecture, ModelFamily, Segmenter
 
@@ -150,6 +150,7 @@ class LoadedCheckpoint:
 # ---- reading ------------------------------------------------------------------------------------
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    check_readable_file(path, "checkpoint file", CheckpointError)
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path} cannot be read (permission denied)", "fix the file's permissions") from None
     try:
@@ -164,8 +165,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights from .safetensors, or from .bin/.pth/.pt with torch.load(weights_only=True) (no code is
     unpickled). Raises CheckpointError for missing, damaged or non-tensor files."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist", "check the path")
+    check_readable_file(path, "checkpoint file", CheckpointError)
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path} cannot be read (permission denied)", "fix the file's permissions")
     if path.suffix == ".safetensors":
@@ -210,14 +210,16 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str
 
 def _load_native(config_path: Path, weights_path: Path) -> LoadedCheckpoint:
     meta = CheckpointMeta.from_json(_read_json(config_path), str(config_path))
-    if not weights_path.is_file():
+    if not weights_path.exists():
         raise CheckpointError(f"{weights_path} is missing beside {config_path.name}", "the run directory is incomplete")
+    check_readable_file(weights_path, "checkpoint file", CheckpointError)
     model = registry.build_model(meta.family, meta.config)
     _load_into(model, _read_safetensors(weights_path), str(weights_path))
     return LoadedCheckpoint(model.eval(), meta, str(weights_path.parent), sha256_file(weights_path), "vitseg")
 
 
 def _read_json(path: Path) -> dict:
+    check_readable_file(path, "checkpoint file", CheckpointError)
     try:
         text = path.read_bytes()
     except OSError as e:  # permission denied, I/O error: not the file's content
@@ -247,7 +249,7 @@ def _load_huggingface(directory: Path, hf: dict) -> LoadedCheckpoint:
     family = _family_for_hf(directory, hf)
     mapping = family.huggingface
     assert mapping is not None
-    weights = next((directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None)
+    weights = next((directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).exists()), None)
     if weights is None:
         raise CheckpointError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin",
                               "download or copy the weights file into the directory")
@@ -272,7 +274,7 @@ def _load_huggingface(directory: Path, hf: dict) -> LoadedCheckpoint:
 def _hf_preprocessing(directory: Path, meta: CheckpointMeta) -> None:
     """Take normalization and size from preprocessor_config.json when the directory has one."""
     pre = directory / "preprocessor_config.json"
-    if not pre.is_file():
+    if not pre.exists():
         return
     data = _read_json(pre)
     if data.get("image_mean") and data.get("image_std"):
@@ -304,9 +306,11 @@ def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
         looks_like_path = os.sep in text or text.endswith((".safetensors", ".bin", ".pth", ".pt", ".json"))
         hint = "check the path" if looks_like_path else "pass a run directory, a .safetensors file, or a name from `vitseg models`"
         raise CheckpointError(f"checkpoint '{text}' does not exist and is not an architecture name", hint)
+    if not path.is_dir():  # before anything opens it: a FIFO would wait for a writer forever
+        check_readable_file(path, "checkpoint", CheckpointError)
     if path.is_dir():
         config_path = path / CONFIG_FILE
-        if not config_path.is_file():
+        if not config_path.exists():
             raise CheckpointError(f"{path} has no config.json", "point at a vitseg run directory or a Hugging Face SegFormer directory")
         data = _read_json(config_path)
         if data.get("format") == FORMAT:
@@ -316,7 +320,7 @@ def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
         raise CheckpointError(f"{config_path} is neither a vitseg nor a Hugging Face config", "point at a run directory")
     if path.suffix == ".safetensors":
         config_path = path.parent / CONFIG_FILE
-        if not config_path.is_file():
+        if not config_path.exists():
             raise CheckpointError(f"{path} has no config.json beside it",
                                   "keep the run directory together, or load foreign weights with `--init` and `--model`")
         data = _read_json(config_path)

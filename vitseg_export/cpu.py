@@ -23,6 +23,9 @@ INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPU_CLASSES = ("avx2", "vnni", "amx")  # in order: each computes exactly what the previous ones do
 SAFE_CLASS = "avx2"  # int8 made for it (7-bit weights) computes the same integers on every class
+# int8 with full 8-bit weights and no class of its own (the graphs for TensorRT, which computes int8 exactly):
+# on a CPU it is exact from this class on
+FULL_RANGE_CLASS = "vnni"
 
 
 def cpu_flags() -> set[str]:
@@ -60,5 +63,13 @@ def cpu_class(flags: set[str] | None = None) -> str:
 
 def classes_exact_for(made_for: str) -> list[str]:
     """The classes on which int8 made for `made_for` computes exactly what it was verified with: every class
-    for saturation-safe int8 (avx2), vnni and amx for 8-bit weights."""
+    for saturation-safe int8 (avx2), vnni and amx for 8-bit weights ("": int8 of no class, 8-bit weights)."""
     return list(CPU_CLASSES) if made_for == SAFE_CLASS else [c for c in CPU_CLASSES if c != SAFE_CLASS]
+
+
+def int8_exact_here(made_for: str) -> bool:
+    """Whether this CPU's integer kernels compute int8 made for `made_for` ("": full 8-bit weights) exactly. Where
+    they do not (8-bit weights on a CPU without VNNI or AMX: u8 x s8 pairs saturate AVX2's int16 sums), vitseg's
+    runners emulate the integer arithmetic in float: exact, and slower. Only that pairing is inexact: ARM's
+    int8 dot products and VNNI/AMX accumulate in int32."""
+    return not (cpu_class() == SAFE_CLASS and (made_for or FULL_RANGE_CLASS) != SAFE_CLASS)

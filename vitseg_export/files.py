@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -260,6 +261,33 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words: "a directory", "a FIFO (named pipe)", "a socket", ..."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a file")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def check_readable_file(path: Path | str, what: str, error: type[VitsegError] = VitsegError,
+                        directory_hint: str = "pass a file inside it") -> None:
+    """Before anything opens `path` (what vitseg reads: an image, a checkpoint, an artifact, a data set's file): it
+    must exist and be a regular file. A directory, a FIFO, a socket or a device is refused in one line (`error`,
+    exit 2): opening a FIFO waits for a writer forever, a device never ends. Symbolic links are followed."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # stat opens nothing: it cannot block on a FIFO
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist", "check the path") from None
+    except OSError as e:  # a dangling or looping link, a name too long, a path through a file
+        raise error(f"{what} {path} cannot be read ({e.strerror or e})", "check the path") from None
+    if not stat.S_ISREG(mode):
+        hint = (directory_hint if stat.S_ISDIR(mode) else
+                "pass a regular file: vitseg reads no pipes, sockets or devices (copy the data to a file first)")
+        raise error(f"{what} {path} is {file_kind(mode)}, not a file", hint)
 
 
 def check_output_file(path: Path, what: str = "output") -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from vitseg_export.artifact import ArtifactInfo, manifest_path
+from vitseg_export.artifact import ArtifactInfo, check_artifact_file, manifest_path
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.precisions import PRECISIONS
 from vitseg_export.probes import Availability
@@ -82,8 +82,7 @@ def read_artifact_info(path: str | Path) -> ArtifactInfo:
     """The metadata of an artifact of any registered format, read without building an inference session.
     Raises VitsegError for a missing file, an unknown suffix or missing metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise VitsegError(f"artifact {path} does not exist", "check the path, or export one with `vitseg export`")
+    check_artifact_file(path)
     fmt = format_for_path(path)
     if fmt is None:
         suffixes = ", ".join(s for fmt in FORMATS.values() for s in fmt.suffixes)

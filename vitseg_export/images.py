@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vitseg_export.errors import VitsegError
+from vitseg_export.files import check_readable_file
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images unless allowed: decoding them takes GBs
 
@@ -51,8 +52,7 @@ def _opened_image(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
     the block's decoding too, becomes a one-line VitsegError. vitseg's own limit (checked on the header,
     before any decoding) replaces PIL's decompression-bomb limit, so --allow-large-images really allows."""
     limit = max_image_pixels() if max_pixels is None else max_pixels
-    if path.is_dir():
-        raise VitsegError(f"image {path} is a directory, not an image", "pass image files, e.g. DIR/*.jpg")
+    check_readable_file(path, "image", directory_hint="pass image files, e.g. DIR/*.jpg")
     pil_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # process-wide in PIL: restored below
     try:

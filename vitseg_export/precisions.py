@@ -67,6 +67,9 @@ class Precision:
     min_parity_images: int = 0  # self-parity judges at least this many real images (beside --parity images)
     calibrated: bool = False  # its targets are the user's (--min-agreement), met by calibration and fallback
     baseline: bool = False  # the precision the others are measured against ("slower than fp32 here")
+    # its graphs run integer kernels, whose results depend on the CPU class (vitseg_export/cpu.py): runners emulate
+    # them in float where they would not be exact
+    integer_kernels: bool = False
     parity_hint: str = "try another precision or calibration"  # what to do when its self-parity fails
     openvino_compress_to_fp16: bool = False  # an IR of it stores fp16 weights
     openvino_inference_precision: str = "f32"  # what an IR of it computes in, where the device has it
@@ -116,7 +119,7 @@ register_precision(Precision(
                        max_mean_abs_logit_diff=None),
     convert=lazy("vitseg_export.export.int8:int8_conversion"), trt_weak_flags=("FP16", "INT8"), parity_on_noise=False,
     needs_logits=True, description="calibrated int8 Q/DQ with sensitivity-driven float fallback", min_parity_images=8,
-    calibrated=True, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",
+    calibrated=True, integer_kernels=True, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",
     # int8 IRs compute their float part in bf16 where the CPU has it, as TensorRT's int8 graphs are fp16 there
     openvino_inference_precision="bf16", openvino_quantize=lazy("vitseg_export.export.openvino_export:quantize_ir"),
     describe=lazy("vitseg_export.export.fallback:describe_int8")))

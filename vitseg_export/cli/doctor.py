@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitseg_export.cli.common import JsonFlag, console, print_json
+from vitseg_export.cli.common import JsonFlag, console, log, print_json
 from vitseg_export.doctor import probe
+from vitseg_export.tables import lazy_module
+
+extensions = lazy_module("vitseg_export.extensions")  # imports torch and NNCF: only with --prepare
 
 
-def doctor(json_output: JsonFlag = False) -> None:
+def doctor(json_output: JsonFlag = False,
+           prepare: Annotated[bool, typer.Option("--prepare", help="Also build what third-party libraries compile on "
+                                                 "first use (NNCF's PyTorch extension, for `vitseg qat --format openvino`; "
+                                                 "about 30 s once per machine), so no later command pays for it.")] = False) -> None:
     """Print the CPU and its int8 features, torch/CUDA, every backend and format (with what it needs), and
     therefore what this machine can export and run."""
     r = probe()
+    if prepare:
+        r["prepared"] = [extensions.prepare_nncf_torch(log)]
     if json_output:
         print_json(r)
         return
@@ -36,6 +47,9 @@ def doctor(json_output: JsonFlag = False) -> None:
     serve = r["serve"]
     t.add_row("vitseg serve", escape(f"{serve['path']} (backends: {', '.join(serve['backends']) or 'none'})" if serve["available"]
                                      else f"no: {serve['detail']} ({serve['hint']})"))
+    for row in r.get("prepared", []):
+        t.add_row("prepared", escape(f"{row['extension']}: {row['status']} ({row['seconds']:.1f} s"
+                                     + (f", in {row['build_dir']})" if row["build_dir"] else ")")))
     for note in r["notes"]:
         t.add_row("note", escape(note))
     console.print(t)

@@ -9,7 +9,7 @@ import typer
 
 from vitseg_export.cli.common import BackendOption, JsonFlag, console, print_json, progress_bar, spare_inputs
 from vitseg_export.errors import Terminated, VitsegError
-from vitseg_export.files import check_output_dir
+from vitseg_export.files import check_output_dir, check_readable_file
 from vitseg_export.predict import predict_images
 
 
@@ -24,11 +24,15 @@ def predict(
     json_output: JsonFlag = False,
 ) -> None:
     """Write class-index mask PNGs (and optional overlays) for images, naming each as it is written."""
-    for kind, test in (("does not exist", lambda p: not p.exists()), ("is a directory, not an image", Path.is_dir)):
-        bad = [str(p) for p in images if test(p)]
-        if bad:
-            raise VitsegError(f"image {bad[0]} {kind}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
-                              "pass image files, e.g. DIR/*.jpg")
+    refused = []
+    for path in images:  # before anything opens them: a FIFO among them would wait for a writer forever
+        try:
+            check_readable_file(path, "image", directory_hint="pass image files, e.g. DIR/*.jpg")
+        except VitsegError as e:
+            refused.append(e)
+    if refused:
+        raise VitsegError(refused[0].message + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""),
+                          refused[0].hint if len(refused) == 1 else "pass image files, e.g. DIR/*.jpg")
     check_output_dir(output, "--output")
     spare_inputs({"--output": output}, models=[model], files=images)
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from vitseg_export.data.synthetic import render_synthetic_pet
 from vitseg_export.errors import DataError, VitsegError
+from vitseg_export.files import check_readable_file
 from vitseg_export.images import image_size, load_rgb
 
 IGNORE_INDEX = 255
@@ -163,7 +164,7 @@ class ImageMaskFolder(Source):
                             "put one mask per image in DIR/masks/<stem>.png, or remove it for unlabelled images")
         self.masks = root / "masks" if (root / "masks").is_dir() else None
         classes = root / "classes.txt"
-        if classes.is_file():
+        if classes.exists():  # a directory or FIFO of that name is refused (_text), not ignored
             self.class_names = tuple(c.strip() for c in _text(classes).splitlines() if c.strip())
         self.description = f"folder:{root} split={split}"
         sizes = [_image_size(path) for path in files]
@@ -180,7 +181,7 @@ class ImageMaskFolder(Source):
         its number of labelled pixels and its largest class value (-1: none)."""
         assert self.masks is not None
         mpath = self.masks / f"{path.stem}.png"
-        if not mpath.is_file():
+        if not mpath.exists():
             raise DataError(f"{mpath} is missing for {path.name}", "every image needs a mask with the same stem")
         mask = _read_mask(mpath, size, path.name)
         bad = np.unique(mask[(mask >= len(self.class_names)) & (mask != IGNORE_INDEX)])
@@ -206,6 +207,7 @@ class ImageMaskFolder(Source):
 
 def _text(path: Path) -> str:
     """A text file of a data set (a class list, a split list), or DataError when it is not UTF-8 text."""
+    check_readable_file(path, "data file", DataError)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -232,6 +234,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 def _read_mask(path: Path, size: tuple[int, int] | None, image_name: str) -> np.ndarray:
     """A class-index mask (H, W) that must be single-channel and, when `size` is given, of that (W, H) size:
     masks are never stretched to fit. DataError (one line) otherwise, the size checked before decoding."""
+    check_readable_file(path, "mask", DataError)
     try:
         with Image.open(path) as m:  # PIL's decompression-bomb limit applies to masks
             if size is not None and m.size != tuple(size):

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
 
 from vitseg_export.comparator import InputSet, RecordedOutputs, compare, record
-from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class
+from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
 from vitseg_export.errors import Int8NotWorthIt, VitsegError
 from vitseg_export.parity import Thresholds
 from vitseg_export.runners.base import Runner
+from vitseg_export.timing import SpeedComparison
 
 # The fallback aims this share of each error budget inside the targets, so that a fresh sample of the
 # same distribution (`vitseg verify` on other images) passes too: on vit-seg-base a graph accepted at
@@ -196,51 +196,25 @@ def check_mostly_int8(record: dict, settings) -> None:
                              "--allow-float-fallback")
 
 
-TIMED_PAIRS = 15  # fp32 and int8 runs, alternating: one machine, one moment
-
-
-def speed_here(fp32: Runner, int8: Runner, size: tuple[int, int], settings) -> dict | None:
-    """Where this CPU is one the int8 artifact computes exactly on, time it against the same format's fp32
-    (batch 1, alternating runs, medians). On a CPU of the class it is made for, slower than fp32 is refused
-    (Int8NotWorthIt) unless allowed; on another exact class the figure is recorded, not judged (it says nothing
-    about the target's speed). Returns the record (None: int8 is not exact here, nothing measured)."""
-    here = cpu_class()
-    if here not in classes_exact_for(settings.cpu_class):
-        return None
-    pixels = {"pixels": np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)}
-    times: dict[str, list[float]] = {"fp32": [], "int8": []}
-    with fp32, int8:
-        for runner in (fp32, int8, fp32, int8):  # warm-up
-            runner.infer(pixels)
-        for _ in range(TIMED_PAIRS):
-            for name, runner in (("fp32", fp32), ("int8", int8)):
-                t0 = time.perf_counter()
-                runner.infer(pixels)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    fp32_ms, int8_ms = float(np.median(times["fp32"])), float(np.median(times["int8"]))
-    record = {"cpu_class": here, "fp32_ms": round(fp32_ms, 3), "int8_ms": round(int8_ms, 3),
-              "speedup": round(fp32_ms / int8_ms, 3), "pairs": TIMED_PAIRS, "judged": here == settings.cpu_class}
-    if int8_ms > fp32_ms and here == settings.cpu_class and not settings.allow_float_fallback:
-        raise Int8NotWorthIt(f"the int8 artifact runs {int8_ms:.2f} ms here against {fp32_ms:.2f} ms for fp32 "
-                             f"({fp32_ms / int8_ms:.2f}x) on this {here} CPU it is made for: slower than fp32",
-                             "export fp32 for this CPU" + (", build for a VNNI target with --cpu-class vnni" if
-                                                             here == SAFE_CLASS else "") +
-                             ", try `vitseg qat`, or accept it for its size with --allow-float-fallback")
-    return record
-
-
-def cpu_record(settings, speed: dict | None, probe: dict | None) -> dict:
+def cpu_record(settings, before: dict | str, after: dict | str) -> dict:
     """The manifest's CPU-class record of an int8 CPU artifact: what its arithmetic is made for, the classes its
-    verdict holds on (where it computes exactly what was verified here), the probe and how it compared with fp32
-    here."""
+    verdict holds on, and the speed decisions (int8_probe.speed_decision records, or why none was timed) before
+    calibrating and after the fallback. Its verdict holds on every class it is exact on: where this CPU's integer
+    kernels are not exact for it, the runners emulated them exactly."""
     here = cpu_class()
-    exact = classes_exact_for(settings.cpu_class)
-    return {"cpu_class": settings.cpu_class, "exact_on": exact, "verified_on": here,
-            "verdict_holds_on": exact if here in exact else [here],
+    return {"cpu_class": settings.cpu_class, "exact_on": classes_exact_for(settings.cpu_class), "verified_on": here,
+            "verified_with": "integer kernels" if int8_exact_here(settings.cpu_class) else "int8 emulated in float (exact)",
+            "verdict_holds_on": classes_exact_for(settings.cpu_class),
             "weights": "7-bit, saturation-safe" if settings.cpu_class == SAFE_CLASS else "8-bit",
-            "int8_probe": probe if probe is not None else f"not run: this CPU is {here}, the artifact is for {settings.cpu_class}",
-            "speed_here": speed if speed is not None else
-            f"not measured: int8 made for {settings.cpu_class} is not exact on this {here} CPU"}
+            "speed_decision": {"before_calibration": before, "after_fallback": after}}
+
+
+def final_speed(details: dict) -> dict | str:
+    """The speed decision that describes the written int8 graph: after the fallback where it was timed again,
+    else the one before calibrating."""
+    decision = details.get("speed_decision", {})
+    after = decision.get("after_fallback")
+    return after if isinstance(after, dict) else decision.get("before_calibration", "not timed")
 
 
 def describe_int8(details: dict) -> list[str]:
@@ -251,8 +225,7 @@ def describe_int8(details: dict) -> list[str]:
     lines = [f"int8{target}: {share * 100:.1f}% of MACs run in int8, {len(details['fallback_layers'])} units fell back "
              "to float" + (" (mostly float: most compute is NOT int8)" if share < MOSTLY_INT8 else "")]
     if details.get("cpu_class"):
-        speed = details["speed_here"]
+        speed = final_speed(details)
         lines.append(f"  made for {details['cpu_class']} CPUs ({details['weights']} weights; exact on "
-                     f"{', '.join(details['exact_on'])}); " + (f"here: {speed['speedup']:.2f}x its fp32 ({speed['int8_ms']:.2f} "
-                     f"vs {speed['fp32_ms']:.2f} ms)" if isinstance(speed, dict) else speed))
+                     f"{', '.join(details['exact_on'])}); here: " + (SpeedComparison.from_json(speed).describe() if isinstance(speed, dict) else speed))
     return lines + [f"  float: {row['node']} ({row['reason']})" for row in details["fallback_layers"]]

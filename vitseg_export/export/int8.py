@@ -2,7 +2,8 @@
 - cpu: onnxruntime's `quantize_static`, symmetric (zero point 0), per-tensor, MatMul/Gemm and dense Convs (what
   its CPU provider runs faster in integer kernels), 7-bit weights for CPUs without VNNI/AMX (reduce_range: no
   u8 x s8 pair saturates int16; --cpu-class), ranges cached so re-quantizing with other exclusions does not
-  re-calibrate; first, int8_probe asks whether int8 can pay at all on this CPU;
+  re-calibrate; first, the same graph with placeholder ranges is timed against fp32 (int8_probe): int8 that
+  cannot pay on this CPU is refused before anything is calibrated;
 - trt: NVIDIA Model Optimizer's ONNX PTQ, Q/DQ where TensorRT fuses them, the float part in fp16.
 LayerNorm, Softmax, GELU and residual Adds stay float on both; so do attention's activation x activation
 MatMuls. When held-out agreement misses the targets, the layers whose return to float helps most (logit SQNR
@@ -36,10 +37,9 @@ from vitseg_export.export.fallback import (
     cpu_record,
     fall_back,
     fallback_record,
-    speed_here,
 )
 from vitseg_export.export.graph import remove_dead_nodes, to_float
-from vitseg_export.export.int8_probe import check_int8_pays
+from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, placeholder_ranges, speed_decision
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
 from vitseg_export.precisions import Conversion, ConversionContext
@@ -170,14 +170,14 @@ class _OrtQuantizer:
 
     name = "onnxruntime.quantization.quantize_static"
 
-    def __init__(self, model: onnx.ModelProto, calib: InputSet, settings: Int8Settings, work: Path, cache: Path):
+    def __init__(self, model: onnx.ModelProto, settings: Int8Settings, work: Path):
+        self.model = model
         self.fp32_path = work / "fp32.onnx"
         onnx.save(model, self.fp32_path)
-        self.work, self.cache = work, cache
+        self.work = work
         self.attention = attention_matmuls(model)
         self.depthwise = depthwise_convs(model)
         self.excluded = self.attention + self.depthwise
-        self.batches = [im.pixels[None] for im in calib.images]
         self.method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}[settings.method]
         # symmetric int8 (zero point 0), per-tensor activations and weights, float biases: onnxruntime's CPU
@@ -191,17 +191,28 @@ class _OrtQuantizer:
         if settings.method != "minmax":
             self.extra = {**self.extra, "CalibTensorRangeSymmetric": True}
 
-    def __call__(self) -> onnx.ModelProto:
+    def __call__(self, calib: InputSet, cache: Path) -> onnx.ModelProto:
+        """The graph calibrated on `calib` (ranges read from `cache` where it exists, else written there)."""
+        return self._quantize(_Reader([im.pixels[None] for im in calib.images]), cache, self.method)
+
+    def placeholder(self) -> onnx.ModelProto:
+        """The same Q/DQ graph with placeholder ranges instead of calibrated ones: no inference, and the same
+        kernels at the same speed (what the speed decision before calibrating times)."""
+        cache = placeholder_ranges(self.model, self.work / "placeholder-ranges.json")
+        return self._quantize(None, cache, CalibrationMethod.MinMax)
+
+    def _quantize(self, reader: "_Reader | None", cache: Path, method: Any) -> onnx.ModelProto:
         with tempfile.TemporaryDirectory(dir=self.work) as tmp, library_output_on_stderr():
             out = Path(tmp) / "q.onnx"
             quantize_static(
-                self.fp32_path, out, _Reader(self.batches), quant_format=QuantFormat.QDQ,
+                self.fp32_path, out, reader, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(CPU_QUANTIZED_OP_TYPES), nodes_to_exclude=self.excluded,
                 per_channel=self.per_channel, reduce_range=self.safe,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=self.method,
-                extra_options=self.extra, calibration_cache_path=self.cache)
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                extra_options=self.extra, calibration_cache_path=cache)
             quantized = onnx.load(out)
         restore_float_consumers(quantized)
+        remove_dead_nodes(quantized)
         return quantized
 
     def record(self) -> dict:
@@ -243,15 +254,16 @@ class _ModelOptQuantizer:
 
     name = "modelopt.onnx.quantization.quantize (int8, fp16 elsewhere)"
 
-    def __init__(self, model: onnx.ModelProto, calib: InputSet, settings: Int8Settings, work: Path, cache: Path):
+    def __init__(self, model: onnx.ModelProto, settings: Int8Settings, work: Path):
         self.fp32_path, self.out_path = work / "fp32.onnx", work / "q.onnx"
         onnx.save(model, self.fp32_path)
-        self.pixels = np.concatenate([im.pixels[None] for im in calib.images])
         self.method = {"minmax": "max", "entropy": "entropy"}.get(settings.method)
         if self.method is None:
             raise VitsegError(f"--calib-method {settings.method} is not offered for --target trt", "use minmax or entropy")
 
-    def __call__(self) -> onnx.ModelProto:
+    def __call__(self, calib: InputSet, cache: Path) -> onnx.ModelProto:
+        """The graph calibrated on `calib` (`cache` unused: Model Optimizer keeps no range cache)."""
+        self.pixels = np.concatenate([im.pixels[None] for im in calib.images])
         with library_output_on_stderr(), _ort_quantization_restored():
             quantization = require_module("modelopt.onnx.quantization", "--target trt int8 needs NVIDIA Model Optimizer",
                                           "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
@@ -259,7 +271,9 @@ class _ModelOptQuantizer:
                                   calibration_method=self.method, calibration_eps=["cpu"], high_precision_dtype="fp16", dq_only=True,
                                   disable_mha_qdq=True, output_path=str(self.out_path),
                                   log_level="ERROR")
-        return onnx.load(self.out_path)
+        quantized = onnx.load(self.out_path)
+        remove_dead_nodes(quantized)
+        return quantized
 
     def record(self) -> dict:
         """How the graph was quantized (the manifest's `quantization`)."""
@@ -277,14 +291,16 @@ class OnnxQuantized:
     original: onnx.ModelProto | None  # the fp32 graph (None: floated layers keep the graph's own float weights)
     size: tuple[int, int]
     num_classes: int
+    cpu_class: str = ""  # the CPU class its int8 is made for ("": none, 8-bit weights: the TensorRT target)
 
     def units(self) -> list[str]:
         """The layers that read an int8 input."""
         return quantized_layers(self.model)
 
     def runner(self, floated: set[str]) -> OnnxRuntimeRunner:
-        """The graph with the `floated` layers in float, on ONNX Runtime CPU."""
-        return graph_runner(self.graph(floated), self.size, self.num_classes, "int8")
+        """The graph with the `floated` layers in float, on ONNX Runtime CPU (its int8 exact: emulated where this
+        CPU's integer kernels would saturate)."""
+        return graph_runner(self.graph(floated), self.size, self.num_classes, "int8", self.cpu_class)
 
     def graph(self, floated: set[str]) -> onnx.ModelProto:
         """The Q/DQ graph with the `floated` layers in float."""
@@ -322,30 +338,48 @@ def _settings_record(settings: Int8Settings, heldout_images: int, quantizer: Any
             "heldout_images": heldout_images, **quantizer.record()}
 
 
+def speed_before_calibration(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, work: Path,
+                             progress: Callable[[str], None]) -> dict | str:
+    """For --target cpu: the int8 graph with placeholder ranges timed against the fp32 graph, on a CPU where its
+    arithmetic is exact (int8_probe.speed_decision: Int8NotWorthIt on the class it is made for when measurably
+    slower). Returns the record, or why nothing was timed."""
+    announce_emulation(settings.cpu_class if settings.target == "cpu" else "", progress)
+    if settings.target != "cpu":
+        return "not timed: int8 for TensorRT"
+    reason = not_timed_here(settings)
+    if reason is not None:
+        return reason
+    progress("int8: timing the int8 graph (placeholder ranges) against fp32 on this CPU, before calibrating")
+    placeholder = _OrtQuantizer(model, settings, work).placeholder()
+    return speed_decision(graph_runner(model, size, 0, "fp32"), graph_runner(placeholder, size, 0, "int8", settings.cpu_class),
+                          size, settings, "before calibration")
+
+
 def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, cache_dir: Path | None = None,
                   progress: Callable[[str], None] = lambda m: None) -> Int8Result:
     """Calibrated int8 Q/DQ graph of vitseg's verified fp32 `model` (its first output must be `logits`):
     ONNX Runtime's quantizer for --target cpu, Model Optimizer's for --target trt, then the one fallback until
-    the held-out targets are met. Raises VitsegError (bad settings, no images, targets unreachable). cpu ranges
-    are cached in `cache_dir`: the result's `files`, for the exporter to write with the artifact."""
+    the held-out targets are met. Raises VitsegError (bad settings, no images, targets unreachable),
+    Int8NotWorthIt (slower than fp32 on the CPU class it is for: before calibrating). cpu ranges are cached in
+    `cache_dir`: the result's `files`, for the exporter to write with the artifact."""
     check_int8_settings(model, settings)
-    probe = check_int8_pays(settings, ort_layer_runner, "onnxruntime") if settings.target == "cpu" else None
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     image_list_hash = calibration_record(calib, settings.method)["image_list_sha256"]
     name = f"ranges-{hashlib.sha256(model.SerializeToString()).hexdigest()[:16]}-{image_list_hash}-{settings.method}.json"
     kept = Path(cache_dir) / name if cache_dir is not None and settings.target == "cpu" else None
     with tempfile.TemporaryDirectory(prefix="vitseg-int8-") as work_dir:
+        work = Path(work_dir)
+        before = speed_before_calibration(model, size, settings, work, progress)
         # calibrate into the work dir; the cache is kept (atomically) only once int8 succeeded, so an
         # interrupted export leaves neither a half-written cache nor an empty cache directory
-        cache = kept if kept is not None and kept.is_file() else Path(work_dir) / name
-        quantizer = (_ModelOptQuantizer if settings.target == "trt" else _OrtQuantizer)(model, calib, settings, Path(work_dir), cache)
+        cache = kept if kept is not None and kept.is_file() else work / name
+        quantizer = (_ModelOptQuantizer if settings.target == "trt" else _OrtQuantizer)(model, settings, work)
         progress(f"calibrating on {len(calib)} images ({settings.method}, {quantizer.name})")
         held = Heldout.recorded(graph_runner(model, size, 0, "fp32"), held_inputs, settings.targets())
-        quantized = quantizer()
-        remove_dead_nodes(quantized)
+        quantized = quantizer(calib, cache)
         macs = node_macs(model, held_inputs.images[0].pixels[None])
-        final, record = settle_graph(quantized, model, model, macs, size, settings, held, probe, progress)
+        final, record = settle_graph(quantized, model, model, macs, size, settings, held, before, progress)
         ranges = json.loads(cache.read_text()) if cache.is_file() else None
         # the cache is kept only once the export succeeds: written with the artifact, in its group
         files = {kept: cache.read_bytes()} if kept is not None and cache != kept and cache.is_file() else {}
@@ -358,23 +392,28 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
 
 def settle_graph(quantized: onnx.ModelProto, fp32: onnx.ModelProto, original: onnx.ModelProto | None,
                  macs: dict[str, int], size: tuple[int, int],
-                 settings: Int8Settings, held: Heldout, probe: dict | None,
+                 settings: Int8Settings, held: Heldout, before: dict | str,
                  progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dict]:
-    """A Q/DQ graph through the one fallback and the int8 checks (mostly int8; for a CPU graph, not slower than
-    the fp32 graph on the CPU class it is for): (final graph, the manifest's int8 record without the
+    """A Q/DQ graph through the one fallback and the int8 checks (mostly int8; for a CPU graph whose fallback
+    returned layers to float, the speed decision again): (final graph, the manifest's int8 record without the
     quantizer's own keys). `original`: where a layer returned to float gets its weights (None: the graph's own
-    float weights, those its QuantizeLinear nodes read); `macs`: node_macs of the graph's layers."""
-    graph = OnnxQuantized(quantized, original, size, held.num_classes)
+    float weights, those its QuantizeLinear nodes read); `macs`: node_macs of the graph's layers; `before`: the
+    speed decision made before calibrating (speed_before_calibration)."""
+    made_for = settings.cpu_class if settings.target == "cpu" else ""
+    graph = OnnxQuantized(quantized, original, size, held.num_classes, made_for)
     result = fall_back(graph, held, settings.max_fallback, progress)
     final = graph.graph(result.units)
     int8_layers = set(quantized_layers(final))
     record = fallback_record(result, held, settings.targets(), macs, int8_layers)
     check_mostly_int8(record, settings)
-    speed = None
-    if settings.target == "cpu":  # a CPU graph: does its int8 pay on this CPU, where it is exact?
-        speed = speed_here(graph_runner(fp32, size, 0, "fp32"), graph_runner(final, size, 0, "int8"), size, settings)
-    return final, {"target": settings.target, **record,
-                   **(cpu_record(settings, speed, probe) if settings.target == "cpu" else {}),
+    if settings.target != "cpu":
+        return final, {"target": settings.target, **record, "quantized_nodes": len(int8_layers)}
+    after: dict | str = "not timed: the placement timed before calibration (no layer returned to float)"
+    if result.units and isinstance(before, dict):  # another graph than the one timed: ask again
+        progress("int8: timing the graph after the fallback against fp32")
+        after = speed_decision(graph_runner(fp32, size, 0, "fp32"), graph.runner(result.units), size, settings,
+                               "after the fallback")
+    return final, {"target": settings.target, **record, **cpu_record(settings, before, after),
                    "quantized_nodes": len(int8_layers)}
 
 

@@ -1,29 +1,38 @@
-"""Does int8 pay on this CPU, before anything is calibrated? A few-second probe: one layer of each op type that
-vitseg quantizes, in fp32 and as ONNX Runtime's Q/DQ int8 (the same quantizer, symmetric, 7- or 8-bit weights
-as the CPU class asks), timed alternately in the runtime the artifact is for. ONNX Runtime runs the Q/DQ graph
-in its integer kernels; OpenVINO reads the same graph as FakeQuantize and runs its own int8 kernels, as it
-does NNCF's IRs.
+"""Does int8 pay on this CPU? Asked of the whole graph, before anything is calibrated, and decided by the one
+timing rule (vitseg_export/timing.py: interleaved pairs, a confidence interval, a margin), so that the same
+export gives the same answer on a shared machine.
 
-Without VNNI or AMX an int8 dot product is two AVX2 instructions per 32 products (vpmaddubsw + vpmaddwd),
-about what fp32 FMAs cost, so int8 may not pay at all: the exporters ask `refusal` before calibrating and
-stop with one line naming the CPU class and what to do. `scripts/bench_cpu.py` prints the whole table.
+- before calibrating: the exporter builds the int8 graph with placeholder ranges (an int8 graph's speed does not
+  depend on its ranges: the same Q/DQ placement runs the same kernels) and `speed_decision` times it against
+  the fp32 graph; int8 measurably slower refuses the export in seconds (Int8NotWorthIt, exit 3);
+- after the fallback, only when it returned layers to float (a different graph), the same question again.
+
+Judged only where this CPU is of the class the int8 is made for: on another class its speed says nothing about
+the target's (recorded where the arithmetic is exact here, not judged).
+
+`time_layers` is the per-op diagnostic behind scripts/bench_cpu.py: one layer of each op type vitseg
+quantizes, fp32 against ONNX Runtime's Q/DQ int8, by the same rule. Without VNNI or AMX an int8 dot product is
+two AVX2 instructions per 32 products (vpmaddubsw + vpmaddwd), about what fp32 FMAs cost: it shows why.
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from vitseg_export.cpu import SAFE_CLASS, cpu_class
+from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
 from vitseg_export.errors import Int8NotWorthIt
 from vitseg_export.export.quiet import library_output_on_stderr
+from vitseg_export.runners.base import INPUT_NAME, Runner
+from vitseg_export.timing import SLOWER, compare_speed
 
 # (op, input shape, what it stands for): one mid-sized layer each (1024 tokens x 512 features; 256 channels at
 # 32x32), large enough that the kernels, not the call overhead, are timed
@@ -32,10 +41,9 @@ PROBE_LAYERS = {
     "conv1x1": ((1, 256, 32, 32), "the decode head's 1x1 convolutions"),
     "dwconv3x3": ((1, 256, 32, 32), "the Mix-FFN's depthwise 3x3 convolutions"),
 }
-DECIDING = ("matmul", "conv1x1")  # where most of the MACs are: int8 that pays on neither cannot pay
-PAIRS = 12
 # (serialized ONNX, whether it is the int8 graph) -> a function that runs it, as the runtime's runner would
 Compile = Callable[[bytes, bool], Callable[[np.ndarray], object]]
+PLACEHOLDER_RANGE = 4.0  # |x| the placeholder ranges cover: any finite, non-zero range runs the same kernels
 
 
 def _layer(op: str, shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -44,7 +52,6 @@ def _layer(op: str, shape: tuple[int, ...]) -> onnx.ModelProto:
     if op == "matmul":
         init.append(numpy_helper.from_array(rng.standard_normal((shape[-1], shape[-1]), dtype=np.float32) * 0.05, "w"))
         nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"]))
-        out = list(shape)
     else:
         channels = shape[1]
         depthwise = op == "dwconv3x3"
@@ -53,77 +60,83 @@ def _layer(op: str, shape: tuple[int, ...]) -> onnx.ModelProto:
                  numpy_helper.from_array(np.zeros(channels, np.float32), "b")]
         nodes.append(helper.make_node("Conv", ["x", "w", "b"], ["y"], group=channels if depthwise else 1,
                                       pads=[1, 1, 1, 1] if depthwise else [0, 0, 0, 0]))
-        out = list(shape)
     graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], init)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))], init)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-class _Reader:
-    def __init__(self, shape: tuple[int, ...]):
-        self.batches = [np.random.default_rng(i).standard_normal(shape, dtype=np.float32) for i in range(2)]
+def placeholder_ranges(model: onnx.ModelProto, path: Path) -> Path:
+    """An ONNX Runtime calibration cache at `path` giving every activation of `model` the placeholder range
+    +-PLACEHOLDER_RANGE: `quantize_static` reads it instead of calibrating (no inference at all)."""
+    initializers = {i.name for i in model.graph.initializer}
+    names = {name for node in model.graph.node for name in (*node.input, *node.output) if name and name not in initializers}
+    names |= {i.name for i in model.graph.input}
+    data = {name: TensorData(lowest=np.float32(-PLACEHOLDER_RANGE), highest=np.float32(PLACEHOLDER_RANGE))
+            for name in sorted(names)}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+    return path
 
-    def get_next(self):
-        return {"x": self.batches.pop()} if self.batches else None
 
-
-def quantized_layer(model: onnx.ModelProto, shape: tuple[int, ...], made_for: str) -> onnx.ModelProto:
-    """`model` through the quantizer vitseg's ONNX int8 uses (symmetric int8, Q/DQ), 7-bit weights for avx2."""
+def quantized_layer(model: onnx.ModelProto, made_for: str) -> onnx.ModelProto:
+    """A single layer through the quantizer vitseg's ONNX int8 uses (symmetric int8, Q/DQ, placeholder ranges),
+    7-bit weights for avx2."""
     with tempfile.TemporaryDirectory(prefix="vitseg-probe-") as work, library_output_on_stderr():
         src, dst = Path(work) / "fp32.onnx", Path(work) / "int8.onnx"
         onnx.save(model, src)
-        quantize_static(str(src), str(dst), _Reader(shape), quant_format=QuantFormat.QDQ, per_channel=False,
+        quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=False,
                         reduce_range=made_for == SAFE_CLASS, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        calibration_cache_path=placeholder_ranges(model, Path(work) / "ranges.json"),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         return onnx.load(dst)
-
-
-def _time(fp32: Callable, int8: Callable, x: np.ndarray) -> tuple[float, float]:
-    for fn in (fp32, int8, fp32, int8):  # warm-up
-        fn(x)
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for _ in range(PAIRS):
-        for i, fn in enumerate((fp32, int8)):
-            t0 = time.perf_counter()
-            fn(x)
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def time_layers(compile_fn: Compile, runtime: str, made_for: str, ops: tuple[str, ...] = tuple(PROBE_LAYERS)) -> dict:
     """int8 against fp32, per op type, on this CPU in `runtime` (compiled by `compile_fn`), for int8 made for
-    `made_for`: {"cpu_class", "runtime", "made_for", "ops": {op: {"shape", "fp32_ms", "int8_ms", "speedup"}}}."""
+    `made_for`: {"cpu_class", "runtime", "made_for", "ops": {op: SpeedComparison.to_json() + "shape"}}."""
     rows = {}
     for op in ops:
         shape, _ = PROBE_LAYERS[op]
         fp32 = _layer(op, shape)
-        int8 = quantized_layer(fp32, shape, made_for)
         x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-        fp32_ms, int8_ms = _time(compile_fn(fp32.SerializeToString(), False), compile_fn(int8.SerializeToString(), True), x)
-        rows[op] = {"shape": list(shape), "fp32_ms": round(fp32_ms, 3), "int8_ms": round(int8_ms, 3),
-                    "speedup": round(fp32_ms / int8_ms, 3)}
+        run_fp32 = compile_fn(fp32.SerializeToString(), False)
+        run_int8 = compile_fn(quantized_layer(fp32, made_for).SerializeToString(), True)
+        rows[op] = {"shape": list(shape), **compare_speed(partial(run_fp32, x), partial(run_int8, x)).to_json()}
     return {"cpu_class": cpu_class(), "runtime": runtime, "made_for": made_for, "ops": rows}
 
 
-def refusal(record: dict) -> str | None:
-    """Why int8 cannot pay on this CPU (None: it may): int8 slower than fp32 on every deciding op type."""
-    deciding = {op: row for op, row in record["ops"].items() if op in DECIDING}
-    if not deciding or any(row["speedup"] >= 1.0 for row in deciding.values()):
-        return None
-    figures = ", ".join(f"{op} {row['speedup']:.2f}x" for op, row in deciding.items())
-    return (f"int8 cannot pay on this {record['cpu_class']} CPU in {record['runtime']}: a probe of the layers that hold "
-            f"most MACs ran int8 slower than fp32 ({figures})")
+def announce_emulation(made_for: str, progress: Callable[[str], None]) -> None:
+    """Say once, in an export's progress, that its int8 graphs run emulated here (`made_for`: the class, "" for 8-bit
+    int8 of no class): the runners of its in-memory graphs do not warn each time."""
+    if not int8_exact_here(made_for):
+        progress(f"int8: this {cpu_class()} CPU's integer kernels would saturate 8-bit int8: judging it with its int8 "
+                 "arithmetic emulated in float (exact, slower)")
 
 
-def check_int8_pays(settings, compile_fn: Compile, runtime: str) -> dict | None:
-    """Before calibrating: where this machine is of the class the int8 is made for, probe it; Int8NotWorthIt
-    (one line: the class, the figures, what to do) when int8 cannot pay, unless --allow-float-fallback.
-    Returns the probe's record (None: this CPU is of another class, whose speed it says nothing about)."""
-    if cpu_class() != settings.cpu_class:
-        return None
-    record = time_layers(compile_fn, runtime, settings.cpu_class, DECIDING)
-    reason = refusal(record)
-    if reason and not settings.allow_float_fallback:
-        raise Int8NotWorthIt(reason, "export fp32 for this CPU, build for a VNNI target with --cpu-class vnni, or accept "
-                                     "a slower int8 for its size with --allow-float-fallback")
+def not_timed_here(settings) -> str | None:
+    """Why int8 made for `settings.cpu_class` is not timed on this CPU (None: it is): its speed is measured only
+    where its integer arithmetic is exact."""
+    here = cpu_class()
+    if here not in classes_exact_for(settings.cpu_class):
+        return f"not timed: int8 made for {settings.cpu_class} is not exact on this {here} CPU"
+    return None
+
+
+def speed_decision(fp32: Runner, int8: Runner, size: tuple[int, int], settings, stage: str) -> dict:
+    """Time the int8 graph against its format's fp32 graph (batch 1, inactive runners, activated here) by the
+    timing rule; call it where `not_timed_here` is None. On a CPU of the class the int8 is made for the outcome
+    is judged: "slower" raises Int8NotWorthIt (one line: the figures, the rule, what to do) unless
+    --allow-float-fallback; on another class it is recorded only. Returns the record. `stage`: when ("before
+    calibration", "after the fallback")."""
+    here = cpu_class()
+    feed = {INPUT_NAME: np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)}
+    with fp32, int8:
+        comparison = compare_speed(lambda: fp32.infer(feed), lambda: int8.infer(feed))
+    judged = here == settings.cpu_class
+    record = {"stage": stage, "cpu_class": here, "judged": judged, **comparison.to_json()}
+    if judged and comparison.outcome == SLOWER and not settings.allow_float_fallback:
+        hint = ("export fp32 for this CPU" + (", build for a VNNI target with --cpu-class vnni" if here == SAFE_CLASS else "")
+                + ", try `vitseg qat`, or accept it for its size with --allow-float-fallback")
+        raise Int8NotWorthIt(f"int8 is slower than fp32 on this {here} CPU it is made for ({stage}): "
+                             f"{comparison.describe()}", hint)
     return record

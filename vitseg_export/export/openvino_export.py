@@ -36,9 +36,8 @@ from vitseg_export.export.fallback import (
     cpu_record,
     fall_back,
     fallback_record,
-    speed_here,
 )
-from vitseg_export.export.int8_probe import check_int8_pays
+from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, speed_decision
 from vitseg_export.export.onnx_export import (
     VerifiedGraph,
     export_settings_record,
@@ -199,28 +198,50 @@ def ov_layer_runner(model_bytes: bytes, quantized: bool) -> Callable[[np.ndarray
 @dataclass
 class IRHeldout:
     """What an int8 IR is judged on before it is written: the held-out images with the fp32 IR's outputs, the
-    fp32 IR itself (the speed comparison) and the probe's record (None: not run here)."""
+    fp32 IR itself (the speed comparison) and the speed decision made before calibrating (or why none was)."""
 
     held: Heldout
     fp32: Any  # ov.Model
     fp32_info: ArtifactInfo
-    probe: dict | None
+    before: dict | str
+
+    def fp32_runner(self) -> OpenVINORunner:
+        """An inactive runner of the fp32 IR on the CPU."""
+        return OpenVINORunner("fp32.xml", "cpu", model=self.fp32, info=self.fp32_info)
 
 
-def ir_heldout(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo) -> IRHeldout:
-    """Probe whether int8 can pay here (before calibrating: Int8NotWorthIt where it cannot), then record the
+def ir_speed_before_calibration(model: Any, fp32: OpenVINORunner, size: tuple[int, int], settings: Int8Settings,
+                                info: ArtifactInfo, progress: Callable[[str], None]) -> dict | str:
+    """The IR quantized by NNCF with placeholder statistics (one synthetic image: the same FakeQuantize placement,
+    the same kernels) timed against the fp32 IR, where this CPU computes it exactly (int8_probe.speed_decision:
+    Int8NotWorthIt on the class it is made for when measurably slower). The record, or why nothing was timed."""
+    announce_emulation(settings.cpu_class, progress)
+    reason = not_timed_here(settings)
+    if reason is not None:
+        return reason
+    progress("int8: timing the int8 IR (placeholder statistics) against fp32 on this CPU, before calibrating")
+    placeholder = nncf_ptq(model, [np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)], settings)
+    return speed_decision(fp32, OpenVINORunner("int8.xml", "cpu", model=placeholder, info=info), size, settings,
+                          "before calibration")
+
+
+def ir_heldout(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo,
+               progress: Callable[[str], None]) -> IRHeldout:
+    """Decide whether int8 can pay here (before calibrating: Int8NotWorthIt where it cannot), then record the
     fp32 IR `model` on the held-out images."""
-    probe = check_int8_pays(settings, ov_layer_runner, "openvino")
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, graph.size)
-    fp32_info = replace(info, precision="fp32", extra={**info.extra, "inference_precision": '"f32"'})
-    held = Heldout.recorded(OpenVINORunner("fp32.xml", "cpu", model=model, info=fp32_info), held_inputs, settings.targets())
-    return IRHeldout(held, model, fp32_info, probe)
+    fp32_info = replace(info, precision="fp32", cpu_class="", extra={**info.extra, "inference_precision": '"f32"'})
+    fp32 = OpenVINORunner("fp32.xml", "cpu", model=model, info=fp32_info)
+    before = ir_speed_before_calibration(model, fp32, graph.size, settings, info, progress)
+    held = Heldout.recorded(fp32, held_inputs, settings.targets())
+    return IRHeldout(held, model, fp32_info, before)
 
 
 def settle_ir(quantized: Any, judged: IRHeldout, size: tuple[int, int], settings: Int8Settings, info: ArtifactInfo,
               progress: Callable[[str], None]) -> tuple[Any, dict]:
-    """An IR with FakeQuantize nodes through the one fallback and the int8 checks (mostly int8; not slower than
-    fp32 on the CPU class it is for): (final IR, the manifest's int8 record, without the quantizer's own keys)."""
+    """An IR with FakeQuantize nodes through the one fallback and the int8 checks (mostly int8; where the fallback
+    returned layers to float, the speed decision again): (final IR, the manifest's int8 record, without the
+    quantizer's own keys)."""
     ir = IRQuantized(quantized, info)
     result = fall_back(ir, judged.held, settings.max_fallback, progress,
                        hint="calibrate on more representative images, try `vitseg qat`, or use fp16")
@@ -229,9 +250,11 @@ def settle_ir(quantized: Any, judged: IRHeldout, size: tuple[int, int], settings
     int8_layers = {name for name, quantized in layers.items() if quantized}
     record = fallback_record(result, judged.held, settings.targets(), _layer_macs(final, size), int8_layers)
     check_mostly_int8(record, settings)
-    speed = speed_here(OpenVINORunner("fp32.xml", "cpu", model=judged.fp32, info=judged.fp32_info), ir.runner(result.units),
-                       size, settings)
-    return final, {**record, **cpu_record(settings, speed, judged.probe), "fallback_groups": sorted(result.units),
+    after: dict | str = "not timed: the placement timed before calibration (no layer group returned to float)"
+    if result.units and isinstance(judged.before, dict):  # another graph than the one timed: ask again
+        progress("int8: timing the IR after the fallback against fp32")
+        after = speed_decision(judged.fp32_runner(), ir.runner(result.units), size, settings, "after the fallback")
+    return final, {**record, **cpu_record(settings, judged.before, after), "fallback_groups": sorted(result.units),
                    "quantized_layers": len(int8_layers),
                    "float_layers": [name for name, quantized in layers.items() if not quantized]}
 
@@ -242,28 +265,35 @@ def overflow_fix(settings: Int8Settings) -> Any:
     return nncf_advanced.OverflowFix.ENABLE if settings.cpu_class == SAFE_CLASS else nncf_advanced.OverflowFix.DISABLE
 
 
+def nncf_ptq(model: Any, images: list[np.ndarray], settings: Int8Settings) -> Any:
+    """NNCF's post-training quantization of the fp32 IR `model` on `images` ((1, 3, H, W) arrays) as vitseg runs it:
+    transformer preset (SmoothQuant, min-max), attention's activation x activation MatMuls and the float op types
+    ignored, the overflow fix of the CPU class, no bias correction."""
+    # No bias correction: it shifts biases to offset the quantization of a layer's input, so a layer returned
+    # to float by removing its FakeQuantize would keep a wrong bias (measured: same agreement without it).
+    with library_output_on_stderr():
+        return nncf.quantize(model, nncf.Dataset(images), subset_size=len(images),
+                             model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
+                             ignored_scope=nncf.IgnoredScope(names=ir_attention_matmuls(model), types=list(FLOAT_OP_TYPES),
+                                                             validate=False),
+                             advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(
+                                 disable_bias_correction=True, overflow_fix=overflow_fix(settings)))
+
+
 def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo,
                 progress: Callable[[str], None]) -> tuple[Any, dict]:
     """The int8 precision's OpenVINO step: NNCF PTQ (transformer preset: SmoothQuant, min-max) of the fp32 IR,
     then the one fallback; returns (int8 model, the manifest's int8 section)."""
-    judged = ir_heldout(model, graph, settings, info)
+    judged = ir_heldout(model, graph, settings, info, progress)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, graph.size)
     progress(f"int8: NNCF calibration on {len(calib)} images")
-    # No bias correction: it shifts biases to offset the quantization of a layer's input, so a layer returned
-    # to float by removing its FakeQuantize would keep a wrong bias (measured: same agreement without it).
-    attention = ir_attention_matmuls(model)
-    overflow = overflow_fix(settings)
-    with library_output_on_stderr():
-        quantized = nncf.quantize(model, nncf.Dataset([im.pixels[None] for im in calib.images]), subset_size=len(calib),
-                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
-                                  ignored_scope=nncf.IgnoredScope(names=attention, types=list(FLOAT_OP_TYPES), validate=False),
-                                  advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(
-                                      disable_bias_correction=True, overflow_fix=overflow))
+    quantized = nncf_ptq(model, [im.pixels[None] for im in calib.images], settings)
     final, record = settle_ir(quantized, judged, graph.size, settings, info, progress)
     return final, {
-        "quantizer": "nncf.quantize + vitseg mask-metric fallback", **record, "overflow_fix": str(overflow),
-        "attention": f"{len(attention)} activation x activation MatMuls kept float; ScaledDotProductAttention ops "
-                     "(OpenVINO's fused attention) get NNCF's Q/K quantizers and count as float MACs",
+        "quantizer": "nncf.quantize + vitseg mask-metric fallback", **record, "overflow_fix": str(overflow_fix(settings)),
+        "attention": f"{len(ir_attention_matmuls(model))} activation x activation MatMuls kept float; "
+                     "ScaledDotProductAttention ops (OpenVINO's fused attention) get NNCF's Q/K quantizers and count as "
+                     "float MACs",
         "float_op_types": list(FLOAT_OP_TYPES),
         "calibration": calibration_record(calib, "nncf min-max (transformer preset)")}
 

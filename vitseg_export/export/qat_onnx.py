@@ -16,6 +16,7 @@ self-parity against the PyTorch fp32 model and the same manifest, plus its `qat`
 from __future__ import annotations
 
 import copy
+import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +29,7 @@ from vitseg_export.cpu import SAFE_CLASS
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import Heldout, calibration_record
 from vitseg_export.export.graph import quantize_constant_weights, remove_dead_nodes, remove_identity_casts
-from vitseg_export.export.int8 import check_int8_settings, node_macs, ort_layer_runner, settle_graph
-from vitseg_export.export.int8_probe import check_int8_pays
+from vitseg_export.export.int8 import check_int8_settings, node_macs, settle_graph, speed_before_calibration
 from vitseg_export.export.onnx_export import ExportGraph, export_onnx, exported_module, module_to_onnx
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
@@ -106,7 +106,8 @@ def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: An
     of the speed check; the Q/DQ graph comes from the fine-tuned fake-quantized PyTorch model."""
     settings, size, progress = ctx.int8, ctx.image_size, ctx.progress
     check_int8_settings(model, settings)
-    probe = check_int8_pays(settings, ort_layer_runner, "onnxruntime") if settings.target == "cpu" else None
+    with tempfile.TemporaryDirectory(prefix="vitseg-qat-") as work:  # the speed decision, before any training
+        before = speed_before_calibration(model, size, settings, Path(work), progress)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     held = Heldout.recorded(graph_runner(model, size, 0, "fp32"), held_inputs, settings.targets())
@@ -119,7 +120,7 @@ def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: An
     record_qat = fine_tuned(quantized, teacher, qat, size, held_inputs, held.num_classes, progress, on_step)
     qdq = qdq_graph(quantized, size, export_settings)
     macs = node_macs(qdq, held_inputs.images[0].pixels[None])
-    final, record = settle_graph(qdq, model, None, macs, size, settings, held, probe, progress)
+    final, record = settle_graph(qdq, model, None, macs, size, settings, held, before, progress)
     safe = settings.target == "cpu" and settings.cpu_class == SAFE_CLASS
     details = {
         "quantizer": "modelopt.torch.quantization (mtq.quantize) + quantization-aware training + vitseg mask-metric "

@@ -32,6 +32,7 @@ from vitseg_export.export.openvino_export import (
 )
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
+from vitseg_export.extensions import prepare_nncf_torch
 from vitseg_export.qat import StepProgress, calibration_batches, fine_tuned
 from vitseg_export.tables import lazy_module
 
@@ -69,7 +70,8 @@ def _to_ir(model: torch.nn.Module, graph: VerifiedGraph) -> Any:
 def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, progress: Callable[[str], None], *,
            loaded: Any, qat: QatSettings, export_settings: OnnxExportSettings, on_step: StepProgress | None) -> tuple[Any, dict]:
     """export_openvino's quantization step for `vitseg qat`: (int8 IR, the manifest's int8 section)."""
-    judged = ir_heldout(model, graph, settings, info)  # probe (before calibrating) and the fp32 IR's outputs
+    judged = ir_heldout(model, graph, settings, info, progress)  # speed (before calibrating), the fp32 IR's outputs
+    extension = prepare_nncf_torch(progress)  # built here, not inside NNCF's 60-second first-use limit
     calib = load_inputs(settings.calib, "calib", settings.calib_images, graph.size)
     teacher = loaded.segmenter().eval()
     # folded as the fp32 graph was; a copy, as the quantizers swap its modules in place and the teacher and
@@ -99,7 +101,7 @@ def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, 
         "overflow_fix": str(overflow), "float_op_types": list(FLOAT_OP_TYPES),
         "attention": "activation x activation MatMuls (torch.matmul) kept float",
         "calibration": calibration_record(calib, "nncf min-max (transformer preset), PyTorch"),
-        "qat": {**record_qat, "layers_left_float": record["float_layers"]}}
+        "qat": {**record_qat, "layers_left_float": record["float_layers"], "nncf_extension": extension["status"]}}
 
 
 def qat_openvino(loaded: Any, output: Path, request: ExportRequest, qat: QatSettings, progress: Callable[[str], None],

@@ -24,7 +24,7 @@ from vitseg_export.comparator import compare, load_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.settings import EngineSettings, ExportRequest
 from vitseg_export.export.trt_lint import lint_for_tensorrt
-from vitseg_export.files import sha256_file
+from vitseg_export.files import check_readable_file, sha256_file
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import get_precision
 from vitseg_export.runners.cuda import cuda_devices
@@ -125,7 +125,10 @@ def _configure(trt: Any, builder: Any, info: ArtifactInfo, settings: EngineSetti
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = settings.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    cache_bytes = settings.timing_cache.read_bytes() if settings.timing_cache and settings.timing_cache.is_file() else b""
+    cache = settings.timing_cache
+    if cache is not None and cache.exists():
+        check_readable_file(cache, "--timing-cache")  # a FIFO or device is refused, not read
+    cache_bytes = cache.read_bytes() if cache is not None and cache.exists() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
     return config
 

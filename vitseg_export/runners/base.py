@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class
+from vitseg_export.cpu import SAFE_CLASS, cpu_class, int8_exact_here
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.precisions import get_precision
 
@@ -52,16 +52,22 @@ class Runner(ABC):
     class_names: list[str] = []
     output_names: list[str] = []
     precision: str = "fp32"
+    # the model's int8 arithmetic runs emulated in float (exact, slower): this CPU's integer kernels would saturate
+    int8_emulated: bool = False
 
-    def describe(self, info) -> None:
+    def describe(self, info, warn: bool = True) -> None:
         """Take what the runner knows about its model from the artifact's metadata (an ArtifactInfo); VitsegError
-        for metadata that names a precision vitseg does not know."""
-        get_precision(info.precision)  # damaged metadata: one line naming the known precisions
-        here = cpu_class()
-        if info.cpu_class and self.device in ("cpu", "auto") and here not in classes_exact_for(info.cpu_class):
+        for metadata that names a precision vitseg does not know. Decides `int8_emulated`: an int8 model on a CPU
+        whose integer kernels are not exact for it (vitseg_export.cpu.int8_exact_here) computes what it was
+        verified to compute, in float; an artifact file made for a CPU class other than this one says so in a
+        warning (`warn`; the in-memory graphs of an export say it once in its progress instead)."""
+        precision = get_precision(info.precision)  # damaged metadata: one line naming the known precisions
+        self.int8_emulated = precision.integer_kernels and self.device in ("cpu", "auto") and not int8_exact_here(info.cpu_class)
+        if self.int8_emulated and info.cpu_class and warn:
             warnings.warn(f"{info.path.name}'s int8 was made for {info.cpu_class} CPUs (8-bit weights, exact with VNNI or "
-                          f"AMX); this CPU is {here}, where its integer products may saturate: verify it here, or export "
-                          f"with --cpu-class {SAFE_CLASS} (computes the same on every CPU)", stacklevel=2)
+                          f"AMX); this CPU is {cpu_class()}, where its integer products would saturate, so vitseg runs its "
+                          f"int8 arithmetic emulated in float (exact, slower): export with --cpu-class {SAFE_CLASS} for int8 "
+                          "that is exact and fast on every CPU", stacklevel=2)
         self.info = info
         self.input_size = tuple(info.input_size)
         self.dynamic_batch = info.dynamic_batch

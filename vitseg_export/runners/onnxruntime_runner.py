@@ -17,14 +17,18 @@ from vitseg_export.tables import lazy_module
 ort = lazy_module("onnxruntime")  # imported by the first session, as every backend's library
 
 
-def session_options(threads: int | None = None, optimize: bool = True):
-    """ONNX Runtime session options as vitseg uses them: quiet, optional thread count and optimization."""
+def session_options(threads: int | None = None, optimize: bool = True, emulate_int8: bool = False):
+    """ONNX Runtime session options as vitseg uses them: quiet, optional thread count and optimization.
+    `emulate_int8`: Q/DQ pairs are not fused into integer kernels, so DequantizeLinear feeds float MatMul/Conv
+    (the int8 graph's exact meaning, on any CPU; checked under an emulated AVX2-only CPU in the tests)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if emulate_int8:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return opts
 
 
@@ -61,18 +65,23 @@ class OnnxRuntimeRunner(Runner):
         providers = [first] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
         if self.model_bytes is None:
             check_manifest_matches(self.path)
-        source = self.model_bytes if self.model_bytes is not None else str(self.path)
-        try:
-            self.session = ort.InferenceSession(source, session_options(self.threads, self.optimize), providers=providers)
-        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
-            raise VitsegError(f"{self.path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})",
-                              "the file is damaged or truncated; export it again") from None
+        self.session = self._session(providers, emulate_int8=False)
         self.describe(self.given_info or ArtifactInfo.from_metadata(
-            self.path, "onnx", dict(self.session.get_modelmeta().custom_metadata_map)))
+            self.path, "onnx", dict(self.session.get_modelmeta().custom_metadata_map)), warn=self.model_bytes is None)
+        if self.int8_emulated:  # known only from the metadata, which the first session read
+            self.session = self._session(providers, emulate_int8=True)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
         check_graph_matches(self.path, self.info, self.session.get_inputs()[0].shape,
                             {o.name: o.shape for o in self.session.get_outputs()})
+
+    def _session(self, providers: list, emulate_int8: bool):
+        source = self.model_bytes if self.model_bytes is not None else str(self.path)
+        try:
+            return ort.InferenceSession(source, session_options(self.threads, self.optimize, emulate_int8), providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
+            raise VitsegError(f"{self.path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})",
+                              "the file is damaged or truncated; export it again") from None
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         try:
@@ -108,10 +117,10 @@ def check_graph_matches(path: Path, info: ArtifactInfo, input_shape: list, outpu
         raise VitsegError(f"{where} {len(info.class_names)} classes, and its graph predicts {logits[1]}", hint)
 
 
-def graph_runner(model, size: tuple[int, int], num_classes: int, precision: str) -> OnnxRuntimeRunner:
+def graph_runner(model, size: tuple[int, int], num_classes: int, precision: str, cpu_class: str = "") -> OnnxRuntimeRunner:
     """A CPU runner for an in-memory graph of vitseg's layout (`pixels` in, `logits` first out) that carries
     no vitseg metadata yet (intermediate graphs of the precision steps): its batch and size as the graph has
-    them, `num_classes` (0: as the graph has them)."""
+    them, `num_classes` (0: as the graph has them), the CPU class an int8 graph is made for ("": none, 8-bit)."""
     dims = model.graph.input[0].type.tensor_type.shape.dim
     symbolic = [not d.HasField("dim_value") for d in dims]
     logits = model.graph.output[0].type.tensor_type.shape.dim
@@ -119,7 +128,7 @@ def graph_runner(model, size: tuple[int, int], num_classes: int, precision: str)
     info = ArtifactInfo(Path("graph.onnx"), "onnx", "in-memory graph", [f"class_{i}" for i in range(num_classes)],
                         size, (0.0,) * 3, (1.0,) * 3, precision, None, [o.name for o in model.graph.output],
                         dynamic_batch=bool(symbolic and symbolic[0]), dynamic_size=len(symbolic) == 4 and symbolic[2],
-                        source_sha256=None, vitseg_version="")
+                        source_sha256=None, vitseg_version="", cpu_class=cpu_class)
     return OnnxRuntimeRunner(f"{precision}-graph.onnx", "cpu", model_bytes=model.SerializeToString(), info=info)
 
 

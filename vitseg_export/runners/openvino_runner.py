@@ -11,13 +11,14 @@ import numpy as np
 
 from vitseg_export.artifact import (
     ArtifactInfo,
+    check_artifact_file,
     check_manifest_matches,
     manifest_path,
     read_manifest,
     read_onnx_metadata,
 )
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.files import sha256_file
+from vitseg_export.files import check_readable_file, sha256_file
 from vitseg_export.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 
@@ -48,6 +49,20 @@ def inference_precision(core: Any, device: str, wanted: str) -> str:
     return wanted if {"f16": "FP16", "bf16": "BF16"}.get(wanted) in capabilities else "f32"
 
 
+def compile_config(core: Any, device: str, wanted: str, threads: int | None = None, emulate_int8: bool = False) -> dict:
+    """compile_model's config as vitseg's runner uses it: latency hint, the inference precision (`wanted` where
+    the device has it), threads on the CPU. `emulate_int8`: the CPU plugin's low-precision transformations (which
+    turn FakeQuantize + MatMul/Convolution into integer kernels) are off, so FakeQuantize runs in float: the IR's
+    exact int8 meaning on any CPU (LP_TRANSFORMS_MODE, a property of the CPU plugin; checked under an emulated
+    AVX2-only CPU in the tests)."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision(core, device, wanted)}
+    if threads and device == "CPU":
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    if emulate_int8 and device == "CPU":
+        config["LP_TRANSFORMS_MODE"] = "NO"
+    return config
+
+
 class OpenVINORunner(Runner):
     """Compiles an IR or ONNX file (or an in-memory `ov.Model` with its `info`) for one OpenVINO device."""
 
@@ -69,13 +84,10 @@ class OpenVINORunner(Runner):
         if device != "AUTO" and device not in core.available_devices:
             raise BackendMissingError(f"OpenVINO sees no {device} device here (it has {', '.join(core.available_devices)})",
                                       "use --device cpu, or install the device's OpenVINO driver")
-        self.describe(self.given_info or read_openvino_info(self.path))
+        self.describe(self.given_info or read_openvino_info(self.path), warn=self.model is None)
         model = self.model if self.model is not None else read_ir(core, self.path)
         wanted = self.info.extra.get("inference_precision", '"f32"').strip('"')
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
-                                  "INFERENCE_PRECISION_HINT": inference_precision(core, device, wanted)}
-        if self.threads and device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = str(self.threads)
+        config = compile_config(core, device, wanted, self.threads, self.int8_emulated)
         try:
             self.compiled = core.compile_model(model, device, config)
         except RuntimeError as e:
@@ -100,9 +112,10 @@ def read_ir(core: Any, path: Path) -> Any:
     same size would run and give wrong masks). VitsegError (one line) for a missing, mismatched or damaged IR."""
     if path.suffix.lower() == ".xml":
         weights = path.with_suffix(".bin")
-        if not weights.is_file():
+        if not weights.exists():
             raise VitsegError(f"{path.name} has no {weights.name} beside it (the IR's weights)",
                               "keep the .xml and its .bin together, or export it again")
+        check_readable_file(weights, "IR weights")
         check_manifest_matches(path)
         # the IR records its .bin's sha256 in its own rt_info (an IR without its manifest is still checked)
         recorded = read_openvino_info(path).extra.get("bin_sha256") or _recorded_bin_sha256(path)
@@ -136,6 +149,7 @@ def read_openvino_info(path: Path) -> ArtifactInfo:
     ONNX artifact run by OpenVINO."""
     if path.suffix.lower() == ".onnx":
         return ArtifactInfo.from_metadata(path, "onnx", read_onnx_metadata(path))
+    check_artifact_file(path)
     props: dict[str, str] = {}
     try:
         for _, element in ET.iterparse(path, events=("end",)):
