@@ -85,7 +85,9 @@ def one_run(command: list[str], checkpoint: str, extra: list[str], work: Path) -
 def describe(decision) -> str:
     if isinstance(decision, dict):
         return f"{decision['speedup']:.2f}x ({decision['low']:.2f}-{decision['high']:.2f}, {int(decision['pairs'])} pairs) {decision['outcome']}"
-    return str(decision or "-")[:40]
+    if isinstance(decision, str) and decision.startswith("not timed: the placement timed before"):
+        return "= before (no layer returned to float)"
+    return str(decision or "-")
 
 
 def main() -> None:
@@ -94,8 +96,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--vitseg", default=f"{sys.executable} -m vitseg_export", help="the CLI to run (a command line)")
     parser.add_argument("--json", type=Path, help="write every run's record here")
-    parser.add_argument("extra", nargs="*", help="after --: arguments for vitseg export")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # after --: arguments for vitseg export
+    args = parser.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.extra = extra
     info = cpu_info()
     flags = " ".join(f for f, on in {**info["int8_features"], **info["bf16_features"]}.items() if on)
     print(f"CPU: {info['model']}, {info['cores']} cores, class {info['class']}; flags: {flags}", flush=True)

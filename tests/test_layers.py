@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitseg_export"
 REFERENCE = re.compile(r"""lazy_module\(\s*["'](vitseg_export[\w.]*)["']""")
 TABLES = ("vitseg_export.tables", "vitseg_export.formats", "vitseg_export.precisions", "vitseg_export.runners",
           "vitseg_export.probes", "vitseg_export.artifact", "vitseg_export.parity", "vitseg_export.errors",
-          "vitseg_export.files", "vitseg_export.cpu")
+          "vitseg_export.files", "vitseg_export.cpu", "vitseg_export.timing")
 
 
 def _modules() -> dict[str, Path]:

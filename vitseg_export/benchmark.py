@@ -228,7 +228,8 @@ def _compare_with_baseline(cells: list[_Cell], size: tuple[int, int], settings: 
         if base is None or cell is base or cell.path is None or not cell.row.status.startswith("verified"):
             continue
         log(f"{cell.row.name}: timing against {base.row.name} (interleaved)")
-        with runner_for(base.path, device=settings.device) as fp32, runner_for(cell.path, device=settings.device) as other:
+        with runner_for(base.path, device=settings.device).taking_turns() as fp32, \
+                runner_for(cell.path, device=settings.device).taking_turns() as other:
             comparison = compare_speed(partial(fp32.infer, feed), partial(other.infer, feed),
                                        names=(base.row.precision, cell.row.precision))
         cell.row.speed_vs_baseline = comparison.to_json()

@@ -325,8 +325,9 @@ def check_int8_settings(model: onnx.ModelProto, settings: Int8Settings) -> None:
 
 
 def ort_layer_runner(model_bytes: bytes, quantized: bool) -> Callable[[np.ndarray], object]:
-    """One of int8_probe's single-layer graphs on ONNX Runtime's CPU provider, as vitseg's runners set it up."""
-    session = ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
+    """One of int8_probe's single-layer graphs on ONNX Runtime's CPU provider, as vitseg's runners set it up when
+    runners take turns (no spinning threads between runs)."""
+    session = ort.InferenceSession(model_bytes, session_options(spin=False), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x})
 
 

@@ -130,7 +130,7 @@ def speed_decision(fp32: Runner, int8: Runner, size: tuple[int, int], settings, 
     calibration", "after the fallback")."""
     here = cpu_class()
     feed = {INPUT_NAME: np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)}
-    with fp32, int8:
+    with fp32.taking_turns(), int8.taking_turns():
         comparison = compare_speed(lambda: fp32.infer(feed), lambda: int8.infer(feed))
     judged = here == settings.cpu_class
     record = {"stage": stage, "cpu_class": here, "judged": judged, **comparison.to_json()}

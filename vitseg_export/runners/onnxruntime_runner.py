@@ -17,12 +17,15 @@ from vitseg_export.tables import lazy_module
 ort = lazy_module("onnxruntime")  # imported by the first session, as every backend's library
 
 
-def session_options(threads: int | None = None, optimize: bool = True, emulate_int8: bool = False):
+def session_options(threads: int | None = None, optimize: bool = True, emulate_int8: bool = False, spin: bool = True):
     """ONNX Runtime session options as vitseg uses them: quiet, optional thread count and optimization.
     `emulate_int8`: Q/DQ pairs are not fused into integer kernels, so DequantizeLinear feeds float MatMul/Conv
-    (the int8 graph's exact meaning, on any CPU; checked under an emulated AVX2-only CPU in the tests)."""
+    (the int8 graph's exact meaning, on any CPU; checked under an emulated AVX2-only CPU in the tests).
+    `spin`: worker threads spin after a run (the default); off for sessions that take turns (Runner.taking_turns)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:
@@ -78,7 +81,8 @@ class OnnxRuntimeRunner(Runner):
     def _session(self, providers: list, emulate_int8: bool):
         source = self.model_bytes if self.model_bytes is not None else str(self.path)
         try:
-            return ort.InferenceSession(source, session_options(self.threads, self.optimize, emulate_int8), providers=providers)
+            options = session_options(self.threads, self.optimize, emulate_int8, spin=not self.turns)
+            return ort.InferenceSession(source, options, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
             raise VitsegError(f"{self.path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]})",
                               "the file is damaged or truncated; export it again") from None
