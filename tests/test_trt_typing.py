@@ -1,5 +1,6 @@
-"""The TensorRT code cannot run here, so every call it makes is type-checked against stubs generated
-from the TensorRT Python bindings of 10.3 (JetPack 6) and 11.4 (scripts/trt_stubs.sh)."""
+"""TensorRT itself cannot run here, so every call the shared TensorRT code makes is type-checked against stubs
+generated from the TensorRT Python bindings of 10.3 (JetPack 6) and 11.4 (scripts/trt_stubs.sh); the same code
+runs for real with TensorRT-RTX, which builds here (tests/test_tensorrt_rtx.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRT_CODE = ["vitseg_export/export/tensorrt_engine.py", "vitseg_export/runners/tensorrt_runner.py",
+TRT_CODE = ["vitseg_export/export/tensorrt_engine.py", "vitseg_export/export/tensorrt_census.py",
+            "vitseg_export/runners/tensorrt_runner.py", "vitseg_export/runners/tensorrt_editions.py",
             "vitseg_export/runners/cuda.py"]
 VERSIONS = ["10.3", "11.4"]
 

@@ -24,7 +24,7 @@ from vitseg_export.formats import FORMATS, Format, get_format
 from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
 from vitseg_export.profiling import environment, profile
 from vitseg_export.pruning import prune_model
-from vitseg_export.runners import runner_for
+from vitseg_export.runners import get_backend, runner_for
 from vitseg_export.timing import NO_GAIN, SLOWER, compare_speed
 from vitseg_export.verify import report_from_comparison, write_report
 
@@ -240,8 +240,10 @@ def _compare_with_baseline(cells: list[_Cell], size: tuple[int, int], settings: 
 
 
 def available_formats() -> tuple[str, ...]:
-    """The formats this machine can make (their probes pass): the benchmark's and the demo's default."""
-    return tuple(name for name, fmt in FORMATS.items() if not fmt.directory and fmt.probe().ok)
+    """The formats this machine can make and run (their probes and their backends' probes pass): the benchmark's
+    and the demo's default (TensorRT-RTX engines build anywhere, and run on an RTX GPU only)."""
+    return tuple(name for name, fmt in FORMATS.items()
+                 if not fmt.directory and fmt.probe().ok and get_backend(fmt.backend).probe().ok)
 
 
 def _reference_row(checkpoint: str, loaded, size, settings: BenchmarkSettings, log) -> BenchmarkRow:

@@ -62,9 +62,10 @@ get_format = FORMATS.row
 
 
 def format_for_path(path: Path) -> Format | None:
-    """The format whose suffix `path` has, or None."""
-    suffix = path.suffix.lower()
-    return next((f for f in FORMATS.values() if suffix in f.suffixes), None)
+    """The format whose suffix `path` has (the longest that matches: `.rtx.engine` before `.engine`), or None."""
+    name = path.name.lower()
+    matches = [(len(s), f) for f in FORMATS.values() for s in f.suffixes if name.endswith(s) and len(name) > len(s)]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -102,6 +103,14 @@ register_format(Format(
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_artifact=lazy("vitseg_export.export.tensorrt_engine:engine_from_artifact"), artifact_sources=("onnx",),
+    onnx_beside=True))
+register_format(Format(
+    "trt-rtx", (".rtx.engine",), "TensorRT-RTX engine (built ahead of time on any machine; runs on RTX GPUs)",
+    "tensorrt-rtx", tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_rtx_engine"),
+    read_info=lazy("vitseg_export.artifact:read_manifest_info"),
+    probe=lazy("vitseg_export.runners.tensorrt_runner:probe_rtx_build"),
+    summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
+    from_artifact=lazy("vitseg_export.export.tensorrt_engine:rtx_engine_from_artifact"), artifact_sources=("onnx",),
     onnx_beside=True))
 register_format(Format(
     "openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino", tuple(PRECISIONS),

@@ -3,6 +3,7 @@ before it is written."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,10 +39,14 @@ from vitseg_export.export.settings import (
 from vitseg_export.files import check_output_dir, check_output_file
 from vitseg_export.formats import FORMATS, format_for_path, get_format
 from vitseg_export.precisions import PRECISIONS, get_precision
+from vitseg_export.runners.tensorrt_editions import EDITIONS, TENSORRT, TENSORRT_RTX
 from vitseg_export.tables import lazy_module
 
 checkpoints = lazy_module("vitseg_export.checkpoint")  # torch
 trt_lint = lazy_module("vitseg_export.export.trt_lint")  # onnx, for --check-trt only
+tensorrt_engine = lazy_module("vitseg_export.export.tensorrt_engine")  # --check-trt's build with TensorRT-RTX
+tensorrt_census = lazy_module("vitseg_export.export.tensorrt_census")
+onnx = lazy_module("onnx")
 repository = lazy_module("vitseg_export.serving.repository")  # the Triton backends
 
 
@@ -73,7 +78,7 @@ def export(
     target: Annotated[Optional[str], typer.Option("--target", help="int8: cpu (ONNX Runtime) or trt (TensorRT: float part in fp16); default trt for --format trt, else cpu.")] = None,
     cpu_class: Annotated[Optional[str], typer.Option("--cpu-class", help=f"int8 for CPUs: the class of the CPU it will run on: {SAFE_CLASS} (default: 7-bit weights, exact and verified on every x86 CPU), vnni or amx (8-bit weights: exact only with AVX512-VNNI/AVX-VNNI/AMX). `vitseg doctor` names this machine's.")] = None,
     allow_float_fallback: Annotated[bool, typer.Option("--allow-float-fallback", help="int8: accept an artifact that is mostly float after the fallback, or slower than fp32 on the CPU class it is for (default: refused).")] = False,
-    check_trt: Annotated[bool, typer.Option("--check-trt", help="Lint the ONNX against the TensorRT parser's supported ops/attributes.")] = False,
+    check_trt: Annotated[bool, typer.Option("--check-trt", help="Check the ONNX for TensorRT: lint it against the parser's supported ops/attributes, then parse and build it with TensorRT-RTX (NVIDIA's parser and builder, ahead of time, no GPU needed) where it is installed.")] = False,
     workspace: Annotated[Optional[float], typer.Option("--workspace", callback=WORKSPACE, help="trt: builder workspace in GB (default 4).")] = None,
     min_shape: Annotated[Optional[str], typer.Option("--min-shape", help="trt: NxCxHxW of the optimization profile.")] = None,
     opt_shape: Annotated[Optional[str], typer.Option("--opt-shape", help="trt: NxCxHxW.")] = None,
@@ -83,6 +88,7 @@ def export(
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="trt: version-compatible engine.")] = False,
     dla_core: Annotated[Optional[int], typer.Option("--dla-core", min=0, max=15, help="trt: build for this DLA core (Jetson; fp16/int8, static shapes).")] = None,
     weakly_typed: Annotated[bool, typer.Option("--weakly-typed", help="trt: TensorRT 10.x fallback with FP16/INT8 builder flags.")] = False,
+    compute_capability: Annotated[Optional[str], typer.Option("--compute-capability", help=f"trt-rtx: the GPU compute capabilities to build for, comma-separated ({', '.join(TENSORRT_RTX.targets)}; default {','.join(TENSORRT_RTX.default_targets)}).")] = None,
     min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", callback=FRACTION, help="int8: held-out agreement to reach by falling back layers (default: the int8 preset).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="triton: the model's name (default: ARCHITECTURE-PRECISION).")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="triton: onnxruntime, openvino, tensorrt (Triton's native backends) or python (vitseg's runner in Triton's Python backend); default: the artifact's native one.")] = None,
@@ -97,7 +103,9 @@ def export(
     outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
     fmt = get_format(format)
     get_precision(precision)
-    given = {k: v for k, v in locals().items() if k in OPTION_GROUPS and v not in (None, False)}
+    # given: set to anything but the unset default (identity: `0 in (None, False)` is True in Python, and --dla-core 0
+    # or --max-queue-delay-us 0 are given values)
+    given = {k: v for k, v in locals().items() if k in OPTION_GROUPS and v is not None and v is not False}
     _refuse_what_does_not_apply(fmt.name, precision, backend, target or fmt.int8_target, given)
     _check_choices(outputs, calib_method, target, backend, device, cpu_class)
     fmt.require()  # a missing backend says so before any other work
@@ -109,30 +117,37 @@ def export(
         Int8Settings(calib=calib or data, calib_images=calib_images or 32, method=calib_method or "minmax",
                      target=target or fmt.int8_target, heldout=heldout, min_agreement=min_agreement,
                      cpu_class=cpu_class or SAFE_CLASS, allow_float_fallback=allow_float_fallback),
-        _engine_settings(workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache, version_compatible, dla_core, weakly_typed),
+        _engine_settings(workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache, version_compatible, dla_core, weakly_typed,
+                         compute_capability),
         check_trt, _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device))
     _report(fmt, _run_export(fmt, checkpoint, output, request)[1], check_trt, json_output)
 
 
 def _report(fmt, result, check_trt: bool, json_output: bool) -> None:
-    """What `vitseg export` prints about the written artifact (and the TensorRT lint, where asked)."""
+    """What `vitseg export` prints about the written artifact (and the TensorRT check, where asked)."""
     path = result.path
     lint = _lint(result, check_trt)
+    build = _trt_build(fmt, result) if check_trt and not lint else None
     if json_output:
-        print_json({"artifact": str(path), **result.manifest.to_json(), **({"trt_lint": [str(p) for p in lint]} if check_trt else {})})
-        return
-    for line in fmt.summary(path, result.manifest):
-        console.print(line, highlight=False, soft_wrap=True, markup=False)
-    if check_trt:
-        _print_lint(path, lint)
+        print_json({"artifact": str(path), **result.manifest.to_json(),
+                    **({"trt_lint": [str(p) for p in lint], "trt_build": build} if check_trt else {})})
+    else:
+        for line in fmt.summary(path, result.manifest):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+        if check_trt:
+            _print_lint(path, lint)
+            _print_build(build)
+    if isinstance(build, dict) and build.get("error"):
+        raise VitsegError(build["error"], "the ONNX artifact itself is valid for onnxruntime; fix the graph before building an engine")
 
 
 # option -> what it applies to: the int8 precision, a TensorRT engine, a Triton repository, fp16
 OPTION_GROUPS = {**dict.fromkeys(("calib", "heldout", "calib_images", "calib_method", "target", "min_agreement",
                                   "allow_float_fallback"), "int8"),
                  "cpu_class": "int8_cpu",
-                 **dict.fromkeys(("workspace", "min_shape", "opt_shape", "max_shape", "sparsity", "timing_cache",
-                                  "version_compatible", "dla_core", "weakly_typed"), "trt"),
+                 **dict.fromkeys(("workspace", "min_shape", "opt_shape", "max_shape", "sparsity", "version_compatible"), "trt"),
+                 # one TensorRT edition's own (its `options`: runners/tensorrt_editions.py)
+                 **{option: "edition" for e in EDITIONS.values() for option in e.options},
                  **dict.fromkeys(("name", "backend", "max_batch_size", "instances", "preferred_batch",
                                   "max_queue_delay_us", "device"), "triton"),
                  "fp16_io": "fp16"}
@@ -140,13 +155,19 @@ OPTION_GROUPS = {**dict.fromkeys(("calib", "heldout", "calib_images", "calib_met
 
 def _refuse_what_does_not_apply(fmt: str, precision: str, backend: Optional[str], target: str, given: dict) -> None:
     """An option given for a format or precision it does not apply to is refused, never silently ignored."""
-    engine = fmt == "trt" or (fmt == "triton" and backend == "tensorrt")
-    applies = {"int8": precision == "int8", "int8_cpu": precision == "int8" and target == "cpu", "trt": engine,
-               "triton": fmt == "triton", "fp16": precision == "fp16"}
+    triton_engine = fmt == "triton" and backend == "tensorrt"
+    edition = next((e for e in EDITIONS.values() if e.format == fmt), TENSORRT if triton_engine else None)
+    engines = " or ".join(f"--format {e.format}" for e in EDITIONS.values())
     for option, group in OPTION_GROUPS.items():
-        if option in given and not applies[group]:
+        applies = {"int8": precision == "int8", "int8_cpu": precision == "int8" and target == "cpu", "trt": edition is not None,
+                   "edition": edition is not None and option in edition.options, "triton": fmt == "triton",
+                   "fp16": precision == "fp16"}[group]
+        if option in given and not applies:
             flag = "--" + option.replace("_", "-")
-            what = {"int8": "--precision int8", "int8_cpu": "--precision int8 for CPUs (--target cpu)", "trt": "--format trt (or --format triton --backend tensorrt)",
+            owners = [e for e in EDITIONS.values() if option in e.options]
+            what = {"int8": "--precision int8", "int8_cpu": "--precision int8 for CPUs (--target cpu)",
+                    "trt": f"{engines} (or --format triton --backend tensorrt)",
+                    "edition": " or ".join(f"--format {e.format} ({e.display})" for e in owners),
                     "triton": "--format triton", "fp16": "--precision fp16"}[group]
             against = f"--format {fmt} --precision {precision}" + (f" --target {target}" if group == "int8_cpu" else "")
             raise VitsegError(f"{flag} applies to {what} only, not {against}",
@@ -166,11 +187,13 @@ def _check_choices(outputs: str, calib_method: Optional[str], target: Optional[s
 
 
 def _engine_settings(workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache, version_compatible, dla_core,
-                     weakly_typed) -> EngineSettings:
+                     weakly_typed, compute_capability) -> EngineSettings:
+    capabilities = () if compute_capability is None else TENSORRT_RTX.check_targets(
+        tuple(c.strip() for c in compute_capability.split(",") if c.strip()))
     return EngineSettings(workspace_gb=4.0 if workspace is None else workspace, min_shape=_shape(min_shape, "--min-shape"),
                           opt_shape=_shape(opt_shape, "--opt-shape"), max_shape=_shape(max_shape, "--max-shape"),
                           sparsity=sparsity, timing_cache=timing_cache, version_compatible=version_compatible,
-                          dla_core=dla_core, weakly_typed=weakly_typed)
+                          dla_core=dla_core, weakly_typed=weakly_typed, compute_capabilities=capabilities)
 
 
 def _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device) -> TritonSettings:
@@ -190,7 +213,7 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
     if output is not None:
         check_output(output, "--output")
         spare_export_inputs(fmt, checkpoint, output, request)
-        if not fmt.directory and output.suffix.lower() not in fmt.suffixes:
+        if not fmt.directory and format_for_path(output) is not fmt:
             raise VitsegError(f"--output {output}: --format {fmt.name} writes {' or '.join(fmt.suffixes)} files",
                               f"e.g. -o {output.with_suffix(fmt.suffixes[0])}")
     sources = check_export_data(request)
@@ -242,6 +265,38 @@ def _lint(result, check_trt: bool) -> list:
         return []
 
     return trt_lint.lint_for_tensorrt(result.model_proto)
+
+
+def _trt_build(fmt, result) -> dict:
+    """--check-trt's real build: the exported graph parsed and built by TensorRT-RTX ahead of time (an engine
+    format's own build already did that). {"skipped": why} where it cannot; {"error": message} on failure."""
+    if result.model_proto is None:
+        return {"skipped": f"--format {fmt.name} has no ONNX graph to build"}
+    if fmt.name in {e.format for e in EDITIONS.values()}:
+        return {"skipped": f"--format {fmt.name} built the engine itself (its manifest has the census)"}
+    try:
+        TENSORRT_RTX.load()
+    except VitsegError as e:
+        return {"skipped": f"{e.message} ({e.hint}): only the lint ran"}
+    with tempfile.TemporaryDirectory(prefix="vitseg-check-trt-") as tmp:
+        graph = Path(tmp) / "graph.onnx"
+        onnx.save(result.model_proto, graph)
+        try:
+            return tensorrt_engine.check_build(graph)
+        except VitsegError as e:
+            return {"error": e.message}
+
+
+def _print_build(build: dict | None) -> None:
+    if build is None or build.get("error"):
+        return
+    if "skipped" in build:
+        console.print(f"TensorRT build: not run ({build['skipped']})", soft_wrap=True, highlight=False, markup=False)
+        return
+    console.print(f"TensorRT build: {build['tensorrt_edition']} {build['tensorrt_version']} parsed the graph and built an "
+                  f"engine ahead of time in {build['build_seconds']:.1f} s ({build['engine_bytes'] / 1e6:.1f} MB, compute "
+                  f"capability {', '.join(build['compute_capabilities'])})", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"  {tensorrt_census.describe_census(build['census'])}", soft_wrap=True, highlight=False, markup=False)
 
 
 def _print_lint(path: Path, lint: list) -> None:

@@ -111,7 +111,7 @@ def _checked_output(fmt, checkpoint: str, output: Optional[Path], request: Expor
                           "pass the checkpoint it was exported from")
     if output is not None:
         check_output_file(output, "--output")
-        if output.suffix.lower() not in fmt.suffixes:
+        if format_for_path(output) is not fmt:
             raise VitsegError(f"--output {output}: --format {fmt.name} writes {' or '.join(fmt.suffixes)} files",
                               f"e.g. -o {output.with_suffix(fmt.suffixes[0])}")
         spare_export_inputs(fmt, checkpoint, output, request)

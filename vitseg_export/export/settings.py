@@ -70,6 +70,8 @@ class EngineSettings:
     version_compatible: bool = False
     dla_core: int | None = None
     weakly_typed: bool = False
+    # ahead-of-time editions (TensorRT-RTX): the compute capabilities ("8.6", ...) to build for; () for its default
+    compute_capabilities: tuple[str, ...] = ()
 
 
 @dataclass

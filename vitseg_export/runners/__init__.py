@@ -52,6 +52,9 @@ register_backend(Backend("onnxruntime", lazy("vitseg_export.runners.onnxruntime_
 register_backend(Backend("tensorrt", lazy("vitseg_export.runners.tensorrt_runner:TensorRTRunner"),
                          lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
                          lazy("vitseg_export.runners.tensorrt_runner:tensorrt_devices")))
+register_backend(Backend("tensorrt-rtx", lazy("vitseg_export.runners.tensorrt_runner:TensorRTRTXRunner"),
+                         lazy("vitseg_export.runners.tensorrt_runner:probe_rtx_run"),
+                         lazy("vitseg_export.runners.tensorrt_runner:rtx_devices")))
 register_backend(Backend("openvino", lazy("vitseg_export.runners.openvino_runner:OpenVINORunner"),
                          version_probe("openvino", "pip install 'vitseg-export[openvino]'"),
                          lazy("vitseg_export.runners.openvino_runner:openvino_devices")))

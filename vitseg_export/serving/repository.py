@@ -58,9 +58,10 @@ TRITON_BACKENDS.register(TritonBackend("openvino", 'backend: "openvino"', ("open
                                        description="Triton's OpenVINO backend (NGC containers)"))
 TRITON_BACKENDS.register(TritonBackend("tensorrt", 'platform: "tensorrt_plan"', ("trt",), {".engine": "model.plan", ".plan": "model.plan"},
                                        description="Triton's TensorRT backend (NGC containers, Jetson -igpu builds)"))
-TRITON_BACKENDS.register(TritonBackend("python", 'backend: "python"', ("onnx", "openvino", "trt"), {}, python=True,
+# TensorRT-RTX engines: Triton's tensorrt_plan backend loads TensorRT's engines only, so vitseg's runner serves them
+TRITON_BACKENDS.register(TritonBackend("python", 'backend: "python"', ("onnx", "openvino", "trt", "trt-rtx"), {}, python=True,
                                        description="Triton's Python backend running vitseg's own runner"))
-NATIVE_BACKEND = {"onnx": "onnxruntime", "openvino": "openvino", "trt": "tensorrt"}  # artifact format -> default
+NATIVE_BACKEND = {"onnx": "onnxruntime", "openvino": "openvino", "trt": "tensorrt", "trt-rtx": "python"}  # format -> default
 ARTIFACT_FORMAT = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "trt", "python": "onnx"}  # from a checkpoint
 
 
@@ -159,8 +160,9 @@ def repository_from_artifact(artifact: Path, repository: Path, request: ExportRe
     settings = request.triton
     backend = TRITON_BACKENDS.row(settings.backend or NATIVE_BACKEND[info.format])
     if info.format not in backend.formats:
+        runs = [b.name for b in TRITON_BACKENDS.values() if info.format in b.formats]
         raise VitsegError(f"Triton's {backend.name} backend does not run {info.format} artifacts ({artifact.name})",
-                          f"use --backend {NATIVE_BACKEND[info.format]} or python")
+                          f"use --backend {' or '.join(runs)}")
     check_settings(settings, info, artifact)
     name = settings.name or f"{info.architecture}-{info.precision}"
     progress(f"writing the Triton model {name} ({backend.name} backend) into {repository}")

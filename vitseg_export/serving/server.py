@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.export.settings import ExportRequest, TritonSettings
 from vitseg_export.formats import is_artifact, read_artifact_info
-from vitseg_export.serving.repository import REPOSITORY_RECORD, repository_from_artifact
+from vitseg_export.serving.repository import NATIVE_BACKEND, REPOSITORY_RECORD, repository_from_artifact
 
 SERVE_HINT = "pip install 'vitseg-export[serve]' (it brings a tritonserver with the Python backend), or pass --tritonserver"
 EXIT_TIMEOUT_S = 10  # Triton's --exit-timeout-secs: in-flight requests finish, idle keep-alive clients are not waited for
@@ -229,7 +229,7 @@ def _repository(source: Path, work: Path, server: ServerBinary) -> Path:
         if not any(source.glob("*/config.pbtxt")):
             raise VitsegError(f"{source} holds no model (no NAME/config.pbtxt)", "write one with `vitseg export --format triton`")
         return source
-    native = {"onnx": "onnxruntime", "openvino": "openvino", "trt": "tensorrt"}[read_artifact_info(source).format]
+    native = NATIVE_BACKEND[read_artifact_info(source).format]
     backend = native if native in server.backend_names() else "python"
     repository = work / "repository"
     repository_from_artifact(source, repository, ExportRequest(triton=TritonSettings(backend=backend)))
