@@ -211,3 +211,44 @@ def test_training_that_lowers_agreement_is_discarded_and_recorded(twin):
     assert record["qat_before_fallback"]["pixel_agreement"] < 1.0 and record["kept"].startswith("ptq")
     for (name, a), b in zip(student.state_dict().items(), teacher.state_dict().values()):
         assert torch.equal(a, b), name  # the untrained state is back
+
+
+def test_training_that_leaves_agreement_as_it_was_is_not_called_lowering(twin):
+    """Equal within 0.01 pt (the resolution the agreement is read at) is unchanged: the trained state is kept and
+    the record does not say training lowered it."""
+    from vitseg_export.qat import fine_tuned
+
+    teacher = twin("segformer-b0-test").segmenter().eval()
+    student = copy.deepcopy(teacher)
+    heldout = load_inputs("synthetic[:8]", "val", 8, (64, 64))
+    said: list[str] = []
+    record = fine_tuned(student, teacher, QatSettings(data="synthetic[:16]", lr=1e-12, batch_size=8, num_workers=0),
+                        (64, 64), heldout, 3, said.append)
+    assert record["kept"] == "qat (training left held-out agreement unchanged)"
+    assert "unchanged" in said[-1] and "lowered" not in said[-1]
+
+
+@pytest.mark.parametrize("target", ["trt", "cpu"])
+def test_the_qat_model_and_its_onnx_agree_within_the_int8_preset(twin, target):
+    """What separated vitseg's first QAT graph from its PyTorch model on an AVX2-only CPU was the CPU's integer
+    kernels (8-bit weights saturate there): the fake-quantized module and the Q/DQ graph it exports, run as vitseg
+    runs it (exact int8 on every CPU class), agree within the int8 preset."""
+    from vitseg_export.export.onnx_export import exported_module
+    from vitseg_export.export.qat_onnx import fake_quantized, qdq_graph
+    from vitseg_export.parity import confusion, miou
+    from vitseg_export.precisions import get_precision
+    from vitseg_export.runners.onnxruntime_runner import graph_runner
+
+    loaded = twin("segformer-b0-test")
+    settings = OnnxExportSettings(precision="int8")
+    quantized = fake_quantized(copy.deepcopy(exported_module(loaded, settings)[0]),
+                               load_inputs("synthetic[:16]", "calib", 16, (64, 64)), _int8(target=target))
+    graph = qdq_graph(quantized, (64, 64), settings)
+    pixels = np.stack([im.pixels for im in load_inputs("synthetic[:8]", "val", 8, (64, 64)).images])
+    with torch.no_grad():
+        torch_masks = quantized(torch.from_numpy(pixels)).argmax(1).numpy()
+    with graph_runner(graph, (64, 64), 3, "int8", "avx2" if target == "cpu" else "") as runner:
+        onnx_masks = runner.infer({"pixels": pixels})["logits"].argmax(1)
+    preset = get_precision("int8").thresholds
+    assert (torch_masks == onnx_masks).mean() >= preset.min_agreement
+    assert miou(confusion(onnx_masks, torch_masks, 3)) >= preset.min_miou_vs_reference

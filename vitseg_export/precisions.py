@@ -36,6 +36,8 @@ class ConversionContext:
     cache_dir: Path | None = None
     progress: Callable[[str], None] = lambda message: None
     data: str = "synthetic"  # the spec whose calib split fp16's range measurement runs on
+    keep_float: tuple[str, ...] = ()  # modules to keep in float (--keep-float), found in the graph through `scopes`
+    scopes: Any = None  # vitseg_export.export.scopes.ModuleScopes of the exported module
 
 
 @dataclass
@@ -75,6 +77,9 @@ class Precision:
     openvino_inference_precision: str = "f32"  # what an IR of it computes in, where the device has it
     openvino_quantize: Callable[..., Any] | None = None  # turns the fp32 IR into this precision ("module:attr")
     describe: Callable[[dict], list[str]] | None = None  # lines on its manifest section for `vitseg export`
+    # `vitseg verify --locate`: the SQNR (dB) an intermediate tensor keeps against PyTorch's at every boundary of an
+    # honest artifact of this precision (below it: the first divergence)
+    locate_sqnr_db: float = 60.0
 
     def consistency(self, thresholds: Thresholds | None = None) -> Thresholds:
         """The batch-consistency limits, from `thresholds` (default: the preset): the agreement and, where
@@ -106,12 +111,16 @@ register_precision(Precision(
                        max_mean_abs_logit_diff=1e-4),
     convert=None, trt_weak_flags=(), parity_on_noise=True, needs_logits=False,
     description="the exported graph as is", consistent_logits=True, masks_match_logits=True, baseline=True,
+    # the same math: honest fp32 artifacts keep 124-137 dB at every boundary (trained B0 at 128, ONNX and IR)
+    locate_sqnr_db=60.0,
     parity_hint="report this with the checkpoint; try another --opset"))
 register_precision(Precision(
     "fp16", Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
                        max_mean_abs_logit_diff=0.05),
     convert=lazy("vitseg_export.export.fp16:fp16_conversion"), trt_weak_flags=("FP16",), parity_on_noise=False,
     needs_logits=False, description="fp16 weights and activations with fp32 islands", min_parity_images=8,
+    # 10-bit mantissas: honest fp16 artifacts keep 62-75 dB (trained B0 at 128, ONNX AutoCast and IR)
+    locate_sqnr_db=40.0,
     openvino_compress_to_fp16=True, openvino_inference_precision="f16",
     describe=lazy("vitseg_export.export.fp16:describe_fp16")))
 register_precision(Precision(
@@ -119,7 +128,10 @@ register_precision(Precision(
                        max_mean_abs_logit_diff=None),
     convert=lazy("vitseg_export.export.int8:int8_conversion"), trt_weak_flags=("FP16", "INT8"), parity_on_noise=False,
     needs_logits=True, description="calibrated int8 Q/DQ with sensitivity-driven float fallback", min_parity_images=8,
-    calibrated=True, integer_kernels=True, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",
+    calibrated=True, integer_kernels=True,
+    # honest int8 artifacts keep 31-47 dB at every boundary (trained B0 at 128: ONNX for CPUs and for TensorRT, the
+    # NNCF IR with its bf16 float part); a broken layer or a saturating one falls far below
+    locate_sqnr_db=20.0, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",
     # int8 IRs compute their float part in bf16 where the CPU has it, as TensorRT's int8 graphs are fp16 there
     openvino_inference_precision="bf16", openvino_quantize=lazy("vitseg_export.export.openvino_export:quantize_ir"),
     describe=lazy("vitseg_export.export.fallback:describe_int8")))

@@ -153,6 +153,10 @@ def only_rank0_goes_on() -> None:
         raise WorkerDone
 
 
+# held-out agreements closer than this (0.01 percentage point) are equal: training neither lowered nor raised it
+AGREEMENT_RESOLUTION = 1e-4
+
+
 def fine_tuned(quantized: nn.Module, teacher: nn.Module, qat: QatSettings, size: tuple[int, int], heldout: InputSet,
                num_classes: int, progress: Callable[[str], None], on_step: StepProgress | None = None) -> dict:
     """The QAT step both exporters share: judge the fake-quantized model (its PTQ state), fine-tune it, judge it
@@ -166,10 +170,14 @@ def fine_tuned(quantized: nn.Module, teacher: nn.Module, qat: QatSettings, size:
     training = finetune(quantized, teacher, qat, size, on_step)
     only_rank0_goes_on()
     after = fake_quant_scores(quantized, teacher, heldout, num_classes)
+    change = after["pixel_agreement"] - ptq["pixel_agreement"]
     kept = "qat"
-    if after["pixel_agreement"] < ptq["pixel_agreement"]:
+    if change < -AGREEMENT_RESOLUTION:
         quantized.load_state_dict(before)
         kept = "ptq (training lowered held-out agreement; its state was discarded)"
-    progress(f"int8: QAT agreement {after['pixel_agreement'] * 100:.2f}%; exporting the "
-             + ("trained" if kept == "qat" else "PTQ (untrained: training lowered agreement)") + " model")
+    elif change <= AGREEMENT_RESOLUTION:
+        kept = "qat (training left held-out agreement unchanged)"
+    effect = {True: "lowered it: exporting the PTQ (untrained) model", False: "exporting the trained model"}[kept.startswith("ptq")]
+    progress(f"int8: QAT agreement {after['pixel_agreement'] * 100:.2f}% (PTQ {ptq['pixel_agreement'] * 100:.2f}%, "
+             f"{'unchanged' if abs(change) <= AGREEMENT_RESOLUTION else f'{change * 100:+.3f} pt'}); {effect}")
     return {**training, "ptq_before_training": ptq, "qat_before_fallback": after, "kept": kept}

@@ -168,3 +168,19 @@ class _Status:
 def status(title: str) -> _Status:
     """A spinner on stderr; `with status("x") as update: update("step")`."""
     return _Status(title)
+
+
+def keep_float_names(text: Optional[str]) -> tuple[str, ...]:
+    """--keep-float NAME[,NAME...]: module paths under the network (checked against the model at export)."""
+    if text is None:
+        return ()
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        raise VitsegError(f"--keep-float '{text}' names no module", "e.g. --keep-float encoder.block.2.0")
+    return names
+
+
+KeepFloatOption = Annotated[Optional[str], typer.Option(
+    "--keep-float", help="fp16, int8: modules to keep in float, comma-separated module paths (e.g. encoder.block.2.0, "
+                         "as `vitseg verify --locate` names them; an unknown name is refused naming the nearest).")]
+

@@ -11,7 +11,17 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from vitseg_export.cli.common import FRACTION, POSITIVE, JsonFlag, log, parse_size, print_json, progress_bar
+from vitseg_export.cli.common import (
+    FRACTION,
+    POSITIVE,
+    JsonFlag,
+    KeepFloatOption,
+    keep_float_names,
+    log,
+    parse_size,
+    print_json,
+    progress_bar,
+)
 from vitseg_export.cli.common import console as out_console
 from vitseg_export.cli.export import check_export_data, default_artifact_path, spare_export_inputs
 from vitseg_export.cpu import CPU_CLASSES, SAFE_CLASS
@@ -47,13 +57,14 @@ def qat(
     cpu_class: Annotated[Optional[str], typer.Option("--cpu-class", help=f"For CPUs: the class of the CPU it will run on: {SAFE_CLASS} (default: saturation-safe), vnni or amx.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", callback=FRACTION, help="Held-out agreement to reach by falling back layers (default: the int8 preset).")] = None,
     allow_float_fallback: Annotated[bool, typer.Option("--allow-float-fallback", help="Accept an artifact that is mostly float after the fallback, or slower than fp32 on the CPU class it is for.")] = False,
+    keep_float: KeepFloatOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Fine-tune with fake quantization (learning from the fp32 model), then export an int8 artifact verified
     against the fp32 PyTorch model like `vitseg export --precision int8`."""
     fmt = get_format(format)
     request = _request(fmt, target, image_size, dynamic_batch, data, calib, calib_images, heldout, cpu_class,
-                       min_agreement, allow_float_fallback)
+                       min_agreement, allow_float_fallback, keep_float_names(keep_float))
     settings = QatSettings(data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, num_workers=workers)
     fmt.require()
     path = _checked_output(fmt, checkpoint, output, request)
@@ -82,7 +93,7 @@ def qat(
 
 
 def _request(fmt, target, image_size, dynamic_batch, data, calib, calib_images, heldout, cpu_class, min_agreement,
-             allow_float_fallback) -> ExportRequest:
+             allow_float_fallback, keep_float: tuple[str, ...] = ()) -> ExportRequest:
     """The export request `vitseg qat` hands its format's QAT exporter; choices checked before any work."""
     if fmt.qat is None:
         raise VitsegError(f"--format {fmt.name} has no quantization-aware training", f"use --format {' or '.join(QAT_FORMATS)}")
@@ -98,7 +109,7 @@ def _request(fmt, target, image_size, dynamic_batch, data, calib, calib_images, 
     return ExportRequest(
         fmt.name, OnnxExportSettings(precision="int8", image_size=parse_size(image_size) if image_size is not None else None,
                                      dynamic_batch=not fmt.static_by_default if dynamic_batch is None else dynamic_batch,
-                                     parity_data=data),
+                                     parity_data=data, keep_float=keep_float),
         Int8Settings(calib=calib or data, calib_images=calib_images, target=target, heldout=heldout,
                      min_agreement=min_agreement, cpu_class=cpu_class or SAFE_CLASS,
                      allow_float_fallback=allow_float_fallback))

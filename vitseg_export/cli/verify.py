@@ -16,20 +16,23 @@ from vitseg_export.cli.common import (
     DataSpec,
     JsonFlag,
     console,
+    log,
     parse_ints,
     parse_size,
     print_json,
     progress_bar,
     spare_inputs,
+    status,
 )
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import ParityError
-from vitseg_export.files import check_output_dir, check_output_file
+from vitseg_export.files import check_output_dir, check_output_file, write_json
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import thresholds_for
 from vitseg_export.tables import lazy_module
 
 verification = lazy_module("vitseg_export.verify")
+locating = lazy_module("vitseg_export.locate")  # --locate
 
 
 def verify(
@@ -49,14 +52,16 @@ def verify(
     server: Annotated[Optional[str], typer.Option("--server", help="Judge a served model instead: http://HOST:PORT or grpc://HOST:PORT.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="--server: the served model's name.")] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=256, help="--server: concurrent requests, so the dynamic batcher forms batches.")] = 8,
+    locate: Annotated[bool, typer.Option("--locate", help="Also find where the artifact first leaves PyTorch: its tensors against the reference's at the model's named boundaries (stages, then blocks, then layers) on 4 images, the first past the precision's allowance, and the export command that keeps it in float.")] = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Compare an artifact (or what a served model returns) with its PyTorch reference on real images, at every
     batch size and input size it declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
     if (artifact is None) == (server is None):
         raise typer.BadParameter("pass an ARTIFACT or --server URL --model NAME, one of them")
-    if server is not None and (model is None or batch_sizes or sizes or backend):
-        raise typer.BadParameter("--server needs --model, and takes --concurrency instead of --batch-sizes, --sizes, --backend")
+    if server is not None and (model is None or batch_sizes or sizes or backend or locate):
+        raise typer.BadParameter("--server needs --model, and takes --concurrency instead of --batch-sizes, --sizes, --backend, "
+                                 "--locate (locate in the artifact the server serves)")
     if report:
         check_output_file(report, "--report")
     if save_diff:
@@ -82,25 +87,55 @@ def verify(
         result = verification.verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total),
                                  backend=backend, batch_sizes=batches, sizes=other_sizes)
-    _report(result, artifact.name, reference, report, json_output)
+    found = None
+    if locate:
+        with status("locate") as update:
+            found = locating.locate_artifact(artifact, reference, data, progress=lambda m: (update(m), log(f"  {m}")))
+    _report(result, artifact.name, reference, report, json_output, found)
 
 
-def _report(result, name: str, reference: str, report: Optional[Path], json_output: bool) -> None:
-    """Write, print and judge a verify report (exit 3 through ParityError on a failure)."""
-    r = result.to_json()
+def _report(result, name: str, reference: str, report: Optional[Path], json_output: bool, found=None) -> None:
+    """Write, print and judge a verify report (exit 3 through ParityError on a failure); `found`: the locate report."""
+    r = result.to_json() | ({"locate": found.to_json()} if found is not None else {})
     if report:
-        verification.write_report(result, report)
+        write_json(report, r)
     if json_output:
         print_json({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]})
     else:
         print_verify_table(r)
         print_shape_lines(r)
+        if found is not None:
+            print_locate(found)
     if not result.passed:
         raise ParityError(f"{name} FAILED{result.failed_at} ({r['precision']} preset): " + "; ".join(result.failures),
                           "see the report; raise thresholds only with a reason")
     if not json_output:
         console.print(f"[green]PASS[/] {escape(name)} matches {escape(reference)} ({r['precision']} preset, "
                       f"{len(r['shapes'])} shape{'s' if len(r['shapes']) > 1 else ''})", soft_wrap=True)
+
+
+def print_locate(found) -> None:
+    """The locate report: the verdict line first, one table of the boundaries compared, the ranked quantized layers
+    and the export command that keeps the first divergence in float."""
+    console.print(found.verdict, highlight=False, markup=False, soft_wrap=True)
+    table = Table(title=escape(f"locate: {found.images} images, {found.reference_note}"))
+    for column, justify in (("boundary", "left"), ("kind", "left"), ("SQNR dB", "right"), ("cosine", "right"),
+                            ("max|d|/range", "right"), ("non-finite", "right"), ("", "left")):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for b in found.boundaries:
+        mark = {True: "ok", False: "diverges" if b.name in found.path else "past allowance (downstream)",
+                None: b.note or "not compared"}[b.within]
+        mark = "FIRST DIVERGENCE" if b.name == found.first_divergence else mark
+        table.add_row(escape("  " * b.level + b.name), escape(b.kind), "-" if b.sqnr_db is None else f"{b.sqnr_db:.1f}",
+                      "-" if b.cosine is None else f"{b.cosine:.6f}", "-" if b.max_rel_diff is None else f"{b.max_rel_diff:.2e}",
+                      "-" if b.nonfinite is None else str(b.nonfinite), escape(mark))
+    console.print(table)
+    for row in found.quantized_layers[:5]:
+        console.print(f"  in float alone: {row['layer']} ({row['module']}) -> SQNR {row['sqnr_db_when_float']} dB",
+                      highlight=False, markup=False, soft_wrap=True)
+    if found.keep_float_command:
+        console.print(f"fix: {found.keep_float_command}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"located in {found.seconds:.1f} s, peak memory {found.peak_rss_mb:.0f} MB", highlight=False, markup=False)
 
 
 def print_shape_lines(r: dict) -> None:

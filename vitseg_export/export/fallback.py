@@ -120,22 +120,27 @@ class Fallback:
 
 
 def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Callable[[str], None],
-              hint: str = "calibrate on more representative images, try --calib-method entropy, or use fp16") -> Fallback:
+              hint: str = "calibrate on more representative images, try --calib-method entropy, or use fp16",
+              kept: dict[str, str] | None = None) -> Fallback:
     """The fewest of the most helpful units of `graph` returned to float that meet the held-out targets
-    (none when the fully quantized graph meets them). Raises VitsegError when even `max_units` of them in
-    float miss the targets."""
-    initial = held.score(graph.runner(set()))
+    (none when the fully quantized graph meets them), besides the units `kept` in float from the start (unit ->
+    the --keep-float name it is kept for). Raises VitsegError when even `max_units` of them in float miss the
+    targets."""
+    kept = kept or {}
+    kept_rows = [{"node": unit, "sqnr_db_when_float": None, "reason": f"kept in float (--keep-float {name})"}
+                 for unit, name in kept.items()]
+    initial = held.score(graph.runner(set(kept)))
     progress(f"int8 held-out {describe_score(initial)} (aiming at {held.targets.min_agreement * 100:.2f}% / "
-             f"{held.targets.min_miou_vs_reference * 100:.2f})")
+             f"{held.targets.min_miou_vs_reference * 100:.2f})" + (f", {len(kept)} units kept in float" if kept else ""))
     if held.meets(initial):
-        return Fallback([], initial, initial)
-    units = graph.units()
+        return Fallback(kept_rows, initial, initial)
+    units = [u for u in graph.units() if u not in kept]
     progress(f"int8: ranking {len(units)} units by the logits with each alone in float")
-    ranked = sorted(((held.sqnr_db(graph.runner({u})), u) for u in units), reverse=True)[:max_units]
+    ranked = sorted(((held.sqnr_db(graph.runner({u, *kept})), u) for u in units), reverse=True)[:max_units]
     tried: dict[int, Score] = {0: initial}
 
     def attempt(count: int) -> bool:
-        tried[count] = held.score(graph.runner({u for _, u in ranked[:count]}))
+        tried[count] = held.score(graph.runner({*kept, *(u for _, u in ranked[:count])}))
         progress(f"int8: {count} units in float: {describe_score(tried[count])}")
         return held.meets(tried[count])
 
@@ -152,7 +157,19 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Ca
                 "reason": f"most helpful remaining unit (logit SQNR {sqnr:.1f} dB with it alone in float)"}
                for sqnr, unit in ranked[:high]]
     floated[-1]["after"] = describe_score(tried[high])
-    return Fallback(floated, tried[high], initial)
+    return Fallback(kept_rows + floated, tried[high], initial)
+
+
+def kept_units(units: list[str], names: tuple[str, ...], scopes) -> dict[str, str]:
+    """The units (quantized layers or layer groups, by node name) inside the modules `names` asks to keep in
+    float (export/scopes.py ModuleScopes): unit -> the name it is kept for. VitsegError when a name holds none."""
+    kept: dict[str, str] = {}
+    for name in names:
+        inside = [u for u in units if scopes.in_scope(name)(u)]
+        if not inside:
+            raise VitsegError(f"--keep-float {name}: no quantized layer is inside it", "name a module with Conv or Linear layers")
+        kept.update(dict.fromkeys(inside, name))
+    return kept
 
 
 def mac_share(macs: dict[str, int], int8_layers: set[str]) -> float:

@@ -11,8 +11,10 @@ Softmax, Resize...) left 90 Casts for 99.997% agreement; AutoCast 35 Casts for 9
 from __future__ import annotations
 
 import collections
+import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -34,9 +36,12 @@ def fp32_nodes(model: onnx.ModelProto) -> list[str]:
             and any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output)]
 
 
-def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False) -> tuple[onnx.ModelProto, dict]:
+def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False,
+              keep: Callable[[str], bool] | None = None) -> tuple[onnx.ModelProto, dict]:
     """(fp16 graph, manifest details) from vitseg's fp32 graph; `pixels` (N,3,H,W) are the images AutoCast
-    measures value ranges on. Raises BackendMissingError without Model Optimizer."""
+    measures value ranges on; nodes `keep` selects stay fp32 (--keep-float). Raises BackendMissingError without
+    Model Optimizer."""
+    excluded = [f"^{re.escape(n.name)}$" for n in model.graph.node if keep is not None and keep(n.name)]
     with tempfile.TemporaryDirectory(prefix="vitseg-fp16-") as tmp, library_output_on_stderr():
         autocast = require_module("modelopt.onnx.autocast", "fp16 export needs NVIDIA Model Optimizer (AutoCast)",
                                   "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
@@ -44,19 +49,24 @@ def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False)
         np.savez(Path(tmp) / "calibration.npz", pixels=pixels)
         converted = autocast.convert_to_mixed_precision(
             onnx_path=str(Path(tmp) / "fp32.onnx"), low_precision_type="fp16", data_max=DATA_MAX,
-            keep_io_types=not fp16_io, calibration_data=str(Path(tmp) / "calibration.npz"), providers=["cpu"])
+            keep_io_types=not fp16_io, calibration_data=str(Path(tmp) / "calibration.npz"), providers=["cpu"],
+            nodes_to_exclude=excluded or None)
     remove_dead_nodes(converted)
     kept = fp32_nodes(converted)
     by_op = collections.Counter(n.op_type for n in converted.graph.node if n.name in set(kept))
     return converted, {"converter": "modelopt.onnx.autocast (data_max 512)", "io_dtype": "float16" if fp16_io else "float32",
-                       "fp32_nodes": kept, "fp32_ops": dict(by_op), "calibration_images": len(pixels)}
+                       "fp32_nodes": kept, "fp32_ops": dict(by_op), "calibration_images": len(pixels),
+                       **({"kept_float_nodes": len(excluded)} if excluded else {})}
 
 
 def fp16_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
     """The fp16 precision's converter (precisions.py): AutoCast on 8 images of the data spec's calib split."""
     ctx.progress("converting to fp16 (AutoCast: fp32 where values exceed 512)")
     images = load_inputs(ctx.data, "calib", 8, ctx.image_size).images
-    converted, details = onnx_fp16(model, np.concatenate([im.pixels[None] for im in images]), ctx.fp16_io)
+    keep = ctx.scopes.selector(ctx.keep_float) if ctx.keep_float else None
+    converted, details = onnx_fp16(model, np.concatenate([im.pixels[None] for im in images]), ctx.fp16_io, keep)
+    if ctx.keep_float:
+        details["keep_float"] = list(ctx.keep_float)
     return Conversion(converted, details)
 
 

@@ -37,6 +37,7 @@ from vitseg_export.export.fallback import (
     cpu_record,
     fall_back,
     fallback_record,
+    kept_units,
 )
 from vitseg_export.export.graph import remove_dead_nodes, to_float
 from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, placeholder_ranges, speed_decision
@@ -357,7 +358,8 @@ def speed_before_calibration(model: onnx.ModelProto, size: tuple[int, int], sett
 
 
 def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, cache_dir: Path | None = None,
-                  progress: Callable[[str], None] = lambda m: None) -> Int8Result:
+                  progress: Callable[[str], None] = lambda m: None, keep_float: tuple[str, ...] = (),
+                  scopes: Any = None) -> Int8Result:
     """Calibrated int8 Q/DQ graph of vitseg's verified fp32 `model` (its first output must be `logits`):
     ONNX Runtime's quantizer for --target cpu, Model Optimizer's for --target trt, then the one fallback until
     the held-out targets are met. Raises VitsegError (bad settings, no images, targets unreachable),
@@ -380,7 +382,8 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         held = Heldout.recorded(graph_runner(model, size, 0, "fp32"), held_inputs, settings.targets())
         quantized = quantizer(calib, cache)
         macs = node_macs(model, held_inputs.images[0].pixels[None])
-        final, record = settle_graph(quantized, model, model, macs, size, settings, held, before, progress)
+        final, record = settle_graph(quantized, model, model, macs, size, settings, held, before, progress,
+                                     keep_float, scopes)
         ranges = json.loads(cache.read_text()) if cache.is_file() else None
         # the cache is kept only once the export succeeds: written with the artifact, in its group
         files = {kept: cache.read_bytes()} if kept is not None and cache != kept and cache.is_file() else {}
@@ -394,31 +397,36 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
 def settle_graph(quantized: onnx.ModelProto, fp32: onnx.ModelProto, original: onnx.ModelProto | None,
                  macs: dict[str, int], size: tuple[int, int],
                  settings: Int8Settings, held: Heldout, before: dict | str,
-                 progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dict]:
+                 progress: Callable[[str], None], keep_float: tuple[str, ...] = (),
+                 scopes: Any = None) -> tuple[onnx.ModelProto, dict]:
     """A Q/DQ graph through the one fallback and the int8 checks (mostly int8; for a CPU graph whose fallback
     returned layers to float, the speed decision again): (final graph, the manifest's int8 record without the
     quantizer's own keys). `original`: where a layer returned to float gets its weights (None: the graph's own
     float weights, those its QuantizeLinear nodes read); `macs`: node_macs of the graph's layers; `before`: the
-    speed decision made before calibrating (speed_before_calibration)."""
+    speed decision made before calibrating (speed_before_calibration); `keep_float`: modules whose quantized layers
+    stay float from the start (found through `scopes`, export/scopes.py)."""
     made_for = settings.cpu_class if settings.target == "cpu" else ""
     graph = OnnxQuantized(quantized, original, size, held.num_classes, made_for)
-    result = fall_back(graph, held, settings.max_fallback, progress)
+    kept = kept_units(graph.units(), keep_float, scopes) if keep_float else {}
+    result = fall_back(graph, held, settings.max_fallback, progress, kept=kept)
     final = graph.graph(result.units)
     int8_layers = set(quantized_layers(final))
     record = fallback_record(result, held, settings.targets(), macs, int8_layers)
     check_mostly_int8(record, settings)
     if settings.target != "cpu":
-        return final, {"target": settings.target, **record, "quantized_nodes": len(int8_layers)}
+        return final, {"target": settings.target, **record, "quantized_nodes": len(int8_layers),
+                       **({"keep_float": list(keep_float)} if keep_float else {})}
     after: dict | str = "not timed: the placement timed before calibration (no layer returned to float)"
     if result.units and isinstance(before, dict):  # another graph than the one timed: ask again
         progress("int8: timing the graph after the fallback against fp32")
         after = speed_decision(graph_runner(fp32, size, 0, "fp32"), graph.runner(result.units), size, settings,
                                "after the fallback")
     return final, {"target": settings.target, **record, **cpu_record(settings, before, after),
-                   "quantized_nodes": len(int8_layers)}
+                   "quantized_nodes": len(int8_layers), **({"keep_float": list(keep_float)} if keep_float else {})}
 
 
 def int8_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
     """The int8 precision's converter (precisions.py): calibrated Q/DQ with the mask-metric fallback."""
-    result = quantize_int8(model, ctx.image_size, ctx.int8, cache_dir=ctx.cache_dir, progress=ctx.progress)
+    result = quantize_int8(model, ctx.image_size, ctx.int8, cache_dir=ctx.cache_dir, progress=ctx.progress,
+                           keep_float=ctx.keep_float, scopes=ctx.scopes)
     return Conversion(result.model, result.details, result.files)

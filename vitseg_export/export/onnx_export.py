@@ -33,6 +33,7 @@ from vitseg_export.checkpoint import LoadedCheckpoint
 from vitseg_export.comparator import Comparison, InputSet, compare, load_inputs, noise_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.graph import graph_stats, remove_dead_nodes
+from vitseg_export.export.scopes import ModuleScopes
 from vitseg_export.export.settings import OUTPUT_CHOICES, ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.modeling.registry import Segmenter, get_family
 from vitseg_export.optimize import fold
@@ -79,6 +80,9 @@ def check_export_request(loaded: LoadedCheckpoint, settings: OnnxExportSettings)
     if precision.needs_logits and settings.outputs == "mask":
         raise VitsegError(f"{precision.name} export needs the logits output (calibration and fallback compare logits)",
                           "use --outputs logits or both")
+    if settings.keep_float and precision.convert is None:
+        raise VitsegError(f"--keep-float applies to the reduced precisions (fp16, int8), not {precision.name}",
+                          "drop --keep-float, or export with --precision fp16 or int8")
     if settings.opset not in SUPPORTED_OPSETS:
         raise VitsegError(f"opset {settings.opset} is not supported",
                           f"use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (17 recommended)")
@@ -205,6 +209,8 @@ class VerifiedGraph:
     rewrites: list[str]
     parity: Comparison
     inputs: InputSet
+    scopes: ModuleScopes  # which of its nodes belong to which module (--keep-float, --locate)
+    keep_float: tuple[str, ...] = ()  # modules the reduced precision keeps in float, checked against `scopes`
 
 
 def verified_fp32_graph(loaded: LoadedCheckpoint, settings: OnnxExportSettings, output: Path,
@@ -213,11 +219,13 @@ def verified_fp32_graph(loaded: LoadedCheckpoint, settings: OnnxExportSettings, 
     and noise (and a second size when dynamic). Raises VitsegError/ParityError; writes nothing."""
     size = check_export_request(loaded, settings)
     info = artifact_info(loaded, settings, size, output, fmt)
+    scopes = ModuleScopes.record(ExportGraph(exported_module(loaded, settings)[0], ["logits"]).eval(), torch.zeros(1, 3, *size))
+    keep_float = scopes.check(settings.keep_float)  # an unknown module: one line naming the nearest, before any work
     model, rewrites = onnx_from_module(loaded, settings, size, progress)
     inputs = parity_inputs(info, settings.parity_inputs, spec=settings.parity_data)
     progress(f"checking parity against PyTorch (ONNX Runtime CPU) at {_shapes_text(inputs)}")
     parity = self_parity(loaded, graph_candidate(model, replace(info, precision="fp32")), inputs)
-    return VerifiedGraph(model, size, info, rewrites, parity, inputs)
+    return VerifiedGraph(model, size, info, rewrites, parity, inputs, scopes, keep_float)
 
 
 def _shapes_text(inputs: InputSet) -> str:
@@ -267,7 +275,8 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
     convert = convert or precision.convert
     if convert is not None:
         context = ConversionContext(graph.size, int8 or Int8Settings(), settings.fp16_io,
-                                    output.parent / ".vitseg-calibration-cache", progress, settings.parity_data)
+                                    output.parent / ".vitseg-calibration-cache", progress, settings.parity_data,
+                                    graph.keep_float, graph.scopes)
         conversion = convert(model, context)
         model, details, files = conversion.model, conversion.details, conversion.files
         inputs = precision_parity_inputs(precision, settings, graph.info)

@@ -100,6 +100,28 @@ def _quantizer_groups(model: Any) -> dict[str, list[str]]:
     return groups
 
 
+def groups_inside(model: Any, names: tuple[str, ...], scopes: Any) -> dict[str, str]:
+    """The layer groups (the IR fallback's units) with a quantized layer inside the modules `names` (--keep-float,
+    found through `scopes`): group -> the name. A group is kept whole (the fallback's unit). VitsegError when a
+    name holds no quantized layer."""
+    kept: dict[str, str] = {}
+    for name in names:
+        inside = scopes.in_scope(name)
+        groups = set()
+        for op in model.get_ordered_ops():
+            if op.get_type_name() != "FakeQuantize":
+                continue
+            consumers = [t.get_node() for t in op.output(0).get_target_inputs()]
+            while consumers and consumers[0].get_type_name() in ("Convert", "Reshape", "Transpose"):
+                consumers = [t.get_node() for t in consumers[0].output(0).get_target_inputs()]
+            if consumers and inside(consumers[0].get_friendly_name()):
+                groups.add(_group(consumers[0].get_friendly_name()))
+        if not groups:
+            raise VitsegError(f"--keep-float {name}: no quantized layer is inside it", "name a module with Conv or Linear layers")
+        kept.update(dict.fromkeys(sorted(groups), name))
+    return kept
+
+
 def _bypass(model: Any, quantizers: set[str]) -> Any:
     """A copy of `model` with the named FakeQuantize nodes removed (their layers compute in float). OpenVINO
     folds a ReLU into the FakeQuantize after it when that clamps at 0 (an IR converted from PyTorch has no Relu
@@ -238,13 +260,15 @@ def ir_heldout(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: A
 
 
 def settle_ir(quantized: Any, judged: IRHeldout, size: tuple[int, int], settings: Int8Settings, info: ArtifactInfo,
-              progress: Callable[[str], None]) -> tuple[Any, dict]:
+              progress: Callable[[str], None], graph: VerifiedGraph | None = None) -> tuple[Any, dict]:
     """An IR with FakeQuantize nodes through the one fallback and the int8 checks (mostly int8; where the fallback
     returned layers to float, the speed decision again): (final IR, the manifest's int8 record, without the
-    quantizer's own keys)."""
+    quantizer's own keys). `graph`: the verified fp32 graph, whose `keep_float` modules stay float from the start."""
     ir = IRQuantized(quantized, info)
+    keep = graph.keep_float if graph is not None else ()
+    kept = groups_inside(quantized, keep, graph.scopes) if graph is not None and keep else {}
     result = fall_back(ir, judged.held, settings.max_fallback, progress,
-                       hint="calibrate on more representative images, try `vitseg qat`, or use fp16")
+                       hint="calibrate on more representative images, try `vitseg qat`, or use fp16", kept=kept)
     final = ir.graph(result.units)
     layers = ir_weight_layers(final)
     int8_layers = {name for name, quantized in layers.items() if quantized}
@@ -256,7 +280,8 @@ def settle_ir(quantized: Any, judged: IRHeldout, size: tuple[int, int], settings
         after = speed_decision(judged.fp32_runner(), ir.runner(result.units), size, settings, "after the fallback")
     return final, {**record, **cpu_record(settings, judged.before, after), "fallback_groups": sorted(result.units),
                    "quantized_layers": len(int8_layers),
-                   "float_layers": [name for name, quantized in layers.items() if not quantized]}
+                   "float_layers": [name for name, quantized in layers.items() if not quantized],
+                   **({"keep_float": list(keep)} if keep else {})}
 
 
 def overflow_fix(settings: Int8Settings) -> Any:
@@ -288,7 +313,7 @@ def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: 
     calib = load_inputs(settings.calib, "calib", settings.calib_images, graph.size)
     progress(f"int8: NNCF calibration on {len(calib)} images")
     quantized = nncf_ptq(model, [im.pixels[None] for im in calib.images], settings)
-    final, record = settle_ir(quantized, judged, graph.size, settings, info, progress)
+    final, record = settle_ir(quantized, judged, graph.size, settings, info, progress, graph)
     return final, {
         "quantizer": "nncf.quantize + vitseg mask-metric fallback", **record, "overflow_fix": str(overflow_fix(settings)),
         "attention": f"{len(ir_attention_matmuls(model))} activation x activation MatMuls kept float; "
@@ -327,6 +352,9 @@ def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress:
     t0 = time.perf_counter()
     settings = request.onnx
     precision = get_precision(settings.precision)
+    if settings.keep_float and precision.openvino_quantize is None:
+        raise VitsegError(f"--keep-float: an OpenVINO {precision.name} IR computes in one precision as a whole (OpenVINO keeps "
+                          "no module in f32 from Python)", "use --format onnx --precision fp16, or --precision int8")
     graph = verified_fp32_graph(loaded, settings, output, progress, fmt="openvino")
     wanted = precision.openvino_inference_precision
     info = replace(graph.info, extra={**graph.info.extra, "inference_precision": f'"{wanted}"'},

@@ -120,7 +120,7 @@ def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: An
     record_qat = fine_tuned(quantized, teacher, qat, size, held_inputs, held.num_classes, progress, on_step)
     qdq = qdq_graph(quantized, size, export_settings)
     macs = node_macs(qdq, held_inputs.images[0].pixels[None])
-    final, record = settle_graph(qdq, model, None, macs, size, settings, held, before, progress)
+    final, record = settle_graph(qdq, model, None, macs, size, settings, held, before, progress, ctx.keep_float, ctx.scopes)
     safe = settings.target == "cpu" and settings.cpu_class == SAFE_CLASS
     details = {
         "quantizer": "modelopt.torch.quantization (mtq.quantize) + quantization-aware training + vitseg mask-metric "

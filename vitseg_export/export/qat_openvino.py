@@ -95,7 +95,7 @@ def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, 
     if quantized_depthwise:
         raise VitsegError(f"NNCF quantized depthwise convolutions meant to stay float ({quantized_depthwise[0]})",
                           "report this with the checkpoint")
-    final, record = settle_ir(ir, judged, graph.size, settings, info, progress)
+    final, record = settle_ir(ir, judged, graph.size, settings, info, progress, graph)
     return final, {
         "quantizer": "nncf.quantize (PyTorch) + quantization-aware training + vitseg mask-metric fallback", **record,
         "overflow_fix": str(overflow), "float_op_types": list(FLOAT_OP_TYPES),

@@ -26,6 +26,8 @@ class OnnxExportSettings:
     parity_data: str = "synthetic"  # the data spec whose validation images judge the export (self-parity)
     fp16_io: bool = False
     fold: bool = True  # exact rewrites (the family's fold); parity is still judged against the unfolded model
+    # modules (paths under the network: `encoder.block.2.0`) a reduced precision keeps in float (`--keep-float`)
+    keep_float: tuple[str, ...] = ()
 
     @property
     def output_names(self) -> list[str]:

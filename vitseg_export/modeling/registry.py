@@ -94,6 +94,19 @@ class HuggingFaceMapping:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """A named place in a network where `vitseg verify --locate` compares an artifact's tensor with PyTorch's: a
+    module's output, by its path in the network (`encoder.block.2.0`: the name a user finds in the model code),
+    or "input" (the normalized input the network reads) and "logits" (the graph's upsampled logits)."""
+
+    name: str
+    kind: str  # in words: "stage 3 block 0", "attention", "decoder projection 2 (folded: ...)"
+    level: int = 0  # 0: looked at first; deeper levels only inside the first boundary of the level above that diverges
+    parent: str | None = None  # the boundary whose divergence opens this one
+    reads: str | None = None  # the boundary whose tensor this one's module computes from (its data path)
+
+
 class ModelFamily:
     """Everything vitseg needs to know about one family of networks. Subclasses set the class attributes
     and override what differs; the defaults suit a plain fully convolutional segmenter."""
@@ -142,6 +155,12 @@ class ModelFamily:
     def reset_classifier(self, model: nn.Module, num_classes: int) -> nn.Module:
         """Replace the per-class output layer in place for another label set; model.config follows."""
         raise VitsegError(f"the {self.name} family cannot change its class count", "train with the model's classes")
+
+    def locate_boundaries(self, model: nn.Module) -> list[Boundary]:
+        """The boundaries of `model` (the network as exported: folded where it was), in data-flow order: the input,
+        then each module whose output `vitseg verify --locate` compares, coarse ones at level 0 and the finer ones
+        inside each (`parent`), then the logits."""
+        return [Boundary("input", "normalized input"), Boundary("logits", "logits")]
 
     def name_for(self, config: Any) -> str:
         """The architecture name of a config loaded from elsewhere (e.g. a Hugging Face directory)."""

@@ -22,6 +22,7 @@ from vitseg_export.modeling.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Architecture,
+    Boundary,
     HuggingFaceMapping,
     ModelFamily,
     TrainingRecipe,
@@ -483,6 +484,35 @@ class SegformerFamily(ModelFamily):
             archs.append(Architecture(f"{name}-test", self.name, tiny, 64, IMAGENET_MEAN, IMAGENET_STD,
                                       f"tiny twin of {name}", name))
         return archs
+
+    def locate_boundaries(self, model: nn.Module) -> list[Boundary]:
+        c = model.config
+        found = [Boundary("input", "normalized input")]
+        for i, depth in enumerate(c.depths):
+            embed, stage = f"encoder.patch_embeddings.{i}", f"encoder.layer_norm.{i}"
+            found += [Boundary(f"{embed}.layer_norm", f"stage {i + 1} patch embedding",
+                               reads="input" if i == 0 else f"encoder.layer_norm.{i - 1}"),
+                      Boundary(f"{embed}.proj", "patch embedding convolution", 2, f"{embed}.layer_norm")]
+            for j in range(depth):
+                block = f"encoder.block.{i}.{j}"
+                found.append(Boundary(block, f"stage {i + 1} block {j}", 1, stage))
+                found += [Boundary(f"{block}.{part}", kind, 2, block) for part, kind in (
+                    ("layer_norm_1", "layer norm before attention"), ("attention", "attention"),
+                    ("layer_norm_2", "layer norm before the Mix-FFN"), ("mlp", "Mix-FFN"))]
+            found.append(Boundary(stage, f"stage {i + 1} output", reads=f"{embed}.layer_norm"))
+        head = model.decode_head
+        if isinstance(head, FoldedSegformerDecodeHead):  # the exact rewrite: linear_c.i, its slice of the fuse conv
+            # and the BatchNorm in one 1x1 convolution; compared with the folded PyTorch head's
+            found += [Boundary(f"decode_head.proj.{i}", f"decoder projection {i + 1} (folded)", reads=f"encoder.layer_norm.{i}")
+                      for i in range(len(head.proj))]
+        else:
+            found += [Boundary(f"decode_head.linear_c.{i}", f"decoder projection {i + 1}", reads=f"encoder.layer_norm.{i}")
+                      for i in range(len(head.linear_c))]
+            found += [Boundary("decode_head.linear_fuse", "fused features"),
+                      Boundary("decode_head.batch_norm", "BatchNorm", reads="decode_head.linear_fuse")]
+        return found + [Boundary("decode_head.activation", "fused features after ReLU"),
+                        Boundary("decode_head.classifier", "classifier logits (H/4)", reads="decode_head.activation"),
+                        Boundary("logits", "upsampled logits", reads="decode_head.classifier")]
 
     def fold(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
         return fold_segformer(model), ["segformer-decoder: fuse conv + BatchNorm folded into per-stage projections"]

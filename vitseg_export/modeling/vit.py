@@ -27,6 +27,7 @@ from vitseg_export.modeling.registry import (
     IDENTITY_MEAN,
     IDENTITY_STD,
     Architecture,
+    Boundary,
     ForeignFormat,
     ModelFamily,
     TrainingRecipe,
@@ -365,6 +366,23 @@ class VitFamily(ModelFamily):
         if tuple(size) != (s, s):
             raise VitsegError(f"{architecture} is built for {s}x{s} input, not {size[0]}x{size[1]}",
                               "the position embedding fixes the grid; retrain (or --init with resampling) at that size")
+
+    def locate_boundaries(self, model: nn.Module) -> list[Boundary]:
+        found = [Boundary("input", "input image")]
+        if isinstance(model.input_norm, nn.BatchNorm2d):  # folded into the patch embedding by the exact rewrite
+            found.append(Boundary("input_norm", "input BatchNorm", reads="input"))
+        found.append(Boundary("patch_embed", "patch embedding", reads=found[-1].name))
+        for i in range(len(model.blocks)):
+            block = f"blocks.{i}"
+            found.append(Boundary(block, f"block {i}", reads="patch_embed" if i == 0 else f"blocks.{i - 1}"))
+            found += [Boundary(f"{block}.{part}", kind, 2, block) for part, kind in (
+                ("norm1", "layer norm before attention"), ("attn", "attention"), ("norm2", "layer norm before the MLP"),
+                ("mlp", "MLP"))]
+        last = f"blocks.{len(model.blocks) - 1}"
+        if isinstance(model.norm, nn.LayerNorm):
+            found.append(Boundary("norm", "final LayerNorm", reads=last))
+            last = "norm"
+        return found + [Boundary("head", "patch classifier", reads=last), Boundary("logits", "logits", reads="head")]
 
     def fold(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
         if isinstance(model.input_norm, nn.BatchNorm2d):
