@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.formats import get_format
-from vitseg_export.profiling import environment, onnx_op_breakdown, openvino_op_breakdown
+from vitseg_export.measure.profiling import environment, onnx_op_breakdown, openvino_op_breakdown
 from vitseg_export.runners import runner_for
-from vitseg_export.verify import verify_artifact
+from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings
+from vitseg_export.verdict.verify import verify_artifact
 
 ARTIFACTS = [  # (row, format, precision, dynamic batch, int8 CPU class)
     ("vitseg onnx fp32 (dynamic batch, as shipped)", "onnx", "fp32", True, None),
@@ -330,7 +330,7 @@ def main() -> None:
     fp32 = best(seg["rows"], "vitseg", "fp32")
     gflops = None
     if fp32:
-        from vitseg_export.profiling import onnx_compute
+        from vitseg_export.measure.profiling import onnx_compute
 
         onnx_row = next(r for r in seg["rows"] if r["row"].startswith("vitseg onnx fp32 (static)"))
         gflops = onnx_compute(Path(onnx_row["path"]), (args.size, args.size))["gflops"]

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.comparator import load_inputs
+from vitseg_export.compare.inputs import load_inputs
+from vitseg_export.compare.metrics import confusion, miou
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import final_speed
-from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.formats import get_format
-from vitseg_export.parity import confusion, miou
-from vitseg_export.profiling import environment
+from vitseg_export.measure.profiling import environment
 from vitseg_export.runners import runner_for
+from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 
 PATHS = {  # name -> (format, int8 target)
     "openvino": ("openvino", "cpu"),

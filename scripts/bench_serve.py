@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.cpu import cpu_info
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-from vitseg_export.export.settings import ExportRequest, TritonSettings
-from vitseg_export.profiling import measure_latency
+from vitseg_export.machine.cpu import cpu_info
+from vitseg_export.measure.profiling import measure_latency
 from vitseg_export.runners import runner_for
 from vitseg_export.serving.client import load_test
 from vitseg_export.serving.repository import repository_from_artifact, validate_config
-from vitseg_export.verify import verify_server
+from vitseg_export.settings import ExportRequest, TritonSettings
+from vitseg_export.verdict.verify import verify_server
 
 
 def free_port() -> int:

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from vitseg_export.cpu import cpu_info
+from vitseg_export.machine.cpu import cpu_info
 
 DECISION_LINE = re.compile(r"int8 (?P<speedup>[\d.]+)x fp32 \(95% interval (?P<low>[\d.]+)-(?P<high>[\d.]+) over "
                            r"(?P<pairs>\d+) pairs.*?\): (?P<outcome>faster|slower|no measurable gain)")

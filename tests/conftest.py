@@ -85,7 +85,7 @@ def random_model():
     return get
 
 
-# /proc/cpuinfo flags a CPU of each int8 class shows (vitseg_export/cpu.py)
+# /proc/cpuinfo flags a CPU of each int8 class shows (vitseg_export/machine/cpu.py)
 CLASS_FLAGS = {"avx2": {"avx2", "fma"}, "vnni": {"avx2", "fma", "avx512f", "avx512_vnni"},
                "amx": {"avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}}
 
@@ -96,7 +96,7 @@ def cpu_class_is(monkeypatch):
     how a test reaches the branch of a class it does not run on. It changes vitseg's decisions, not the kernels
     ONNX Runtime picks: forcing avx2 is exact on any CPU (int8 of other classes is then emulated in float), and
     forcing vnni or amx is exact for saturation-safe (avx2) int8 only."""
-    from vitseg_export import cpu
+    from vitseg_export.machine import cpu
 
     def force(name: str) -> None:
         monkeypatch.setattr(cpu, "cpu_flags", lambda: set(CLASS_FLAGS[name]))
@@ -109,7 +109,7 @@ def nncf_extension() -> dict:
     """NNCF's PyTorch CPU extension, built once per session before the tests that train with it (it compiles on
     first use: about 30 s on 2 cores), so no single test carries the build; what prepare_nncf_torch returned."""
     pytest.importorskip("nncf", reason="NNCF is an optional extra (pip install -e '.[openvino]')")
-    from vitseg_export.extensions import prepare_nncf_torch
+    from vitseg_export.machine.extensions import prepare_nncf_torch
 
     return prepare_nncf_torch()
 

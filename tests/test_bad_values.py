@@ -32,7 +32,7 @@ def inputs(tmp_path_factory):
     from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
     from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
     from vitseg_export.export.openvino_export import export_openvino
-    from vitseg_export.export.settings import ExportRequest
+    from vitseg_export.settings import ExportRequest
 
     d = tmp_path_factory.mktemp("bad-values")
     with warnings.catch_warnings():
@@ -337,7 +337,7 @@ def test_a_failed_int8_export_keeps_no_calibration_cache(tmp_path, twin, monkeyp
     at its final self-parity) leaves neither."""
     from vitseg_export.errors import ParityError
     from vitseg_export.export import onnx_export
-    from vitseg_export.export.settings import Int8Settings
+    from vitseg_export.settings import Int8Settings
 
     real = onnx_export.self_parity
     monkeypatch.setattr(onnx_export, "self_parity", lambda loaded, candidate, inputs, precision="fp32", int8=None: (

@@ -20,15 +20,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from vitseg_export import cpu, timing
-from vitseg_export.comparator import load_inputs
+from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import Int8NotWorthIt
 from vitseg_export.export import int8_probe
 from vitseg_export.export.int8 import ort_layer_runner
 from vitseg_export.export.onnx_export import export_onnx
-from vitseg_export.export.settings import Int8Settings, OnnxExportSettings
+from vitseg_export.machine import cpu, timing
 from vitseg_export.runners import base, runner_for
 from vitseg_export.runners.onnxruntime_runner import session_options
+from vitseg_export.settings import Int8Settings, OnnxExportSettings
 
 HERE = cpu.cpu_class()
 
@@ -215,8 +215,8 @@ def test_cpu_class_options_that_do_not_apply_are_refused(tmp_path, cli, args, me
 def test_the_benchmark_shows_a_refused_int8_as_skipped_with_the_reason(tmp_path, monkeypatch):
     import dataclasses
 
-    from vitseg_export import benchmark
     from vitseg_export.formats import get_format
+    from vitseg_export.measure import benchmark
 
     real = get_format("onnx")
 

@@ -12,8 +12,8 @@ from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.modeling import registry
 from vitseg_export.precisions import get_precision
 from vitseg_export.runners import runner_for
-from vitseg_export.testing import assert_mask_parity
-from vitseg_export.verify import verify_artifact
+from vitseg_export.verdict.testing import assert_mask_parity
+from vitseg_export.verdict.verify import verify_artifact
 
 TWINS = [a.name for a in registry.ARCHITECTURES.values() if a.tiny_twin_of is not None]
 

@@ -365,7 +365,7 @@ def _strict_json(path: Path):
 
 def test_unlabelled_validation_gives_null_metrics_and_still_a_best_checkpoint(tmp_path, twin):
     from vitseg_export.checkpoint import load_checkpoint
-    from vitseg_export.training import TrainSettings, train
+    from vitseg_export.train.training import TrainSettings, train
 
     (tmp_path / "val" / "images").mkdir(parents=True)
     for i in range(3):

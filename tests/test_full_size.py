@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-from vitseg_export.verify import verify_artifact
+from vitseg_export.verdict.verify import verify_artifact
 
 
 @pytest.mark.slow

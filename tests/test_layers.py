@@ -16,8 +16,25 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitseg_export"
 # lazy("module:attr") names its implementation without importing it: the design, and not an edge.
 REFERENCE = re.compile(r"""lazy_module\(\s*["'](vitseg_export[\w.]*)["']""")
 TABLES = ("vitseg_export.tables", "vitseg_export.formats", "vitseg_export.precisions", "vitseg_export.runners",
-          "vitseg_export.probes", "vitseg_export.artifact", "vitseg_export.parity", "vitseg_export.errors",
-          "vitseg_export.files", "vitseg_export.cpu", "vitseg_export.timing")
+          "vitseg_export.settings", "vitseg_export.artifact", "vitseg_export.errors", "vitseg_export.files",
+          "vitseg_export.machine.probes", "vitseg_export.machine.cpu", "vitseg_export.machine.timing")
+# The packages in data-flow order, bottom first (docs/design.md draws the same picture). A module may import its
+# own layer and the layers below it, never a layer above.
+LAYERS = (
+    ("vitseg_export", "errors", "tables", "files", "images", "artifact", "precisions", "formats", "settings", "machine"),
+    ("data",),
+    ("modeling",),
+    ("checkpoint", "hub"),
+    ("runners",),
+    ("compare",),
+    ("predict",),
+    ("serving",),
+    ("train",),
+    ("export",),
+    ("measure",),
+    ("verdict", "testing"),
+    ("cli", "__main__"),
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -79,6 +96,27 @@ def test_no_import_cycle_counting_lazy_references():
     assert _cycle(_edges()) is None, " -> ".join(_cycle(_edges()) or [])
 
 
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else parts[0]
+    for i, layer in enumerate(LAYERS):
+        if name in layer:
+            return i
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS and to docs/design.md")
+
+
+def test_imports_point_down_the_layers():
+    upward = [f"{m} (layer {_layer(m)}) imports {t} (layer {_layer(t)})"
+              for m, targets in _edges().items() for t in targets if _layer(t) > _layer(m)]
+    assert not upward, upward
+
+
+def test_the_design_document_draws_every_layer():
+    design = (PACKAGE.parent / "docs" / "design.md").read_text()
+    missing = [name for layer in LAYERS for name in layer if name not in ("vitseg_export", "__main__") and name not in design]
+    assert not missing, missing
+
+
 def test_the_tables_and_leaves_import_no_implementation():
     edges = _edges()
     for table in TABLES:
@@ -126,7 +164,7 @@ def test_precisions_are_asked_not_compared_by_name():
     assert len(found) <= 3, found
 
 
-@pytest.mark.parametrize("module", ["vitseg_export.cli", "vitseg_export.predict", "vitseg_export.formats",
+@pytest.mark.parametrize("module", ["vitseg_export.cli", "vitseg_export.predict.still", "vitseg_export.formats",
                                     "vitseg_export.runners.openvino_runner", "vitseg_export.export.tensorrt_engine"])
 def test_light_modules_import_without_torch(module):
     """A lazy declaration must stay lazy: these load with torch unimportable (the edge path and start-up)."""

@@ -17,9 +17,9 @@ from onnx import helper, numpy_helper
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.int8 import quantized_layers
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-from vitseg_export.export.settings import Int8Settings
 from vitseg_export.formats import read_artifact_info
-from vitseg_export.locate import locate_artifact
+from vitseg_export.settings import Int8Settings
+from vitseg_export.verdict.locate import locate_artifact
 
 INT8 = dict(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", heldout_images=6, allow_float_fallback=True)
 
@@ -55,7 +55,7 @@ def _ir_of(onnx_path: Path, xml: Path) -> Path:
 def test_a_perturbed_block_is_named_in_onnx_and_in_openvino(tmp_path, exported):
     """One block's MLP weight scaled by 5%: verify fails, and the locator names that block's Mix-FFN as the first
     divergence, every boundary before it within fp32's allowance."""
-    from vitseg_export.verify import verify_artifact
+    from vitseg_export.verdict.verify import verify_artifact
 
     bad = _copy_without_manifest(_scale_weight(onnx.load(exported("segformer-b0-test")), "block.1.0/mlp/dense2/MatMul", 1.05),
                                  tmp_path / "bad.onnx")

@@ -19,9 +19,9 @@ openvino = pytest.importorskip("openvino", reason="OpenVINO is an optional extra
 
 from vitseg_export.errors import VitsegError  # noqa: E402
 from vitseg_export.export.openvino_export import export_openvino  # noqa: E402
-from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings  # noqa: E402
 from vitseg_export.runners import runner_for  # noqa: E402
-from vitseg_export.verify import verify_artifact  # noqa: E402
+from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings  # noqa: E402
+from vitseg_export.verdict.verify import verify_artifact  # noqa: E402
 
 EDGE = r"""
 import sys, importlib.abc
@@ -184,8 +184,8 @@ def test_inference_precision_is_what_the_device_computes_in(capabilities, wanted
 
 def test_op_breakdown_compiles_an_ir_in_the_precision_it_runs_in(tmp_path, cli, monkeypatch):
     """The profiler's view of an IR must be the runner's: the precision its rt_info asks for, not always f32."""
-    from vitseg_export import profiling
-    from vitseg_export.profiling import openvino_op_breakdown
+    from vitseg_export.measure import profiling
+    from vitseg_export.measure.profiling import openvino_op_breakdown
     from vitseg_export.runners import openvino_runner
 
     r = cli("export", "segformer-b0-test", "--format", "openvino", "--precision", "fp16", "-o", str(tmp_path / "h.xml"))

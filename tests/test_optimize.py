@@ -5,8 +5,8 @@ import torch
 
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.modeling import registry
+from vitseg_export.modeling.optimize import fold
 from vitseg_export.modeling.segformer import FoldedSegformerDecodeHead
-from vitseg_export.optimize import fold
 
 SEGFORMERS = [f"segformer-b{i}" for i in range(6)]
 

@@ -11,9 +11,9 @@ from onnx import TensorProto
 from vitseg_export.export.fp16 import fp32_nodes
 from vitseg_export.export.int8 import attention_matmuls, quantized_layers
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-from vitseg_export.export.settings import Int8Settings
 from vitseg_export.runners import runner_for
-from vitseg_export.verify import verify_artifact
+from vitseg_export.settings import Int8Settings
+from vitseg_export.verdict.verify import verify_artifact
 
 
 def _producers(model):

@@ -63,7 +63,7 @@ def test_benchmark_cell_failure_does_not_stop_the_others(tmp_path, cli):
     others go on; the CLI refuses a format asked for by name that is not available, before any work."""
     import importlib.util
 
-    from vitseg_export.benchmark import BenchmarkSettings, run_benchmark
+    from vitseg_export.measure.benchmark import BenchmarkSettings, run_benchmark
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here: its cells would not fail")

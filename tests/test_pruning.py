@@ -9,8 +9,8 @@ from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.modeling import registry
-from vitseg_export.pruning import apply_2to4, check_2to4, mask_2to4, prune_model
-from vitseg_export.verify import verify_artifact
+from vitseg_export.modeling.pruning import apply_2to4, check_2to4, mask_2to4, prune_model
+from vitseg_export.verdict.verify import verify_artifact
 
 
 @torch.no_grad()

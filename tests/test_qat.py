@@ -15,11 +15,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from vitseg_export.comparator import load_inputs
+from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.export.graph import quantize_constant_weights, remove_identity_casts
-from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
-from vitseg_export.qat import distillation_loss, fake_quant_scores, finetune
-from vitseg_export.verify import verify_artifact
+from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
+from vitseg_export.train.qat import distillation_loss, fake_quant_scores, finetune
+from vitseg_export.verdict.verify import verify_artifact
 
 QAT = QatSettings(data="synthetic[:16]", epochs=1, batch_size=8, num_workers=0)
 
@@ -200,7 +200,7 @@ def test_qat_keeps_the_checkpoint_model_float(twin, tmp_path):
 
 
 def test_training_that_lowers_agreement_is_discarded_and_recorded(twin):
-    from vitseg_export.qat import fine_tuned
+    from vitseg_export.train.qat import fine_tuned
 
     teacher = twin("segformer-b0-test").segmenter().eval()
     student = copy.deepcopy(teacher)  # agrees everywhere: any training can only lower agreement
@@ -216,7 +216,7 @@ def test_training_that_lowers_agreement_is_discarded_and_recorded(twin):
 def test_training_that_leaves_agreement_as_it_was_is_not_called_lowering(twin):
     """Equal within 0.01 pt (the resolution the agreement is read at) is unchanged: the trained state is kept and
     the record does not say training lowered it."""
-    from vitseg_export.qat import fine_tuned
+    from vitseg_export.train.qat import fine_tuned
 
     teacher = twin("segformer-b0-test").segmenter().eval()
     student = copy.deepcopy(teacher)
@@ -233,9 +233,9 @@ def test_the_qat_model_and_its_onnx_agree_within_the_int8_preset(twin, target):
     """What separated vitseg's first QAT graph from its PyTorch model on an AVX2-only CPU was the CPU's integer
     kernels (8-bit weights saturate there): the fake-quantized module and the Q/DQ graph it exports, run as vitseg
     runs it (exact int8 on every CPU class), agree within the int8 preset."""
+    from vitseg_export.compare.metrics import confusion, miou
     from vitseg_export.export.onnx_export import exported_module
     from vitseg_export.export.qat_onnx import fake_quantized, qdq_graph
-    from vitseg_export.parity import confusion, miou
     from vitseg_export.precisions import get_precision
     from vitseg_export.runners.onnxruntime_runner import graph_runner
 

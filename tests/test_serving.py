@@ -23,9 +23,9 @@ import pytest
 pytest.importorskip("tritonclient", reason="the [serve] extra (tritonclient) is not installed")
 
 from vitseg_export.errors import VitsegError  # noqa: E402
-from vitseg_export.export.settings import ExportRequest, TritonSettings  # noqa: E402
 from vitseg_export.serving.repository import repository_from_artifact, validate_config  # noqa: E402
 from vitseg_export.serving.server import check_port, find_tritonserver  # noqa: E402
+from vitseg_export.settings import ExportRequest, TritonSettings  # noqa: E402
 
 MODEL = "seg"
 

@@ -16,8 +16,8 @@ from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export import onnx_export
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.formats import read_artifact_info
-from vitseg_export.testing import assert_mask_parity
-from vitseg_export.verify import verify_artifact
+from vitseg_export.verdict.testing import assert_mask_parity
+from vitseg_export.verdict.verify import verify_artifact
 
 B0 = "segformer-b0-test"
 

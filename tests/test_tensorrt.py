@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
-from vitseg_export.export.settings import Int8Settings
 from vitseg_export.export.trt_lint import lint_for_tensorrt
+from vitseg_export.settings import Int8Settings
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -79,7 +79,7 @@ def test_int8_trt_target_lints_clean_without_dead_nodes(tmp_path, twin):
 def test_tensorrt_build_run_verify(tmp_path, twin, precision):
     """Real TensorRT: build an engine from the exported ONNX, run it through the runner, verify it."""
     from vitseg_export.export.tensorrt_engine import EngineSettings, engine_from_onnx
-    from vitseg_export.verify import verify_artifact
+    from vitseg_export.verdict.verify import verify_artifact
 
     onnx_path = tmp_path / f"m-{precision}.onnx"
     export_onnx(twin("segformer-b0-test"), onnx_path, OnnxExportSettings(precision=precision, outputs="both"),

@@ -19,15 +19,9 @@ from onnx import helper
 
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.export.int8 import quantized_layers
-from vitseg_export.export.settings import (
-    EngineSettings,
-    ExportRequest,
-    Int8Settings,
-    OnnxExportSettings,
-    TritonSettings,
-)
 from vitseg_export.formats import format_for_path, get_format
 from vitseg_export.runners import tensorrt_editions
+from vitseg_export.settings import EngineSettings, ExportRequest, Int8Settings, OnnxExportSettings, TritonSettings
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                                 reason="needs TensorRT-RTX (pip install tensorrt-rtx; the test extra brings it)")
@@ -93,9 +87,9 @@ def test_qat_pruned_and_triton_graphs_build(tmp_path, twin):
     repository (its engine's ONNX: dynamic batch, as the repository exports it) build too."""
     from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
     from vitseg_export.export.qat_onnx import qat_onnx
-    from vitseg_export.export.settings import QatSettings
     from vitseg_export.export.tensorrt_engine import rtx_engine_from_artifact
-    from vitseg_export.pruning import prune_model
+    from vitseg_export.modeling.pruning import prune_model
+    from vitseg_export.settings import QatSettings
 
     qat = tmp_path / "qat.onnx"
     qat_onnx(twin("segformer-b0-test"), qat, ExportRequest("onnx", OnnxExportSettings(precision="int8", parity_data="synthetic[:4]"),

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from vitseg_export import timing
+from vitseg_export.machine import timing
 
 
 def test_the_median_interval_uses_order_statistics_of_the_binomial():

@@ -13,7 +13,7 @@ import pytest
 from vitseg_export import formats, runners
 from vitseg_export.artifact import ArtifactInfo, read_onnx_metadata
 from vitseg_export.formats import Format, read_artifact_info
-from vitseg_export.probes import Availability, module_version
+from vitseg_export.machine.probes import Availability, module_version
 from vitseg_export.runners import Backend
 
 

@@ -15,10 +15,10 @@ from torch import nn
 from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
+from vitseg_export.measure.profiling import profile
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import IMAGENET_MEAN, IMAGENET_STD, Architecture, ModelFamily, TrainingRecipe
-from vitseg_export.profiling import profile
-from vitseg_export.verify import verify_artifact
+from vitseg_export.verdict.verify import verify_artifact
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.training import TrainSettings, confusion_matrix, metrics_from_confusion, train
+from vitseg_export.train.training import TrainSettings, confusion_matrix, metrics_from_confusion, train
 
 
 def test_metrics_from_confusion():

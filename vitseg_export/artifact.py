@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitseg_export.cpu import CPU_CLASSES
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_group, check_readable_file, json_bytes, sha256_file
+from vitseg_export.machine.cpu import CPU_CLASSES
 
 META_PREFIX = "vitseg."
 MIN_INPUT_SIDE = 32  # the smallest height or width vitseg exports or runs a dynamic-size model at
@@ -59,7 +59,7 @@ class ArtifactInfo:
     source_checkpoint: str = ""
     extra: dict = field(default_factory=dict)
     profile: dict | None = None  # a TensorRT engine's optimization profile: {"min"|"opt"|"max": [N, 3, H, W]}
-    cpu_class: str = ""  # the CPU class an int8 CPU artifact's arithmetic is made for (vitseg_export.cpu), else ""
+    cpu_class: str = ""  # the CPU class an int8 CPU artifact's arithmetic is made for (vitseg_export.machine.cpu), else ""
 
     def declared_shapes(self, batch_sizes: tuple[int, ...] | None = None,
                         sizes: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], tuple[int, ...]]:

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from vitseg_export.artifact import ArtifactInfo, check_artifact_file, manifest_path
 from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.machine.probes import Availability
 from vitseg_export.precisions import PRECISIONS
-from vitseg_export.probes import Availability
 from vitseg_export.tables import Table, lazy
 
 # (loaded checkpoint, output path, ExportRequest, progress) -> ExportResult
@@ -94,7 +94,7 @@ def read_artifact_info(path: str | Path) -> ArtifactInfo:
 register_format(Format(
     "onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.onnx_export:export_artifact"), read_info=lazy("vitseg_export.artifact:read_onnx_info"),
-    probe=lazy("vitseg_export.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:onnx_summary"),
+    probe=lazy("vitseg_export.machine.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:onnx_summary"),
     int8_target="cpu", qat=lazy("vitseg_export.export.qat_onnx:qat_onnx")))
 register_format(Format(
     "trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)", "tensorrt",
@@ -116,14 +116,14 @@ register_format(Format(
     "openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.openvino_export:export_openvino"),
     read_info=lazy("vitseg_export.runners.openvino_runner:read_openvino_info"),
-    probe=lazy("vitseg_export.probes:probe_openvino_export"),
+    probe=lazy("vitseg_export.machine.probes:probe_openvino_export"),
     summary=lazy("vitseg_export.export.openvino_export:ir_summary"), static_by_default=True, sidecars=(".bin",),
     qat=lazy("vitseg_export.export.qat_openvino:qat_openvino")))
 register_format(Format(
     "triton", (), "Triton Inference Server model repository (config.pbtxt, the artifact, vitseg's record)", "triton",
     tuple(PRECISIONS), export=lazy("vitseg_export.serving.repository:export_repository"),
     read_info=lazy("vitseg_export.serving.repository:read_repository_info"),
-    probe=lazy("vitseg_export.probes:probe_triton_repository"),
+    probe=lazy("vitseg_export.machine.probes:probe_triton_repository"),
     summary=lazy("vitseg_export.serving.repository:repository_summary"),
     from_artifact=lazy("vitseg_export.serving.repository:repository_from_artifact"),
     artifact_sources=("onnx", "openvino", "trt"), directory=True))

@@ -18,12 +18,27 @@ holds fp32 logits to the fp32 logit limit and reduced precisions' masks to their
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from vitseg_export.parity import Thresholds
 from vitseg_export.tables import Table, lazy
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a candidate must meet against its reference: one preset per precision, overridable per run."""
+
+    min_agreement: float
+    min_miou_vs_reference: float
+    max_abs_logit_diff: float | None
+    max_mean_abs_logit_diff: float | None
+    max_nonfinite: int = 0
+
+
+def thresholds_dict(t: Thresholds) -> dict:
+    """The JSON form of a set of thresholds."""
+    return asdict(t)
 
 
 @dataclass(frozen=True)
@@ -31,13 +46,13 @@ class ConversionContext:
     """What a converter may need besides the graph."""
 
     image_size: tuple[int, int]
-    int8: Any = None  # vitseg_export.export.settings.Int8Settings
+    int8: Any = None  # vitseg_export.settings.Int8Settings
     fp16_io: bool = False
     cache_dir: Path | None = None
     progress: Callable[[str], None] = lambda message: None
     data: str = "synthetic"  # the spec whose calib split fp16's range measurement runs on
     keep_float: tuple[str, ...] = ()  # modules to keep in float (--keep-float), found in the graph through `scopes`
-    scopes: Any = None  # vitseg_export.export.scopes.ModuleScopes of the exported module
+    scopes: Any = None  # vitseg_export.modeling.scopes.ModuleScopes of the exported module
 
 
 @dataclass
@@ -69,7 +84,7 @@ class Precision:
     min_parity_images: int = 0  # self-parity judges at least this many real images (beside --parity images)
     calibrated: bool = False  # its targets are the user's (--min-agreement), met by calibration and fallback
     baseline: bool = False  # the precision the others are measured against ("slower than fp32 here")
-    # its graphs run integer kernels, whose results depend on the CPU class (vitseg_export/cpu.py): runners emulate
+    # its graphs run integer kernels, whose results depend on the CPU class (vitseg_export/machine/cpu.py): runners emulate
     # them in float where they would not be exact
     integer_kernels: bool = False
     parity_hint: str = "try another precision or calibration"  # what to do when its self-parity fails

@@ -19,10 +19,10 @@ from vitseg_export.data.sources import open_source
 from vitseg_export.errors import ParityError
 from vitseg_export.files import atomic_write_bytes, check_output_dir
 from vitseg_export.precisions import get_precision
-from vitseg_export.predict import predict_images
+from vitseg_export.predict.still import predict_images
 from vitseg_export.tables import lazy_module
 
-benchmark = lazy_module("vitseg_export.benchmark")
+benchmark = lazy_module("vitseg_export.measure.benchmark")
 registry = lazy_module("vitseg_export.modeling.registry")
 
 

@@ -9,10 +9,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitseg_export.cli.common import JsonFlag, console, log, print_json
-from vitseg_export.doctor import probe
+from vitseg_export.measure.doctor import probe
 from vitseg_export.tables import lazy_module
 
-extensions = lazy_module("vitseg_export.extensions")  # imports torch and NNCF: only with --prepare
+extensions = lazy_module("vitseg_export.machine.extensions")  # imports torch and NNCF: only with --prepare
 
 
 def doctor(json_output: JsonFlag = False,

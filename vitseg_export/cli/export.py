@@ -25,10 +25,14 @@ from vitseg_export.cli.common import (
     spare_inputs,
     status,
 )
-from vitseg_export.cpu import CPU_CLASSES, SAFE_CLASS
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
-from vitseg_export.export.settings import (
+from vitseg_export.files import check_output_dir, check_output_file
+from vitseg_export.formats import FORMATS, format_for_path, get_format
+from vitseg_export.machine.cpu import CPU_CLASSES, SAFE_CLASS
+from vitseg_export.precisions import PRECISIONS, get_precision
+from vitseg_export.runners.tensorrt_editions import EDITIONS, TENSORRT, TENSORRT_RTX
+from vitseg_export.settings import (
     CALIB_METHODS,
     INT8_TARGETS,
     OUTPUT_CHOICES,
@@ -38,10 +42,6 @@ from vitseg_export.export.settings import (
     OnnxExportSettings,
     TritonSettings,
 )
-from vitseg_export.files import check_output_dir, check_output_file
-from vitseg_export.formats import FORMATS, format_for_path, get_format
-from vitseg_export.precisions import PRECISIONS, get_precision
-from vitseg_export.runners.tensorrt_editions import EDITIONS, TENSORRT, TENSORRT_RTX
 from vitseg_export.tables import lazy_module
 
 checkpoints = lazy_module("vitseg_export.checkpoint")  # torch

@@ -10,7 +10,7 @@ import typer
 from vitseg_export.cli.common import BackendOption, JsonFlag, console, print_json, progress_bar, spare_inputs
 from vitseg_export.errors import Terminated, VitsegError
 from vitseg_export.files import check_output_dir, check_readable_file
-from vitseg_export.predict import predict_images
+from vitseg_export.predict.still import predict_images
 
 
 def predict(

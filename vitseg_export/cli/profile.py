@@ -28,12 +28,12 @@ from vitseg_export.cli.common import (
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_output_dir, check_output_file, write_json
 from vitseg_export.formats import FORMATS, get_format
+from vitseg_export.measure.profiling import environment
+from vitseg_export.measure.profiling import profile as run_profile
 from vitseg_export.precisions import PRECISIONS, get_precision
-from vitseg_export.profiling import environment
-from vitseg_export.profiling import profile as run_profile
 from vitseg_export.tables import lazy_module
 
-matrix = lazy_module("vitseg_export.benchmark")
+matrix = lazy_module("vitseg_export.measure.benchmark")
 client = lazy_module("vitseg_export.serving.client")
 
 

@@ -11,7 +11,7 @@ from vitseg_export.cli.common import RATIO, DataSpec, console, log, spare_inputs
 from vitseg_export.files import check_output_dir
 from vitseg_export.tables import lazy_module
 
-pruning_run = lazy_module("vitseg_export.pruning_run")  # pruning and fine-tuning: torch
+pruning_run = lazy_module("vitseg_export.train.pruning_run")  # pruning and fine-tuning: torch
 
 
 def prune(

@@ -24,16 +24,16 @@ from vitseg_export.cli.common import (
 )
 from vitseg_export.cli.common import console as out_console
 from vitseg_export.cli.export import check_export_data, default_artifact_path, spare_export_inputs
-from vitseg_export.cpu import CPU_CLASSES, SAFE_CLASS
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
-from vitseg_export.export.settings import INT8_TARGETS, ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.files import check_output_file
 from vitseg_export.formats import FORMATS, format_for_path, get_format
+from vitseg_export.machine.cpu import CPU_CLASSES, SAFE_CLASS
+from vitseg_export.settings import INT8_TARGETS, ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.tables import lazy_module
 
 checkpoints = lazy_module("vitseg_export.checkpoint")  # torch
-qat_training = lazy_module("vitseg_export.qat")  # torch
+qat_training = lazy_module("vitseg_export.train.qat")  # torch
 
 QAT_FORMATS = tuple(name for name, row in FORMATS.items() if row.qat is not None)
 

@@ -14,7 +14,7 @@ from vitseg_export.cli.common import POSITIVE, DataSpec, console, progress_bar, 
 from vitseg_export.files import check_output_dir
 from vitseg_export.tables import lazy_module
 
-training = lazy_module("vitseg_export.training")
+training = lazy_module("vitseg_export.train.training")
 
 
 def train(

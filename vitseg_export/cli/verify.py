@@ -31,8 +31,8 @@ from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import thresholds_for
 from vitseg_export.tables import lazy_module
 
-verification = lazy_module("vitseg_export.verify")
-locating = lazy_module("vitseg_export.locate")  # --locate
+verification = lazy_module("vitseg_export.verdict.verify")
+locating = lazy_module("vitseg_export.verdict.locate")  # --locate
 
 
 def verify(

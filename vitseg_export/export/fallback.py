@@ -23,12 +23,13 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from vitseg_export.comparator import InputSet, RecordedOutputs, compare, record
-from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
+from vitseg_export.compare.comparator import RecordedOutputs, compare, record
+from vitseg_export.compare.inputs import InputSet
 from vitseg_export.errors import Int8NotWorthIt, VitsegError
-from vitseg_export.parity import Thresholds
+from vitseg_export.machine.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
+from vitseg_export.machine.timing import SpeedComparison
+from vitseg_export.precisions import Thresholds
 from vitseg_export.runners.base import Runner
-from vitseg_export.timing import SpeedComparison
 
 # The fallback aims this share of each error budget inside the targets, so that a fresh sample of the
 # same distribution (`vitseg verify` on other images) passes too: on vit-seg-base a graph accepted at

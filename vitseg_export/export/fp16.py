@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from vitseg_export.comparator import load_inputs
+from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.export.graph import remove_dead_nodes
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.precisions import Conversion, ConversionContext

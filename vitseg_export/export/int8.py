@@ -27,8 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from vitseg_export.comparator import InputSet, load_inputs
-from vitseg_export.cpu import SAFE_CLASS
+from vitseg_export.compare.inputs import InputSet, load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import (
     Heldout,
@@ -42,10 +41,11 @@ from vitseg_export.export.fallback import (
 from vitseg_export.export.graph import remove_dead_nodes, to_float
 from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, placeholder_ranges, speed_decision
 from vitseg_export.export.quiet import library_output_on_stderr
-from vitseg_export.export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
+from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.precisions import Conversion, ConversionContext
 from vitseg_export.runners.base import require_module
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner, graph_runner, session_options
+from vitseg_export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # --target cpu: what ONNX Runtime's CPU provider runs faster in int8 (QLinearConv, MatMulIntegerToFloat,

@@ -28,11 +28,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from vitseg_export.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
 from vitseg_export.errors import Int8NotWorthIt
 from vitseg_export.export.quiet import library_output_on_stderr
+from vitseg_export.machine.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
+from vitseg_export.machine.timing import SLOWER, compare_speed
 from vitseg_export.runners.base import INPUT_NAME, Runner
-from vitseg_export.timing import SLOWER, compare_speed
 
 # (op, input shape, what it stands for): one mid-sized layer each (1024 tokens x 512 features; 256 channels at
 # 32x32), large enough that the kernels, not the call overhead, are timed

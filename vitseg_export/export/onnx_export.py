@@ -30,17 +30,18 @@ from torch import nn
 from vitseg_export import __version__
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
 from vitseg_export.checkpoint import LoadedCheckpoint
-from vitseg_export.comparator import Comparison, InputSet, compare, load_inputs, noise_inputs
+from vitseg_export.compare.comparator import Comparison, compare
+from vitseg_export.compare.inputs import InputSet, load_inputs, noise_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.export.graph import graph_stats, remove_dead_nodes
-from vitseg_export.export.scopes import ModuleScopes
-from vitseg_export.export.settings import OUTPUT_CHOICES, ExportRequest, Int8Settings, OnnxExportSettings
+from vitseg_export.modeling.optimize import fold
 from vitseg_export.modeling.registry import Segmenter, get_family
-from vitseg_export.optimize import fold
+from vitseg_export.modeling.scopes import ModuleScopes
 from vitseg_export.precisions import Conversion, ConversionContext, Precision, get_precision
 from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.torch_runner import TorchRunner
+from vitseg_export.settings import OUTPUT_CHOICES, ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.tables import lazy_module
 
 onnxslim = lazy_module("onnxslim")  # --simplify only

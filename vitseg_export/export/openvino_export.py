@@ -26,8 +26,7 @@ import numpy as np
 import onnx
 
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
-from vitseg_export.comparator import load_inputs
-from vitseg_export.cpu import SAFE_CLASS
+from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import (
     Heldout,
@@ -48,10 +47,11 @@ from vitseg_export.export.onnx_export import (
     verified_fp32_graph,
 )
 from vitseg_export.export.quiet import library_output_on_stderr
-from vitseg_export.export.settings import ExportRequest, Int8Settings
 from vitseg_export.files import sha256_file
+from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.precisions import get_precision
 from vitseg_export.runners.openvino_runner import OpenVINORunner, inference_precision, openvino_core
+from vitseg_export.settings import ExportRequest, Int8Settings
 from vitseg_export.tables import lazy_module
 
 # the [openvino] extra, imported when an IR is made (the module itself loads without it)

@@ -24,19 +24,19 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from vitseg_export.comparator import InputSet, load_inputs
-from vitseg_export.cpu import SAFE_CLASS
+from vitseg_export.compare.inputs import InputSet, load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import Heldout, calibration_record
 from vitseg_export.export.graph import quantize_constant_weights, remove_dead_nodes, remove_identity_casts
 from vitseg_export.export.int8 import check_int8_settings, node_macs, settle_graph, speed_before_calibration
 from vitseg_export.export.onnx_export import ExportGraph, export_onnx, exported_module, module_to_onnx
 from vitseg_export.export.quiet import library_output_on_stderr
-from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
+from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.precisions import Conversion, ConversionContext
-from vitseg_export.qat import StepProgress, calibration_batches, fine_tuned
 from vitseg_export.runners.base import require_module
 from vitseg_export.runners.onnxruntime_runner import graph_runner
+from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
+from vitseg_export.train.qat import StepProgress, calibration_batches, fine_tuned
 
 WEIGHT_BITS_SAFE = 7  # --target cpu for CPUs without VNNI/AMX: no u8 x s8 pair saturates int16
 

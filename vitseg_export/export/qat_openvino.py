@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from vitseg_export.comparator import load_inputs
+from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import calibration_record
 from vitseg_export.export.onnx_export import ExportGraph, VerifiedGraph, exported_module
@@ -31,10 +31,10 @@ from vitseg_export.export.openvino_export import (
     settle_ir,
 )
 from vitseg_export.export.quiet import library_output_on_stderr
-from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
-from vitseg_export.extensions import prepare_nncf_torch
-from vitseg_export.qat import StepProgress, calibration_batches, fine_tuned
+from vitseg_export.machine.extensions import prepare_nncf_torch
+from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.tables import lazy_module
+from vitseg_export.train.qat import StepProgress, calibration_batches, fine_tuned
 
 ov = lazy_module("openvino")
 nncf = lazy_module("nncf")

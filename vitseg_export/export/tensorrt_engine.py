@@ -29,9 +29,9 @@ import numpy as np
 
 from vitseg_export import __version__
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
-from vitseg_export.comparator import compare, load_inputs
+from vitseg_export.compare.comparator import compare
+from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import ParityError, VitsegError
-from vitseg_export.export.settings import EngineSettings, ExportRequest
 from vitseg_export.export.tensorrt_census import describe_census, network_census
 from vitseg_export.export.trt_lint import lint_for_tensorrt
 from vitseg_export.files import check_readable_file, sha256_file
@@ -42,6 +42,7 @@ from vitseg_export.runners.cuda import cuda_devices
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.tensorrt_editions import TENSORRT, TENSORRT_RTX, Edition, set_targets, using
 from vitseg_export.runners.tensorrt_runner import require_tensorrt, tensorrt_availability
+from vitseg_export.settings import EngineSettings, ExportRequest
 from vitseg_export.tables import lazy_module
 
 if TYPE_CHECKING:  # mypy checks every call against the TensorRT 10.3 and 11.4 bindings (tests/test_trt_typing.py)

@@ -58,7 +58,7 @@ class Architecture:
 
 @dataclass(frozen=True)
 class TrainingRecipe:
-    """Optimizer and schedule a family trains with by default (see vitseg_export.training)."""
+    """Optimizer and schedule a family trains with by default (see vitseg_export.train.training)."""
 
     optimizer: str  # "adam" | "adamw"
     lr: float

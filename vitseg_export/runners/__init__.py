@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vitseg_export.formats import format_for_path
-from vitseg_export.probes import Availability, version_probe
+from vitseg_export.machine.probes import Availability, version_probe
 from vitseg_export.runners.base import Runner
 from vitseg_export.tables import Table, lazy
 

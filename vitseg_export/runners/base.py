@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from vitseg_export.cpu import SAFE_CLASS, cpu_class, int8_exact_here
 from vitseg_export.errors import BackendMissingError, VitsegError
+from vitseg_export.machine.cpu import SAFE_CLASS, cpu_class, int8_exact_here
 from vitseg_export.precisions import get_precision
 
 INPUT_NAME = "pixels"
@@ -60,7 +60,7 @@ class Runner(ABC):
     def describe(self, info, warn: bool = True) -> None:
         """Take what the runner knows about its model from the artifact's metadata (an ArtifactInfo); VitsegError
         for metadata that names a precision vitseg does not know. Decides `int8_emulated`: an int8 model on a CPU
-        whose integer kernels are not exact for it (vitseg_export.cpu.int8_exact_here) computes what it was
+        whose integer kernels are not exact for it (vitseg_export.machine.cpu.int8_exact_here) computes what it was
         verified to compute, in float; an artifact file made for a CPU class other than this one says so in a
         warning (`warn`; the in-memory graphs of an export say it once in its progress instead)."""
         precision = get_precision(info.precision)  # damaged metadata: one line naming the known precisions

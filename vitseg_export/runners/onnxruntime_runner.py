@@ -9,7 +9,7 @@ import numpy as np
 
 from vitseg_export.artifact import ArtifactInfo, check_manifest_matches
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.probes import module_version
+from vitseg_export.machine.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 from vitseg_export.runners.torch_runner import torch_devices
 from vitseg_export.tables import lazy_module

@@ -19,7 +19,7 @@ from vitseg_export.artifact import (
 )
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.files import check_readable_file, sha256_file
-from vitseg_export.probes import module_version
+from vitseg_export.machine.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
 
 OPENVINO_HINT = "pip install 'vitseg-export[openvino]'"

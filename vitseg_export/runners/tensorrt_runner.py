@@ -11,7 +11,7 @@ import numpy as np
 from vitseg_export.artifact import check_manifest_matches, read_manifest
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.formats import read_artifact_info
-from vitseg_export.probes import Availability
+from vitseg_export.machine.probes import Availability
 from vitseg_export.runners.base import INPUT_NAME, Runner
 from vitseg_export.runners.cuda import CUDA_HINT, DeviceBuffer, Stream, cuda_devices, runtime
 from vitseg_export.runners.tensorrt_editions import TENSORRT, TENSORRT_RTX, Edition, using

@@ -8,7 +8,7 @@ import importlib
 import numpy as np
 
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.probes import module_version
+from vitseg_export.machine.probes import module_version
 from vitseg_export.runners.base import Runner, require_module
 from vitseg_export.tables import lazy_module
 

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, read_manifest
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.export.settings import ExportRequest, TritonSettings
 from vitseg_export.files import atomic_write_directory, json_bytes, sha256_file
 from vitseg_export.formats import format_for_path, get_format, read_artifact_info
+from vitseg_export.settings import ExportRequest, TritonSettings
 from vitseg_export.tables import Table, lazy_module
 
 model_config_pb2 = lazy_module("tritonclient.grpc.model_config_pb2")  # the [serve] extra: Triton's own schema

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vitseg_export.errors import BackendMissingError, VitsegError
-from vitseg_export.export.settings import ExportRequest, TritonSettings
 from vitseg_export.formats import is_artifact, read_artifact_info
 from vitseg_export.serving.repository import NATIVE_BACKEND, REPOSITORY_RECORD, repository_from_artifact
+from vitseg_export.settings import ExportRequest, TritonSettings
 
 SERVE_HINT = "pip install 'vitseg-export[serve]' (it brings a tritonserver with the Python backend), or pass --tritonserver"
 EXIT_TIMEOUT_S = 10  # Triton's --exit-timeout-secs: in-flight requests finish, idle keep-alive clients are not waited for

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vitseg_export.comparator import InputSet
+from vitseg_export.compare.inputs import InputSet
+from vitseg_export.compare.metrics import confusion, miou
 from vitseg_export.data.sources import open_source
 from vitseg_export.data.transforms import SegmentationDataset
 from vitseg_export.errors import DataError, VitsegError
-from vitseg_export.export.settings import QatSettings
-from vitseg_export.parity import confusion, miou
-from vitseg_export.training import dist_info, training_device
+from vitseg_export.settings import QatSettings
+from vitseg_export.train.training import dist_info, training_device
 
 # (epoch, step, steps per epoch, running mean loss) after every optimizer step, on rank 0
 StepProgress = Callable[[int, int, int, float], None]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import platform
 
-from vitseg_export.cpu import cpu_info
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS
-from vitseg_export.probes import module_version
+from vitseg_export.machine.cpu import cpu_info
+from vitseg_export.machine.probes import module_version
 from vitseg_export.runners import BACKENDS
 from vitseg_export.tables import lazy_module
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitseg_export.parity import Thresholds
-from vitseg_export.precisions import get_precision
+from vitseg_export.precisions import Thresholds, get_precision
 
 OUTPUT_CHOICES = ("logits", "mask", "both")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -46,7 +45,7 @@ class Int8Settings:
     heldout: str | None = None  # None: the validation split of `calib` (disjoint from its calibration split)
     heldout_images: int = 32
     max_fallback: int = 64
-    # the CPU class the int8 arithmetic is made for (vitseg_export.cpu): avx2 (the default) is saturation-safe,
+    # the CPU class the int8 arithmetic is made for (vitseg_export.machine.cpu): avx2 (the default) is saturation-safe,
     # 7-bit weights that compute the same integers on every x86 CPU; vnni (and amx) use all 8 bits, exact only
     # on CPUs with VNNI or AMX. Not used by --target trt.
     cpu_class: str = "avx2"

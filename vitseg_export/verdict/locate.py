@@ -32,22 +32,22 @@ import torch
 
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, manifest_path, read_manifest, write_artifact
 from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.comparator import load_inputs
+from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.graph import to_float
 from vitseg_export.export.int8 import quantized_layers
 from vitseg_export.export.onnx_export import ExportGraph, exported_module
-from vitseg_export.export.scopes import NET, ROOT, ModuleScopes
-from vitseg_export.export.settings import EngineSettings, OnnxExportSettings
 from vitseg_export.formats import read_artifact_info
+from vitseg_export.machine.memory import peak_rss_mb
 from vitseg_export.modeling.registry import Boundary, Segmenter, get_family
+from vitseg_export.modeling.scopes import NET, ROOT, ModuleScopes
 from vitseg_export.precisions import get_precision
-from vitseg_export.profiling import peak_rss_mb
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.openvino_runner import OpenVINORunner, openvino_core
+from vitseg_export.settings import EngineSettings, OnnxExportSettings
 from vitseg_export.tables import lazy_module
-from vitseg_export.verify import check_reference
+from vitseg_export.verdict.verify import check_reference
 
 onnx = lazy_module("onnx")
 tensorrt_engine = lazy_module("vitseg_export.export.tensorrt_engine")  # rebuilds an engine with boundary outputs

@@ -1,6 +1,6 @@
 """The benchmark's report (one row per artifact, typed, with its JSON form) and the files drawn from it:
 benchmark.json, benchmark.md (with the machine it was measured on), pareto.png (latency vs agreement) and
-overlays.png (input, reference, each artifact's mask). Running the matrix is vitseg_export/benchmark.py."""
+overlays.png (input, reference, each artifact's mask). Running the matrix is measure/benchmark.py."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vitseg_export.probes import module_version
+from vitseg_export.machine.probes import module_version
 from vitseg_export.tables import lazy_module
 
 nncf_quantization_extensions = lazy_module("nncf.torch.quantization.extensions")

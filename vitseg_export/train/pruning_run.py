@@ -1,5 +1,5 @@
 """checkpoint -> pruned run directory: `vitseg prune`. Prune (pruning.py), optionally sparsify 2:4 and
-fine-tune (training.py), and report accuracy before, after pruning and after fine-tuning in `prune.json`."""
+fine-tune (train/training.py), and report accuracy before, after pruning and after fine-tuning in `prune.json`."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from vitseg_export.data.sources import open_source
 from vitseg_export.data.transforms import SegmentationDataset
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import write_json
+from vitseg_export.modeling.pruning import apply_2to4, check_2to4, prune_model, reapply_masks
 from vitseg_export.modeling.registry import Segmenter
-from vitseg_export.pruning import apply_2to4, check_2to4, prune_model, reapply_masks
-from vitseg_export.training import TrainSettings, evaluate, train
+from vitseg_export.train.training import TrainSettings, evaluate, train
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Numpy only. `ParityAccumulator` takes one image at a time and gives a typed `ParitySummary`; `judge`
 checks a summary against `Thresholds` (the per-precision presets and their reasons live in the
 precision table, vitseg_export/precisions.py). The loop that runs the runners is
-vitseg_export/comparator.py.
+compare/comparator.py.
 """
 
 from __future__ import annotations
@@ -13,16 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from vitseg_export.precisions import Thresholds, thresholds_dict
+
 LOW_MARGIN = 0.1  # a reference top-2 logit margin below this makes a flip a near-tie, not an error
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_agreement: float
-    min_miou_vs_reference: float
-    max_abs_logit_diff: float | None
-    max_mean_abs_logit_diff: float | None
-    max_nonfinite: int = 0
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
@@ -170,11 +163,6 @@ def judge(summary: ParitySummary, thresholds: Thresholds) -> list[str]:
     if thresholds.max_mean_abs_logit_diff is not None and mean is not None and mean > thresholds.max_mean_abs_logit_diff:
         failures.append(f"mean |logit diff| {mean:.3g} > {thresholds.max_mean_abs_logit_diff:.3g}")
     return failures
-
-
-def thresholds_dict(t: Thresholds) -> dict:
-    """The JSON form of a set of thresholds."""
-    return asdict(t)
 
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -19,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vitseg_export.cpu import cpu_info
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import format_for_path
-from vitseg_export.probes import module_version
+from vitseg_export.machine.cpu import cpu_info
+from vitseg_export.machine.memory import peak_rss_mb
+from vitseg_export.machine.probes import module_version
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import session_options
@@ -52,11 +52,6 @@ def measure_latency(runner: Runner, pixels: np.ndarray, warmup: int = 5, iters: 
     return {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
             "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()), "iters": iters, "warmup": warmup,
             "batch": int(pixels.shape[0]), "images_per_s": float(pixels.shape[0] * 1e3 / t.mean())}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def environment(threads: int | None = None) -> dict:

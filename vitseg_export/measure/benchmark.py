@@ -14,19 +14,20 @@ from typing import Callable
 
 import numpy as np
 
-from vitseg_export.benchmark_report import BenchmarkReport, BenchmarkRow, write_report_files
 from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
-from vitseg_export.comparator import compare, load_inputs
-from vitseg_export.cpu import CPU_CLASSES, SAFE_CLASS, cpu_class
+from vitseg_export.compare.comparator import compare
+from vitseg_export.compare.inputs import load_inputs
+from vitseg_export.compare.report import report_from_comparison, write_report
 from vitseg_export.errors import Int8NotWorthIt, VitsegError
-from vitseg_export.export.settings import ExportRequest, Int8Settings, OnnxExportSettings
 from vitseg_export.formats import FORMATS, Format, get_format
+from vitseg_export.machine.cpu import CPU_CLASSES, SAFE_CLASS, cpu_class
+from vitseg_export.machine.timing import NO_GAIN, SLOWER, compare_speed
+from vitseg_export.measure.benchmark_report import BenchmarkReport, BenchmarkRow, write_report_files
+from vitseg_export.measure.profiling import environment, profile
+from vitseg_export.modeling.pruning import prune_model
 from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
-from vitseg_export.profiling import environment, profile
-from vitseg_export.pruning import prune_model
 from vitseg_export.runners import get_backend, runner_for
-from vitseg_export.timing import NO_GAIN, SLOWER, compare_speed
-from vitseg_export.verify import report_from_comparison, write_report
+from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings
 
 OVERLAY_IMAGES = 3
 

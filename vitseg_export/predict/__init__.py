@@ -1,0 +1,1 @@
+"""artifact -> masks for a user's pixels, torch-free: still images and folders (still)."""
