@@ -11,7 +11,7 @@ baseline) and the same vitseg rows. Agreement and mIoU come from verifying each 
 checkpoint on held-out images. Also: the machine's fp32 matmul peak (torch and OpenVINO, same threads, same
 run; the larger counts) and
 the efficiency of the best fp32 row; where the time goes (ONNX Runtime and OpenVINO profilers, per op
-type); the CPU flags. Writes summary.json and summary.md; prints the targets of issue 9 as MET / NOT MET.
+type); the CPU flags. Writes summary.json and summary.md; prints the CPU performance targets as MET / NOT MET.
 Architecture names work too (random weights: latencies only, agreement is then meaningless).
 """
 
@@ -261,7 +261,7 @@ def targets(seg: dict, vit: dict) -> list[str]:
 
 
 def int8_lines(model: dict, here: str) -> list[str]:
-    """Issue 20's figures: every int8 row against its own format's fp32 in the same interleaved run, its share of
+    """The int8 figures: every int8 row against its own format's fp32 in the same interleaved run, its share of
     MACs in int8 and its agreement; the target (>= 1.3x at >= 99%) applies where the CPU has VNNI/AMX."""
     rows = {r["row"]: r for r in model["rows"] if "latency_ms" in r}
     fp32 = {"onnx": rows.get("vitseg onnx fp32 (dynamic batch, as shipped)"), "openvino": rows.get("vitseg openvino fp32 IR")}
@@ -319,7 +319,7 @@ def main() -> None:
     ap.add_argument("--verify-images", type=int, default=16)
     ap.add_argument("--calib-images", type=int, default=32)
     ap.add_argument("--output", type=Path, default=Path("bench-cpu"))
-    ap.add_argument("--int8-only", action="store_true", help="fp32 and int8 rows only (no peers, no fp16): issue 20's figures")
+    ap.add_argument("--int8-only", action="store_true", help="fp32 and int8 rows only (no peers, no fp16): the int8 figures")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     peaks = matmul_peak_gflops(args.threads)

@@ -7,7 +7,7 @@ int8 vs fp32 speed on this machine, with the CPU flags.
         [--cpu-class avx2] [--heldout-images 32] [--output bench-qat]
 
 Every export runs with --allow-float-fallback so that a mostly-float PTQ is measured instead of refused.
-Targets (issue 20): QAT keeps more MACs in int8 than PTQ on at least one path where PTQ needed the fallback,
+Targets: QAT keeps more MACs in int8 than PTQ on at least one path where PTQ needed the fallback,
 and its mIoU vs labels is within 0.5 pt of fp32. Writes summary.json; prints MET / NOT MET.
 """
 

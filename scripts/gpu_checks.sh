@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU half of the parity promise, on a CUDA machine (see ../shared/notes/gpu.md for how onnxruntime-gpu
-# gets there): the `gpu` tests, `vitseg verify --device cuda` (ONNX Runtime's CUDA provider against the
+# The GPU half of the parity promise, on a CUDA machine with onnxruntime-gpu installed (pip install
+# onnxruntime-gpu, or its wheel carried there): the `gpu` tests, `vitseg verify --device cuda` (ONNX Runtime's CUDA provider against the
 # PyTorch CUDA reference) for fp32 / fp16 / int8 artifacts, and CUDA latency profiles (eager fp32, eager
 # fp16 autocast, the artifacts; batch 1 and 8). Every step writes its log and JSON under $OUT and goes on
 # after a failure; the exit code says whether any step failed. TensorRT itself is not run here.
@@ -52,10 +52,10 @@ verify_set() {  # verify_set CKPT NAME: every exported artifact, CUDA provider v
 
 profile_set() {  # profile_set CKPT NAME HxW: eager fp32, eager fp16 autocast, then every artifact; batch 1 and 8
   local ckpt=$1 name=$2 size=$3
-  step "profile-cuda-$name-eager" 300 $VITSEG profile "$ckpt" --device cuda --image-size "$size" --batch 1,8 --warmup 20 --iters 100 --json "$OUT/profile-cuda-$name-eager.json"
-  [ "${AUTOCAST:-1}" = 1 ] && step "profile-cuda-$name-autocast" 300 $VITSEG profile "$ckpt" --device cuda --image-size "$size" --autocast --batch 1,8 --warmup 20 --iters 100 --json "$OUT/profile-cuda-$name-autocast.json"
+  step "profile-cuda-$name-eager" 300 $VITSEG profile "$ckpt" --device cuda --image-size "$size" --batch-sizes 1,8 --warmup 20 --iters 100 --report "$OUT/profile-cuda-$name-eager.json"
+  [ "${AUTOCAST:-1}" = 1 ] && step "profile-cuda-$name-autocast" 300 $VITSEG profile "$ckpt" --device cuda --image-size "$size" --autocast --batch-sizes 1,8 --warmup 20 --iters 100 --report "$OUT/profile-cuda-$name-autocast.json"
   local artifacts=("$WORK/$name"-*.onnx)
-  [ -f "${artifacts[0]}" ] && step "profile-cuda-$name-onnx" 400 $VITSEG profile "${artifacts[@]}" --device cuda --batch 1,8 --warmup 20 --iters 100 --json "$OUT/profile-cuda-$name-onnx.json"
+  [ -f "${artifacts[0]}" ] && step "profile-cuda-$name-onnx" 400 $VITSEG profile "${artifacts[@]}" --device cuda --batch-sizes 1,8 --warmup 20 --iters 100 --report "$OUT/profile-cuda-$name-onnx.json"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +75,15 @@ def run_table(tmp_path: Path, table: list, env=None, timeout: float = 1200) -> l
     return json.loads(results.read_text())
 
 
+# a glog line (abseil, gRPC, TensorFlow-style C++ libraries): severity letter, MMDD, time, thread id, file:line]
+GLOG_LINE = re.compile(r"^[IWEF]\d{4} \d{2}:\d{2}:\d{2}\.\d+\s+\d+ [^ ]+:\d+\] ")
+
+
 def error_lines(stderr: str) -> list[str]:
-    """The lines of stderr that are not warnings (blank lines count: an error is one line, nothing around it)."""
-    return [line for line in stderr.splitlines() if not line.startswith(("warning:", "W1122"))]
+    """The lines of stderr that are not warnings, deprecation notes or third-party glog lines (blank lines count: an
+    error is one line, nothing around it)."""
+    return [line for line in stderr.splitlines()
+            if not line.startswith(("warning:", "deprecated:")) and not GLOG_LINE.match(line)]
 
 
 def one_line(proc) -> str:

@@ -29,7 +29,9 @@ def run_cli(*args: str) -> CliResult:
     out, err = io.StringIO(), io.StringIO()
     old_argv = sys.argv
     sys.argv = ["vitseg", *map(str, args)]
-    old_consoles = common.console.file, common.err_console.file
+    # the consoles' own setting (None: follow sys.stdout / sys.stderr), not the stream it resolves to now, which
+    # would pin them to this test's captured stream for every later test
+    old_consoles = common.console._file, common.err_console._file
     common.console.file, common.err_console.file = out, err
     code = 0
     try:
@@ -39,7 +41,7 @@ def run_cli(*args: str) -> CliResult:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = old_argv
-        common.console.file, common.err_console.file = old_consoles
+        common.console._file, common.err_console._file = old_consoles
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
@@ -142,15 +144,22 @@ def exported(_export_cache, twin, tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
+    """The unit tier (tests/unit: metrics, presets, the fallback search, the comparator's batches, the timing rule;
+    milliseconds each) runs first, so a broken verdict core fails in seconds; gpu and trt tests skip, saying why,
+    where this machine lacks what they need."""
     import importlib.util
 
+    unit = Path(__file__).parent / "unit"
+    items.sort(key=lambda item: not Path(str(item.fspath)).is_relative_to(unit))  # stable: order kept within tiers
     has_trt = importlib.util.find_spec("tensorrt") is not None
-    try:
-        import torch
+    has_cuda = False
+    if any(item.get_closest_marker("gpu") for item in items):  # the unit tier alone never imports torch
+        try:
+            import torch
 
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
+            has_cuda = torch.cuda.is_available()
+        except ImportError:
+            pass
     for item in items:
         if item.get_closest_marker("gpu") and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here"))

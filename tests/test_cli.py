@@ -34,7 +34,7 @@ def test_python_dash_m_entry_point_and_clean_errors():
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
     result = cli("demo", "--model", "segformer-b0-test", "--output", str(tmp_path / "demo"), "--epochs", "1",
-                 "--train-images", "8", "--verify-images", "2", "--image-size", "64")
+                 "--train-images", "8", "--num-images", "2", "--image-size", "64")
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "demo" / "benchmark.json").read_text())
     names = [r["name"] for r in report["rows"]]

@@ -202,8 +202,8 @@ def test_the_placeholder_graph_is_the_calibrated_graphs_placement(twin, exported
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--precision", "int8", "--cpu-class", "avx9"], "--cpu-class avx9 is unknown"),
-    (["--precision", "fp32", "--cpu-class", "vnni"], "--cpu-class applies to --precision int8 for CPUs"),
+    (["--precision", "int8", "--cpu-class", "avx9"], "Invalid value for '--cpu-class'"),
+    (["--precision", "fp32", "--cpu-class", "vnni"], "--cpu-class applies to --precision int8 --target cpu only"),
     (["--precision", "int8", "--target", "trt", "--cpu-class", "vnni"], "not --format onnx --precision int8 --target trt"),
     (["--precision", "fp16", "--allow-float-fallback"], "--allow-float-fallback applies to --precision int8 only")])
 def test_cpu_class_options_that_do_not_apply_are_refused(tmp_path, cli, args, message):
@@ -229,9 +229,10 @@ def test_the_benchmark_shows_a_refused_int8_as_skipped_with_the_reason(tmp_path,
     report = benchmark.run_benchmark("vit-seg-tiny-test", tmp_path / "b", benchmark.BenchmarkSettings(
         formats=("onnx",), precisions=("fp32", "int8"), verify_images=2, iters=2), log=lambda m: None)
     row = report.row("onnx-int8")
-    assert row.status == "skipped: int8 cannot pay on this avx2 CPU in onnxruntime" and not row.failed
+    assert row.status == "skipped: int8 cannot pay on this avx2 CPU in onnxruntime (export fp32)" and not row.failed
     assert row.latency_p50_ms is None and report.row("onnx-fp32").status == "verified"
-    assert "skipped: int8 cannot pay" in (tmp_path / "b" / "benchmark.md").read_text()
+    md = (tmp_path / "b" / "benchmark.md").read_text()
+    assert "| onnx-int8 | skipped [1] |" in md and "[1] onnx-int8: int8 cannot pay on this avx2 CPU in onnxruntime (export fp32)" in md
 
 
 # Under QEMU's user-mode emulation with its Haswell CPU model (AVX2, FMA; no AVX-512, no VNNI) ONNX Runtime's and

@@ -17,11 +17,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vitseg_export"
 REFERENCE = re.compile(r"""lazy_module\(\s*["'](vitseg_export[\w.]*)["']""")
 TABLES = ("vitseg_export.tables", "vitseg_export.formats", "vitseg_export.precisions", "vitseg_export.runners",
           "vitseg_export.settings", "vitseg_export.artifact", "vitseg_export.errors", "vitseg_export.files",
-          "vitseg_export.machine.probes", "vitseg_export.machine.cpu", "vitseg_export.machine.timing")
+          "vitseg_export.machine.probes", "vitseg_export.machine.cpu", "vitseg_export.machine.timing", "vitseg_export.fields", "vitseg_export.progress")
 # The packages in data-flow order, bottom first (docs/design.md draws the same picture). A module may import its
 # own layer and the layers below it, never a layer above.
 LAYERS = (
-    ("vitseg_export", "errors", "tables", "files", "images", "artifact", "precisions", "formats", "settings", "machine"),
+    ("vitseg_export", "errors", "tables", "files", "fields", "progress", "images", "artifact", "precisions", "formats", "settings",
+     "machine"),
     ("data",),
     ("modeling",),
     ("checkpoint", "hub"),

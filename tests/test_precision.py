@@ -166,7 +166,7 @@ def test_cli_export_int8_reports_mac_share(tmp_path, cli):
     assert r.exit_code == 0, r.stderr
     assert "of MACs run in int8" in r.stdout
     bad = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib-method", "magic", "-o", str(tmp_path / "b.onnx"))
-    assert bad.exit_code == 2 and "calib-method magic" in bad.stderr and not (tmp_path / "b.onnx").exists()
+    assert bad.exit_code == 2 and "Invalid value for '--calib-method'" in bad.stderr and not (tmp_path / "b.onnx").exists()
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
     r = cli("export", "vit-seg-tiny-test", "--precision", "int8", "--calib", f"folder:{empty}", "-o", str(tmp_path / "c.onnx"))

@@ -9,8 +9,8 @@ import pytest
 def test_profile_json_schema(tmp_path, cli, exported):
     onnx_path = exported("segformer-b0-test")
     static = exported("vit-seg-tiny-test", dynamic_batch=False)
-    r = cli("profile", str(onnx_path), str(static), "segformer-b0-test", "--batch", "1,2", "--iters", "3",
-            "--warmup", "1", "--threads", "1", "--json", str(tmp_path / "p.json"))
+    r = cli("profile", str(onnx_path), str(static), "segformer-b0-test", "--batch-sizes", "1,2", "--iters", "3",
+            "--warmup", "1", "--threads", "1", "--report", str(tmp_path / "p.json"))
     assert r.exit_code == 0, r.stderr
     results = json.loads((tmp_path / "p.json").read_text())
     assert [x["backend"] for x in results] == ["onnxruntime", "onnxruntime", "torch"]
@@ -26,7 +26,7 @@ def test_profile_json_schema(tmp_path, cli, exported):
     assert static_rows[1]["skipped"].startswith("static batch")
     # ONNX and torch count the same convolutions and matmuls (fold removes the decoder's fuse conv)
     assert results[0]["gflops"] < results[2]["gflops"]
-    bad = cli("profile", str(onnx_path), "--batch", "0")
+    bad = cli("profile", str(onnx_path), "--batch-sizes", "0")
     assert bad.exit_code == 2 and "integers in 1..1024" in bad.stderr
 
 
@@ -35,7 +35,7 @@ def test_benchmark_schema_and_files(tmp_path, cli, monkeypatch):
 
     monkeypatch.setattr(common.console, "width", 80)  # a piped log: every column must fit, nothing cut
     r = cli("benchmark", "vit-seg-tiny-test", "--output", str(tmp_path / "b"), "--formats", "onnx", "--precisions", "fp32,int8", "--allow-float-fallback",
-            "--verify-images", "2", "--iters", "3", "--calib", "synthetic[:4]")
+            "--num-images", "2", "--iters", "3", "--calib", "synthetic[:4]")
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "b" / "benchmark.json").read_text())
     assert {"checkpoint", "architecture", "image_size", "device", "batch", "rows", "environment"} <= set(report)
@@ -78,7 +78,7 @@ def test_benchmark_cell_failure_does_not_stop_the_others(tmp_path, cli):
 
 def test_benchmark_with_pruned_variants(tmp_path, cli):
     r = cli("benchmark", "segformer-b0-test", "--output", str(tmp_path / "b"), "--formats", "onnx", "--precisions", "fp32",
-            "--prune", "0.5", "--verify-images", "2", "--iters", "2")
+            "--prune", "0.5", "--num-images", "2", "--iters", "2")
     assert r.exit_code == 0, r.stderr
     rows = {row["name"]: row for row in json.loads((tmp_path / "b" / "benchmark.json").read_text())["rows"]}
     assert set(rows) == {"pytorch-eager-fp32", "onnx-fp32", "onnx-fp32-pruned0.5"}

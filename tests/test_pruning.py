@@ -63,7 +63,7 @@ def test_bad_prune_requests(random_model):
 @pytest.mark.parametrize("name", ["segformer-b0-test", "vit-seg-base-test"])
 def test_pruned_checkpoint_exports_verifies_and_loads_without_the_original(tmp_path, cli, name):
     r = cli("prune", name, "--ratio", "0.5", "--method", "all", "--output", str(tmp_path / "p"),
-            "--finetune-epochs", "1", "--data", "synthetic[:8]", "--eval-images", "4", "--batch-size", "4")
+            "--finetune-epochs", "1", "--data", "synthetic[:8]", "--num-images", "4", "--batch-size", "4")
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "p" / "prune.json").read_text())
     assert report["params_after"] < report["params_before"]
@@ -96,7 +96,7 @@ def test_2to4_masks_and_checker(random_model):
 
 def test_2to4_survives_finetuning(tmp_path, cli):
     r = cli("prune", "segformer-b0-test", "--ratio", "0.25", "--method", "mlp", "--sparsity", "2:4",
-            "--finetune-epochs", "1", "--data", "synthetic[:8]", "--eval-images", "2", "--batch-size", "4",
+            "--finetune-epochs", "1", "--data", "synthetic[:8]", "--num-images", "2", "--batch-size", "4",
             "--output", str(tmp_path / "s"))
     assert r.exit_code == 0, r.stderr
     model = load_checkpoint(tmp_path / "s").model

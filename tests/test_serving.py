@@ -117,14 +117,14 @@ def test_repositories_for_every_backend_follow_tritons_schema(tmp_path, exported
 
 
 def test_export_format_triton_from_a_checkpoint(tmp_path, cli):
-    r = cli("export", "segformer-b0-test", "--format", "triton", "--backend", "python", "--name", "b0", "--static-batch",
-            "--max-batch-size", "4", "--preferred-batch", "2,4", "-o", str(tmp_path / "repo"))
+    r = cli("export", "segformer-b0-test", "--format", "triton", "--triton-backend", "python", "--triton-name", "b0", "--static-batch",
+            "--triton-max-batch", "4", "--triton-preferred-batch", "2,4", "-o", str(tmp_path / "repo"))
     assert r.exit_code == 0, r.stderr  # a checkpoint is exported with a dynamic batch whatever was asked
     config = validate_config((tmp_path / "repo" / "b0" / "config.pbtxt").read_text())
     assert config.max_batch_size == 4 and config.backend == "python"
     assert "checked against Triton's schema" in r.stdout
-    r = cli("export", "segformer-b0-test", "--format", "triton", "--preferred-batch", "16", "-o", str(tmp_path / "r2"))
-    assert r.exit_code == 2 and "--preferred-batch 16 is outside 1..--max-batch-size 8" in r.stderr
+    r = cli("export", "segformer-b0-test", "--format", "triton", "--triton-preferred-batch", "16", "-o", str(tmp_path / "r2"))
+    assert r.exit_code == 2 and "--triton-preferred-batch 16 is outside 1..--triton-max-batch 8" in r.stderr
     assert not (tmp_path / "r2").exists()
 
 
@@ -196,25 +196,25 @@ def test_malformed_requests_get_an_error_and_the_server_keeps_serving(served):
 
 def test_verify_and_profile_of_the_live_endpoint(served, cli, tmp_path):
     _, ports, _ = served
-    r = cli("verify", "--server", f"http://localhost:{ports['http']}", "--model", MODEL, "-r", "segformer-b0-test",
+    r = cli("verify", "--server", f"http://localhost:{ports['http']}", "--served-model", MODEL, "-r", "segformer-b0-test",
             "--num-images", "8", "--concurrency", "4", "--json", "--report", str(tmp_path / "r.json"))
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["passed"] and report["backend"] == "triton" and report["device"] == "server"
     assert [s["batch"] for s in report["shapes"]] == [1, 4] and report["batch_consistency"]["images_compared"] == 8
     assert report["max_abs_logit_diff"] < 1e-3
-    r = cli("verify", "--server", f"grpc://localhost:{ports['grpc']}", "--model", MODEL, "-r", "segformer-b1-test",
+    r = cli("verify", "--server", f"grpc://localhost:{ports['grpc']}", "--served-model", MODEL, "-r", "segformer-b1-test",
             "--num-images", "2", "--max-abs-diff", "0")
     assert r.exit_code == 3 and "FAILED at batch" in r.stderr  # an impossible limit fails: the check can fail
-    r = cli("profile", "--server", f"http://localhost:{ports['http']}", "--model", MODEL, "--concurrency", "1,2",
+    r = cli("profile", "--server", f"http://localhost:{ports['http']}", "--served-model", MODEL, "--concurrency", "1,2",
             "--duration", "1", "--json", str(tmp_path / "p.json"))
     assert r.exit_code == 0, r.stderr
     levels = json.loads((tmp_path / "p.json").read_text())["levels"]
     assert [level["concurrency"] for level in levels] == [1, 2]
     assert all(level["requests"] > 0 and level["errors"] == 0 and level["p50_ms"] > 0 for level in levels)
-    r = cli("verify", "--server", f"http://localhost:{ports['http']}", "--model", "nosuch", "-r", "segformer-b0-test")
+    r = cli("verify", "--server", f"http://localhost:{ports['http']}", "--served-model", "nosuch", "-r", "segformer-b0-test")
     assert r.exit_code == 2 and "is not ready" in r.stderr and MODEL in r.stderr
-    r = cli("verify", "--server", f"http://localhost:{_free_port()}", "--model", MODEL, "-r", "segformer-b0-test")
+    r = cli("verify", "--server", f"http://localhost:{_free_port()}", "--served-model", MODEL, "-r", "segformer-b0-test")
     assert r.exit_code == 2 and "cannot reach a Triton server" in r.stderr
 
 

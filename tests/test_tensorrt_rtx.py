@@ -131,10 +131,10 @@ def test_cli_export_trt_rtx_says_the_verdict_is_pending_and_how_to_get_it(tmp_pa
 @pytest.mark.parametrize("args,message", [
     (["--format", "trt-rtx", "--compute-capability", "9.0"], "--compute-capability 9.0: TensorRT-RTX builds for 7.5, 8.0, 8.6, 8.9, 12.0, 12.1 only"),
     (["--format", "trt-rtx", "--compute-capability", "abc,8.6"], "--compute-capability abc: TensorRT-RTX builds for"),
-    (["--format", "onnx", "--compute-capability", "8.6"], "--compute-capability applies to --format trt-rtx (TensorRT-RTX) only, not --format onnx"),
-    (["--format", "trt-rtx", "--dla-core", "0"], "--dla-core applies to --format trt (TensorRT) only"),
-    (["--format", "trt-rtx", "--weakly-typed"], "--weakly-typed applies to --format trt (TensorRT) only"),
-    (["--format", "trt-rtx", "--timing-cache", "t.cache"], "--timing-cache applies to --format trt (TensorRT) only"),
+    (["--format", "onnx", "--compute-capability", "8.6"], "--compute-capability applies to --format trt-rtx only, not --format onnx"),
+    (["--format", "trt-rtx", "--dla-core", "0"], "--dla-core applies to --format trt or --format triton --triton-backend tensorrt only"),
+    (["--format", "trt-rtx", "--weakly-typed"], "--weakly-typed applies to --format trt or --format triton --triton-backend tensorrt only"),
+    (["--format", "trt-rtx", "--timing-cache", "t.cache"], "--timing-cache applies to --format trt or --format triton --triton-backend tensorrt only"),
     (["--format", "trt-rtx", "-o", "x.engine"], "--format trt-rtx writes .rtx.engine files")])
 def test_bad_engine_requests_are_one_line_and_write_nothing(tmp_path, cli, args, message):
     r = cli("export", "segformer-b0-test", *[a if a != "x.engine" else str(tmp_path / a) for a in args])
@@ -222,7 +222,7 @@ def test_a_trt_rtx_engine_is_served_by_vitsegs_runner_not_tritons_tensorrt_backe
     assert result.manifest.extra["source_format"] == "trt-rtx"
     with pytest.raises(VitsegError, match="Triton's tensorrt backend does not run trt-rtx artifacts") as refused:
         repository_from_artifact(rtx_engine, tmp_path / "repo2", replace(request, triton=TritonSettings(backend="tensorrt")))
-    assert refused.value.hint == "use --backend python" and not (tmp_path / "repo2").exists()
+    assert refused.value.hint == "use --triton-backend python" and not (tmp_path / "repo2").exists()
 
 
 def test_doctor_says_trt_rtx_builds_here_and_runs_on_an_rtx_gpu(cli):

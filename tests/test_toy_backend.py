@@ -62,7 +62,7 @@ def test_a_backend_registered_from_one_module_is_everywhere(tmp_path, cli, toy_b
     doctor = json.loads(cli("doctor", "--json").stdout)
     assert doctor["formats"]["tonnx"]["available"] and doctor["backends"]["onnxruntime-noopt"]["devices"] == ["cpu"]
     r = cli("benchmark", "vit-seg-tiny-test", "--formats", "onnx,tonnx", "--precisions", "fp32,int8", "--allow-float-fallback", "--output",
-            str(tmp_path / "b"), "--verify-images", "2", "--iters", "2", "--calib", "synthetic[:4]")
+            str(tmp_path / "b"), "--num-images", "2", "--iters", "2", "--calib", "synthetic[:4]")
     assert r.exit_code == 0, r.stderr
     rows = {row["name"]: row for row in json.loads((tmp_path / "b" / "benchmark.json").read_text())["rows"]}
     assert set(rows) == {"pytorch-eager-fp32", "onnx-fp32", "onnx-int8", "tonnx-fp32"}  # the format has no int8
@@ -71,7 +71,7 @@ def test_a_backend_registered_from_one_module_is_everywhere(tmp_path, cli, toy_b
 
 def test_unknown_formats_and_backends_name_the_known_ones(cli, exported):
     r = cli("export", "segformer-b0-test", "--format", "tonnx")
-    assert r.exit_code == 2 and "--format tonnx is unknown" in r.stderr and "onnx" in r.stderr
+    assert r.exit_code == 2 and "'tonnx' is not one of 'onnx'" in r.stderr
     # a real artifact, so the refusal can only come from resolving the backend
     r = cli("verify", str(exported("segformer-b0-test")), "-r", "segformer-b0-test", "--backend", "nosuch")
-    assert r.exit_code == 2 and "unknown backend 'nosuch'" in r.stderr and "onnxruntime" in r.stderr
+    assert r.exit_code == 2 and "'nosuch' is not one of 'torch', 'onnxruntime'" in r.stderr

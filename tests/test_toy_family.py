@@ -99,7 +99,7 @@ def test_a_family_defined_in_one_file_trains_exports_verifies_and_profiles(tmp_p
     assert verdict.passed, verdict.failures
     figures = profile(tmp_path / "toy.onnx", [1], iters=2, warmup=1)
     assert figures.batch(1)["p50_ms"] > 0 and figures.gflops > 0
-    r = cli("prune", str(tmp_path / "run"), "--output", str(tmp_path / "p"), "--eval-images", "2", "--data", "synthetic[:4]")
+    r = cli("prune", str(tmp_path / "run"), "--output", str(tmp_path / "p"), "--num-images", "2", "--data", "synthetic[:4]")
     assert r.exit_code == 2 and "toyseg family has no" in r.stderr  # it declares no pruning: a clear refusal
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitseg_export import fields
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_group, check_readable_file, json_bytes, sha256_file
 from vitseg_export.machine.cpu import CPU_CLASSES
@@ -35,6 +35,26 @@ def alternate_size(size: tuple[int, int]) -> tuple[int, int]:
     """The second size a dynamic-size artifact is judged at: three quarters of its own, made odd in both
     directions (an odd size exercises the padding and rounding of strided convolutions and resizes)."""
     return (max(MIN_INPUT_SIDE, (3 * size[0]) // 4 | 1), max(MIN_INPUT_SIDE + 1, (3 * size[1]) // 4 + 3 | 1))
+
+
+# The embedded metadata, each field with its check (vitseg_export.fields: the one validator).
+ARTIFACT_FIELDS = [
+    fields.Field("architecture", fields.is_text, "a name"),
+    fields.Field("class_names", fields.names_list, "a list of class names"),
+    fields.Field("input_size", fields.size_pair(1, MAX_INPUT_SIDE), f"[height, width] in 1..{MAX_INPUT_SIDE}"),
+    fields.Field("normalization", fields.is_normalization, "{mean: [3 numbers], std: [3 positive numbers]}"),
+    fields.Field("precision", fields.is_text, "a precision name"),
+    fields.Field("opset", lambda v: fields.is_int(v, 0, 64), "an opset number", 0),
+    fields.Field("outputs", lambda v: isinstance(v, list) and bool(v) and set(v) <= {"logits", "mask"},
+                 "a list of logits and/or mask"),
+    fields.Field("dynamic_batch", lambda v: isinstance(v, bool), "true or false", False),
+    fields.Field("dynamic_size", lambda v: isinstance(v, bool), "true or false", False),
+    fields.Field("source_sha256", fields.is_text, "a hex digest", ""),
+    fields.Field("vitseg_version", fields.is_text, "a version", "unknown"),
+    fields.Field("family", fields.is_text, "a family name", ""),
+    fields.Field("source_checkpoint", fields.is_text, "a path", ""),
+    fields.Field("cpu_class", lambda v: v in ("", *CPU_CLASSES), f"one of {', '.join(CPU_CLASSES)}", ""),
+]
 
 
 @dataclass
@@ -118,51 +138,22 @@ class ArtifactInfo:
     @classmethod
     def from_metadata(cls, path: Path, fmt: str, meta: dict[str, str]) -> "ArtifactInfo":
         """Parse `vitseg.KEY` -> JSON text pairs; VitsegError when a required key is missing or invalid."""
-        def get(key: str, default=None):
-            value = meta.get(META_PREFIX + key)
-            if value is None:
-                if default is not None:
-                    return default
-                raise VitsegError(f"{path} carries no vitseg metadata '{key}'",
-                                  "it was not exported by vitseg; re-export it with `vitseg export`")
+        parsed = {}
+        for key in (f.key for f in ARTIFACT_FIELDS if META_PREFIX + f.key in meta):  # others may be plain text
             try:
-                return json.loads(value)
+                parsed[key] = json.loads(meta[META_PREFIX + key])
             except json.JSONDecodeError:
                 raise VitsegError(f"{path}: vitseg metadata '{key}' is not valid JSON", "re-export the artifact") from None
-
-        def typed(key: str, check, meaning: str, default=None):
-            value = get(key, default)
-            if not check(value):
-                raise VitsegError(f"{path}: vitseg metadata '{key}' is {json.dumps(value)[:60]}, not {meaning}",
-                                  "the artifact's metadata is damaged; re-export it with `vitseg export`")
-            return value
-
-        def numbers(n: int, positive: bool = False):
-            return lambda v: isinstance(v, list) and len(v) == n and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive) for x in v)
-
-        def text(v) -> bool:
-            return isinstance(v, str)
-
-        size = typed("input_size", lambda v: numbers(2, True)(v) and all(isinstance(x, int) and x <= MAX_INPUT_SIDE for x in v),
-                     f"[height, width] in 1..{MAX_INPUT_SIDE}")
-        norm = typed("normalization", lambda v: isinstance(v, dict) and numbers(3)(v.get("mean")) and numbers(3, True)(v.get("std")),
-                     "{mean: [3 numbers], std: [3 positive numbers]}")
+        v = fields.read_fields(parsed, ARTIFACT_FIELDS, f"{path}: vitseg metadata",
+                               "the artifact's metadata is damaged; re-export it with `vitseg export`",
+                               missing_hint="it was not exported by vitseg; re-export it with `vitseg export`")
         return cls(
-            path=path, format=fmt, architecture=typed("architecture", text, "a name"),
-            class_names=typed("class_names", lambda v: isinstance(v, list) and v and all(map(text, v)), "a list of class names"),
-            input_size=tuple(size), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
-            precision=typed("precision", text, "a precision name"),
-            opset=typed("opset", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64, "an opset number",
-                        0) or None,
-            outputs=typed("outputs", lambda v: isinstance(v, list) and v and set(v) <= {"logits", "mask"},
-                          "a list of logits and/or mask"),
-            dynamic_batch=typed("dynamic_batch", lambda v: isinstance(v, bool), "true or false", False),
-            dynamic_size=typed("dynamic_size", lambda v: isinstance(v, bool), "true or false", False),
-            source_sha256=typed("source_sha256", text, "a hex digest", "") or None,
-            vitseg_version=typed("vitseg_version", text, "a version", "unknown"),
-            family=typed("family", text, "a family name", ""), source_checkpoint=typed("source_checkpoint", text, "a path", ""),
-            cpu_class=typed("cpu_class", lambda v: v in ("", *CPU_CLASSES), f"one of {', '.join(CPU_CLASSES)}", ""),
+            path=path, format=fmt, architecture=v["architecture"], class_names=v["class_names"],
+            input_size=tuple(v["input_size"]), mean=tuple(v["normalization"]["mean"]),
+            std=tuple(v["normalization"]["std"]), precision=v["precision"], opset=v["opset"] or None,
+            outputs=v["outputs"], dynamic_batch=v["dynamic_batch"], dynamic_size=v["dynamic_size"],
+            source_sha256=v["source_sha256"] or None, vitseg_version=v["vitseg_version"], family=v["family"],
+            source_checkpoint=v["source_checkpoint"], cpu_class=v["cpu_class"],
             extra={k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)},
         )
 
@@ -184,6 +175,7 @@ class ExportManifest:
     precision_details: dict | None = None
     export_seconds: float | None = None
     random_weights: bool | None = None
+    source: dict | None = None  # the weights it came from: LoadedCheckpoint.source_record() (a Hub id's commit, sha256s)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -200,7 +192,7 @@ class ExportManifest:
     def from_json(cls, data: dict) -> "ExportManifest":
         """Parse a manifest written by `to_json`."""
         known = {"artifact", "format", "sha256", "size_bytes", "metadata", "export_settings", "self_parity", "rewrites",
-                 "fp32_graph_parity", "export_seconds", "random_weights"}
+                 "fp32_graph_parity", "export_seconds", "random_weights", "source"}
         precision = data.get("metadata", {}).get("precision")
         extra = {k: v for k, v in data.items() if k not in known and k != precision}
         return cls(**{k: v for k, v in data.items() if k in known}, precision_details=data.get(precision), extra=extra)

@@ -4,6 +4,8 @@
   `.safetensors` file with that `config.json` beside it;
 - a Hugging Face directory (`config.json` + `model.safetensors` or `pytorch_model.bin`) of a model type a
   family maps (`ModelFamily.huggingface`: SegFormer), with or without its segmentation head;
+- a Hugging Face Hub id (`org/name`, optionally at a revision), resolved by `hub.py` from the local cache first
+  and loaded as the Hugging Face directory its snapshot is (recorded: id, commit, files' sha256);
 - an architecture name (random weights, with a warning).
 
 Foreign weights (a family's `foreign_formats`: timm ViT, the seed article's own state dicts) come in
@@ -14,7 +16,6 @@ through `--init` via `init_from_foreign`. No pickle anywhere: safetensors, or
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from vitseg_export import __version__
+from vitseg_export import __version__, fields, hub
 from vitseg_export.artifact import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from vitseg_export.errors import CheckpointError, VitsegError
 from vitseg_export.files import atomic_write_group, check_readable_file, json_bytes, sha256_file
@@ -71,7 +72,10 @@ class CheckpointMeta:
     def from_json(cls, data: dict, where: str) -> "CheckpointMeta":
         """Parse a config.json dict; CheckpointError (naming `where`) when it is not a valid vitseg config."""
         try:
-            _check_fields(data)
+            fields.read_fields(data, CONFIG_FIELDS, where, "the config.json is damaged; re-save the checkpoint with `vitseg train`")
+        except VitsegError as e:
+            raise CheckpointError(e.message, e.hint) from None
+        try:
             family = data["family"]
             norm = data["normalization"]
             meta = cls(
@@ -104,34 +108,18 @@ class CheckpointMeta:
         return cls(arch.name, arch.family, config, names, (arch.image_size, arch.image_size), arch.mean, arch.std)
 
 
-def _check_fields(data: dict) -> None:
-    """The config.json fields vitseg reads, each of its type and range (VitsegError naming the first that is
-    not: a damaged config is refused, never coerced)."""
-    def numbers(value, count: int, positive: bool) -> bool:
-        return isinstance(value, list) and len(value) == count and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
-            for x in value)
-
-    if not isinstance(data, dict):
-        raise VitsegError("the config is not a JSON object", "re-save the checkpoint with vitseg")
-    norm = data.get("normalization")
-    checks = [
-        ("format_version", data.get("format_version", FORMAT_VERSION) == FORMAT_VERSION, f"format version {FORMAT_VERSION}"),
-        ("architecture", isinstance(data.get("architecture"), str), "a name"),
-        ("family", isinstance(data.get("family"), str), "a family name"),
-        ("class_names", isinstance(data.get("class_names"), list) and data["class_names"] and
-         all(isinstance(c, str) and c for c in data["class_names"]), "a list of class names"),
-        ("image_size", isinstance(data.get("image_size"), list) and len(data["image_size"]) == 2 and all(
-            isinstance(x, int) and not isinstance(x, bool) and MIN_INPUT_SIDE <= x <= MAX_INPUT_SIDE for x in data["image_size"]),
-         f"[height, width] in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}"),
-        ("normalization", isinstance(norm, dict) and numbers(norm.get("mean"), 3, False) and numbers(norm.get("std"), 3, True),
-         "{mean: [3 numbers], std: [3 positive numbers]}"),
-        ("training", isinstance(data.get("training", {}), dict), "an object"),
-    ]
-    for key, ok, meaning in checks:
-        if not ok:
-            raise VitsegError(f"{key} is {json.dumps(data.get(key))[:60]}, not {meaning}",
-                              "the config.json is damaged; re-save the checkpoint with `vitseg train`")
+# The config.json fields vitseg reads, each with its check (vitseg_export.fields: the one validator): a damaged config
+# is refused, never coerced.
+CONFIG_FIELDS = [
+    fields.Field("format_version", lambda v: v == FORMAT_VERSION, f"format version {FORMAT_VERSION}", FORMAT_VERSION),
+    fields.Field("architecture", fields.is_text, "a name"),
+    fields.Field("family", fields.is_text, "a family name"),
+    fields.Field("class_names", fields.names_list, "a list of class names"),
+    fields.Field("image_size", fields.size_pair(MIN_INPUT_SIDE, MAX_INPUT_SIDE),
+                 f"[height, width] in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}"),
+    fields.Field("normalization", fields.is_normalization, "{mean: [3 numbers], std: [3 positive numbers]}"),
+    fields.Field("training", lambda v: isinstance(v, dict), "an object", {}),
+]
 
 
 @dataclass
@@ -141,6 +129,12 @@ class LoadedCheckpoint:
     source: str  # what the user named
     sha256: str | None  # of the weights file; None for random weights
     kind: str  # "vitseg" | "huggingface" | "random"
+    hub: dict | None = None  # a Hub id's record (id, revision, commit, files' sha256): HubSnapshot.record()
+
+    def source_record(self) -> dict:
+        """What the manifest's `source` says about the weights an artifact came from."""
+        return {"checkpoint": self.source, "kind": self.kind, "sha256": self.sha256 or "",
+                **({"hub": self.hub} if self.hub else {})}
 
     def segmenter(self) -> Segmenter:
         """pixels in [0,1] -> logits at input resolution, the graph every backend runs."""
@@ -295,14 +289,19 @@ def _random_weights(name: str) -> LoadedCheckpoint:
     return LoadedCheckpoint(model.eval(), CheckpointMeta.for_architecture(arch), name, None, "random")
 
 
-def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
-    """The one way in: run dir, .safetensors file, Hugging Face directory, or architecture name.
-    Returns the model in eval mode with its meta; raises CheckpointError (one line) for anything else."""
+def load_checkpoint(spec: str | Path, revision: str | None = None) -> LoadedCheckpoint:
+    """The one way in: run dir, .safetensors file, Hugging Face directory, Hub id (`org/name`, at `revision`), or
+    architecture name; a path that exists wins over an id of the same spelling. Returns the model in eval mode with
+    its meta; raises CheckpointError (one line) for anything else."""
     text = str(spec)
     path = Path(text)
+    if revision is not None and (path.exists() or not hub.looks_like_hub_id(text)):
+        raise CheckpointError(f"--revision applies to Hub ids (org/name), and '{text}' is not one", "drop --revision")
     if not path.exists():
         if text in registry.ARCHITECTURES:
             return _random_weights(text)
+        if hub.looks_like_hub_id(text):
+            return _load_hub(text, revision)
         looks_like_path = os.sep in text or text.endswith((".safetensors", ".bin", ".pth", ".pt", ".json"))
         hint = "check the path" if looks_like_path else "pass a run directory, a .safetensors file, or a name from `vitseg models`"
         raise CheckpointError(f"checkpoint '{text}' does not exist and is not an architecture name", hint)
@@ -331,6 +330,21 @@ def load_checkpoint(spec: str | Path) -> LoadedCheckpoint:
         return load_checkpoint(path.parent)
     raise CheckpointError(f"{path} is not a checkpoint vitseg can read",
                           "expected a run directory, a .safetensors file, or a Hugging Face SegFormer directory")
+
+
+def _load_hub(repo_id: str, revision: str | None) -> LoadedCheckpoint:
+    """A Hub id, resolved to its snapshot directory (cache first) and loaded as the Hugging Face directory it is."""
+    snapshot = hub.resolve(repo_id, revision)
+    config_path = snapshot.directory / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"Hub model {repo_id} has no config.json in its snapshot {snapshot.directory}",
+                              "it is not a transformers model repository; vitseg loads SegFormer repositories")
+    data = _read_json(config_path)
+    if "model_type" not in data:
+        raise CheckpointError(f"Hub model {repo_id}'s config.json is not a transformers config", "name a SegFormer model")
+    loaded = _load_huggingface(snapshot.directory, data)
+    loaded.meta.training = {"source": "huggingface-hub", "id": repo_id, "commit": snapshot.commit}
+    return replace(loaded, source=repo_id, hub=snapshot.record())
 
 
 def init_from_foreign(arch: Architecture, path: Path, num_classes: int | None = None) -> LoadedCheckpoint:

@@ -17,10 +17,11 @@ from vitseg_export.artifact import ArtifactInfo, check_artifact_file, manifest_p
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.machine.probes import Availability
 from vitseg_export.precisions import PRECISIONS
+from vitseg_export.progress import Progress
 from vitseg_export.tables import Table, lazy
 
 # (loaded checkpoint, output path, ExportRequest, progress) -> ExportResult
-Exporter = Callable[[Any, Path, Any, Callable[[str], None]], Any]
+Exporter = Callable[[Any, Path, Any, Progress], Any]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class Format:
     onnx_beside: bool = False  # exporting a checkpoint also writes the ONNX it was built from beside the artifact
     # `vitseg qat`: (loaded checkpoint, output path, ExportRequest, QatSettings, progress, on_step) -> ExportResult
     qat: Callable[..., Any] | None = None
+    # the `vitseg export` options (parameter names) that apply to this format alone; given for another, refused
+    options: tuple[str, ...] = ()
 
     def files(self, path: Path) -> list[Path]:
         """Every file an artifact at `path` consists of: itself, its sidecars, its manifest."""
@@ -59,6 +62,12 @@ FORMATS: Table[Format] = Table("--format {name} is unknown", "use one of: {names
 # Add a row (`--format` choices, doctor and the benchmark matrix follow) / the row of a name (one-line error).
 register_format = FORMATS.register
 get_format = FORMATS.row
+
+
+# the options every TensorRT edition's build takes, and those of a Triton repository
+ENGINE_OPTIONS = ("workspace", "min_shape", "opt_shape", "max_shape", "sparse_weights", "version_compatible")
+TRITON_OPTIONS = ("triton_name", "triton_backend", "triton_max_batch", "triton_instances", "triton_preferred_batch",
+                  "triton_queue_delay_us", "triton_device")
 
 
 def format_for_path(path: Path) -> Format | None:
@@ -103,7 +112,7 @@ register_format(Format(
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_artifact=lazy("vitseg_export.export.tensorrt_engine:engine_from_artifact"), artifact_sources=("onnx",),
-    onnx_beside=True))
+    onnx_beside=True, options=ENGINE_OPTIONS + ("dla_core", "weakly_typed", "timing_cache")))
 register_format(Format(
     "trt-rtx", (".rtx.engine",), "TensorRT-RTX engine (built ahead of time on any machine; runs on RTX GPUs)",
     "tensorrt-rtx", tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_rtx_engine"),
@@ -111,7 +120,7 @@ register_format(Format(
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_rtx_build"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_artifact=lazy("vitseg_export.export.tensorrt_engine:rtx_engine_from_artifact"), artifact_sources=("onnx",),
-    onnx_beside=True))
+    onnx_beside=True, options=ENGINE_OPTIONS + ("compute_capability",)))
 register_format(Format(
     "openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.openvino_export:export_openvino"),
@@ -126,4 +135,4 @@ register_format(Format(
     probe=lazy("vitseg_export.machine.probes:probe_triton_repository"),
     summary=lazy("vitseg_export.serving.repository:repository_summary"),
     from_artifact=lazy("vitseg_export.serving.repository:repository_from_artifact"),
-    artifact_sources=("onnx", "openvino", "trt"), directory=True))
+    artifact_sources=("onnx", "openvino", "trt"), directory=True, options=TRITON_OPTIONS))

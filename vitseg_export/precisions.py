@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from vitseg_export.progress import Progress, silent
 from vitseg_export.tables import Table, lazy
 
 
@@ -49,7 +50,7 @@ class ConversionContext:
     int8: Any = None  # vitseg_export.settings.Int8Settings
     fp16_io: bool = False
     cache_dir: Path | None = None
-    progress: Callable[[str], None] = lambda message: None
+    progress: Progress = silent
     data: str = "synthetic"  # the spec whose calib split fp16's range measurement runs on
     keep_float: tuple[str, ...] = ()  # modules to keep in float (--keep-float), found in the graph through `scopes`
     scopes: Any = None  # vitseg_export.modeling.scopes.ModuleScopes of the exported module
@@ -95,6 +96,7 @@ class Precision:
     # `vitseg verify --locate`: the SQNR (dB) an intermediate tensor keeps against PyTorch's at every boundary of an
     # honest artifact of this precision (below it: the first divergence)
     locate_sqnr_db: float = 60.0
+    options: tuple[str, ...] = ()  # the `vitseg export` options that apply to this precision alone
 
     def consistency(self, thresholds: Thresholds | None = None) -> Thresholds:
         """The batch-consistency limits, from `thresholds` (default: the preset): the agreement and, where
@@ -136,7 +138,7 @@ register_precision(Precision(
     needs_logits=False, description="fp16 weights and activations with fp32 islands", min_parity_images=8,
     # 10-bit mantissas: honest fp16 artifacts keep 62-75 dB (trained B0 at 128, ONNX AutoCast and IR)
     locate_sqnr_db=40.0,
-    openvino_compress_to_fp16=True, openvino_inference_precision="f16",
+    openvino_compress_to_fp16=True, openvino_inference_precision="f16", options=("fp16_io",),
     describe=lazy("vitseg_export.export.fp16:describe_fp16")))
 register_precision(Precision(
     "int8", Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
@@ -149,7 +151,8 @@ register_precision(Precision(
     locate_sqnr_db=20.0, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",
     # int8 IRs compute their float part in bf16 where the CPU has it, as TensorRT's int8 graphs are fp16 there
     openvino_inference_precision="bf16", openvino_quantize=lazy("vitseg_export.export.openvino_export:quantize_ir"),
-    describe=lazy("vitseg_export.export.fallback:describe_int8")))
+    describe=lazy("vitseg_export.export.fallback:describe_int8"),
+    options=("calib", "heldout", "calib_images", "calib_method", "target", "min_agreement", "allow_float_fallback")))
 
 
 def thresholds_for(precision: str, **overrides: float | None) -> Thresholds:

@@ -1,15 +1,36 @@
-"""What an export is asked to do: plain dataclasses (torch-free), shared by every format's exporter."""
+"""What an export is asked to do: plain dataclasses (torch-free), shared by every format's exporter, and the one
+function that builds that request from options (`export_request`: `vitseg export`, `vitseg qat` and the benchmark)
+after checking each given option applies (`check_options_apply`: which options apply to what is a column of the
+format, precision, int8 target and Triton backend rows). Each default is stated once, here, as a field default."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
-from vitseg_export.precisions import Thresholds, get_precision
+from vitseg_export.errors import VitsegError
+from vitseg_export.formats import FORMATS, Format
+from vitseg_export.precisions import PRECISIONS, Precision, Thresholds, get_precision
+from vitseg_export.tables import Table
 
 OUTPUT_CHOICES = ("logits", "mask", "both")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-INT8_TARGETS = ("cpu", "trt")
+TRITON_DEVICES = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Int8Target:
+    """What runs an int8 graph: its integer arithmetic, and the export options that apply to it alone."""
+
+    name: str
+    description: str
+    options: tuple[str, ...] = ()
+
+
+INT8_TARGETS: Table[Int8Target] = Table("--target {name} is unknown", "use one of: {names}")
+INT8_TARGETS.register(Int8Target("cpu", "ONNX Runtime's integer kernels (x86 CPUs)", options=("cpu_class",)))
+INT8_TARGETS.register(Int8Target("trt", "TensorRT's explicit quantization (float part in fp16)"))
 
 
 @dataclass
@@ -120,3 +141,74 @@ class ExportRequest:
     def precision(self) -> str:
         """The requested precision."""
         return self.onnx.precision
+
+
+# option (a `vitseg export` parameter name) -> (ExportRequest section, field). `no_fold` is `fold` inverted.
+REQUEST_FIELDS: dict[str, tuple[str, str]] = {
+    "precision": ("onnx", "precision"), "opset": ("onnx", "opset"), "image_size": ("onnx", "image_size"),
+    "dynamic_batch": ("onnx", "dynamic_batch"), "dynamic_size": ("onnx", "dynamic_size"), "outputs": ("onnx", "outputs"),
+    "simplify": ("onnx", "simplify"), "fp16_io": ("onnx", "fp16_io"), "no_fold": ("onnx", "fold"),
+    "keep_float": ("onnx", "keep_float"), "data": ("onnx", "parity_data"),
+    "calib": ("int8", "calib"), "calib_images": ("int8", "calib_images"), "calib_method": ("int8", "method"),
+    "target": ("int8", "target"), "heldout": ("int8", "heldout"), "min_agreement": ("int8", "min_agreement"),
+    "cpu_class": ("int8", "cpu_class"), "allow_float_fallback": ("int8", "allow_float_fallback"),
+    "workspace": ("engine", "workspace_gb"), "min_shape": ("engine", "min_shape"), "opt_shape": ("engine", "opt_shape"),
+    "max_shape": ("engine", "max_shape"), "sparse_weights": ("engine", "sparsity"),
+    "timing_cache": ("engine", "timing_cache"), "version_compatible": ("engine", "version_compatible"),
+    "dla_core": ("engine", "dla_core"), "weakly_typed": ("engine", "weakly_typed"),
+    "compute_capability": ("engine", "compute_capabilities"),
+    "triton_name": ("triton", "name"), "triton_backend": ("triton", "backend"),
+    "triton_max_batch": ("triton", "max_batch_size"), "triton_instances": ("triton", "instances"),
+    "triton_preferred_batch": ("triton", "preferred_batch"), "triton_queue_delay_us": ("triton", "max_queue_delay_us"),
+    "triton_device": ("triton", "device"), "check_trt": ("", "check_trt"),
+}
+SECTIONS = {"onnx": OnnxExportSettings, "int8": Int8Settings, "engine": EngineSettings, "triton": TritonSettings}
+
+
+def default_of(option: str) -> Any:
+    """The default of an export option: its request field's default (the one place it is stated)."""
+    section, name = REQUEST_FIELDS[option]
+    value = next(f.default for f in fields(SECTIONS[section] if section else ExportRequest) if f.name == name)
+    return not value if option == "no_fold" else value
+
+
+def check_options_apply(given: Iterable[str], fmt: Format, precision: Precision, target: str,
+                        also: Mapping[str, tuple[str, ...]] = {}, chosen: str | None = None) -> None:
+    """An option given for a format, precision or int8 target it does not apply to is refused (VitsegError),
+    never silently ignored. What an option applies to is a column of the rows: `Format.options`,
+    `Precision.options`, `Int8Target.options`; `also` adds other owners ({"--format triton --triton-backend
+    tensorrt": the Triton backend row's options}), of which `chosen` is the one this export is. Options no row
+    lists apply to every export."""
+    owners: dict[str, tuple[str, ...]] = {
+        **{f"--format {f.name}": f.options for f in FORMATS.values()}, **also,
+        **{f"--precision {p.name}": p.options for p in PRECISIONS.values()},
+        **{f"--precision int8 --target {t.name}": t.options for t in INT8_TARGETS.values()}}
+    applies = set(fmt.options) | set(precision.options) | set(also.get(chosen or "", ()))
+    if precision.calibrated:
+        applies |= set(INT8_TARGETS.row(target).options)
+    for option in given:
+        listed_by = [owner for owner, options in owners.items() if option in options]
+        if not listed_by or option in applies:
+            continue
+        flag, what = "--" + option.replace("_", "-"), " or ".join(listed_by)
+        against = f"--format {fmt.name} --precision {precision.name}" + (f" --target {target}" if precision.calibrated else "")
+        raise VitsegError(f"{flag} applies to {what} only, not {against}", f"drop {flag}, or export with {what}")
+
+
+def export_request(fmt: Format, options: Mapping[str, Any]) -> ExportRequest:
+    """The request an export of `fmt` makes from option values (parameter names of `vitseg export`, typed and parsed;
+    None or absent: the default). Derived defaults: the int8 target is the format's, the calibration data is
+    --data, the batch is static for formats that run faster static."""
+    values = {k: v for k, v in options.items() if v is not None and k in REQUEST_FIELDS}
+    if "no_fold" in values:
+        values["no_fold"] = not values["no_fold"]
+    values.setdefault("dynamic_batch", not fmt.static_by_default)
+    values.setdefault("target", fmt.int8_target)
+    values.setdefault("calib", values.get("data", OnnxExportSettings.parity_data))
+    sections: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "")}
+    for option, value in values.items():
+        section, name = REQUEST_FIELDS[option]
+        sections[section][name] = value
+    get_precision(sections["onnx"].get("precision", OnnxExportSettings.precision))
+    INT8_TARGETS.row(sections["int8"]["target"])
+    return ExportRequest(fmt.name, **{name: cls(**sections[name]) for name, cls in SECTIONS.items()}, **sections[""])

@@ -12,11 +12,12 @@ import signal
 import sys
 import threading
 import warnings
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from rich.text import Text
 
+from vitseg_export import __version__
 from vitseg_export.cli import demo as demo_cmd
 from vitseg_export.cli import doctor as doctor_cmd
 from vitseg_export.cli import export as export_cmd
@@ -28,14 +29,15 @@ from vitseg_export.cli import qat as qat_cmd
 from vitseg_export.cli import serve as serve_cmd
 from vitseg_export.cli import train as train_cmd
 from vitseg_export.cli import verify as verify_cmd
-from vitseg_export.cli.common import err_console
+from vitseg_export.cli.common import console, err_console
+from vitseg_export.cli.options import modernize, opt, refresh_choices
 from vitseg_export.errors import Terminated, VitsegError
+from vitseg_export.export import quiet
 from vitseg_export.files import remove_temp_files
 from vitseg_export.images import max_image_pixels
 
 app = typer.Typer(
     name="vitseg",
-    help="Export ViT/SegFormer segmentation models to ONNX/TensorRT and prove the masks still match.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -47,6 +49,20 @@ COMMANDS = {"models": models_cmd.models, "train": train_cmd.train, "export": exp
             "qat": qat_cmd.qat}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"vitseg {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, opt("--version", callback=_print_version, is_eager=True)] = False,
+          verbose: Annotated[bool, opt("--verbose")] = False) -> None:
+    """Export ViT/SegFormer segmentation models to ONNX, TensorRT, OpenVINO and Triton in fp32, fp16 or int8, and
+    prove the masks still match PyTorch."""
+    quiet.VERBOSE = verbose
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -126,7 +142,9 @@ def _usage_error(e: BaseException) -> tuple[str, str, int] | None:
     if not (callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)):
         return None
     command = getattr(getattr(e, "ctx", None), "command_path", None) or "vitseg"
-    return e.format_message(), f"see `{command} --help`", e.exit_code  # type: ignore[attr-defined]
+    # typer 0.29 words a wrong choice "Value error, 'x' is not one of 'a', 'b'." (its validator's own prefix)
+    message = e.format_message().replace(": Value error, ", ": ").rstrip(".")  # type: ignore[attr-defined]
+    return message, f"see `{command} --help`", e.exit_code  # type: ignore[attr-defined]
 
 
 def _worker_message(message: str) -> str:
@@ -182,7 +200,11 @@ def main() -> None:
         if sys.stdout is None:  # `vitseg ... >&-`: results would be lost
             raise VitsegError("stdout is closed, so vitseg's results would be lost", "run it with stdout open, or redirect it to a file")
         check_environment()  # environment values are checked before any command runs, like options
-        code = app(standalone_mode=False)
+        refresh_choices()  # formats and backends registered since import are choices too
+        args, notes = modernize(sys.argv[1:])  # this release's spellings for last release's
+        for note in notes:
+            err_console.print(Text.assemble(("deprecated: ", "yellow"), note), soft_wrap=True)
+        code = app(args=args, standalone_mode=False, prog_name="vitseg")
     except SystemExit:
         raise
     except BaseException as e:

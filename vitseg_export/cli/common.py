@@ -6,7 +6,7 @@ import io
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import typer
 from rich.console import Console
@@ -16,7 +16,7 @@ from rich.text import Text
 from vitseg_export.artifact import MAX_INPUT_PIXELS, MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from vitseg_export.data.sources import data_folder
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import check_outputs_spare_inputs, json_bytes
+from vitseg_export.files import check_outputs_spare_inputs, json_bytes, write_json
 from vitseg_export.formats import artifact_files
 
 
@@ -74,10 +74,22 @@ POSITIVE = finite_range(0.0, None, "a finite number > 0", open_ends=True)
 RATIO = finite_range(0.0, 1.0, "a fraction in (0, 1)", open_ends=True)
 WORKSPACE = finite_range(0.0, 1024.0, "a workspace in (0, 1024] GB", open_ends=True)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: the runtime's).")]
-DataSpec = Annotated[str, typer.Option("--data", help="synthetic[:N], pets:DIR or folder:DIR")]
-BackendOption = Annotated[Optional[str], typer.Option("--backend", help="Run artifacts with this backend (default: their format's).")]
+
+
+def emit(data: Any, json_output: bool, report: Path | None) -> None:
+    """A command's result in machine-readable form: written to `--report FILE` (atomically) and, with `--json`,
+    printed on stdout."""
+    if report is not None:
+        write_json(report, data)
+    if json_output:
+        print_json(data)
+
+
+def given_options(ctx: Any) -> set[str]:
+    """The options the user set, whatever their value: the parser's parameter source, never the value (`--dla-core
+    0` is given, and `0 in (None, False)` is True in Python)."""
+    return {name for name in ctx.params
+            if (source := ctx.get_parameter_source(name)) is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 def print_json(data: Any) -> None:
@@ -109,17 +121,29 @@ def check_size(height: int, width: int, option: str = "--image-size") -> None:
                           f"use at most {MAX_INPUT_SIDE} per side and {MAX_INPUT_PIXELS:,} pixels")
 
 
-def square_size(value: Any) -> Any:
-    """A typer callback for a square training size: MIN_INPUT_SIDE..MAX_INPUT_SIDE."""
-    if value is not None and not MIN_INPUT_SIDE <= value <= MAX_INPUT_SIDE:
-        raise typer.BadParameter(f"{value} is not a size in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}")
-    return value
+def square_size(text: str | None, option: str = "--image-size") -> int | None:
+    """--image-size for training (S or HxW, as everywhere) as the one side training runs at: training crops square
+    images, so HxW with H != W is refused in one line."""
+    if text is None:
+        return None
+    height, width = parse_size(text, option)
+    if height != width:
+        raise VitsegError(f"{option} {text}: training runs at square sizes",
+                          f"use {option} {max(height, width)}; export at {text} afterwards (vitseg export --image-size {text})")
+    return height
 
 
 def progress_bar(*columns: Any, transient: bool = True, disable: bool = False) -> Progress:
     """A rich progress bar on stderr, drawn only on a terminal (piped, it would print nothing but a blank
     line, and errors must be one line)."""
     return Progress(*columns, console=err_console, transient=transient, disable=disable or not err_console.is_terminal)
+
+
+def bar_progress(bar: Progress, task: Any) -> Callable[..., None]:
+    """The library's Progress (vitseg_export.progress) drawn as `task` of a rich `bar`: its counts move the bar."""
+    def update(message: str, done: int | None = None, total: int | None = None, **info: Any) -> None:
+        bar.update(task, completed=done, total=total)
+    return update
 
 
 def spare_inputs(outputs: dict, models: Iterable[str | Path] = (), data: Iterable[str | None] = (),
@@ -147,9 +171,11 @@ def parse_ints(text: str, option: str, maximum: int = MAX_BATCH) -> list[int]:
     return values
 
 
-def log(message: str) -> None:
-    """A progress line on stderr, printed as is (paths and data specs are never read as markup)."""
-    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+def log(message: str, done: int | None = None, total: int | None = None, **info: Any) -> None:
+    """A progress line on stderr, printed as is (paths and data specs are never read as markup); a Progress
+    (vitseg_export.progress), its counts shown as "(done/total)"."""
+    counted = f" ({done}/{total})" if done is not None and total is not None else ""
+    err_console.print(message + counted, markup=False, highlight=False, soft_wrap=True)
 
 
 class _Status:
@@ -159,7 +185,12 @@ class _Status:
     def __enter__(self):
         self._status = err_console.status(Text(self.title))  # Text: user text (paths, specs) is never markup
         self._status.__enter__()
-        return lambda msg: self._status.update(Text(f"{self.title}: {msg}"))
+        return self.update
+
+    def update(self, message: str, done: int | None = None, total: int | None = None, **info: Any) -> None:
+        """A Progress (vitseg_export.progress) shown as the spinner's text."""
+        counted = f" ({done}/{total})" if done is not None and total is not None else ""
+        self._status.update(Text(f"{self.title}: {message}{counted}"))
 
     def __exit__(self, *exc):
         return self._status.__exit__(*exc)
@@ -179,8 +210,4 @@ def keep_float_names(text: Optional[str]) -> tuple[str, ...]:
         raise VitsegError(f"--keep-float '{text}' names no module", "e.g. --keep-float encoder.block.2.0")
     return names
 
-
-KeepFloatOption = Annotated[Optional[str], typer.Option(
-    "--keep-float", help="fp16, int8: modules to keep in float, comma-separated module paths (e.g. encoder.block.2.0, "
-                         "as `vitseg verify --locate` names them; an unknown name is refused naming the nearest).")]
 

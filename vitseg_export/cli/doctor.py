@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
-import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitseg_export.cli.common import JsonFlag, console, log, print_json
+from vitseg_export.cli.common import console, emit, log
+from vitseg_export.cli.options import opt
 from vitseg_export.measure.doctor import probe
 from vitseg_export.tables import lazy_module
 
 extensions = lazy_module("vitseg_export.machine.extensions")  # imports torch and NNCF: only with --prepare
 
 
-def doctor(json_output: JsonFlag = False,
-           prepare: Annotated[bool, typer.Option("--prepare", help="Also build what third-party libraries compile on "
-                                                 "first use (NNCF's PyTorch extension, for `vitseg qat --format openvino`; "
-                                                 "about 30 s once per machine), so no later command pays for it.")] = False) -> None:
+def doctor(
+    prepare: Annotated[bool, opt("--prepare")] = False,
+    json_output: Annotated[bool, opt("--json")] = False,
+    report: Annotated[Optional[Path], opt("--report")] = None,
+) -> None:
     """Print the CPU and its int8 features, torch/CUDA, every backend and format (with what it needs), and
     therefore what this machine can export and run."""
     r = probe()
     if prepare:
         r["prepared"] = [extensions.prepare_nncf_torch(log)]
+    emit(r, json_output, report)
     if json_output:
-        print_json(r)
         return
     t = Table(title="vitseg doctor", show_header=False)
     t.add_column("what")

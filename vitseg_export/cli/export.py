@@ -3,6 +3,7 @@ before it is written."""
 
 from __future__ import annotations
 
+import enum
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,35 +14,39 @@ from vitseg_export.cli.common import (
     FRACTION,
     MAX_BATCH,
     WORKSPACE,
-    JsonFlag,
-    KeepFloatOption,
     check_size,
     console,
+    emit,
+    given_options,
     keep_float_names,
     log,
     parse_ints,
     parse_size,
-    print_json,
     spare_inputs,
     status,
+)
+from vitseg_export.cli.options import (
+    CHECKPOINT_HELP,
+    INT8,
+    CalibMethodChoice,
+    CpuClassChoice,
+    FormatChoice,
+    OutputsChoice,
+    PrecisionChoice,
+    TargetChoice,
+    TritonBackendChoice,
+    TritonDeviceChoice,
+    opt,
 )
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_output_dir, check_output_file
-from vitseg_export.formats import FORMATS, format_for_path, get_format
-from vitseg_export.machine.cpu import CPU_CLASSES, SAFE_CLASS
-from vitseg_export.precisions import PRECISIONS, get_precision
-from vitseg_export.runners.tensorrt_editions import EDITIONS, TENSORRT, TENSORRT_RTX
-from vitseg_export.settings import (
-    CALIB_METHODS,
-    INT8_TARGETS,
-    OUTPUT_CHOICES,
-    EngineSettings,
-    ExportRequest,
-    Int8Settings,
-    OnnxExportSettings,
-    TritonSettings,
-)
+from vitseg_export.formats import format_for_path, get_format
+from vitseg_export.machine.cpu import SAFE_CLASS
+from vitseg_export.precisions import get_precision
+from vitseg_export.runners.tensorrt_editions import EDITIONS, TENSORRT_RTX
+from vitseg_export.serving.repository import TRITON_BACKENDS
+from vitseg_export.settings import check_options_apply, default_of, export_request
 from vitseg_export.tables import lazy_module
 
 checkpoints = lazy_module("vitseg_export.checkpoint")  # torch
@@ -49,93 +54,111 @@ trt_lint = lazy_module("vitseg_export.export.trt_lint")  # onnx, for --check-trt
 tensorrt_engine = lazy_module("vitseg_export.export.tensorrt_engine")  # --check-trt's build with TensorRT-RTX
 tensorrt_census = lazy_module("vitseg_export.export.tensorrt_census")
 onnx = lazy_module("onnx")
-repository = lazy_module("vitseg_export.serving.repository")  # the Triton backends
 
 
-def default_artifact_path(checkpoint: str, architecture: str, precision: str, suffix: str = ".onnx") -> Path:
-    """Beside a run directory (else in the working directory): `<architecture>-<precision><suffix>`."""
+def default_artifact_path(checkpoint: str, architecture: str, precision: str, fmt) -> Path:
+    """Beside the source (a run directory, else the directory of an artifact or checkpoint file, else the working
+    directory): `<architecture>-<precision><suffix>`, or for a repository format the folder `triton`."""
     src = Path(checkpoint)
-    base = src if src.is_dir() else Path(".")
-    return base / f"{architecture}-{precision}{suffix}"
+    base = src if src.is_dir() else (src.parent if src.exists() else Path("."))
+    return base / ("triton" if fmt.directory else f"{architecture}-{precision}{fmt.suffixes[0]}")
 
 
 def export(
-    checkpoint: Annotated[str, typer.Argument(help="Run dir, .safetensors, Hugging Face SegFormer dir, or architecture name; for formats that build on one, an artifact (.onnx, .xml, .engine).")],
-    format: Annotated[str, typer.Option("--format", help=f"Artifact format: {', '.join(FORMATS)}.")] = "onnx",
-    precision: Annotated[str, typer.Option("--precision", help=f"Numeric precision: {', '.join(PRECISIONS)}.")] = "fp32",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Artifact path (default: beside the checkpoint); triton: the repository directory.")] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset (17: native LayerNormalization, TensorRT-portable).")] = 17,
-    dynamic_batch: Annotated[Optional[bool], typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension (default: dynamic, static for formats that run faster static: openvino).")] = None,
-    dynamic_size: Annotated[bool, typer.Option("--dynamic-size", help="Dynamic height/width (SegFormer only).")] = False,
-    outputs: Annotated[str, typer.Option(help="logits, mask (in-graph argmax, uint8) or both.")] = "logits",
-    image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (or S) to export at; default: the checkpoint's.")] = None,
-    simplify: Annotated[bool, typer.Option("--simplify", help="Simplify with onnxslim (verified not to change outputs).")] = False,
-    no_fold: Annotated[bool, typer.Option("--no-fold", help="Skip the exact graph rewrites (decoder/BatchNorm folding).")] = False,
-    fp16_io: Annotated[bool, typer.Option("--fp16-io", help="fp16: float16 graph input/output (default float32).")] = False,
-    keep_float: KeepFloatOption = None,
-    data: Annotated[str, typer.Option("--data", help="Images that judge the export (their validation split): synthetic[:N], pets:DIR or folder:DIR.")] = "synthetic",
-    calib: Annotated[Optional[str], typer.Option("--calib", help="int8: calibration data spec (its calib split); default: --data.")] = None,
-    heldout: Annotated[Optional[str], typer.Option("--heldout", help="int8: data spec whose validation split decides the float fallback; default: --calib's.")] = None,
-    calib_images: Annotated[Optional[int], typer.Option("--calib-images", min=1, max=100000, help="int8: calibration images (default 32).")] = None,
-    calib_method: Annotated[Optional[str], typer.Option("--calib-method", help="int8: minmax (default), entropy or percentile.")] = None,
-    target: Annotated[Optional[str], typer.Option("--target", help="int8: cpu (ONNX Runtime) or trt (TensorRT: float part in fp16); default trt for --format trt, else cpu.")] = None,
-    cpu_class: Annotated[Optional[str], typer.Option("--cpu-class", help=f"int8 for CPUs: the class of the CPU it will run on: {SAFE_CLASS} (default: 7-bit weights, exact and verified on every x86 CPU), vnni or amx (8-bit weights: exact only with AVX512-VNNI/AVX-VNNI/AMX). `vitseg doctor` names this machine's.")] = None,
-    allow_float_fallback: Annotated[bool, typer.Option("--allow-float-fallback", help="int8: accept an artifact that is mostly float after the fallback, or slower than fp32 on the CPU class it is for (default: refused).")] = False,
-    check_trt: Annotated[bool, typer.Option("--check-trt", help="Check the ONNX for TensorRT: lint it against the parser's supported ops/attributes, then parse and build it with TensorRT-RTX (NVIDIA's parser and builder, ahead of time, no GPU needed) where it is installed.")] = False,
-    workspace: Annotated[Optional[float], typer.Option("--workspace", callback=WORKSPACE, help="trt: builder workspace in GB (default 4).")] = None,
-    min_shape: Annotated[Optional[str], typer.Option("--min-shape", help="trt: NxCxHxW of the optimization profile.")] = None,
-    opt_shape: Annotated[Optional[str], typer.Option("--opt-shape", help="trt: NxCxHxW.")] = None,
-    max_shape: Annotated[Optional[str], typer.Option("--max-shape", help="trt: NxCxHxW.")] = None,
-    sparsity: Annotated[bool, typer.Option("--sparsity", help="trt: allow 2:4 sparse kernels (Ampere+).")] = False,
-    timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="trt: timing cache file to reuse and update.")] = None,
-    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="trt: version-compatible engine.")] = False,
-    dla_core: Annotated[Optional[int], typer.Option("--dla-core", min=0, max=15, help="trt: build for this DLA core (Jetson; fp16/int8, static shapes).")] = None,
-    weakly_typed: Annotated[bool, typer.Option("--weakly-typed", help="trt: TensorRT 10.x fallback with FP16/INT8 builder flags.")] = False,
-    compute_capability: Annotated[Optional[str], typer.Option("--compute-capability", help=f"trt-rtx: the GPU compute capabilities to build for, comma-separated ({', '.join(TENSORRT_RTX.targets)}; default {','.join(TENSORRT_RTX.default_targets)}).")] = None,
-    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", callback=FRACTION, help="int8: held-out agreement to reach by falling back layers (default: the int8 preset).")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="triton: the model's name (default: ARCHITECTURE-PRECISION).")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="triton: onnxruntime, openvino, tensorrt (Triton's native backends) or python (vitseg's runner in Triton's Python backend); default: the artifact's native one.")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", min=1, max=MAX_BATCH, help="triton: the largest batch the dynamic batcher forms (default 8).")] = None,
-    instances: Annotated[Optional[int], typer.Option("--instances", min=1, max=64, help="triton: model instances (default 1).")] = None,
-    preferred_batch: Annotated[Optional[str], typer.Option("--preferred-batch", help="triton: batch sizes the batcher prefers, comma-separated (default 4,8).")] = None,
-    max_queue_delay_us: Annotated[Optional[int], typer.Option("--max-queue-delay-us", min=0, max=10_000_000, help="triton: how long a request may wait for others to batch with (default 0: never).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="triton: cpu (default) or gpu instances.")] = None,
-    json_output: JsonFlag = False,
+    ctx: typer.Context,
+    checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP + " For formats that build on one: an artifact "
+                                                                    "(.onnx).")],
+    format: Annotated[FormatChoice, opt("--format", " to write")] = FormatChoice("onnx"),
+    precision: Annotated[PrecisionChoice, opt("--precision", " to convert to")] = PrecisionChoice("fp32"),
+    output: Annotated[Optional[Path], opt("--output", "the artifact (default: beside the checkpoint; triton: the "
+                                                      "repository directory)")] = None,
+    revision: Annotated[Optional[str], opt("--revision")] = None,
+    image_size: Annotated[Optional[str], opt("--image-size", " to export at")] = None,
+    opset: Annotated[int, opt("--opset", min=13, max=21)] = default_of("opset"),
+    dynamic_batch: Annotated[Optional[bool], opt("--dynamic-batch")] = None,
+    dynamic_size: Annotated[bool, opt("--dynamic-size")] = default_of("dynamic_size"),
+    outputs: Annotated[OutputsChoice, opt("--outputs")] = OutputsChoice(default_of("outputs")),
+    simplify: Annotated[bool, opt("--simplify")] = default_of("simplify"),
+    no_fold: Annotated[bool, opt("--no-fold")] = default_of("no_fold"),
+    data: Annotated[str, opt("--data", " whose validation images judge the export")] = default_of("data"),
+    fp16_io: Annotated[bool, opt("--fp16-io")] = default_of("fp16_io"),
+    keep_float: Annotated[Optional[str], opt("--keep-float")] = None,
+    calib: Annotated[Optional[str], opt("--calib")] = None,
+    calib_images: Annotated[int, opt("--calib-images", min=1, max=100000)] = default_of("calib_images"),
+    calib_method: Annotated[CalibMethodChoice, opt("--calib-method")] = CalibMethodChoice(default_of("calib_method")),
+    heldout: Annotated[Optional[str], opt("--heldout")] = None,
+    target: Annotated[Optional[TargetChoice], opt("--target")] = None,
+    cpu_class: Annotated[CpuClassChoice, opt("--cpu-class")] = CpuClassChoice(SAFE_CLASS),
+    min_agreement: Annotated[Optional[float], opt("--min-agreement", " on held-out images, reached by keeping layers "
+                                                                     "float", panel=INT8, callback=FRACTION)] = None,
+    allow_float_fallback: Annotated[bool, opt("--allow-float-fallback")] = default_of("allow_float_fallback"),
+    check_trt: Annotated[bool, opt("--check-trt")] = default_of("check_trt"),
+    workspace: Annotated[float, opt("--workspace", callback=WORKSPACE)] = default_of("workspace"),
+    min_shape: Annotated[Optional[str], opt("--min-shape")] = None,
+    opt_shape: Annotated[Optional[str], opt("--opt-shape")] = None,
+    max_shape: Annotated[Optional[str], opt("--max-shape")] = None,
+    sparse_weights: Annotated[bool, opt("--sparse-weights")] = default_of("sparse_weights"),
+    timing_cache: Annotated[Optional[Path], opt("--timing-cache")] = None,
+    version_compatible: Annotated[bool, opt("--version-compatible")] = default_of("version_compatible"),
+    dla_core: Annotated[Optional[int], opt("--dla-core", min=0, max=15)] = None,
+    weakly_typed: Annotated[bool, opt("--weakly-typed")] = default_of("weakly_typed"),
+    compute_capability: Annotated[Optional[str], opt("--compute-capability", f" ({', '.join(TENSORRT_RTX.targets)}; "
+                                                     f"default {','.join(TENSORRT_RTX.default_targets)})")] = None,
+    triton_name: Annotated[Optional[str], opt("--triton-name")] = None,
+    triton_backend: Annotated[Optional[TritonBackendChoice], opt("--triton-backend")] = None,
+    triton_device: Annotated[TritonDeviceChoice, opt("--triton-device")] = TritonDeviceChoice(default_of("triton_device")),
+    triton_instances: Annotated[int, opt("--triton-instances", min=1, max=64)] = default_of("triton_instances"),
+    triton_max_batch: Annotated[int, opt("--triton-max-batch", min=1, max=MAX_BATCH)] = default_of("triton_max_batch"),
+    triton_preferred_batch: Annotated[str, opt("--triton-preferred-batch")] = ",".join(
+        map(str, default_of("triton_preferred_batch"))),
+    triton_queue_delay_us: Annotated[int, opt("--triton-queue-delay-us", min=0, max=10_000_000)] = default_of(
+        "triton_queue_delay_us"),
+    json_output: Annotated[bool, opt("--json")] = False,
+    report: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
     """Export a checkpoint (or, for formats that build on one, an artifact); refuses to write a graph whose
     outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
     fmt = get_format(format)
-    get_precision(precision)
-    # given: set to anything but the unset default (identity: `0 in (None, False)` is True in Python, and --dla-core 0
-    # or --max-queue-delay-us 0 are given values)
-    given = {k: v for k, v in locals().items() if k in OPTION_GROUPS and v is not None and v is not False}
-    _refuse_what_does_not_apply(fmt.name, precision, backend, target or fmt.int8_target, given)
-    _check_choices(outputs, calib_method, target, backend, device, cpu_class)
+    options = export_options(ctx.params)
+    check_export_options(given_options(ctx), fmt, options)
     fmt.require()  # a missing backend says so before any other work
-    request = ExportRequest(
-        format, OnnxExportSettings(precision=precision, opset=opset, image_size=parse_size(image_size) if image_size is not None else None,
-                                   dynamic_batch=not fmt.static_by_default if dynamic_batch is None else dynamic_batch,
-                                   dynamic_size=dynamic_size, outputs=outputs,
-                                   simplify=simplify, fp16_io=fp16_io, fold=not no_fold, parity_data=data,
-                                   keep_float=keep_float_names(keep_float)),
-        Int8Settings(calib=calib or data, calib_images=calib_images or 32, method=calib_method or "minmax",
-                     target=target or fmt.int8_target, heldout=heldout, min_agreement=min_agreement,
-                     cpu_class=cpu_class or SAFE_CLASS, allow_float_fallback=allow_float_fallback),
-        _engine_settings(workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache, version_compatible, dla_core, weakly_typed,
-                         compute_capability),
-        check_trt, _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device))
-    _report(fmt, _run_export(fmt, checkpoint, output, request)[1], check_trt, json_output)
+    if report:
+        check_output_file(report, "--report")
+    request = export_request(fmt, options)
+    result = _run_export(fmt, checkpoint, output, request, revision, report)[1]
+    _report(fmt, result, check_trt, json_output, report)
 
 
-def _report(fmt, result, check_trt: bool, json_output: bool) -> None:
+def export_options(params: dict) -> dict:
+    """`vitseg export`'s option values as the request takes them: choices as plain strings, sizes, shapes and lists
+    parsed (VitsegError, one line, naming the option for a bad one)."""
+    values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in params.items()}
+    parsers = {"image_size": parse_size, "keep_float": keep_float_names,
+               "min_shape": lambda v: _shape(v, "--min-shape"), "opt_shape": lambda v: _shape(v, "--opt-shape"),
+               "max_shape": lambda v: _shape(v, "--max-shape"),
+               "triton_preferred_batch": lambda v: tuple(parse_ints(v, "--triton-preferred-batch")),
+               "compute_capability": lambda v: TENSORRT_RTX.check_targets(tuple(c.strip() for c in v.split(",") if c.strip()))}
+    return {k: (parsers[k](v) if k in parsers and v is not None else v) for k, v in values.items()}
+
+
+def check_export_options(given: set[str], fmt, options: dict) -> None:
+    """Options given for a format, precision or int8 target they do not apply to are refused (the rows' `options`
+    columns say what applies where); `--format triton --triton-backend tensorrt` takes TensorRT's build options."""
+    precision = get_precision(options.get("precision") or "fp32")
+    engine_backends = {f"--format triton --triton-backend {b.name}": b.options for b in TRITON_BACKENDS.values() if b.options}
+    chosen = f"--format triton --triton-backend {options.get('triton_backend')}" if fmt.name == "triton" else None
+    check_options_apply(given, fmt, precision, options.get("target") or fmt.int8_target, engine_backends, chosen)
+
+
+def _report(fmt, result, check_trt: bool, json_output: bool, report: Optional[Path]) -> None:
     """What `vitseg export` prints about the written artifact (and the TensorRT check, where asked)."""
     path = result.path
     lint = _lint(result, check_trt)
     build = _trt_build(fmt, result) if check_trt and not lint else None
-    if json_output:
-        print_json({"artifact": str(path), **result.manifest.to_json(),
-                    **({"trt_lint": [str(p) for p in lint], "trt_build": build} if check_trt else {})})
-    else:
+    data = {"artifact": str(path), **result.manifest.to_json(),
+            **({"trt_lint": [str(p) for p in lint], "trt_build": build} if check_trt else {})}
+    emit(data, json_output, report)
+    if not json_output:
         for line in fmt.summary(path, result.manifest):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
         if check_trt:
@@ -145,78 +168,14 @@ def _report(fmt, result, check_trt: bool, json_output: bool) -> None:
         raise VitsegError(build["error"], "the ONNX artifact itself is valid for onnxruntime; fix the graph before building an engine")
 
 
-# option -> what it applies to: the int8 precision, a TensorRT engine, a Triton repository, fp16
-OPTION_GROUPS = {**dict.fromkeys(("calib", "heldout", "calib_images", "calib_method", "target", "min_agreement",
-                                  "allow_float_fallback"), "int8"),
-                 "cpu_class": "int8_cpu",
-                 **dict.fromkeys(("workspace", "min_shape", "opt_shape", "max_shape", "sparsity", "version_compatible"), "trt"),
-                 # one TensorRT edition's own (its `options`: runners/tensorrt_editions.py)
-                 **{option: "edition" for e in EDITIONS.values() for option in e.options},
-                 **dict.fromkeys(("name", "backend", "max_batch_size", "instances", "preferred_batch",
-                                  "max_queue_delay_us", "device"), "triton"),
-                 "fp16_io": "fp16"}
-
-
-def _refuse_what_does_not_apply(fmt: str, precision: str, backend: Optional[str], target: str, given: dict) -> None:
-    """An option given for a format or precision it does not apply to is refused, never silently ignored."""
-    triton_engine = fmt == "triton" and backend == "tensorrt"
-    edition = next((e for e in EDITIONS.values() if e.format == fmt), TENSORRT if triton_engine else None)
-    engines = " or ".join(f"--format {e.format}" for e in EDITIONS.values())
-    for option, group in OPTION_GROUPS.items():
-        applies = {"int8": precision == "int8", "int8_cpu": precision == "int8" and target == "cpu", "trt": edition is not None,
-                   "edition": edition is not None and option in edition.options, "triton": fmt == "triton",
-                   "fp16": precision == "fp16"}[group]
-        if option in given and not applies:
-            flag = "--" + option.replace("_", "-")
-            owners = [e for e in EDITIONS.values() if option in e.options]
-            what = {"int8": "--precision int8", "int8_cpu": "--precision int8 for CPUs (--target cpu)",
-                    "trt": f"{engines} (or --format triton --backend tensorrt)",
-                    "edition": " or ".join(f"--format {e.format} ({e.display})" for e in owners),
-                    "triton": "--format triton", "fp16": "--precision fp16"}[group]
-            against = f"--format {fmt} --precision {precision}" + (f" --target {target}" if group == "int8_cpu" else "")
-            raise VitsegError(f"{flag} applies to {what} only, not {against}",
-                              f"drop {flag}, or export with {what}")
-
-
-def _check_choices(outputs: str, calib_method: Optional[str], target: Optional[str], backend: Optional[str],
-                   device: Optional[str], cpu_class: Optional[str]) -> None:
-    """Values with a fixed set of choices, checked before any work."""
-    for option, value, choices in (("--outputs", outputs, OUTPUT_CHOICES), ("--calib-method", calib_method, CALIB_METHODS),
-                                   ("--target", target, INT8_TARGETS), ("--device", device, ("cpu", "gpu")),
-                                   ("--cpu-class", cpu_class, CPU_CLASSES)):
-        if value is not None and value not in choices:
-            raise VitsegError(f"{option} {value} is unknown", f"use one of: {', '.join(choices)}")
-    if backend is not None:
-        repository.TRITON_BACKENDS.row(backend)
-
-
-def _engine_settings(workspace, min_shape, opt_shape, max_shape, sparsity, timing_cache, version_compatible, dla_core,
-                     weakly_typed, compute_capability) -> EngineSettings:
-    capabilities = () if compute_capability is None else TENSORRT_RTX.check_targets(
-        tuple(c.strip() for c in compute_capability.split(",") if c.strip()))
-    return EngineSettings(workspace_gb=4.0 if workspace is None else workspace, min_shape=_shape(min_shape, "--min-shape"),
-                          opt_shape=_shape(opt_shape, "--opt-shape"), max_shape=_shape(max_shape, "--max-shape"),
-                          sparsity=sparsity, timing_cache=timing_cache, version_compatible=version_compatible,
-                          dla_core=dla_core, weakly_typed=weakly_typed, compute_capabilities=capabilities)
-
-
-def _triton_settings(name, backend, max_batch_size, instances, preferred_batch, max_queue_delay_us, device) -> TritonSettings:
-    defaults = TritonSettings()
-    return TritonSettings(name=name, backend=backend, max_batch_size=max_batch_size or defaults.max_batch_size,
-                          instances=instances or defaults.instances,
-                          preferred_batch=tuple(parse_ints(preferred_batch, "--preferred-batch")) if preferred_batch is not None
-                          else defaults.preferred_batch,
-                          max_queue_delay_us=defaults.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us,
-                          device=device or defaults.device)
-
-
-def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
+def _run_export(fmt, checkpoint: str, output: Optional[Path], request, revision: Optional[str] = None,
+                report: Optional[Path] = None):
     """(artifact path, ExportResult): from an ONNX artifact where the format builds on one, else from the checkpoint.
     The output path and the data specs are checked before any heavy work."""
     check_output = check_output_dir if fmt.directory else check_output_file
     if output is not None:
         check_output(output, "--output")
-        spare_export_inputs(fmt, checkpoint, output, request)
+        spare_export_inputs(fmt, checkpoint, output, request, report)
         if not fmt.directory and format_for_path(output) is not fmt:
             raise VitsegError(f"--output {output}: --format {fmt.name} writes {' or '.join(fmt.suffixes)} files",
                               f"e.g. -o {output.with_suffix(fmt.suffixes[0])}")
@@ -227,29 +186,31 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request):
             builds = f"from {' or '.join(fmt.artifact_sources)} artifacts or checkpoints" if fmt.artifact_sources else "from checkpoints"
             raise VitsegError(f"--format {fmt.name} builds {builds}, and {checkpoint} is a {source.name} artifact",
                               "pass the checkpoint it was exported from")
-        path = output or (Path(checkpoint).parent / "triton" if fmt.directory else Path(checkpoint).with_suffix(fmt.suffixes[0]))
-        spare_export_inputs(fmt, checkpoint, path, request)
+        if revision is not None:
+            raise VitsegError(f"--revision applies to Hub ids, and {checkpoint} is an artifact", "drop --revision")
+        path = output or (default_artifact_path(checkpoint, "", "", fmt) if fmt.directory
+                          else Path(checkpoint).with_suffix(fmt.suffixes[0]))
+        spare_export_inputs(fmt, checkpoint, path, request, report)
         with status(fmt.name) as update:
-            return path, fmt.from_artifact(Path(checkpoint), path, request, lambda m: (update(m), log(f"  {m}")))
+            return path, fmt.from_artifact(Path(checkpoint), path, request, lambda m, *counts, **info: (update(m, *counts), log(f"  {m}", *counts)))
 
-    loaded = checkpoints.load_checkpoint(checkpoint)
+    loaded = checkpoints.load_checkpoint(checkpoint, revision=revision)
     for spec, source in sources.items():
         check_labels_fit(source, spec, loaded.meta.config.num_classes)
-    path = output or (default_artifact_path(checkpoint, "triton", "repository", "") if fmt.directory else
-                      default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt.suffixes[0]))
+    path = output or default_artifact_path(checkpoint, loaded.meta.architecture, request.precision, fmt)
     check_output(path, "output")
-    spare_export_inputs(fmt, checkpoint, path, request)
+    spare_export_inputs(fmt, checkpoint, path, request, report)
     with status("export") as update:
-        return path, fmt.export(loaded, path, request, lambda m: (update(m), log(f"  {m}")))
+        return path, fmt.export(loaded, path, request, lambda m, *counts, **info: (update(m, *counts), log(f"  {m}", *counts)))
 
 
-def spare_export_inputs(fmt, checkpoint: str, path: Path, request) -> None:
+def spare_export_inputs(fmt, checkpoint: str, path: Path, request, report: Optional[Path] = None) -> None:
     """Every file the export writes (the artifact, its sidecars and manifest, the ONNX beside an engine) spares
     the checkpoint or artifact it reads and the data folders."""
     written = [path] if fmt.directory else fmt.files(path)
     if fmt.onnx_beside and format_for_path(Path(checkpoint)) is None:
         written += fmt.files(path.with_suffix(".onnx"))
-    spare_inputs({"--output": written}, models=[checkpoint],
+    spare_inputs({"--output": written, "--report": report}, models=[checkpoint],
                  data=[request.onnx.parity_data, request.int8.calib, request.int8.heldout])
 
 

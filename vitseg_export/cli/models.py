@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
-import typer
 from rich.table import Table
 
-from vitseg_export.cli.common import JsonFlag, console, print_json
+from vitseg_export.cli.common import console, emit
+from vitseg_export.cli.options import opt
 from vitseg_export.tables import lazy_module
 
 registry = lazy_module("vitseg_export.modeling.registry")
 
 
 def models(
-    json_output: JsonFlag = False,
-    include_test: Annotated[bool, typer.Option("--include-test", help="Also list the tiny test twins.")] = False,
+    include_test: Annotated[bool, opt("--include-test")] = False,
+    json_output: Annotated[bool, opt("--json")] = False,
+    report: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
     """List the architectures vitseg builds, trains and exports."""
 
@@ -32,8 +34,8 @@ def models(
             "description": arch.description,
             "test_twin": f"{arch.name}-test" if not arch.tiny_twin_of else None,
         })
+    emit(rows, json_output, report)
     if json_output:
-        print_json(rows)
         return
     table = Table(title="vitseg architectures")
     for col in ("name", "family", "params", "image size", "classes", "description"):

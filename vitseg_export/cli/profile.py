@@ -14,20 +14,19 @@ from rich.text import Text
 from vitseg_export.cli.common import (
     POSITIVE,
     RATIO,
-    BackendOption,
-    DataSpec,
-    ThreadsOption,
     console,
+    emit,
     err_console,
     log,
     parse_ints,
     parse_size,
-    print_json,
     spare_inputs,
 )
+from vitseg_export.cli.options import CHECKPOINT_HELP, BackendChoice, opt
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import check_output_dir, check_output_file, write_json
+from vitseg_export.files import check_output_dir, check_output_file
 from vitseg_export.formats import FORMATS, get_format
+from vitseg_export.measure.benchmark_report import measured_where, status_notes
 from vitseg_export.measure.profiling import environment
 from vitseg_export.measure.profiling import profile as run_profile
 from vitseg_export.precisions import PRECISIONS, get_precision
@@ -38,53 +37,61 @@ client = lazy_module("vitseg_export.serving.client")
 
 
 def profile(
-    models: Annotated[Optional[list[str]], typer.Argument(help="Artifacts (.onnx, .xml, .engine) or checkpoints (PyTorch eager); or --server.")] = None,
-    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: ThreadsOption = None,
-    warmup: Annotated[int, typer.Option(min=0, max=100000)] = 5,
-    iters: Annotated[int, typer.Option(min=1, max=100000)] = 20,
-    image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW for dynamic-size models.")] = None,
-    backend: BackendOption = None,
-    autocast: Annotated[bool, typer.Option("--autocast", help="Run checkpoints under PyTorch's CUDA fp16 autocast (eager fp16); artifacts keep their exported precision.")] = False,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
-    server: Annotated[Optional[str], typer.Option("--server", help="Time a served model instead: http://HOST:PORT or grpc://HOST:PORT.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="--server: the served model's name.")] = None,
-    concurrency: Annotated[str, typer.Option("--concurrency", help="--server: concurrent clients per level, comma-separated.")] = "1,4,16",
-    duration: Annotated[float, typer.Option("--duration", callback=POSITIVE, help="--server: seconds each level runs.")] = 10.0,
+    models: Annotated[Optional[list[str]], typer.Argument(help="Artifacts (.onnx, .xml, .engine, .rtx.engine) or "
+                                                               "checkpoints (PyTorch eager); or --server.")] = None,
+    batch_sizes: Annotated[str, opt("--batch-sizes", " to time")] = "1",
+    image_size: Annotated[Optional[str], opt("--image-size", " for dynamic-size models")] = None,
+    device: Annotated[str, opt("--device")] = "cpu",
+    backend: Annotated[Optional[BackendChoice], opt("--backend", " that runs the artifacts")] = None,
+    threads: Annotated[Optional[int], opt("--threads", min=1)] = None,
+    warmup: Annotated[int, opt("--warmup", min=0, max=100000)] = 5,
+    iters: Annotated[int, opt("--iters", " per batch size", min=1, max=100000)] = 20,
+    autocast: Annotated[bool, opt("--autocast")] = False,
+    revision: Annotated[Optional[str], opt("--revision")] = None,
+    server: Annotated[Optional[str], opt("--server", "Time")] = None,
+    served_model: Annotated[Optional[str], opt("--served-model")] = None,
+    concurrency: Annotated[str, opt("--concurrency", ", each timed in turn")] = "1,4,16",
+    duration: Annotated[float, opt("--duration", "each --server concurrency level", callback=POSITIVE)] = 10.0,
+    json_output: Annotated[bool, opt("--json")] = False,
+    report: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
     """p50/p90/p99/mean latency, throughput, peak memory, size, parameters and GFLOPs per model and batch; with
     --server, client-side latency, throughput and errors of a served model per concurrency level."""
     if (not models) == (server is None):
-        raise typer.BadParameter("pass MODELS or --server URL --model NAME, one of them")
+        raise typer.BadParameter("pass MODELS or --server URL --served-model NAME, one of them")
+    if report:
+        check_output_file(report, "--report")
+        spare_inputs({"--report": report}, models=models or [])
     if server is not None:
-        if model is None:
-            raise typer.BadParameter("--server needs --model")
-        return _profile_server(server, model, parse_ints(concurrency, "--concurrency", maximum=256), duration, json_file)
-    batches = parse_ints(batch, "--batch")
+        if served_model is None:
+            raise typer.BadParameter("--server needs --served-model")
+        return _profile_server(server, served_model, parse_ints(concurrency, "--concurrency", maximum=256), duration,
+                               json_output, report)
+    batches = parse_ints(batch_sizes, "--batch-sizes")
     size = parse_size(image_size) if image_size is not None else None
-    if json_file:
-        check_output_file(json_file, "--json")
-        spare_inputs({"--json": json_file}, models=models)
     results = []
     with err_console.status("profiling") as status:
         for model in models:
             status.update(Text(f"profiling {model}"))
-            results.append(run_profile(model, batches, device, threads, warmup, iters, size, backend, autocast).to_json())
-    print_profile_tables(results, device, warmup, iters)
-    if json_file:
-        write_json(json_file, results)
+            results.append(run_profile(model, batches, device, threads, warmup, iters, size,
+                                       backend.value if backend is not None else None, autocast,
+                                       revision=revision).to_json())
+    emit(results, json_output, report)
+    if not json_output:
+        print_profile_tables(results, device, warmup, iters)
 
 
-def _profile_server(server: str, model: str, levels: list[int], duration: float, json_file: Optional[Path]) -> None:
+def _profile_server(server: str, model: str, levels: list[int], duration: float, json_output: bool,
+                    report_file: Optional[Path]) -> None:
     """`vitseg profile --server`: one load test per concurrency level, a table, the JSON."""
-    if json_file:
-        check_output_file(json_file, "--json")
     report = client.LoadReport(f"{server.rstrip('/')}/{model}", [], environment=environment(None))
     with err_console.status("profiling") as status:
         for level in levels:
             status.update(Text(f"{level} concurrent clients for {duration:g} s"))
             report.levels.append(client.load_test(server, model, level, duration))
+    emit(report.to_json(), json_output, report_file)
+    if json_output:
+        return
     table = Table(title=escape(f"{report.endpoint}: client-side, single-image requests, {duration:g} s per level"),
                   title_justify="left")
     for col in ("clients", "requests", "errors", "img/s", "p50 ms", "p90 ms", "p99 ms"):
@@ -96,8 +103,6 @@ def _profile_server(server: str, model: str, levels: list[int], duration: float,
     errors = [row for row in report.levels if row.errors]
     if errors:
         console.print(f"first error at {errors[0].concurrency} clients: {errors[0].first_error}", markup=False, highlight=False)
-    if json_file:
-        write_json(json_file, report.to_json())
 
 
 def print_profile_tables(results: list[dict], device: str, warmup: int, iters: int) -> None:
@@ -124,42 +129,46 @@ def print_profile_tables(results: list[dict], device: str, warmup: int, iters: i
 
 
 def benchmark(
-    checkpoint: Annotated[str, typer.Argument(help="Run dir, Hugging Face SegFormer dir, or architecture name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for benchmark.json/.md, pareto.png, overlays.png.")] = Path("benchmark"),
-    formats: Annotated[str, typer.Option("--formats", help=f"Comma-separated: {', '.join(FORMATS)}; auto: every format this machine can make.")] = "auto",
-    precisions: Annotated[str, typer.Option("--precisions", help=f"Comma-separated: {', '.join(PRECISIONS)}.")] = ",".join(PRECISIONS),
-    image_size: Annotated[Optional[str], typer.Option("--image-size", help="HxW (default: the checkpoint's).")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    data: DataSpec = "synthetic",
-    verify_images: Annotated[int, typer.Option("--verify-images", min=1, max=100000)] = 32,
-    calib: Annotated[str, typer.Option("--calib", help="int8 calibration data spec.")] = "synthetic",
-    iters: Annotated[int, typer.Option(min=1, max=100000)] = 20,
-    threads: ThreadsOption = None,
-    no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without the exact rewrites.")] = False,
-    prune: Annotated[Optional[str], typer.Option("--prune", help="Also benchmark pruned copies at these ratios (e.g. 0.25,0.5; method all, no fine-tuning: use `vitseg prune` for that).")] = None,
-    allow_float_fallback: Annotated[bool, typer.Option("--allow-float-fallback", help="Time int8 rows that are mostly float or slower than fp32 on this CPU (default: such rows are skipped, with the reason).")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print benchmark.json on stdout.")] = False,
+    checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
+    formats: Annotated[str, opt("--formats", f" to benchmark ({', '.join(FORMATS)})")] = "auto",
+    precisions: Annotated[str, opt("--precisions", f" to benchmark ({', '.join(PRECISIONS)})")] = ",".join(PRECISIONS),
+    image_size: Annotated[Optional[str], opt("--image-size", " to export and time at")] = None,
+    device: Annotated[str, opt("--device")] = "cpu",
+    revision: Annotated[Optional[str], opt("--revision")] = None,
+    data: Annotated[str, opt("--data", " whose validation images judge every row")] = "synthetic",
+    num_images: Annotated[int, opt("--num-images", " judge every row", min=1, max=100000)] = 32,
+    calib: Annotated[Optional[str], opt("--calib")] = None,
+    iters: Annotated[int, opt("--iters", " per row", min=1, max=100000)] = 20,
+    threads: Annotated[Optional[int], opt("--threads", min=1)] = None,
+    no_fold: Annotated[bool, opt("--no-fold", " in every row")] = False,
+    prune: Annotated[Optional[str], opt("--prune")] = None,
+    allow_float_fallback: Annotated[bool, opt("--allow-float-fallback", " (and time)")] = False,
+    output: Annotated[Path, opt("--output", "benchmark.json, benchmark.md, pareto.png and overlays.png (a "
+                                           "directory)")] = Path("benchmark"),
+    json_output: Annotated[bool, opt("--json")] = False,
+    report_file: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
     """Export, verify and profile every format x precision; one table with speedups vs PyTorch eager fp32."""
 
     check_output_dir(output, "--output")
-    spare_inputs({"--output": output}, models=[checkpoint], data=[data, calib])
+    if report_file:
+        check_output_file(report_file, "--report")
+    spare_inputs({"--output": output, "--report": report_file}, models=[checkpoint], data=[data, calib])
     if formats != "auto":  # formats asked for by name must be available here: one line, before any work
         for name in formats.split(","):
             get_format(name.strip()).require()
     for name in precisions.split(","):
         get_precision(name.strip())
     settings = matrix.BenchmarkSettings(formats=matrix.available_formats() if formats == "auto" else tuple(f.strip() for f in formats.split(",")),
-                                 precisions=tuple(p.strip() for p in precisions.split(",")),
-                                 image_size=parse_size(image_size) if image_size is not None else None, device=device,
-                                 verify_data=data, verify_images=verify_images, iters=iters, threads=threads,
-                                 fold=not no_fold, calib=calib,
-                                 prune_ratios=_ratios(prune) if prune is not None else (),
-                                 allow_float_fallback=allow_float_fallback)
+                                        precisions=tuple(p.strip() for p in precisions.split(",")),
+                                        image_size=parse_size(image_size) if image_size is not None else None, device=device,
+                                        verify_data=data, verify_images=num_images, iters=iters, threads=threads,
+                                        fold=not no_fold, calib=calib or data,
+                                        prune_ratios=_ratios(prune) if prune is not None else (),
+                                        allow_float_fallback=allow_float_fallback, revision=revision)
     report = matrix.run_benchmark(checkpoint, output, settings, log=log)
-    if json_output:
-        print_json(report.to_json())
-    else:
+    emit(report.to_json(), json_output, report_file)
+    if not json_output:
         print_benchmark_table(report)
         console.print(f"wrote {output / 'benchmark.json'}, {output / 'benchmark.md'}, {output / 'pareto.png'}, "
                       f"{output / 'overlays.png'}", soft_wrap=True, markup=False)
@@ -175,25 +184,27 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 def print_benchmark_table(report, title: str | None = None) -> None:
     """The benchmark table (a BenchmarkReport) on stdout."""
-    # no outer edge, one space between columns: seven columns fit a piped log's 80 columns
+    # no outer edge, one space between columns: eight columns fit a piped log's 80 columns
     table = Table(title=title or f"vitseg benchmark: {report.architecture} "
                                  f"{report.image_size[0]}x{report.image_size[1]}, batch 1, {report.device}",
                   box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), collapse_padding=True)
     # readable in a log at 80 columns: names and figures never wrap or get cut; the status folds
     table.add_column("artifact", no_wrap=True)
-    table.add_column("status", overflow="fold", min_width=10)
-    for col in ("size", "agreement", "mIoU drop", "p50", "speedup"):
+    table.add_column("status", no_wrap=True)
+    for col in ("size", "int8", "agreement", "mIoU drop", "p50", "speedup"):  # int8: the share of MACs in int8
         table.add_column(col, justify="right", no_wrap=True)
 
     def fmt(v, pattern):
         return "-" if v is None else pattern.format(v)
 
-    for r in report.rows:
-        status = r.status
-        if r.int8_mac_share is not None:
-            status += f" ({r.int8_mac_share * 100:.0f}% MACs int8)"
+    cells, notes = status_notes(report.rows)
+    for r, status in zip(report.rows, cells):
         table.add_row(r.name, escape(status), fmt(r.size_mb, "{:.1f}MB"),
+                      fmt(None if r.int8_mac_share is None else r.int8_mac_share * 100, "{:.0f}%"),
                       fmt(None if r.pixel_agreement is None else r.pixel_agreement * 100, "{:.2f}%"),
                       fmt(None if r.miou_drop_vs_labels is None else r.miou_drop_vs_labels * 100, "{:+.2f} pt"),
                       fmt(r.latency_p50_ms, "{:.1f}ms"), fmt(r.speedup, "{:.2f}x"))
     console.print(table)
+    console.print(f"measured on {measured_where(report)}", markup=False, highlight=False, soft_wrap=True)
+    for note in notes:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)

@@ -8,16 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from vitseg_export.cli.common import console, log
+from vitseg_export.cli.options import opt
 from vitseg_export.tables import lazy_module
 
 server = lazy_module("vitseg_export.serving.server")
 
 def serve(
     source: Annotated[Path, typer.Argument(help="A model repository (vitseg export --format triton) or an artifact (.onnx, .xml, .engine).")],
-    http_port: Annotated[int, typer.Option("--http-port", min=1, max=65535, help="KServe v2 over HTTP.")] = 8000,
-    grpc_port: Annotated[int, typer.Option("--grpc-port", min=1, max=65535, help="KServe v2 over gRPC.")] = 8001,
-    metrics_port: Annotated[int, typer.Option("--metrics-port", min=1, max=65535, help="Prometheus metrics.")] = 8002,
-    tritonserver: Annotated[Optional[Path], typer.Option("--tritonserver", help="The tritonserver binary (default: the one the [serve] extra installs, else PATH).")] = None,
+    http_port: Annotated[int, opt("--http-port", min=1, max=65535)] = 8000,
+    grpc_port: Annotated[int, opt("--grpc-port", min=1, max=65535)] = 8001,
+    metrics_port: Annotated[int, opt("--metrics-port", min=1, max=65535)] = 8002,
+    tritonserver: Annotated[Optional[Path], opt("--tritonserver")] = None,
 ) -> None:
     """Serve with Triton Inference Server until Ctrl-C or SIGTERM (in-flight requests finish; nothing is left)."""
     if len({http_port, grpc_port, metrics_port}) < 3:

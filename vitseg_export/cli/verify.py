@@ -9,24 +9,25 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from vitseg_export import hub
+from vitseg_export.artifact import manifest_path, read_manifest
 from vitseg_export.cli.common import (
     FRACTION,
     NON_NEGATIVE,
-    BackendOption,
-    DataSpec,
-    JsonFlag,
+    bar_progress,
     console,
+    emit,
     log,
     parse_ints,
     parse_size,
-    print_json,
     progress_bar,
     spare_inputs,
     status,
 )
+from vitseg_export.cli.options import BackendChoice, opt
 from vitseg_export.data.sources import check_labels_fit, open_source
-from vitseg_export.errors import ParityError
-from vitseg_export.files import check_output_dir, check_output_file, write_json
+from vitseg_export.errors import ParityError, VitsegError
+from vitseg_export.files import check_output_dir, check_output_file
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import thresholds_for
 from vitseg_export.tables import lazy_module
@@ -36,46 +37,55 @@ locating = lazy_module("vitseg_export.verdict.locate")  # --locate
 
 
 def verify(
-    reference: Annotated[str, typer.Option("--reference", "-r", help="The checkpoint it was exported from.")],
-    artifact: Annotated[Optional[Path], typer.Argument(help="The exported artifact (.onnx, .xml, .engine); or --server.")] = None,
-    data: DataSpec = "synthetic",
-    num_images: Annotated[int, typer.Option("--num-images", min=1, max=100000)] = 16,
-    device: Annotated[str, typer.Option(help="cpu or cuda (both sides).")] = "cpu",
-    report: Annotated[Optional[Path], typer.Option(help="Write the JSON report here.")] = None,
-    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", callback=FRACTION, help="Override the preset (0..1).")] = None,
-    min_miou: Annotated[Optional[float], typer.Option("--min-miou", callback=FRACTION, help="Override min mIoU vs reference (0..1).")] = None,
-    max_abs_diff: Annotated[Optional[float], typer.Option("--max-abs-diff", callback=NON_NEGATIVE, help="Override max |logit diff| (>= 0).")] = None,
-    save_diff: Annotated[Optional[Path], typer.Option("--save-diff", help="Write input/reference/artifact/diff PNGs here.")] = None,
-    backend: BackendOption = None,
-    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Batch sizes to judge a dynamic-batch artifact at (default 1,4; an engine: its profile's min,opt,max).")] = None,
-    sizes: Annotated[Optional[str], typer.Option("--sizes", help="Other HxW sizes to judge a dynamic-size artifact at, comma-separated (default: one, 3/4 of its own).")] = None,
-    server: Annotated[Optional[str], typer.Option("--server", help="Judge a served model instead: http://HOST:PORT or grpc://HOST:PORT.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="--server: the served model's name.")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=256, help="--server: concurrent requests, so the dynamic batcher forms batches.")] = 8,
-    locate: Annotated[bool, typer.Option("--locate", help="Also find where the artifact first leaves PyTorch: its tensors against the reference's at the model's named boundaries (stages, then blocks, then layers) on 4 images, the first past the precision's allowance, and the export command that keeps it in float.")] = False,
-    json_output: JsonFlag = False,
+    artifact: Annotated[Optional[Path], typer.Argument(help="The exported artifact (.onnx, .xml, .engine, .rtx.engine); "
+                                                            "or --server.")] = None,
+    reference: Annotated[Optional[str], opt("--reference", "; default: the source checkpoint the artifact's manifest "
+                                                           "records, where it exists")] = None,
+    revision: Annotated[Optional[str], opt("--revision")] = None,
+    data: Annotated[str, opt("--data", " whose validation images both sides run")] = "synthetic",
+    num_images: Annotated[int, opt("--num-images", " judge the artifact", min=1, max=100000)] = 16,
+    device: Annotated[str, opt("--device", " (the reference and the artifact; the reference runs on cpu or cuda)")] = "cpu",
+    backend: Annotated[Optional[BackendChoice], opt("--backend", " that runs the artifact")] = None,
+    batch_sizes: Annotated[Optional[str], opt("--batch-sizes", " to judge a dynamic-batch artifact at (default 1,4; an "
+                                                               "engine: its profile's min,opt,max)")] = None,
+    sizes: Annotated[Optional[str], opt("--sizes")] = None,
+    min_agreement: Annotated[Optional[float], opt("--min-agreement", callback=FRACTION)] = None,
+    min_miou: Annotated[Optional[float], opt("--min-miou", callback=FRACTION)] = None,
+    max_abs_diff: Annotated[Optional[float], opt("--max-abs-diff", callback=NON_NEGATIVE)] = None,
+    locate: Annotated[bool, opt("--locate")] = False,
+    server: Annotated[Optional[str], opt("--server", "Judge")] = None,
+    served_model: Annotated[Optional[str], opt("--served-model")] = None,
+    concurrency: Annotated[str, opt("--concurrency", ", each judged beside every image alone")] = "8",
+    save_diff: Annotated[Optional[Path], opt("--save-diff")] = None,
+    json_output: Annotated[bool, opt("--json")] = False,
+    report: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
     """Compare an artifact (or what a served model returns) with its PyTorch reference on real images, at every
     batch size and input size it declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
     if (artifact is None) == (server is None):
-        raise typer.BadParameter("pass an ARTIFACT or --server URL --model NAME, one of them")
-    if server is not None and (model is None or batch_sizes or sizes or backend or locate):
-        raise typer.BadParameter("--server needs --model, and takes --concurrency instead of --batch-sizes, --sizes, --backend, "
-                                 "--locate (locate in the artifact the server serves)")
+        raise typer.BadParameter("pass an ARTIFACT or --server URL --served-model NAME, one of them")
+    if server is not None and (served_model is None or reference is None or batch_sizes or sizes or backend or locate):
+        raise typer.BadParameter("--server needs --served-model and --reference, and takes --concurrency instead of "
+                                 "--batch-sizes, --sizes, --backend, --locate (locate in the artifact the server serves)")
+    backend_name = backend.value if backend is not None else None
     if report:
         check_output_file(report, "--report")
     if save_diff:
         check_output_dir(save_diff, "--save-diff")
+    if artifact is not None and reference is None:
+        reference, recorded_commit = manifest_reference(artifact)
+        revision = revision or recorded_commit
     spare_inputs({"--report": report, "--save-diff": save_diff}, models=[artifact, reference] if artifact else [reference],
                  data=[data])
     overrides = {"min_agreement": min_agreement, "min_miou_vs_reference": min_miou, "max_abs_logit_diff": max_abs_diff}
     if server is not None:
+        levels = tuple(parse_ints(concurrency, "--concurrency", 256))
         with progress_bar() as bar:
             task = bar.add_task("verify", total=num_images)
-            result = verification.verify_server(server, model, reference, data, num_images, concurrency, device,
-                                                overrides=overrides, save_diff=save_diff,
-                                                progress=lambda done, total: bar.update(task, completed=done, total=total))
-        return _report(result, f"{server.rstrip('/')}/{model}", reference, report, json_output)
+            result = verification.verify_server(server, served_model, reference, data, num_images, levels, device,
+                                                overrides=overrides, save_diff=save_diff, revision=revision,
+                                                progress=bar_progress(bar, task))
+        return _report(result, f"{server.rstrip('/')}/{served_model}", reference, report, json_output)
     info = read_artifact_info(artifact)
     batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes is not None else None
     other_sizes = [parse_size(t.strip(), "--sizes") for t in sizes.split(",")] if sizes is not None else None
@@ -85,23 +95,42 @@ def verify(
     with progress_bar() as bar:
         task = bar.add_task("verify", total=num_images)
         result = verification.verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
-                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                 backend=backend, batch_sizes=batches, sizes=other_sizes)
+                                              progress=bar_progress(bar, task),
+                                              backend=backend_name, batch_sizes=batches, sizes=other_sizes,
+                                              revision=revision)
     found = None
     if locate:
         with status("locate") as update:
-            found = locating.locate_artifact(artifact, reference, data, progress=lambda m: (update(m), log(f"  {m}")))
+            found = locating.locate_artifact(artifact, reference, data, progress=lambda m, *counts, **info: (update(m, *counts), log(f"  {m}", *counts)),
+                                             revision=revision)
     _report(result, artifact.name, reference, report, json_output, found)
+
+
+def manifest_reference(artifact: Path) -> tuple[str, str | None]:
+    """The checkpoint the artifact's manifest says it was exported from, where that still exists or is a Hub id (with
+    the commit it was loaded at), said on stderr; else VitsegError asking for --reference."""
+    recorded = read_artifact_info(artifact).source_checkpoint
+    candidates = [Path(recorded), artifact.parent / recorded] if recorded else []
+    found: str | None = next((str(c) for c in candidates if c.exists()), None)
+    commit = None
+    if found is None and recorded and hub.looks_like_hub_id(recorded):
+        found = recorded  # resolved from the local Hugging Face cache by the loader, at the commit exported from
+        source = read_manifest(artifact).source if manifest_path(artifact).exists() else None
+        commit = ((source or {}).get("hub") or {}).get("commit")
+    if found is None:
+        where = f"{recorded}, which is not here" if recorded else "none"
+        raise VitsegError(f"{artifact.name}: no --reference given, and the source checkpoint its manifest records is "
+                          f"{where}", "pass the checkpoint it was exported from: -r RUN_DIR")
+    log(f"reference: {found}{f' at commit {commit}' if commit else ''} (the source checkpoint {artifact.name}'s manifest "
+        "records)")
+    return found, commit
 
 
 def _report(result, name: str, reference: str, report: Optional[Path], json_output: bool, found=None) -> None:
     """Write, print and judge a verify report (exit 3 through ParityError on a failure); `found`: the locate report."""
     r = result.to_json() | ({"locate": found.to_json()} if found is not None else {})
-    if report:
-        write_json(report, r)
-    if json_output:
-        print_json({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]})
-    else:
+    emit({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]}, json_output, report)
+    if not json_output:
         print_verify_table(r)
         print_shape_lines(r)
         if found is not None:

@@ -25,12 +25,25 @@ def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: in
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def miou(cm: np.ndarray) -> float:
-    """Mean IoU over the classes present in target or prediction (NaN when none is)."""
+def class_ious(cm: np.ndarray) -> np.ndarray:
+    """Each class's IoU from a confusion matrix; NaN for a class in neither target nor prediction."""
     inter = np.diag(cm).astype(np.float64)
     union = cm.sum(0) + cm.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+
+
+def miou(cm: np.ndarray) -> float:
+    """Mean IoU over the classes present in target or prediction (NaN when none is)."""
+    ious = class_ious(cm)
+    present = ious[~np.isnan(ious)]
+    return float(present.mean()) if present.size else float("nan")
+
+
+def pixel_accuracy(cm: np.ndarray) -> float:
+    """The share of (not ignored) pixels whose prediction is their target; NaN when there are none."""
+    total = cm.sum()
+    return float(np.diag(cm).sum() / total) if total else float("nan")
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,8 @@ class ParityAccumulator:
             diff = np.abs(np.where(finite, art_logits, 0).astype(np.float64) - ref_logits)
             row.update(max_abs_logit_diff=float(diff.max()), mean_abs_logit_diff=float(diff.mean()), nonfinite=nonfinite)
             self.nonfinite += nonfinite
-            self.max_abs = max(self.max_abs, float(diff.max()))
+            # NaN (a NaN in the reference's logits) must survive: max(0.0, nan) would drop it
+            self.max_abs = _highest([self.max_abs, float(diff.max())])
             self.sum_abs += float(diff.sum())
             self.logit_values += diff.size
         if label is not None and (label != 255).any():
@@ -158,9 +172,10 @@ def judge(summary: ParitySummary, thresholds: Thresholds) -> list[str]:
     if summary.nonfinite > thresholds.max_nonfinite:
         failures.append(f"{summary.nonfinite} non-finite logits (NaN/Inf) > {thresholds.max_nonfinite}")
     mx, mean = summary.max_abs_logit_diff, summary.mean_abs_logit_diff
-    if thresholds.max_abs_logit_diff is not None and mx is not None and mx > thresholds.max_abs_logit_diff:
+    # NaN (undefined) fails a limit, as a NaN mIoU does: `nan > limit` is False
+    if thresholds.max_abs_logit_diff is not None and mx is not None and not mx <= thresholds.max_abs_logit_diff:
         failures.append(f"max |logit diff| {mx:.3g} > {thresholds.max_abs_logit_diff:.3g}")
-    if thresholds.max_mean_abs_logit_diff is not None and mean is not None and mean > thresholds.max_mean_abs_logit_diff:
+    if thresholds.max_mean_abs_logit_diff is not None and mean is not None and not mean <= thresholds.max_mean_abs_logit_diff:
         failures.append(f"mean |logit diff| {mean:.3g} > {thresholds.max_mean_abs_logit_diff:.3g}")
     return failures
 
@@ -172,8 +187,9 @@ def _lowest(values: list[float]) -> float:
 
 
 def _highest(values: list[float | None]) -> float | None:
+    """The largest value, NaN (undefined: judged a failure) above every number, whatever the order; None if none."""
     present = [v for v in values if v is not None]
-    return max(present) if present else None
+    return next((v for v in present if math.isnan(v)), max(present)) if present else None
 
 
 def worst_case(summaries: list[ParitySummary]) -> ParitySummary:

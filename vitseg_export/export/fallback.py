@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from vitseg_export.errors import Int8NotWorthIt, VitsegError
 from vitseg_export.machine.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
 from vitseg_export.machine.timing import SpeedComparison
 from vitseg_export.precisions import Thresholds
+from vitseg_export.progress import Progress
 from vitseg_export.runners.base import Runner
 
 # The fallback aims this share of each error budget inside the targets, so that a fresh sample of the
@@ -120,7 +121,7 @@ class Fallback:
         return {row["node"] for row in self.floated}
 
 
-def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Callable[[str], None],
+def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Progress,
               hint: str = "calibrate on more representative images, try --calib-method entropy, or use fp16",
               kept: dict[str, str] | None = None) -> Fallback:
     """The fewest of the most helpful units of `graph` returned to float that meet the held-out targets
@@ -139,6 +140,10 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Ca
     progress(f"int8: ranking {len(units)} units by the logits with each alone in float")
     ranked = sorted(((held.sqnr_db(graph.runner({u, *kept})), u) for u in units), reverse=True)[:max_units]
     tried: dict[int, Score] = {0: initial}
+    if not ranked:  # every unit kept in float already (or none allowed): nothing left to fall back
+        raise VitsegError(f"int8 could not reach the int8 targets on held-out images ({describe_score(initial)} with "
+                          f"no unit left to return to float: {len(kept)} kept by --keep-float, {len(units)} others, "
+                          f"at most {max_units} allowed)", hint)
 
     def attempt(count: int) -> bool:
         tried[count] = held.score(graph.runner({*kept, *(u for _, u in ranked[:count])}))

@@ -43,6 +43,7 @@ from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, 
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.precisions import Conversion, ConversionContext
+from vitseg_export.progress import Progress, silent
 from vitseg_export.runners.base import require_module
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner, graph_runner, session_options
 from vitseg_export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
@@ -341,7 +342,7 @@ def _settings_record(settings: Int8Settings, heldout_images: int, quantizer: Any
 
 
 def speed_before_calibration(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, work: Path,
-                             progress: Callable[[str], None]) -> dict | str:
+                             progress: Progress) -> dict | str:
     """For --target cpu: the int8 graph with placeholder ranges timed against the fp32 graph, on a CPU where its
     arithmetic is exact (int8_probe.speed_decision: Int8NotWorthIt on the class it is made for when measurably
     slower). Returns the record, or why nothing was timed."""
@@ -358,7 +359,7 @@ def speed_before_calibration(model: onnx.ModelProto, size: tuple[int, int], sett
 
 
 def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, cache_dir: Path | None = None,
-                  progress: Callable[[str], None] = lambda m: None, keep_float: tuple[str, ...] = (),
+                  progress: Progress = silent, keep_float: tuple[str, ...] = (),
                   scopes: Any = None) -> Int8Result:
     """Calibrated int8 Q/DQ graph of vitseg's verified fp32 `model` (its first output must be `logits`):
     ONNX Runtime's quantizer for --target cpu, Model Optimizer's for --target trt, then the one fallback until
@@ -397,7 +398,7 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
 def settle_graph(quantized: onnx.ModelProto, fp32: onnx.ModelProto, original: onnx.ModelProto | None,
                  macs: dict[str, int], size: tuple[int, int],
                  settings: Int8Settings, held: Heldout, before: dict | str,
-                 progress: Callable[[str], None], keep_float: tuple[str, ...] = (),
+                 progress: Progress, keep_float: tuple[str, ...] = (),
                  scopes: Any = None) -> tuple[onnx.ModelProto, dict]:
     """A Q/DQ graph through the one fallback and the int8 checks (mostly int8; for a CPU graph whose fallback
     returned layers to float, the speed decision again): (final graph, the manifest's int8 record without the

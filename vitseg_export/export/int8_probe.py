@@ -32,6 +32,7 @@ from vitseg_export.errors import Int8NotWorthIt
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.machine.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
 from vitseg_export.machine.timing import SLOWER, compare_speed
+from vitseg_export.progress import Progress
 from vitseg_export.runners.base import INPUT_NAME, Runner
 
 # (op, input shape, what it stands for): one mid-sized layer each (1024 tokens x 512 features; 256 channels at
@@ -105,7 +106,7 @@ def time_layers(compile_fn: Compile, runtime: str, made_for: str, ops: tuple[str
     return {"cpu_class": cpu_class(), "runtime": runtime, "made_for": made_for, "ops": rows}
 
 
-def announce_emulation(made_for: str, progress: Callable[[str], None]) -> None:
+def announce_emulation(made_for: str, progress: Progress) -> None:
     """Say once, in an export's progress, that its int8 graphs run emulated here (`made_for`: the class, "" for 8-bit
     int8 of no class): the runners of its in-memory graphs do not warn each time."""
     if not int8_exact_here(made_for):

@@ -38,6 +38,7 @@ from vitseg_export.modeling.optimize import fold
 from vitseg_export.modeling.registry import Segmenter, get_family
 from vitseg_export.modeling.scopes import ModuleScopes
 from vitseg_export.precisions import Conversion, ConversionContext, Precision, get_precision
+from vitseg_export.progress import Progress, silent
 from vitseg_export.runners.base import Runner
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.torch_runner import TorchRunner
@@ -138,7 +139,7 @@ def exported_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings) -> t
 
 
 def onnx_from_module(loaded: LoadedCheckpoint, settings: OnnxExportSettings, size: tuple[int, int],
-                     progress: Callable[[str], None] = lambda m: None) -> tuple[onnx.ModelProto, list[str]]:
+                     progress: Progress = silent) -> tuple[onnx.ModelProto, list[str]]:
     """The fp32 ONNX graph of the checkpoint (folded unless `settings.fold` is off), at the requested
     opset (checked), simplified when asked. Returns (graph, names of the rewrites applied)."""
     exported, rewrites = exported_module(loaded, settings)
@@ -215,7 +216,7 @@ class VerifiedGraph:
 
 
 def verified_fp32_graph(loaded: LoadedCheckpoint, settings: OnnxExportSettings, output: Path,
-                        progress: Callable[[str], None] = lambda m: None, fmt: str = "onnx") -> VerifiedGraph:
+                        progress: Progress = silent, fmt: str = "onnx") -> VerifiedGraph:
     """Check the request, export the fp32 graph and judge it against PyTorch (fp32 preset) on real images
     and noise (and a second size when dynamic). Raises VitsegError/ParityError; writes nothing."""
     size = check_export_request(loaded, settings)
@@ -260,7 +261,7 @@ def _embed(model: onnx.ModelProto, info: ArtifactInfo) -> bytes:
 
 
 def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSettings,
-                progress: Callable[[str], None] = lambda msg: None, int8: Int8Settings | None = None,
+                progress: Progress = silent, int8: Int8Settings | None = None,
                 convert: Callable[[onnx.ModelProto, ConversionContext], Conversion] | None = None) -> ExportResult:
     """Export `loaded` to an ONNX artifact at `output` (+ `<output>.json` manifest) in the requested
     precision. Raises VitsegError for requests the model cannot honour and ParityError when a graph
@@ -289,7 +290,7 @@ def export_onnx(loaded: LoadedCheckpoint, output: Path, settings: OnnxExportSett
         metadata=info.metadata_json(), export_settings=export_settings_record(settings, graph.size),
         self_parity=parity_record(parity, inputs), rewrites=graph.rewrites,
         fp32_graph_parity=graph.parity.to_json(), precision_details=details or {},
-        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random",
+        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random", source=loaded.source_record(),
         extra={"graph": graph_stats(model)})
     write_artifact(output, {output: data, **files}, manifest)
     return ExportResult(output, manifest, model)
@@ -303,7 +304,7 @@ def _simplify(model: onnx.ModelProto, progress) -> onnx.ModelProto:
 
 
 def export_artifact(loaded: LoadedCheckpoint, output: Path, request: ExportRequest,
-                    progress: Callable[[str], None] = lambda m: None) -> ExportResult:
+                    progress: Progress = silent) -> ExportResult:
     """The onnx format's exporter (formats.py): `export_onnx` with the request's ONNX and int8 settings."""
     return export_onnx(loaded, output, request.onnx, progress=progress, int8=request.int8)
 

@@ -50,6 +50,7 @@ from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.files import sha256_file
 from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.precisions import get_precision
+from vitseg_export.progress import Progress
 from vitseg_export.runners.openvino_runner import OpenVINORunner, inference_precision, openvino_core
 from vitseg_export.settings import ExportRequest, Int8Settings
 from vitseg_export.tables import lazy_module
@@ -233,7 +234,7 @@ class IRHeldout:
 
 
 def ir_speed_before_calibration(model: Any, fp32: OpenVINORunner, size: tuple[int, int], settings: Int8Settings,
-                                info: ArtifactInfo, progress: Callable[[str], None]) -> dict | str:
+                                info: ArtifactInfo, progress: Progress) -> dict | str:
     """The IR quantized by NNCF with placeholder statistics (one synthetic image: the same FakeQuantize placement,
     the same kernels) timed against the fp32 IR, where this CPU computes it exactly (int8_probe.speed_decision:
     Int8NotWorthIt on the class it is made for when measurably slower). The record, or why nothing was timed."""
@@ -248,7 +249,7 @@ def ir_speed_before_calibration(model: Any, fp32: OpenVINORunner, size: tuple[in
 
 
 def ir_heldout(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo,
-               progress: Callable[[str], None]) -> IRHeldout:
+               progress: Progress) -> IRHeldout:
     """Decide whether int8 can pay here (before calibrating: Int8NotWorthIt where it cannot), then record the
     fp32 IR `model` on the held-out images."""
     held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, graph.size)
@@ -260,7 +261,7 @@ def ir_heldout(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: A
 
 
 def settle_ir(quantized: Any, judged: IRHeldout, size: tuple[int, int], settings: Int8Settings, info: ArtifactInfo,
-              progress: Callable[[str], None], graph: VerifiedGraph | None = None) -> tuple[Any, dict]:
+              progress: Progress, graph: VerifiedGraph | None = None) -> tuple[Any, dict]:
     """An IR with FakeQuantize nodes through the one fallback and the int8 checks (mostly int8; where the fallback
     returned layers to float, the speed decision again): (final IR, the manifest's int8 record, without the
     quantizer's own keys). `graph`: the verified fp32 graph, whose `keep_float` modules stay float from the start."""
@@ -306,7 +307,7 @@ def nncf_ptq(model: Any, images: list[np.ndarray], settings: Int8Settings) -> An
 
 
 def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo,
-                progress: Callable[[str], None]) -> tuple[Any, dict]:
+                progress: Progress) -> tuple[Any, dict]:
     """The int8 precision's OpenVINO step: NNCF PTQ (transformer preset: SmoothQuant, min-max) of the fp32 IR,
     then the one fallback; returns (int8 model, the manifest's int8 section)."""
     judged = ir_heldout(model, graph, settings, info, progress)
@@ -344,7 +345,7 @@ def _save(model: Any, info: ArtifactInfo, compress_to_fp16: bool, work: Path) ->
     return path
 
 
-def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress: Callable[[str], None],
+def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress: Progress,
                     quantize: Callable[..., tuple[Any, dict]] | None = None) -> ExportResult:
     """Export `loaded` to an OpenVINO IR at `output` (.xml, with .bin and .xml.json beside it) in the requested
     precision. `quantize` replaces the precision's quantization step (same arguments: `vitseg qat`'s).
@@ -378,7 +379,7 @@ def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress:
         export_settings={**export_settings_record(settings, graph.size), "openvino_version": ov.__version__},
         self_parity=parity_record(parity, inputs), rewrites=graph.rewrites,
         fp32_graph_parity=graph.parity.to_json(), precision_details=details,
-        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random",
+        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random", source=loaded.source_record(),
         extra={"bin": output.with_suffix(".bin").name, "bin_sha256": hashlib.sha256(files[output.with_suffix(".bin")]).hexdigest()})
     write_artifact(output, files, manifest)
     if details.get("int8_mac_share", 1.0) < 0.5:

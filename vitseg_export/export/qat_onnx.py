@@ -19,7 +19,7 @@ import copy
 import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import torch
@@ -33,10 +33,11 @@ from vitseg_export.export.onnx_export import ExportGraph, export_onnx, exported_
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.precisions import Conversion, ConversionContext
+from vitseg_export.progress import Progress
 from vitseg_export.runners.base import require_module
 from vitseg_export.runners.onnxruntime_runner import graph_runner
 from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
-from vitseg_export.train.qat import StepProgress, calibration_batches, fine_tuned
+from vitseg_export.train.qat import calibration_batches, fine_tuned
 
 WEIGHT_BITS_SAFE = 7  # --target cpu for CPUs without VNNI/AMX: no u8 x s8 pair saturates int16
 
@@ -101,7 +102,7 @@ def qdq_graph(model: torch.nn.Module, size: tuple[int, int], export_settings: On
 
 
 def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: Any, qat: QatSettings,
-                   export_settings: OnnxExportSettings, on_step: StepProgress | None) -> Conversion:
+                   export_settings: OnnxExportSettings, on_step: Progress | None) -> Conversion:
     """export_onnx's int8 step for `vitseg qat`: the verified fp32 `model` is the reference of the fallback and
     of the speed check; the Q/DQ graph comes from the fine-tuned fake-quantized PyTorch model."""
     settings, size, progress = ctx.int8, ctx.image_size, ctx.progress
@@ -140,8 +141,8 @@ def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: An
     return Conversion(final, details, {})
 
 
-def qat_onnx(loaded: Any, output: Path, request: ExportRequest, qat: QatSettings, progress: Callable[[str], None],
-             on_step: StepProgress | None = None) -> Any:
+def qat_onnx(loaded: Any, output: Path, request: ExportRequest, qat: QatSettings, progress: Progress,
+             on_step: Progress | None = None) -> Any:
     """`vitseg qat --format onnx`: a Q/DQ int8 ONNX graph at `output` trained with fake quantization; ExportResult."""
     convert = partial(qat_conversion, loaded=loaded, qat=qat, export_settings=request.onnx, on_step=on_step)
     return export_onnx(loaded, output, request.onnx, progress=progress, int8=request.int8, convert=convert)

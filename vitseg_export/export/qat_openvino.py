@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -32,9 +32,10 @@ from vitseg_export.export.openvino_export import (
 )
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.machine.extensions import prepare_nncf_torch
+from vitseg_export.progress import Progress
 from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.tables import lazy_module
-from vitseg_export.train.qat import StepProgress, calibration_batches, fine_tuned
+from vitseg_export.train.qat import calibration_batches, fine_tuned
 
 ov = lazy_module("openvino")
 nncf = lazy_module("nncf")
@@ -67,8 +68,8 @@ def _to_ir(model: torch.nn.Module, graph: VerifiedGraph) -> Any:
     return ir
 
 
-def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, progress: Callable[[str], None], *,
-           loaded: Any, qat: QatSettings, export_settings: OnnxExportSettings, on_step: StepProgress | None) -> tuple[Any, dict]:
+def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, progress: Progress, *,
+           loaded: Any, qat: QatSettings, export_settings: OnnxExportSettings, on_step: Progress | None) -> tuple[Any, dict]:
     """export_openvino's quantization step for `vitseg qat`: (int8 IR, the manifest's int8 section)."""
     judged = ir_heldout(model, graph, settings, info, progress)  # speed (before calibrating), the fp32 IR's outputs
     extension = prepare_nncf_torch(progress)  # built here, not inside NNCF's 60-second first-use limit
@@ -104,8 +105,8 @@ def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, 
         "qat": {**record_qat, "layers_left_float": record["float_layers"], "nncf_extension": extension["status"]}}
 
 
-def qat_openvino(loaded: Any, output: Path, request: ExportRequest, qat: QatSettings, progress: Callable[[str], None],
-                 on_step: StepProgress | None = None) -> Any:
+def qat_openvino(loaded: Any, output: Path, request: ExportRequest, qat: QatSettings, progress: Progress,
+                 on_step: Progress | None = None) -> Any:
     """`vitseg qat --format openvino`: an int8 IR at `output` trained with fake quantization; ExportResult."""
     step = partial(qat_ir, loaded=loaded, qat=qat, export_settings=request.onnx, on_step=on_step)
     return export_openvino(loaded, output, request, progress, quantize=step)

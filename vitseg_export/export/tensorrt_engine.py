@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 import numpy as np
 
 from vitseg_export import __version__
-from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
+from vitseg_export.artifact import (
+    ArtifactInfo,
+    ExportManifest,
+    ExportResult,
+    manifest_path,
+    read_manifest,
+    write_artifact,
+)
 from vitseg_export.compare.comparator import compare
 from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import ParityError, VitsegError
@@ -37,6 +44,7 @@ from vitseg_export.export.trt_lint import lint_for_tensorrt
 from vitseg_export.files import check_readable_file, sha256_file
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.precisions import get_precision
+from vitseg_export.progress import Progress, silent
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.cuda import cuda_devices
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
@@ -205,7 +213,7 @@ def onnx_layer_macs(onnx_path: Path, shape: tuple[int, ...]) -> dict[str, int] |
 
 
 def build_engine(onnx_path: Path, settings: EngineSettings, edition: Edition,
-                 progress: Callable[[str], None] = lambda m: None) -> BuiltEngine:
+                 progress: Progress = silent) -> BuiltEngine:
     """Parse a vitseg ONNX artifact with the edition's parser, take the network's census and build the engine
     (ahead of time for TensorRT-RTX; on this GPU for TensorRT). VitsegError when parsing or building fails."""
     check_engine_settings(settings, edition)
@@ -251,7 +259,7 @@ def pending_verdict(engine_path: Path, edition: Edition, capabilities: tuple[str
 
 
 def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSettings,
-                     progress: Callable[[str], None] = lambda m: None, check: EngineCheck | None = None,
+                     progress: Progress = silent, check: EngineCheck | None = None,
                      edition: Edition = TENSORRT, checkpoint: str | None = None) -> ExportManifest:
     """Build an engine of `edition` from a vitseg ONNX artifact, judge it with `check` (default: against that ONNX
     on ONNX Runtime CPU, `check_against_onnx`) at every shape of its optimization profile where it can run here
@@ -279,6 +287,7 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
                "engine_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
                "census": built.census, "sparse_layers_log": built.sparse_layers_log,
                "build_seconds": round(built.seconds, 1), "vitseg_version": __version__})
+    manifest.source = read_manifest(onnx_path).source if manifest_path(onnx_path).exists() else None
     pending = pending_verdict(engine_path, edition, built.capabilities, checkpoint)
     if pending is not None:
         progress("the engine cannot run here: its verdict is pending")
@@ -311,7 +320,7 @@ def check_against_onnx(engine: Path, onnx_path: Path, data: str = "synthetic", n
     return {**verdict.to_json(), "source": inputs.source, "reference": f"{onnx_path.name} on ONNX Runtime CPU"}
 
 
-def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: Callable[[str], None],
+def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: Progress,
                   edition: Edition = TENSORRT) -> Any:
     """checkpoint -> verified ONNX (int8 for TensorRT: no int32 bias, fp16 float part) -> lint -> engine of
     `edition` at `output`. The ONNX artifact is kept beside it (`<output>.onnx`)."""
@@ -329,7 +338,7 @@ def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: C
     return ExportResult(output, manifest, result.model_proto)
 
 
-def export_rtx_engine(loaded: Any, output: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
+def export_rtx_engine(loaded: Any, output: Path, request: ExportRequest, progress: Progress) -> Any:
     """The trt-rtx format's exporter: export_engine with TensorRT-RTX (built ahead of time, on any machine)."""
     return export_engine(loaded, output, request, progress, TENSORRT_RTX)
 
@@ -344,7 +353,7 @@ def check_against_pytorch(engine: Path, loaded: Any, request: ExportRequest) -> 
                                                              precision.name, request.int8), inputs)
 
 
-def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, progress: Callable[[str], None],
+def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, progress: Progress,
                          edition: Edition = TENSORRT) -> Any:
     """The engine formats' exporter from an existing vitseg ONNX artifact (formats.py): the engine of `edition`,
     judged against that ONNX on ONNX Runtime CPU at every shape of its profile (where it can run here)."""
@@ -355,7 +364,7 @@ def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, p
                                                  read_artifact_info(Path(onnx_path)).source_checkpoint or None))
 
 
-def rtx_engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
+def rtx_engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, progress: Progress) -> Any:
     """The trt-rtx format's exporter from an ONNX artifact."""
     return engine_from_artifact(onnx_path, output, request, progress, TENSORRT_RTX)
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 from vitseg_export.machine.probes import module_version
+from vitseg_export.progress import Progress, silent
 from vitseg_export.tables import lazy_module
 
 nncf_quantization_extensions = lazy_module("nncf.torch.quantization.extensions")
 nncf_reference = lazy_module("nncf.torch.quantization.reference")
 
 
-def prepare_nncf_torch(progress: Callable[[str], None] = lambda m: None) -> dict:
+def prepare_nncf_torch(progress: Progress = silent) -> dict:
     """Build (first use only) and load NNCF's PyTorch CPU extension: {"extension", "status", "seconds",
     "build_dir"}; status "built", "already built", "not compiled: ..." (NNCF will use PyTorch operations) or
     "unavailable: ..." (NNCF or torch is not installed)."""

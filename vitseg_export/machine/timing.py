@@ -3,7 +3,7 @@ not flip with noise or with a busy core: interleaved, repeated measurements, a d
 interval of the speed ratio, and a stated margin. A leaf (numpy only): the int8 go / no-go, the benchmark's
 "slower than fp32" rows and the per-op probe all decide by it.
 
-The rule (README "Speed decisions"):
+The rule (docs/guides/int8-cpu-classes-and-qat.md, "Speed decisions"):
 - the two candidates run in pairs, one right after the other, alternating which goes first (A B, B A, ...), so
   that a slow moment (another process, a clock change) lands on both of a pair;
 - each pair gives a ratio (baseline time / candidate time: above 1, the candidate is faster); the estimate is

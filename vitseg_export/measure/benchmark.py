@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -26,8 +25,9 @@ from vitseg_export.measure.benchmark_report import BenchmarkReport, BenchmarkRow
 from vitseg_export.measure.profiling import environment, profile
 from vitseg_export.modeling.pruning import prune_model
 from vitseg_export.precisions import PRECISIONS, get_precision, thresholds_for
+from vitseg_export.progress import Progress, silent
 from vitseg_export.runners import get_backend, runner_for
-from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings
+from vitseg_export.settings import export_request
 
 OVERLAY_IMAGES = 3
 
@@ -49,6 +49,7 @@ class BenchmarkSettings:
     prune_ratios: tuple[float, ...] = ()  # also benchmark structurally pruned copies (method "all", no fine-tuning)
     # int8 that is mostly float, or slower than fp32 on this CPU, is a "skipped" row with the reason unless allowed
     allow_float_fallback: bool = False
+    revision: str | None = None  # of a checkpoint's Hub id
 
 
 @dataclass
@@ -102,7 +103,7 @@ def benchmark_cpu_class() -> str:
 
 
 def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings: BenchmarkSettings, artifacts: Path,
-                 log: Callable[[str], None]) -> _Cell:
+                 log: Progress) -> _Cell:
     row = BenchmarkRow(f"{fmt.name}-{precision}{variant.suffix}", fmt.name, precision)
     cell = _Cell(row)
     availability = fmt.probe()
@@ -110,16 +111,15 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
         row.status = f"failed: {availability.detail}"
         return cell
     log(f"{row.name}: export")
-    request = ExportRequest(fmt.name, OnnxExportSettings(precision=precision, image_size=size, outputs="both", fold=settings.fold,
-                                                         parity_data=settings.verify_data,
-                                                         dynamic_batch=not fmt.static_by_default),
-                            Int8Settings(calib=settings.calib, calib_images=settings.calib_images, target=fmt.int8_target,
-                                         cpu_class=benchmark_cpu_class(), allow_float_fallback=settings.allow_float_fallback))
+    request = export_request(fmt, {"precision": precision, "image_size": size, "outputs": "both", "no_fold": not settings.fold,
+                                   "data": settings.verify_data, "calib": settings.calib,
+                                   "calib_images": settings.calib_images, "cpu_class": benchmark_cpu_class(),
+                                   "allow_float_fallback": settings.allow_float_fallback})
     try:
         path = _artifact_path(artifacts, variant, fmt, precision)
-        result = fmt.export(variant.loaded, path, request, lambda m: log(f"  {m}"))
+        result = fmt.export(variant.loaded, path, request, lambda m, *counts, **info: log(f"  {m}", *counts))
     except Int8NotWorthIt as e:  # int8 that would be float in all but name, or slower than fp32 here: no row to time
-        row.status = f"skipped: {e.message}"
+        row.status = f"skipped: {e.message} ({e.hint})"
         return cell
     except VitsegError as e:
         row.status = f"failed: {e.message}"
@@ -135,7 +135,7 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
 
 
 def _verify_cells(variant: _Variant, cells: list[_Cell], settings: BenchmarkSettings, size, output: Path,
-                  overlay: dict | None, log: Callable[[str], None]) -> float | None:
+                  overlay: dict | None, log: Progress) -> float | None:
     """One comparator loop: the variant's PyTorch reference once per batch against every exported cell.
     Returns the reference's mIoU vs labels (where the data has labels)."""
     live = [c for c in cells if c.path is not None]
@@ -204,7 +204,7 @@ def _fill_parity(row: BenchmarkRow, report) -> None:
         row.miou_drop_vs_labels, row.miou_vs_labels = summary.labels.miou_drop_vs_labels, summary.labels.artifact_miou_vs_labels
 
 
-def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSettings, log: Callable[[str], None]) -> None:
+def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSettings, log: Progress) -> None:
     for cell in cells:
         if cell.path is None or (cell.row.failed and cell.row.pixel_agreement is None):
             continue
@@ -216,7 +216,7 @@ def _profile_cells(cells: list[_Cell], eager_ms: float, settings: BenchmarkSetti
 
 
 def _compare_with_baseline(cells: list[_Cell], size: tuple[int, int], settings: BenchmarkSettings,
-                           log: Callable[[str], None]) -> None:
+                           log: Progress) -> None:
     """Honest rows: each verified reduced precision timed against the same format's fp32 artifact by the timing
     rule (interleaved pairs at batch 1, a confidence interval, a margin: vitseg_export/timing.py), never by two
     separately measured medians. Measurably slower says "slower than fp32 here"; inside the margin "no measurable
@@ -259,12 +259,12 @@ def _reference_row(checkpoint: str, loaded, size, settings: BenchmarkSettings, l
 
 
 def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
-                  log: Callable[[str], None] = lambda m: None) -> BenchmarkReport:
+                  log: Progress = silent) -> BenchmarkReport:
     """Export, verify and profile every format x precision of `checkpoint` (and its pruned copies); write
     the report files under `output`. Raises VitsegError for unknown formats/precisions or checkpoints;
     a failing cell is recorded in its row."""
     formats = _validate(settings)
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, revision=settings.revision)
     size = tuple(settings.image_size or loaded.meta.image_size)
     rows = [_reference_row(checkpoint, loaded, size, settings, log)]
     overlay: dict = {}

@@ -54,6 +54,19 @@ class BenchmarkRow:
         """The cell has a failure status."""
         return self.status.startswith("failed")
 
+    @property
+    def short_status(self) -> str:
+        """The status word for a table cell (verified, skipped, failed, ...); the rest is `reason`."""
+        return self.status.split(":", 1)[0].split(",", 1)[0]
+
+    @property
+    def reason(self) -> str:
+        """Why a row has its status (and the fix, where there is one), printed below the table; "" for none."""
+        head, colon, rest = self.status.partition(":")
+        if colon:
+            return rest.strip()
+        return head.split(",", 1)[1].strip() if "," in head else ""
+
 
 @dataclass
 class BenchmarkReport:
@@ -88,39 +101,80 @@ def _fmt(value, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def markdown_table(report: BenchmarkReport) -> str:
-    """benchmark.md: one row per artifact, with the machine it was measured on."""
+def status_notes(rows: list[BenchmarkRow]) -> tuple[list[str], list[str]]:
+    """(each row's status cell, the notes below the table): a short status, with a numbered note for its reason, so
+    a table stays readable at 80 columns however long a reason is."""
+    cells, notes = [], []
+    for r in rows:
+        if r.reason:
+            notes.append(f"[{len(notes) + 1}] {r.name}: {r.reason}")
+            cells.append(f"{r.short_status} [{len(notes)}]")
+        else:
+            cells.append(r.short_status)
+    return cells, notes
+
+
+def measured_where(report: BenchmarkReport) -> str:
+    """The machine and date the figures come from, as every table and picture states them."""
     env = report.environment
-    lines = [f"# {report.architecture} at {report.image_size[0]}x{report.image_size[1]}, batch 1, "
-             f"{report.device} ({env['cpu']['model']}, {env['cpu']['cores']} cores)", "",
+    cpu = env.get("cpu", {})
+    gpu = f", {env['gpu']['name']}" if env.get("gpu") and report.device == "cuda" else ""
+    return f"{cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, int8 class {cpu.get('class', '?')}{gpu}; {env.get('date', '')}"
+
+
+def markdown_table(report: BenchmarkReport) -> str:
+    """benchmark.md: one row per artifact, with the machine and date it was measured on; reasons as notes below."""
+    cells, notes = status_notes(report.rows)
+    lines = [f"# {report.architecture} at {report.image_size[0]}x{report.image_size[1]}, batch 1, {report.device}", "",
+             f"Measured on {measured_where(report)}.", "",
              "| artifact | status | size | agreement | mIoU vs ref | mIoU drop vs labels | p50 latency | speedup | GFLOPs |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in report.rows:
+    for r, cell in zip(report.rows, cells):
         lines.append(
-            f"| {r.name} | {r.status} | {_fmt(r.size_mb, '{:.2f} MB')} "
+            f"| {r.name} | {cell} | {_fmt(r.size_mb, '{:.2f} MB')} "
             f"| {_fmt(None if r.pixel_agreement is None else r.pixel_agreement * 100, '{:.3f}%')} "
             f"| {_fmt(None if r.miou_vs_reference is None else r.miou_vs_reference * 100, '{:.2f}')} "
             f"| {_fmt(None if r.miou_drop_vs_labels is None else r.miou_drop_vs_labels * 100, '{:+.2f} pt')} "
             f"| {_fmt(r.latency_p50_ms, '{:.2f} ms')} | {_fmt(r.speedup, '{:.2f}x')} | {_fmt(r.gflops, '{:.2f}')} |")
+    if notes:
+        lines += [""] + [f"{n}  " for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def _pareto_plot(report: BenchmarkReport, path: Path) -> None:
+# disagreement is drawn on a log axis: an exact row (0) sits at this floor, one pixel in a million, and says so
+EXACT_FLOOR_PERCENT = 1e-4
+MARKERS = "osD^vP*Xph<>"
 
-    fig = matplotlib_figure.Figure(figsize=(7, 4.5))
+
+def _pareto_plot(report: BenchmarkReport, path: Path) -> None:
+    """Latency against disagreement with PyTorch (100% - agreement, log scale: 99.99% and 99.9% are a decade
+    apart, not an offset's last digits), one marker per row named in a legend outside the axes: no label can
+    overlap another, however close the points."""
+    fig = matplotlib_figure.Figure(figsize=(8.5, 4.8))
     ax = fig.subplots()
+    colors = [f"C{i}" for i in range(10)]
+    plotted = 0
     for r in report.rows:
         if r.latency_p50_ms is None or r.pixel_agreement is None:
             continue
-        ax.scatter(r.latency_p50_ms, r.pixel_agreement * 100, s=40)
-        ax.annotate(r.name, (r.latency_p50_ms, r.pixel_agreement * 100), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        disagreement = (1 - r.pixel_agreement) * 100
+        exact = disagreement <= EXACT_FLOOR_PERCENT
+        label = f"{r.name}: {r.latency_p50_ms:.2f} ms, " + ("exact" if disagreement == 0 else f"{disagreement:.2g}% differ")
+        ax.scatter(r.latency_p50_ms, max(disagreement, EXACT_FLOOR_PERCENT), s=60, marker=MARKERS[plotted % len(MARKERS)],
+                   color=colors[plotted % len(colors)], label=label, alpha=0.85,
+                   edgecolors="black" if exact else "none", linewidths=0.6)
+        plotted += 1
+    ax.set_yscale("log")
     ax.set_xlabel("p50 latency, batch 1 (ms)")
-    ax.set_ylabel("pixel agreement with PyTorch fp32 (%)")
-    ax.set_title(f"{report.architecture} {report.image_size[0]}x{report.image_size[1]} on {report.device}")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel(f"pixels that differ from PyTorch fp32 (%)\n(log; exact rows drawn at {EXACT_FLOOR_PERCENT:g}%)")
+    ax.set_title(f"{report.architecture} {report.image_size[0]}x{report.image_size[1]} on {report.device}\n"
+                 f"{measured_where(report)}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if plotted:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
 
 

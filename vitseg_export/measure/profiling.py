@@ -6,6 +6,7 @@ CUDA runners synchronize inside `infer` (outputs come back as numpy), so wall-cl
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
 import platform
@@ -56,7 +57,8 @@ def measure_latency(runner: Runner, pixels: np.ndarray, warmup: int = 5, iters: 
 
 def environment(threads: int | None = None) -> dict:
     """Where figures were measured: CPU (with int8 flags), threads, library versions, GPU and Jetson power mode."""
-    env = {"cpu": cpu_info(), "threads": threads, "python": platform.python_version(), "platform": platform.platform()}
+    env = {"cpu": cpu_info(), "threads": threads, "python": platform.python_version(), "platform": platform.platform(),
+           "date": datetime.date.today().isoformat()}
     for lib in ("numpy", "onnxruntime", "onnx", "torch", "tensorrt"):
         try:
             env[f"{lib}_version"] = importlib.import_module(lib).__version__
@@ -197,13 +199,15 @@ def _profile_batch(runner: Runner, batch: int, size: tuple[int, int], warmup: in
 
 def profile(model: str | Path, batches: list[int], device: str = "cpu", threads: int | None = None,
             warmup: int = 5, iters: int = 20, size: tuple[int, int] | None = None, backend: str | None = None,
-            autocast: bool = False) -> ProfileResult:
+            autocast: bool = False, revision: str | None = None) -> ProfileResult:
     """Per batch size: p50/p90/p99/mean latency, throughput and memory; plus file size, params, GFLOPs.
     `model` is an artifact (its format's backend, or `backend`) or a checkpoint (PyTorch eager); `threads`
     applies while profiling only; `autocast` runs checkpoints under CUDA fp16 autocast (artifacts run at the
-    precision they were exported in). Raises VitsegError/BackendMissingError when it cannot run here."""
+    precision they were exported in); `revision`: of a checkpoint's Hub id. Raises VitsegError/BackendMissingError when it cannot run here."""
     path = Path(str(model))
     options: dict = {"threads": threads} if threads else {}
+    if revision is not None:
+        options["revision"] = revision
     if autocast and (backend or ("torch" if format_for_path(path) is None else None)) == "torch":
         options["autocast"] = True
     runner = runner_for(model, device=device, backend=backend, **options)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
@@ -24,6 +22,7 @@ from torch import nn
 
 from vitseg_export.data.sources import PET_CLASSES
 from vitseg_export.errors import VitsegError
+from vitseg_export.fields import matches
 from vitseg_export.tables import Table
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -223,30 +222,6 @@ def config_to_dict(config: Any) -> dict:
     return {k: _jsonable(v) for k, v in asdict(config).items()}
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a JSON value is of a config field's type (bool is not an int; floats are finite)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if hint is type(None):
-        return value is None
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-    return True
-
-
 def _in_range(name: str, value: Any) -> bool:
     """Counts and sizes are >= 1, rates (dropout, drop path) in [0, 1), other numbers > 0 (eps, ratios)."""
     if isinstance(value, bool) or value is None:
@@ -272,7 +247,7 @@ def config_from_dict(family: str, data: dict) -> Any:
         raise VitsegError(f"unknown {family} config fields {unknown}", "the checkpoint was written by a newer vitseg")
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
-        if not _matches(value, hints[name]) or not _in_range(name, value):
+        if not matches(value, hints[name]) or not _in_range(name, value):
             raise VitsegError(f"model_config.{name} is {json.dumps(value)[:60]}, not a valid {hints[name]}"
                               " (counts >= 1, rates in [0, 1))", "the config.json is damaged; re-save the checkpoint with vitseg")
     try:

@@ -42,9 +42,7 @@ class Edition:
     dla: bool  # can build for a DLA core
     weakly_typed: bool  # has the FP16/INT8 builder flags of a weakly typed build (TensorRT 10.x)
     timing_cache: bool  # reuses kernel timings across builds (TensorRT-RTX: a no-op since 1.2, deprecated)
-    runs_on: str  # in words, for doctor and the README
-    # `vitseg export` options only this edition has (the option's parameter name), beside the shared engine options
-    options: tuple[str, ...] = ()
+    runs_on: str  # in words, for doctor and the TensorRT guide
 
     def load(self) -> ModuleType:
         """The edition's module; BackendMissingError (one line) when it is not installed or cannot load."""
@@ -86,16 +84,14 @@ TENSORRT = EDITIONS.register(Edition(
     "tensorrt", "TensorRT", "tensorrt", "trt",
     "install TensorRT (pip install tensorrt, or JetPack on Jetson), or use --format onnx",
     builds_without_gpu=False, targets={}, default_targets=(), dla=True, weakly_typed=True, timing_cache=True,
-    runs_on="the NVIDIA GPU it was built on (Jetson, data-center and desktop GPUs)",
-    options=("dla_core", "weakly_typed", "timing_cache")))
+    runs_on="the NVIDIA GPU it was built on (Jetson, data-center and desktop GPUs)"))
 TENSORRT_RTX = EDITIONS.register(Edition(
     "tensorrt-rtx", "TensorRT-RTX", "tensorrt_rtx", "trt-rtx", "pip install tensorrt-rtx (NVIDIA TensorRT for RTX)",
     builds_without_gpu=True,
     targets={"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"},
     # every target but Turing, which TensorRT-RTX builds only when asked (it costs the others speed)
     default_targets=("8.0", "8.6", "8.9", "12.0", "12.1"), dla=False, weakly_typed=False, timing_cache=False,
-    runs_on="RTX-class GPUs of the compute capabilities it was built for (Ampere, Ada, Blackwell; Turing when asked)",
-    options=("compute_capability",)))
+    runs_on="RTX-class GPUs of the compute capabilities it was built for (Ampere, Ada, Blackwell; Turing when asked)"))
 
 
 def edition_for_format(fmt: str) -> Edition:

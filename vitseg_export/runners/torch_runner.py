@@ -23,8 +23,8 @@ class TorchRunner(Runner):
     backend = "torch"
 
     def __init__(self, checkpoint, device: str = "cpu", outputs: tuple[str, ...] = ("logits",), threads: int | None = None,
-                 autocast: bool = False):
-        """`checkpoint`: anything `load_checkpoint` takes, or a LoadedCheckpoint. `threads` sets torch's
+                 autocast: bool = False, revision: str | None = None):
+        """`checkpoint`: anything `load_checkpoint` takes (`revision`: of a Hub id), or a LoadedCheckpoint. `threads` sets torch's
         intra-op threads while the runner is active (restored on deactivate). `autocast`: run under CUDA
         autocast fp16 (eager fp16, what a PyTorch deployment would do on a GPU; CUDA only)."""
         super().__init__(f"torch:{getattr(checkpoint, 'source', checkpoint)}", device)
@@ -32,6 +32,7 @@ class TorchRunner(Runner):
         self.output_names = list(outputs)
         self.threads = threads
         self.autocast = autocast
+        self.revision = revision
         if autocast:
             self.precision = "fp16-autocast"
 
@@ -42,7 +43,8 @@ class TorchRunner(Runner):
             raise BackendMissingError("--device cuda: torch sees no CUDA GPU here", "use --device cpu, or a CUDA build of torch")
         if self.autocast and self.device != "cuda":
             raise VitsegError("--autocast is PyTorch's CUDA fp16 autocast", "add --device cuda, or drop --autocast")
-        loaded = self.checkpoint if isinstance(self.checkpoint, checkpoints.LoadedCheckpoint) else checkpoints.load_checkpoint(self.checkpoint)
+        loaded = self.checkpoint if isinstance(self.checkpoint, checkpoints.LoadedCheckpoint) else checkpoints.load_checkpoint(
+            self.checkpoint, revision=self.revision)
         self.loaded = loaded
         segmenter = loaded.segmenter()
         if self.device != "cpu":  # a copy: moving the caller's module would pull it off the CPU under other runners

@@ -20,12 +20,13 @@ import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, read_manifest
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.files import atomic_write_directory, json_bytes, sha256_file
 from vitseg_export.formats import format_for_path, get_format, read_artifact_info
+from vitseg_export.progress import Progress, silent
 from vitseg_export.settings import ExportRequest, TritonSettings
 from vitseg_export.tables import Table, lazy_module
 
@@ -49,15 +50,18 @@ class TritonBackend:
     file_names: dict[str, str]  # artifact file suffix -> the name Triton expects in the version directory
     python: bool = False  # a Python-backend model that runs vitseg's runner
     description: str = ""
+    # the `vitseg export` options that apply with this backend alone (an engine's build options for tensorrt)
+    options: tuple[str, ...] = ()
 
 
-TRITON_BACKENDS: Table[TritonBackend] = Table("--backend {name} is not a Triton backend vitseg writes", "use one of: {names}")
+TRITON_BACKENDS: Table[TritonBackend] = Table("--triton-backend {name} is not a Triton backend vitseg writes", "use one of: {names}")
 TRITON_BACKENDS.register(TritonBackend("onnxruntime", 'platform: "onnxruntime_onnx"', ("onnx",), {".onnx": "model.onnx"},
                                        description="Triton's ONNX Runtime backend (NGC containers)"))
 TRITON_BACKENDS.register(TritonBackend("openvino", 'backend: "openvino"', ("openvino",), {".xml": "model.xml", ".bin": "model.bin"},
                                        description="Triton's OpenVINO backend (NGC containers)"))
 TRITON_BACKENDS.register(TritonBackend("tensorrt", 'platform: "tensorrt_plan"', ("trt",), {".engine": "model.plan", ".plan": "model.plan"},
-                                       description="Triton's TensorRT backend (NGC containers, Jetson -igpu builds)"))
+                                       description="Triton's TensorRT backend (NGC containers, Jetson -igpu builds)",
+                                       options=get_format("trt").options))
 # TensorRT-RTX engines: Triton's tensorrt_plan backend loads TensorRT's engines only, so vitseg's runner serves them
 TRITON_BACKENDS.register(TritonBackend("python", 'backend: "python"', ("onnx", "openvino", "trt", "trt-rtx"), {}, python=True,
                                        description="Triton's Python backend running vitseg's own runner"))
@@ -110,17 +114,17 @@ def config_text(name: str, info: ArtifactInfo, backend: TritonBackend, settings:
 def check_settings(settings: TritonSettings, info: ArtifactInfo, artifact: Path) -> None:
     """Refuse (VitsegError, one line) settings the artifact cannot honour or Triton would reject."""
     if settings.name is not None and not NAME.match(settings.name):
-        raise VitsegError(f"--name {settings.name!r} is not a Triton model name",
+        raise VitsegError(f"--triton-name {settings.name!r} is not a Triton model name",
                           "use letters, digits, '_', '-' and '.', starting with a letter or digit")
     if settings.device not in ("cpu", "gpu"):
-        raise VitsegError(f"--device {settings.device} is not a Triton instance kind", "use cpu or gpu")
+        raise VitsegError(f"--triton-device {settings.device} is not a Triton instance kind", "use cpu or gpu")
     if not info.dynamic_batch:
         raise VitsegError(f"{artifact.name} has a static batch of 1, and Triton's dynamic batcher sends batches of up to "
                           f"{settings.max_batch_size}", "export it with --dynamic-batch, or pass its checkpoint (vitseg then "
                           "exports it with a dynamic batch)")
     bad = [b for b in settings.preferred_batch if not 1 <= b <= settings.max_batch_size]
     if bad:
-        raise VitsegError(f"--preferred-batch {bad[0]} is outside 1..--max-batch-size {settings.max_batch_size}",
+        raise VitsegError(f"--triton-preferred-batch {bad[0]} is outside 1..--triton-max-batch {settings.max_batch_size}",
                           "pick preferred sizes the batcher may form")
     if info.profile is not None:
         low, high = info.profile["min"][0], info.profile["max"][0]
@@ -128,8 +132,8 @@ def check_settings(settings: TritonSettings, info: ArtifactInfo, artifact: Path)
             raise VitsegError(f"{artifact.name}'s optimization profile starts at batch {low}, and Triton sends batches "
                               "from 1", "rebuild the engine with --min-shape 1x3xHxW")
         if settings.max_batch_size > high:
-            raise VitsegError(f"--max-batch-size {settings.max_batch_size} is over the engine's profile maximum {high}",
-                              f"use --max-batch-size {high}, or rebuild with a larger --max-shape")
+            raise VitsegError(f"--triton-max-batch {settings.max_batch_size} is over the engine's profile maximum {high}",
+                              f"use --triton-max-batch {high}, or rebuild with a larger --max-shape")
 
 
 def _io_type(manifest: ExportManifest) -> str:
@@ -152,7 +156,7 @@ def _model_files(artifact: Path, backend: TritonBackend, settings: TritonSetting
 
 
 def repository_from_artifact(artifact: Path, repository: Path, request: ExportRequest,
-                             progress: Callable[[str], None] = lambda m: None) -> Any:
+                             progress: Progress = silent) -> Any:
     """Write the Triton model of a vitseg artifact (.onnx, .xml, .engine) into `repository`, checked against
     Triton's schema first. Returns an ExportResult whose manifest describes the repository model. Raises
     VitsegError for an artifact or settings Triton cannot serve."""
@@ -162,7 +166,7 @@ def repository_from_artifact(artifact: Path, repository: Path, request: ExportRe
     if info.format not in backend.formats:
         runs = [b.name for b in TRITON_BACKENDS.values() if info.format in b.formats]
         raise VitsegError(f"Triton's {backend.name} backend does not run {info.format} artifacts ({artifact.name})",
-                          f"use --backend {' or '.join(runs)}")
+                          f"use --triton-backend {' or '.join(runs)}")
     check_settings(settings, info, artifact)
     name = settings.name or f"{info.architecture}-{info.precision}"
     progress(f"writing the Triton model {name} ({backend.name} backend) into {repository}")
@@ -182,7 +186,7 @@ def repository_from_artifact(artifact: Path, repository: Path, request: ExportRe
     return ExportResult(repository / name, record)
 
 
-def export_repository(loaded: Any, repository: Path, request: ExportRequest, progress: Callable[[str], None]) -> Any:
+def export_repository(loaded: Any, repository: Path, request: ExportRequest, progress: Progress) -> Any:
     """The triton format's exporter from a checkpoint: the artifact its backend runs, exported with a dynamic
     batch and verified as every export is (in a temp directory), then its repository model."""
     settings = request.triton
@@ -191,7 +195,7 @@ def export_repository(loaded: Any, repository: Path, request: ExportRequest, pro
     fmt.require()
     if request.precision == "int8" and fmt.int8_target != request.int8.target:
         raise VitsegError(f"--precision int8 for Triton's {backend.name} backend needs --target {fmt.int8_target}",
-                          f"add --target {fmt.int8_target} (or pick another --backend)")
+                          f"add --target {fmt.int8_target} (or pick another --triton-backend)")
     dynamic = replace(request, onnx=replace(request.onnx, dynamic_batch=True))
     with tempfile.TemporaryDirectory(prefix="vitseg-triton-") as tmp:
         artifact = Path(tmp) / f"{loaded.meta.architecture}-{request.precision}{fmt.suffixes[0]}"
@@ -213,7 +217,7 @@ def repository_summary(path: Path, manifest: ExportManifest) -> list[str]:
                      f"{parity['pixel_agreement'] * 100:.4f}%")
     if x["backend"] != "python":
         lines.append(f"serve it with Triton's {x['backend']} backend (the NGC tritonserver container); here "
-                     "`vitseg serve` runs Python-backend models (export with --backend python)")
+                     "`vitseg serve` runs Python-backend models (export with --triton-backend python)")
     return lines
 
 

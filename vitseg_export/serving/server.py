@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.formats import is_artifact, read_artifact_info
+from vitseg_export.progress import Progress, silent
 from vitseg_export.serving.repository import NATIVE_BACKEND, REPOSITORY_RECORD, repository_from_artifact
 from vitseg_export.settings import ExportRequest, TritonSettings
 
@@ -238,7 +239,7 @@ def _repository(source: Path, work: Path, server: ServerBinary) -> Path:
 
 def serve(source: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
           tritonserver: Path | None = None, on_ready: Callable[[Serving], None] = lambda s: None,
-          log: Callable[[str], None] = lambda m: None) -> Serving:
+          log: Progress = silent) -> Serving:
     """Run Triton on `source` (a repository or an artifact) in the foreground until Ctrl-C or SIGTERM; returns
     once it has stopped cleanly. Raises VitsegError for a busy port, a missing server, a model it cannot load."""
     server = find_tritonserver(tritonserver)
@@ -254,7 +255,7 @@ def serve(source: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_po
         if missing:
             name, backend = next(iter(missing.items()))
             raise VitsegError(f"model {name!r} needs Triton's {backend} backend, and this tritonserver has only "
-                              f"{', '.join(available)}", "write it with `vitseg export --format triton --backend python`, "
+                              f"{', '.join(available)}", "write it with `vitseg export --format triton --triton-backend python`, "
                               "or serve the repository in the NGC Triton container")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if server.libraries is not None:  # the packaged build's libraries, and this Python's libpython for the stub

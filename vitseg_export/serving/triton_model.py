@@ -1,4 +1,4 @@
-"""The Python-backend model of a Triton repository vitseg writes (`--backend python`): copied into the
+"""The Python-backend model of a Triton repository vitseg writes (`--triton-backend python`): copied into the
 repository as `NAME/1/model.py`, it runs the artifact beside it with vitseg's own torch-free runner
 (onnxruntime, OpenVINO or TensorRT), for Triton installs without the native backend. Imported by Triton's
 Python-backend stub only (it needs `triton_python_backend_utils`), in the Python environment the server was

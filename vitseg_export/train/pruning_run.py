@@ -19,6 +19,7 @@ from vitseg_export.errors import VitsegError
 from vitseg_export.files import write_json
 from vitseg_export.modeling.pruning import apply_2to4, check_2to4, prune_model, reapply_masks
 from vitseg_export.modeling.registry import Segmenter
+from vitseg_export.progress import Progress, silent
 from vitseg_export.train.training import TrainSettings, evaluate, train
 
 
@@ -61,13 +62,13 @@ def _finetune(pruned: nn.Module, meta, checkpoint: str, output: Path, settings: 
 
 
 def prune_checkpoint(checkpoint: str, output: Path, settings: PruneSettings,
-                     log: Callable[[str], None] = lambda m: None) -> dict:
+                     log: Progress = silent, revision: str | None = None) -> dict:
     """Prune a checkpoint, optionally sparsify (2:4) and fine-tune, and write the pruned run directory with
     `prune.json` (accuracy before, after pruning and after fine-tuning). Returns that report; raises
     VitsegError for bad settings or a lost 2:4 pattern."""
     if settings.sparsity not in (None, "2:4"):
         raise VitsegError(f"--sparsity {settings.sparsity} is not supported", "use --sparsity 2:4")
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, revision=revision)
     score = _scorer(loaded, settings)
     report: dict = {"source": checkpoint, "before": score(loaded.model)}
     pruned, prune_report = prune_model(loaded.model, loaded.meta.family, settings.ratio, settings.method)

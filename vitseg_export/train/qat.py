@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,13 +31,12 @@ from vitseg_export.compare.metrics import confusion, miou
 from vitseg_export.data.sources import open_source
 from vitseg_export.data.transforms import SegmentationDataset
 from vitseg_export.errors import DataError, VitsegError
+from vitseg_export.progress import Progress
 from vitseg_export.settings import QatSettings
 from vitseg_export.train.training import dist_info, training_device
 
+
 # (epoch, step, steps per epoch, running mean loss) after every optimizer step, on rank 0
-StepProgress = Callable[[int, int, int, float], None]
-
-
 def calibration_batches(inputs: InputSet, batch_size: int = 8) -> list[torch.Tensor]:
     """The calibration images as (N, 3, H, W) float tensors in [0, 1], what the quantizers calibrate on."""
     pixels = np.stack([im.pixels for im in inputs.images])
@@ -64,7 +62,7 @@ def _loader(settings: QatSettings, size: tuple[int, int], distributed: bool, wor
 
 
 def finetune(student: nn.Module, teacher: nn.Module, settings: QatSettings, size: tuple[int, int],
-             on_step: StepProgress | None = None) -> dict:
+             on_step: Progress | None = None) -> dict:
     """Fine-tune the fake-quantized `student` (in place) to compute what the fp32 `teacher` does, for
     `settings.epochs` passes over the training split of `settings.data`. Returns the record of the run (steps,
     losses, seconds); both models are on the CPU again afterwards. VitsegError when the loss diverges."""
@@ -98,7 +96,7 @@ def finetune(student: nn.Module, teacher: nn.Module, settings: QatSettings, size
                 optimizer.step()
                 epoch_losses.append(loss.item())
                 if on_step is not None and rank == 0:
-                    on_step(epoch, step, len(loader), float(np.mean(epoch_losses)))
+                    on_step("qat", step, len(loader), epoch=epoch, loss=float(np.mean(epoch_losses)))
             losses += epoch_losses
     if distributed:
         dist.barrier()
@@ -158,7 +156,7 @@ AGREEMENT_RESOLUTION = 1e-4
 
 
 def fine_tuned(quantized: nn.Module, teacher: nn.Module, qat: QatSettings, size: tuple[int, int], heldout: InputSet,
-               num_classes: int, progress: Callable[[str], None], on_step: StepProgress | None = None) -> dict:
+               num_classes: int, progress: Progress, on_step: Progress | None = None) -> dict:
     """The QAT step both exporters share: judge the fake-quantized model (its PTQ state), fine-tune it, judge it
     again. Where training lowered held-out agreement with the fp32 model, the PTQ state is put back (an
     artifact never gets worse for having been trained) and the record says so. Under torchrun, only rank 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,12 +31,14 @@ from vitseg_export.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from vitseg_export.compare.metrics import class_ious, confusion, miou, pixel_accuracy
 from vitseg_export.data.sources import IGNORE_INDEX, open_source
 from vitseg_export.data.transforms import SegmentationDataset
 from vitseg_export.errors import DataError, VitsegError
 from vitseg_export.files import write_json
 from vitseg_export.modeling import registry
 from vitseg_export.modeling.registry import Segmenter, TrainingRecipe
+from vitseg_export.progress import Progress
 
 
 @dataclass
@@ -59,26 +62,6 @@ class EpochMetrics:
     val_miou: float
     val_per_class_iou: list[float]
     seconds: float
-
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, num_classes) counts, rows = target, columns = prediction; ignores IGNORE_INDEX."""
-    valid = target != IGNORE_INDEX
-    idx = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def metrics_from_confusion(cm: torch.Tensor) -> tuple[float, float, list[float]]:
-    """(pixel accuracy, mIoU over classes present in target or prediction, per-class IoU (nan if absent))."""
-    cm = cm.double()
-    total = cm.sum().item()
-    acc = (cm.diag().sum() / total).item() if total else float("nan")
-    inter = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
-    present = iou[~torch.isnan(iou)]
-    miou = present.mean().item() if present.numel() else float("nan")
-    return acc, miou, iou.tolist()
 
 
 def dist_info() -> tuple[bool, int, int, int]:
@@ -110,13 +93,15 @@ def build_optimizer(recipe: TrainingRecipe, params, settings: TrainSettings, ste
 def evaluate(segmenter: nn.Module, loader, num_classes: int, device: torch.device, distributed: bool = False) -> tuple[float, float, list[float]]:
     """(pixel accuracy, mIoU, per-class IoU) of `segmenter` over `loader`, all-reduced under DDP."""
     segmenter.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     for images, masks in loader:
         logits = segmenter(images.to(device))
-        cm += confusion_matrix(logits.argmax(1), masks.to(device), num_classes)
+        cm += confusion(logits.argmax(1).cpu().numpy(), masks.numpy(), num_classes, ignore=IGNORE_INDEX)
     if distributed:
-        dist.all_reduce(cm)
-    return metrics_from_confusion(cm.cpu())
+        total = torch.from_numpy(cm).to(device)
+        dist.all_reduce(total)
+        cm = total.cpu().numpy()
+    return pixel_accuracy(cm), miou(cm), class_ious(cm).tolist()
 
 
 @dataclass
@@ -203,7 +188,7 @@ def _train_epoch(run: _Run, epoch: int, opt, sched, scaler, amp_dtype, progress,
         loss_sum += loss.item()
         batches += 1
         if progress and run.rank == 0:
-            progress("train", step + 1, len(run.train_loader), {"epoch": epoch, "loss": loss_sum / batches})
+            progress("train", step + 1, len(run.train_loader), epoch=epoch, loss=loss_sum / batches)
     return loss_sum / max(1, batches)
 
 
@@ -233,7 +218,7 @@ def train(
     start: LoadedCheckpoint,
     settings: TrainSettings,
     output: Path,
-    progress: Callable[[str, int, int, dict], None] | None = None,
+    progress: Progress | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> list[EpochMetrics]:
     """Train `start` (random or loaded weights; its network is trained in place, its meta is not touched)
@@ -264,20 +249,23 @@ def train(
             if run.rank == 0:
                 best = _save_epoch(run, output, history, best)
                 if progress:
-                    progress("epoch", epoch, settings.epochs, history[-1].__dict__)
+                    progress("epoch", epoch, settings.epochs, **history[-1].__dict__)
         if run.distributed:
             dist.barrier()
     return history
 
 
-def training_start(model: str | None, init: str | None, data: str, seed: int = 0) -> LoadedCheckpoint:
+def training_start(model: str | None, init: str | None, data: str, seed: int = 0,
+                   revision: str | None = None) -> LoadedCheckpoint:
     """What `vitseg train` starts from: an architecture with random weights (`model`), a vitseg / Hugging
-    Face checkpoint (`init`), or foreign weights (`init` a bare weights file, `model` saying what to
+    Face checkpoint or Hub id (`init`, at `revision`), or foreign weights (`init` a bare weights file, `model` saying what to
     build). The classifier follows the data's class count (re-initialized, with a warning, when it differs).
     Raises VitsegError/CheckpointError for what cannot be started from."""
 
     if model is None and init is None:
         raise VitsegError("nothing to train", "pass --model ARCH (see `vitseg models`) or --init CHECKPOINT")
+    if revision is not None and init is None:
+        raise VitsegError("--revision applies to --init (a Hub id)", "drop --revision, or pass --init ORG/NAME")
     sources = {split: open_source(data, split, seed) for split in ("train", "val")}  # checked before anything is built
     if any(source.max_label is None for source in sources.values()):
         raise DataError(f"{data} has no masks", "training needs labels: add DIR/masks/<image stem>.png")
@@ -289,12 +277,12 @@ def training_start(model: str | None, init: str | None, data: str, seed: int = 0
             net = registry.build_model(arch.family, registry.replace_classes(arch.config, num_classes))
         return LoadedCheckpoint(net, CheckpointMeta.for_architecture(arch, num_classes), model, None, "random")
     init_path = Path(init)
-    if init_path.is_file() and not (init_path.parent / "config.json").is_file():
+    if init_path.is_file() and not (init_path.parent / "config.json").is_file() and revision is None:
         if model is None:
             raise VitsegError(f"{init} holds bare weights", "also pass --model ARCH to say what to build")
         start = init_from_foreign(registry.get_architecture(model), init_path, num_classes)
     else:
-        start = load_checkpoint(init)
+        start = load_checkpoint(init, revision=revision)
         if model is not None and registry.get_architecture(model).family != start.meta.family:
             raise VitsegError(f"--init is a {start.meta.family} checkpoint but --model {model} is not",
                               "drop --model or pick a matching architecture")

@@ -42,6 +42,7 @@ from vitseg_export.machine.memory import peak_rss_mb
 from vitseg_export.modeling.registry import Boundary, Segmenter, get_family
 from vitseg_export.modeling.scopes import NET, ROOT, ModuleScopes
 from vitseg_export.precisions import get_precision
+from vitseg_export.progress import Progress, silent
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.openvino_runner import OpenVINORunner, openvino_core
@@ -331,13 +332,13 @@ def reference_module(loaded: Any, path: Path) -> tuple[Segmenter, str]:
 
 
 def locate_artifact(artifact: Path, reference: str, data: str = "synthetic", num_images: int = LOCATE_IMAGES,
-                    progress: Callable[[str], None] = lambda m: None) -> LocateReport:
-    """Where `artifact` first leaves its PyTorch reference (module docstring). Raises VitsegError for an artifact
+                    progress: Progress = silent, revision: str | None = None) -> LocateReport:
+    """Where `artifact` first leaves its PyTorch reference (`revision`: of a Hub id) (module docstring). Raises VitsegError for an artifact
     without vitseg metadata, of another checkpoint, or whose names carry no module paths."""
     t0 = time.perf_counter()
     path = Path(artifact)
     info = read_artifact_info(path)
-    loaded = load_checkpoint(reference)
+    loaded = load_checkpoint(reference, revision=revision)
     check_reference(info, loaded)
     precision = get_precision(info.precision)
     allowance = precision.locate_sqnr_db
@@ -445,7 +446,7 @@ def _ordered(rows: list[BoundaryFigures], boundaries: list[Boundary]) -> list[Bo
 
 
 def rank_quantized(probe: OnnxProbe, ref: Reference, boundaries: list[Boundary], path: list[str], pixels: np.ndarray,
-                   allowance: float, progress: Callable[[str], None]) -> list[dict]:
+                   allowance: float, progress: Progress) -> list[dict]:
     """The quantized layers inside the first divergence's block, each returned alone to float, ranked by the SQNR
     this gives the block's output (the deepest boundary on the path that has quantized layers inside)."""
     by_name = {b.name: b for b in boundaries}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -23,6 +22,7 @@ from vitseg_export.files import atomic_write_bytes
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.images import colorize
 from vitseg_export.precisions import Thresholds, get_precision, thresholds_for
+from vitseg_export.progress import Progress, silent
 from vitseg_export.runners import runner_for
 
 
@@ -44,10 +44,11 @@ def verify_artifact(
     device: str = "cpu",
     thresholds: Thresholds | None = None,
     save_diff: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = silent,
     backend: str | None = None,
     batch_sizes: tuple[int, ...] | None = None,
     sizes: list[tuple[int, int]] | None = None,
+    revision: str | None = None,
 ) -> VerifyReport:
     """Compare `artifact` (run by its format's backend, or `backend`) with the PyTorch reference checkpoint
     on `num_images` images of `data`, at every shape the artifact declares (ArtifactInfo.declared_shapes:
@@ -58,34 +59,35 @@ def verify_artifact(
     shapes = info.declared_shapes(batch_sizes, sizes)
     candidate = runner_for(artifact, device=device, backend=backend)
     return judge_candidate(info, candidate, artifact, shapes, reference, data, num_images, device, thresholds, save_diff,
-                           progress)
+                           progress, revision)
 
 
 def verify_server(url: str, model: str, reference: str, data: str = "synthetic", num_images: int = 16,
-                  concurrency: int = 8, device: str = "cpu", overrides: dict | None = None,
-                  save_diff: Path | None = None, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """The verdict on what clients of a served model receive: every image sent alone, and among `concurrency`
-    concurrent requests (which the server's dynamic batcher batches), against the PyTorch reference on `device`,
+                  concurrency: tuple[int, ...] = (8,), device: str = "cpu", overrides: dict | None = None,
+                  save_diff: Path | None = None, progress: Progress = silent,
+                  revision: str | None = None) -> VerifyReport:
+    """The verdict on what clients of a served model receive: every image sent alone, and among each level of
+    `concurrency` concurrent requests (which the server's dynamic batcher batches), against the PyTorch reference on `device`,
     with batch consistency, judged by the served precision's preset (`overrides`: single limits, as
     thresholds_for takes them). The report's `shapes` are the batches the server was sent. Raises VitsegError
     when the endpoint cannot be reached or was not written by vitseg."""
-    candidate = runner_for(url, device="server", backend="triton", model_name=model, concurrency=concurrency).activate()
+    candidate = runner_for(url, device="server", backend="triton", model_name=model, concurrency=max(concurrency)).activate()
     try:
         info = candidate.info
-        shapes = {tuple(info.input_size): tuple(sorted({1, concurrency}))}
+        shapes = {tuple(info.input_size): tuple(sorted({1, *concurrency}))}
         thresholds = thresholds_for(info.precision, **(overrides or {}))
         return judge_candidate(info, candidate, str(candidate.endpoint), shapes, reference, data, num_images, device,
-                               thresholds, save_diff, progress)
+                               thresholds, save_diff, progress, revision)
     finally:
         candidate.deactivate()
 
 
 def judge_candidate(info: ArtifactInfo, candidate, artifact: Path | str, shapes: dict, reference: str, data: str,
                     num_images: int, device: str, thresholds: Thresholds | None, save_diff: Path | None,
-                    progress: Callable[[int, int], None] | None) -> VerifyReport:
+                    progress: Progress, revision: str | None = None) -> VerifyReport:
     """One candidate (an artifact's runner, or a served model's) against the PyTorch reference at `shapes`: the
     loop both verify commands share."""
-    loaded = load_checkpoint(reference)
+    loaded = load_checkpoint(reference, revision=revision)
     check_reference(info, loaded)
     thresholds = thresholds or thresholds_for(info.precision)
     inputs = load_inputs(data, "val", num_images, tuple(info.input_size)).at_shapes(shapes)
@@ -96,7 +98,7 @@ def judge_candidate(info: ArtifactInfo, candidate, artifact: Path | str, shapes:
             _save_diff_png(save_diff / f"{seen[0]:03d}_{image.name}.png", image.pixels, ref_logits.argmax(0), masks["artifact"])
         seen[0] += 1
         if progress:
-            progress(seen[0], len(inputs))
+            progress("verify", seen[0], len(inputs))
 
     with runner_for(loaded, device=device, backend="torch") as reference_runner, candidate:
         result = compare(reference_runner, {"artifact": candidate}, inputs, thresholds, len(info.class_names), on_image,
