@@ -81,7 +81,7 @@ def _damaged(d: Path) -> None:
     bare.write_bytes(bare.read_bytes()[:1000])
     shutil.copy(d / "other" / "b.bin", _ir_copy(d, "other-bin").with_suffix(".bin"))
     _ir_copy(d, "garbage-xml").write_text("<net><layers><layer")
-    for key, value in (("input_size", '"abc"'), ("class_names", "5"), ("normalization", '{"mean": [0, 0]}'),
+    for key, value in (("image_size", '"abc"'), ("class_names", "5"), ("normalization", '{"mean": [0, 0]}'),
                        ("dynamic_batch", '"yes"')):
         model = onnx.load(d / "a.onnx")
         next(p for p in model.metadata_props if p.key == f"vitseg.{key}").value = value
@@ -110,7 +110,7 @@ def _damaged_checkpoints(d: Path) -> None:
     shutil.copy(d / "a.onnx", d / "wrong-manifest.onnx")
     shutil.copy(d / "a.xml.json", d / "wrong-manifest.onnx.json")  # a manifest, of another file
     model = onnx.load(d / "a.onnx")
-    for key, value in (("input_size", "[96, 96]"), ("class_names", '["a", "b", "c", "d", "e"]'), ("precision", '"fp99"')):
+    for key, value in (("image_size", "[96, 96]"), ("class_names", '["a", "b", "c", "d", "e"]'), ("precision", '"fp99"')):
         m = onnx.ModelProto()
         m.CopyFrom(model)
         next(p for p in m.metadata_props if p.key == f"vitseg.{key}").value = value
@@ -201,12 +201,12 @@ CASES = [
     ("verify {d}/other-bin/a.xml -r {d}/ck", "is not the weights a.xml was exported with"),
     ("predict {d}/garbage-xml/a.xml {d}/imgs/x0.png -o {d}/o", "is not a readable OpenVINO IR"),
     # malformed artifact metadata, whatever the type
-    ("verify {d}/bad-input_size.onnx -r {d}/ck", "'input_size' is \"abc\", not [height, width]"),
+    ("verify {d}/bad-image_size.onnx -r {d}/ck", "'image_size' is \"abc\", not [height, width]"),
     ("predict {d}/bad-class_names.onnx {d}/imgs/x0.png -o {d}/o", "'class_names' is 5, not a list of class names"),
     ("predict {d}/bad-normalization.onnx {d}/imgs/x0.png -o {d}/o", "'normalization'"),
     ("profile {d}/bad-dynamic_batch.onnx", "'dynamic_batch' is \"yes\", not true or false"),
     # metadata that disagrees with the graph, an unknown precision, a manifest of another file, a swapped .bin
-    ("verify {d}/inconsistent-input_size.onnx -r {d}/ck", "its metadata says 96x96, and its graph takes 64x64"),
+    ("verify {d}/inconsistent-image_size.onnx -r {d}/ck", "its metadata says 96x96, and its graph takes 64x64"),
     ("predict {d}/inconsistent-class_names.onnx {d}/imgs/x0.png -o {d}/o", "its metadata says 5 classes, and it predicts 3"),
     ("predict {d}/inconsistent-precision.onnx {d}/imgs/x0.png -o {d}/o", "precision 'fp99' is unknown"),
     ("predict {d}/wrong-manifest.onnx {d}/imgs/x0.png -o {d}/o", "describes another file than wrong-manifest.onnx"),

@@ -106,7 +106,7 @@ def test_a_runner_emulates_int8_its_cpu_would_saturate_and_says_so(tmp_path, twi
     path, _ = _export(tmp_path, twin, "vnni", cpu_class="vnni", allow_float_fallback=True)
     with pytest.warns(UserWarning, match="made for vnni CPUs.*this CPU is avx2.*emulated in float.*--cpu-class avx2"):
         runner = runner_for(path).activate()
-    pixels = np.random.default_rng(0).random((2, 3, *runner.input_size), dtype=np.float32)
+    pixels = np.random.default_rng(0).random((2, 3, *runner.image_size), dtype=np.float32)
     assert runner.int8_emulated
     emulated = ort.InferenceSession(str(path), session_options(emulate_int8=True), providers=["CPUExecutionProvider"])
     assert np.array_equal(runner.infer({"pixels": pixels})["logits"], emulated.run(None, {"pixels": pixels})[0])

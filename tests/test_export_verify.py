@@ -31,7 +31,7 @@ def test_export_verify_round_trip_for_every_tiny_twin(tmp_path, twin, name):
     props = {p.key: json.loads(p.value) for p in model.metadata_props}
     assert props["vitseg.architecture"] == name and props["vitseg.precision"] == "fp32"
     assert props["vitseg.class_names"] == ["pet", "background", "border"] and props["vitseg.opset"] == 17
-    assert {"vitseg.input_size", "vitseg.normalization", "vitseg.source_sha256", "vitseg.vitseg_version"} <= set(props)
+    assert {"vitseg.image_size", "vitseg.normalization", "vitseg.source_sha256", "vitseg.vitseg_version"} <= set(props)
     manifest = json.loads((tmp_path / f"{name}.onnx.json").read_text())
     assert manifest["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
     assert manifest["export_settings"]["opset"] == 17 and manifest["self_parity"]["pixel_agreement"] == 1.0

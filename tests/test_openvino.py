@@ -45,11 +45,11 @@ def test_fp32_and_fp16_ir_export_static_and_verify(tmp_path, cli):
     assert manifest["metadata"]["dynamic_batch"] is False  # static unless asked: OpenVINO runs static faster
     assert manifest["fp32"]["inference_precision"]["hint"] == "f32"
     rt = {e.tag: e.attrib["value"] for e in ET.parse(tmp_path / "m.xml").getroot().find("rt_info").find("vitseg")}
-    assert json.loads(rt["class_names"]) == ["pet", "background", "border"] and json.loads(rt["input_size"]) == [64, 64]
+    assert json.loads(rt["class_names"]) == ["pet", "background", "border"] and json.loads(rt["image_size"]) == [64, 64]
     static = verify_artifact(tmp_path / "m.xml", "segformer-b0-test", "synthetic[:3]", 3)
     assert static.passed and [s["batch"] for s in static.to_json()["shapes"]] == [1]
     with runner_for(tmp_path / "m.xml") as runner:
-        assert runner.backend == "openvino" and runner.input_size == (64, 64)
+        assert runner.backend == "openvino" and runner.image_size == (64, 64)
         with pytest.raises(VitsegError, match="static batch of 1"):
             runner.infer({"pixels": np.zeros((2, 3, 64, 64), np.float32)})
     r = cli("export", "segformer-b0-test", "--format", "openvino", "--precision", "fp16", "--dynamic-batch",

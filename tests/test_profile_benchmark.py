@@ -15,7 +15,7 @@ def test_profile_json_schema(tmp_path, cli, exported):
     results = json.loads((tmp_path / "p.json").read_text())
     assert [x["backend"] for x in results] == ["onnxruntime", "onnxruntime", "torch"]
     for x in results:
-        assert {"model", "backend", "device", "precision", "input_size", "file_size_mb", "params", "gflops", "batches",
+        assert {"model", "backend", "device", "precision", "image_size", "file_size_mb", "params", "gflops", "batches",
                 "environment"} <= set(x)
         assert x["gflops"] > 0 and x["params"] > 0
         assert x["environment"]["cpu"]["cores"] >= 1 and x["environment"]["onnxruntime_version"]

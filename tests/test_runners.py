@@ -33,7 +33,7 @@ def test_every_available_runner_obeys_one_interface(twin, exported):
         with pytest.raises(RuntimeError, match="activate"):
             runner.infer({"pixels": pixels})
         with runner:
-            assert runner.class_names == ["pet", "background", "border"] and tuple(runner.input_size) == (64, 64)
+            assert runner.class_names == ["pet", "background", "border"] and tuple(runner.image_size) == (64, 64)
             out = runner.infer({"pixels": pixels})
             with pytest.raises(VitsegError, match="expected input 'pixels'"):
                 runner.infer({"image": pixels})

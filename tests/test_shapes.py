@@ -105,12 +105,24 @@ def test_the_engine_profile_is_read_from_its_manifest(tmp_path):
     from vitseg_export.artifact import ExportManifest, write_artifact
 
     engine = tmp_path / "m.engine"
-    meta = {"architecture": "segformer-b0", "family": "segformer", "class_names": ["a", "b"], "input_size": [64, 64],
+    meta = {"architecture": "segformer-b0", "family": "segformer", "class_names": ["a", "b"], "image_size": [64, 64],
             "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "precision": "fp32", "opset": 17,
             "outputs": ["logits"], "dynamic_batch": True, "dynamic_size": False}
     profile = {"min": [1, 3, 64, 64], "opt": [4, 3, 64, 64], "max": [8, 3, 64, 64]}
     write_artifact(engine, {engine: b"plan"}, ExportManifest("m.engine", "trt", "0", 4, meta, extra={"profile": profile}))
     assert read_artifact_info(engine).declared_shapes() == {(64, 64): (1, 4, 8)}
+
+
+def test_metadata_of_earlier_versions_names_the_size_input_size(tmp_path):
+    import json
+
+    from vitseg_export.artifact import META_PREFIX, ArtifactInfo
+
+    meta = {"architecture": "segformer-b0", "class_names": ["a", "b"], "input_size": [48, 64],
+            "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "precision": "fp32", "outputs": ["logits"]}
+    info = ArtifactInfo.from_metadata(tmp_path / "old.onnx", "onnx", {META_PREFIX + k: json.dumps(v) for k, v in meta.items()})
+    assert info.image_size == (48, 64) and info.metadata_json()["image_size"] == [48, 64]
+    assert "input_size" not in info.metadata_json()
 
 
 def test_verify_rejects_an_artifact_wrong_only_inside_a_batch(tmp_path, exported, cli):

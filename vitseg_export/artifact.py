@@ -41,7 +41,7 @@ def alternate_size(size: tuple[int, int]) -> tuple[int, int]:
 ARTIFACT_FIELDS = [
     fields.Field("architecture", fields.is_text, "a name"),
     fields.Field("class_names", fields.names_list, "a list of class names"),
-    fields.Field("input_size", fields.size_pair(1, MAX_INPUT_SIDE), f"[height, width] in 1..{MAX_INPUT_SIDE}"),
+    fields.Field("image_size", fields.size_pair(1, MAX_INPUT_SIDE), f"[height, width] in 1..{MAX_INPUT_SIDE}"),
     fields.Field("normalization", fields.is_normalization, "{mean: [3 numbers], std: [3 positive numbers]}"),
     fields.Field("precision", fields.is_text, "a precision name"),
     fields.Field("opset", lambda v: fields.is_int(v, 0, 64), "an opset number", 0),
@@ -65,7 +65,7 @@ class ArtifactInfo:
     format: str  # a row of the format table: "onnx", "trt", ...
     architecture: str
     class_names: list[str]
-    input_size: tuple[int, int]  # (H, W) the artifact was exported for (its opt size when dynamic)
+    image_size: tuple[int, int]  # (H, W) the artifact was exported for (its opt size when dynamic)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     precision: str
@@ -91,7 +91,7 @@ class ArtifactInfo:
         the artifact does not accept raise VitsegError naming them."""
         if self.profile is not None:
             return self._profile_shapes(batch_sizes, sizes)
-        own = tuple(self.input_size)
+        own = tuple(self.image_size)
         if batch_sizes is not None and not self.dynamic_batch and set(batch_sizes) != {1}:
             raise VitsegError(f"{self.path.name} has a static batch of 1: it cannot run batch "
                               f"{max(batch_sizes)}", "drop --batch-sizes, or export with --dynamic-batch")
@@ -125,7 +125,7 @@ class ArtifactInfo:
     def metadata_json(self) -> dict:
         """The embedded metadata (keys without the `vitseg.` prefix), as the manifest's `metadata`."""
         return {"architecture": self.architecture, "family": self.family, "class_names": list(self.class_names),
-                "input_size": list(self.input_size), "normalization": {"mean": list(self.mean), "std": list(self.std)},
+                "image_size": list(self.image_size), "normalization": {"mean": list(self.mean), "std": list(self.std)},
                 "precision": self.precision, "opset": self.opset, "outputs": list(self.outputs),
                 "dynamic_batch": self.dynamic_batch, "dynamic_size": self.dynamic_size,
                 "source_checkpoint": self.source_checkpoint, "source_sha256": self.source_sha256 or "",
@@ -138,6 +138,8 @@ class ArtifactInfo:
     @classmethod
     def from_metadata(cls, path: Path, fmt: str, meta: dict[str, str]) -> "ArtifactInfo":
         """Parse `vitseg.KEY` -> JSON text pairs; VitsegError when a required key is missing or invalid."""
+        if META_PREFIX + "image_size" not in meta and META_PREFIX + "input_size" in meta:
+            meta = {**meta, META_PREFIX + "image_size": meta[META_PREFIX + "input_size"]}  # its name in artifacts of earlier vitseg versions
         parsed = {}
         for key in (f.key for f in ARTIFACT_FIELDS if META_PREFIX + f.key in meta):  # others may be plain text
             try:
@@ -149,7 +151,7 @@ class ArtifactInfo:
                                missing_hint="it was not exported by vitseg; re-export it with `vitseg export`")
         return cls(
             path=path, format=fmt, architecture=v["architecture"], class_names=v["class_names"],
-            input_size=tuple(v["input_size"]), mean=tuple(v["normalization"]["mean"]),
+            image_size=tuple(v["image_size"]), mean=tuple(v["normalization"]["mean"]),
             std=tuple(v["normalization"]["std"]), precision=v["precision"], opset=v["opset"] or None,
             outputs=v["outputs"], dynamic_batch=v["dynamic_batch"], dynamic_size=v["dynamic_size"],
             source_sha256=v["source_sha256"] or None, vitseg_version=v["vitseg_version"], family=v["family"],

@@ -57,8 +57,8 @@ def resolve(repo_id: str, revision: str | None = None) -> HubSnapshot:
     Raises CheckpointError (one line: the id, the cache looked in, how to fill it) when it is not to be had."""
     errors = hub_errors
     at = f"{repo_id}@{revision}" if revision else repo_id
-    fill = (f"on a connected machine run `hf download {repo_id}" + (f" --revision {revision}" if revision else "")
-            + f"` (huggingface-cli download in older huggingface_hub) and copy its cache into {cache_dir()}")
+    command = f"download {repo_id}" + (f" --revision {revision}" if revision else "")
+    fill = f"on a connected machine run `hf {command}` or `huggingface-cli {command}`, then copy its cache into {cache_dir()}"
     try:
         directory = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True,
                                                       allow_patterns=WANTED_FILES)

@@ -140,7 +140,7 @@ def _predict_images(model: str, images: list[Path], output: Path, overlay: bool,
 
     with progress_bar() as bar:
         task = bar.add_task("predict", total=len(images))
-        results = predict_images(model, images, output, overlay, device, progress=written, backend=backend,
+        results = predict_images(model, images, output, overlay, device, on_written=written, backend=backend,
                                  max_pixels=0 if allow_large_images else None)
     if not json_output:
         console.print(f"wrote {len(results)} mask{'s' if len(results) != 1 else ''}{' and overlays' if overlay else ''} "
@@ -160,8 +160,8 @@ def _predict_video(model: str, source: str, output: Path, stem: str, masks: bool
     with progress_bar(*columns) as bar:
         task = bar.add_task(escape(source), total=None, fps=0.0, dropped=0)
 
-        def progress(frames: int, total: int | None, dropped: int, fps: float) -> None:
-            bar.update(task, completed=frames, total=total, fps=fps, dropped=dropped)
+        def progress(message: str, done: int | None = None, total: int | None = None, **info) -> None:
+            bar.update(task, completed=done, total=total, fps=info["fps"], dropped=info["dropped"])
 
         return predict_video(model, source, output, stem, masks=masks, overlay=overlay, device=device, backend=backend,
                              batch_size=batch_size, every=every, max_frames=max_frames, duration=duration,

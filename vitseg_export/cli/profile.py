@@ -112,7 +112,7 @@ def print_profile_tables(results: list[dict], device: str, warmup: int, iters: i
 
     for r in results:
         title = (f"{Path(r['model']).name}: {r['backend']} {r['precision']} on {device}, "
-                 f"{r['input_size'][0]}x{r['input_size'][1]}, size {fmt(r['file_size_mb'], '{:.2f} MB')}, "
+                 f"{r['image_size'][0]}x{r['image_size'][1]}, size {fmt(r['file_size_mb'], '{:.2f} MB')}, "
                  f"{fmt(None if r['params'] is None else r['params'] / 1e6, '{:.2f}M')} params, "
                  f"{fmt(r['gflops'], '{:.2f}')} GFLOPs/img ({warmup} warm-up, {iters} timed runs)")
         table = Table(title=escape(title), title_justify="left")

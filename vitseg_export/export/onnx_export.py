@@ -155,7 +155,7 @@ def parity_inputs(info: ArtifactInfo, count: int, noise: bool = True, spec: str 
     """The first `count` images of `spec`'s validation split plus, when `noise`, a few uniform-noise images, at
     every shape the artifact declares (ArtifactInfo.declared_shapes: every batch size, every size)."""
     shapes = info.declared_shapes()
-    size = tuple(info.input_size)
+    size = tuple(info.image_size)
     inputs = load_inputs(spec, "val", max(1, count), size)  # type: ignore[arg-type]
     if noise:
         inputs = inputs + noise_inputs(size, NOISE_IMAGES)  # type: ignore[arg-type]

@@ -88,7 +88,7 @@ def collecting_logger() -> Any:
 
 
 def _profile_shapes(info, settings: EngineSettings) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    h, w = info.input_size
+    h, w = info.image_size
     opt = settings.opt_shape or (1, 3, h, w)
     mn = settings.min_shape or ((1, 3, h, w) if not info.dynamic_size else (1, 3, 32, 32))
     mx = settings.max_shape or ((8 if info.dynamic_batch else 1), 3, h, w)
@@ -308,7 +308,7 @@ def check_against_onnx(engine: Path, onnx_path: Path, data: str = "synthetic", n
     precision's preset. Returns the `self_parity` record; ParityError when it fails. Torch-free."""
     info = read_artifact_info(engine)
     precision = get_precision(info.precision)
-    inputs = load_inputs(data, "val", num_images, tuple(info.input_size)).at_shapes(info.declared_shapes())  # type: ignore[arg-type]
+    inputs = load_inputs(data, "val", num_images, tuple(info.image_size)).at_shapes(info.declared_shapes())  # type: ignore[arg-type]
     with OnnxRuntimeRunner(onnx_path, "cpu") as reference, runner_for(engine, device="cuda") as candidate:
         result = compare(reference, {"engine": candidate}, inputs, precision.thresholds, len(info.class_names),
                          consistency=precision.consistency())

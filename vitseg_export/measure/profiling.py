@@ -159,7 +159,7 @@ class ProfileResult:
     backend: str
     device: str
     precision: str
-    input_size: list[int]
+    image_size: list[int]
     file_size_mb: float | None
     params: int | None
     gflops: float | None
@@ -212,11 +212,11 @@ def profile(model: str | Path, batches: list[int], device: str = "cpu", threads:
         options["autocast"] = True
     runner = runner_for(model, device=device, backend=backend, **options)
     with runner:
-        if size is not None and not runner.dynamic_size and tuple(size) != tuple(runner.input_size):
-            h, w = runner.input_size
+        if size is not None and not runner.dynamic_size and tuple(size) != tuple(runner.image_size):
+            h, w = runner.image_size
             raise VitsegError(f"{path.name} takes {h}x{w} input only (a static size), not {size[0]}x{size[1]}",
                               "drop --image-size, or export with --dynamic-size (SegFormer)")
-        size = size or tuple(runner.input_size)
+        size = size or tuple(runner.image_size)
         if runner.backend == "torch":
             compute = torch_compute(runner, size)
         elif path.suffix == ".onnx":

@@ -102,19 +102,19 @@ def output_stems(images: list[Path]) -> list[str]:
 
 
 def predict_images(model: str, images: list[Path], output: Path, overlay: bool = False, device: str = "cpu",
-                   progress: Callable[["Prediction", int, int], None] | None = None, backend: str | None = None,
+                   on_written: Callable[["Prediction", int, int], None] | None = None, backend: str | None = None,
                    max_pixels: int | None = None) -> list[Prediction]:
     """Write `<stem>_mask.png` (class indices at the image's own resolution) and, with overlay,
     `<stem>_overlay.png` (colours blended onto the image) for each image (`output_stems` names them).
     `max_pixels` overrides the image size limit (0: none). Every image is checked (readable, an image, within
-    the limit) before the model is loaded; raises VitsegError for the first that is not. `progress(prediction,
+    the limit) before the model is loaded; raises VitsegError for the first that is not. `on_written(prediction,
     done, total)` hears of each image once its files are written."""
     for path in images:
         image_size(path, max_pixels)
     runner = runner_for(model, device=device, backend=backend, outputs=("mask",))
     results = []
     with runner:
-        size = tuple(runner.input_size)
+        size = tuple(runner.image_size)
         names = runner.class_names
         for i, (path, stem) in enumerate(zip(images, output_stems(images))):
             image = load_rgb(path, max_pixels)
@@ -132,8 +132,8 @@ def predict_images(model: str, images: list[Path], output: Path, overlay: bool =
             with signals_deferred():  # an image's files and its report land together: an interruption names them
                 atomic_write_group(files)  # an image's mask and overlay land together
                 results.append(result)
-                if progress:
-                    progress(result, i + 1, len(images))
+                if on_written:
+                    on_written(result, i + 1, len(images))
     return results
 
 

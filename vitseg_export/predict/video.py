@@ -44,6 +44,7 @@ from vitseg_export.predict.sources import (
     source_kind,
 )
 from vitseg_export.predict.still import blend_overlay, full_size_mask
+from vitseg_export.progress import Progress
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.base import Runner, mask_of
 from vitseg_export.tables import lazy_module
@@ -248,7 +249,7 @@ class _FrameLoop:
         return pts
 
     def run(self, frames: list[DecodedFrame]) -> None:
-        size = tuple(self.runner.input_size)
+        size = tuple(self.runner.image_size)
         prepared = []
         for frame in frames:
             started = time.perf_counter()
@@ -301,7 +302,7 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
                   overlay: bool = False, device: str = "cpu", backend: str | None = None, batch_size: int = 1,
                   every: int = 1, max_frames: int | None = None, duration: float | None = None,
                   timeout: float = DEFAULT_TIMEOUT,
-                  progress: Callable[[int, int | None, int, float], None] | None = None,
+                  progress: Progress | None = None,
                   on_frame: Callable[[DecodedFrame, float], None] | None = None) -> VideoPrediction:
     """Run a video file, camera or stream (`source`) through `model` (an artifact or checkpoint, or a Runner)
     and write its videos into `output` as `<stem>_overlay.mp4` and/or `<stem>_mask.mkv` (`video_outputs`).
@@ -310,7 +311,7 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
     the end, `max_frames` frames or `duration` seconds. Live sources: the newest frame each time the model is
     free, until `duration` seconds, `max_frames` frames, Ctrl-C or SIGTERM, or the source ending, failing or
     sending nothing for `timeout` seconds (`ended_early`: the output so far is kept). `timeout` also bounds
-    opening a live source. `progress(frames, total or None, dropped, fps)` hears of each frame written,
+    opening a live source. `progress("video", frames, total or None, dropped=N, fps=F)` hears of each frame written,
     `on_frame(frame, done_at)` of each frame with the perf_counter time its pictures were written.
     Raises VitsegError (one line) for a source that cannot be read and for a file that fails mid-way (nothing is
     written then)."""
@@ -327,7 +328,9 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
         raise VitsegError(f"batch_size {batch_size} and every {every} must be at least 1")
     targets = video_outputs(output, stem or Path(source).stem, masks, overlay)
     video = VideoSource(source, kind, timeout)  # a file that cannot be read fails before the model loads
-    reader: LiveReader | None = None
+    # a live source is read from the moment it opens: the frames that arrive while the model loads replace one
+    # another in the slot (dropped) instead of piling up in the socket for the run to start a backlog behind
+    reader = LiveReader(video).start() if live else None
     try:
         runner = model if isinstance(model, Runner) else runner_for(model, device=device, backend=backend,
                                                                      outputs=("mask",))
@@ -340,8 +343,7 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
             step = max(1, round(1 / (video.rate * time_base))) if video.rate and time_base else 1
             loop = _FrameLoop(runner, writer, live, step, on_frame)
             try:
-                if live:
-                    reader = LiveReader(video).start()
+                if reader is not None:
                     ended, reason, decoded, dropped, started = _run_live(loop, reader, video, max_frames, duration,
                                                                          timeout, progress)
                 else:
@@ -372,7 +374,7 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
 
 
 def _run_file(loop: _FrameLoop, video: VideoSource, batch_size: int, every: int, max_frames: int | None,
-              duration: float | None, progress: Callable | None) -> tuple[str, int, float]:
+              duration: float | None, progress: Progress | None) -> tuple[str, int, float]:
     """(how it ended, frames decoded, start time)."""
     total = math.ceil(video.declared_frames / every) if video.declared_frames else None
     if total is not None and max_frames is not None:
@@ -398,18 +400,18 @@ def _run_file(loop: _FrameLoop, video: VideoSource, batch_size: int, every: int,
             loop.run(batch)
             batch = []
             if progress:
-                progress(loop.writer.frames, total, 0, loop.writer.frames / (time.perf_counter() - started))
+                progress("video", loop.writer.frames, total, dropped=0, fps=loop.writer.frames / (time.perf_counter() - started))
     frames.close()
     if batch:
         loop.run(batch)
         if progress:
-            progress(loop.writer.frames, total, 0, loop.writer.frames / (time.perf_counter() - started))
+            progress("video", loop.writer.frames, total, dropped=0, fps=loop.writer.frames / (time.perf_counter() - started))
     return ended, decoded, started
 
 
 def _run_live(loop: _FrameLoop, reader: LiveReader, video: VideoSource, max_frames: int | None,
               duration: float | None, timeout: float,
-              progress: Callable | None) -> tuple[str, str | None, int, int, float]:
+              progress: Progress | None) -> tuple[str, str | None, int, int, float]:
     """(how it ended, why the source ended early, frames decoded, dropped, start time)."""
     slot, stop = reader.slot, threading.Event()
     started = last_frame = time.perf_counter()
@@ -427,7 +429,7 @@ def _run_live(loop: _FrameLoop, reader: LiveReader, video: VideoSource, max_fram
                 loop.run([frame])
                 last_frame = time.perf_counter()
                 if progress:
-                    progress(loop.writer.frames, None, slot.dropped, loop.writer.frames / (last_frame - started))
+                    progress("video", loop.writer.frames, None, dropped=slot.dropped, fps=loop.writer.frames / (last_frame - started))
             elif slot.ended:
                 ended = "source ended" if slot.error is None else "source failed"
                 error = slot.error

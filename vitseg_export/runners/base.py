@@ -46,7 +46,7 @@ class Runner(ABC):
         self.active = False
 
     # -- what a runner knows about its model (valid after activate) --
-    input_size: tuple[int, int] = (0, 0)
+    image_size: tuple[int, int] = (0, 0)
     dynamic_batch: bool = True
     dynamic_size: bool = False
     class_names: list[str] = []
@@ -71,7 +71,7 @@ class Runner(ABC):
                           f"int8 arithmetic emulated in float (exact, slower): export with --cpu-class {SAFE_CLASS} for int8 "
                           "that is exact and fast on every CPU", stacklevel=2)
         self.info = info
-        self.input_size = tuple(info.input_size)
+        self.image_size = tuple(info.image_size)
         self.dynamic_batch = info.dynamic_batch
         self.dynamic_size = info.dynamic_size
         self.class_names = list(info.class_names)
@@ -114,8 +114,8 @@ class Runner(ABC):
         if pixels is None or pixels.ndim != 4 or pixels.shape[1] != 3:
             raise VitsegError(f"{self.name}: expected input '{INPUT_NAME}' of shape (N,3,H,W)",
                               f"got {None if pixels is None else pixels.shape}")
-        if not self.dynamic_size and tuple(pixels.shape[2:]) != tuple(self.input_size):
-            h, w = self.input_size
+        if not self.dynamic_size and tuple(pixels.shape[2:]) != tuple(self.image_size):
+            h, w = self.image_size
             raise VitsegError(f"{self.name} takes {h}x{w} images, got {pixels.shape[2]}x{pixels.shape[3]}",
                               f"resize inputs to {h}x{w} (vitseg resizes for you in predict/verify)")
         if not self.dynamic_batch and pixels.shape[0] != 1:

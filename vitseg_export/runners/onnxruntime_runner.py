@@ -109,8 +109,8 @@ def check_graph_matches(path: Path, info: ArtifactInfo, input_shape: list, outpu
     hint = "the metadata was changed after export; re-export it with `vitseg export`"
     if len(input_shape) == 4:
         n, _, h, w = input_shape
-        if static(h) and static(w) and (info.dynamic_size or (h, w) != tuple(info.input_size)):
-            size = "a dynamic size" if info.dynamic_size else f"{info.input_size[0]}x{info.input_size[1]}"
+        if static(h) and static(w) and (info.dynamic_size or (h, w) != tuple(info.image_size)):
+            size = "a dynamic size" if info.dynamic_size else f"{info.image_size[0]}x{info.image_size[1]}"
             raise VitsegError(f"{where} {size}, and its graph takes {h}x{w}", hint)
         if static(n) and info.dynamic_batch:
             raise VitsegError(f"{where} a dynamic batch, and its graph takes batch {n}", hint)

@@ -51,7 +51,7 @@ class TorchRunner(Runner):
             segmenter = copy.deepcopy(segmenter)
         self.segmenter = segmenter.eval().to(self.device)
         self.class_names = list(loaded.meta.class_names)
-        self.input_size = tuple(loaded.meta.image_size)
+        self.image_size = tuple(loaded.meta.image_size)
         self.dynamic_size = registry.get_family(loaded.meta.family).fixed_input_size(loaded.meta.config) is None
         self.torch = torch
         self.saved_threads = torch.get_num_threads()

@@ -195,7 +195,7 @@ class LoadReport:
     """`vitseg profile --server`: the endpoint, the model and one row per concurrency level. JSON: field names."""
 
     endpoint: str
-    input_size: list[int]
+    image_size: list[int]
     levels: list[LoadLevel] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
 
@@ -209,7 +209,7 @@ def load_test(url: str, model: str, concurrency: int, seconds: float, warmup: in
     `seconds`, after each warmed up: client-side latency of every request that succeeded, throughput, errors.
     Each request asks for what a segmentation client wants: the mask (the logits where the model has no mask)."""
     probe = TritonClientRunner(url, model_name=model, concurrency=1).activate()
-    pixels = np.random.default_rng(0).random((1, 3, *probe.input_size), dtype=np.float32)
+    pixels = np.random.default_rng(0).random((1, 3, *probe.image_size), dtype=np.float32)
     wanted = ["mask"] if "mask" in probe.output_names else probe.output_names
     probe.deactivate()
     latencies: list[float] = []

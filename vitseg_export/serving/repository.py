@@ -84,7 +84,7 @@ def validate_config(text: str, where: str = "config.pbtxt") -> Any:
 
 
 def _dims(info: ArtifactInfo, leading: tuple[int, ...] = ()) -> str:
-    h, w = (-1, -1) if info.dynamic_size else info.input_size
+    h, w = (-1, -1) if info.dynamic_size else info.image_size
     return "[" + ", ".join(str(d) for d in (*leading, h, w)) + "]"
 
 

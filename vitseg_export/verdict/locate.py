@@ -346,7 +346,7 @@ def locate_artifact(artifact: Path, reference: str, data: str = "synthetic", num
     segmenter, reference_note = reference_module(loaded, path)
     family = get_family(loaded.meta.family)
     boundaries = family.locate_boundaries(segmenter.net)
-    inputs = load_inputs(data, "val", num_images, tuple(info.input_size))
+    inputs = load_inputs(data, "val", num_images, tuple(info.image_size))
     pixels = np.stack([im.pixels for im in inputs.images]).astype(np.float32)
     progress(f"running the PyTorch reference on {len(pixels)} images with hooks at {len(boundaries)} boundaries")
     ref = reference_tensors(segmenter, boundaries, pixels)

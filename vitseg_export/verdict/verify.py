@@ -74,7 +74,7 @@ def verify_server(url: str, model: str, reference: str, data: str = "synthetic",
     candidate = runner_for(url, device="server", backend="triton", model_name=model, concurrency=max(concurrency)).activate()
     try:
         info = candidate.info
-        shapes = {tuple(info.input_size): tuple(sorted({1, *concurrency}))}
+        shapes = {tuple(info.image_size): tuple(sorted({1, *concurrency}))}
         thresholds = thresholds_for(info.precision, **(overrides or {}))
         return judge_candidate(info, candidate, str(candidate.endpoint), shapes, reference, data, num_images, device,
                                thresholds, save_diff, progress, revision)
@@ -90,7 +90,7 @@ def judge_candidate(info: ArtifactInfo, candidate, artifact: Path | str, shapes:
     loaded = load_checkpoint(reference, revision=revision)
     check_reference(info, loaded)
     thresholds = thresholds or thresholds_for(info.precision)
-    inputs = load_inputs(data, "val", num_images, tuple(info.input_size)).at_shapes(shapes)
+    inputs = load_inputs(data, "val", num_images, tuple(info.image_size)).at_shapes(shapes)
     seen = [0]
 
     def on_image(image, ref_logits, masks) -> None:
