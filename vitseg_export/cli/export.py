@@ -64,10 +64,15 @@ def default_artifact_path(checkpoint: str, architecture: str, precision: str, fm
     return base / ("triton" if fmt.directory else f"{architecture}-{precision}{fmt.suffixes[0]}")
 
 
+SOURCE_HELP = CHECKPOINT_HELP + " For formats that build on one: an artifact (.onnx)."
+COMPUTE_CAPABILITY_HELP = (f" ({', '.join(TENSORRT_RTX.targets)}; "
+                           f"default {','.join(TENSORRT_RTX.default_targets)})")
+DEFAULT_PREFERRED_BATCH = ",".join(map(str, default_of("triton_preferred_batch")))
+
+
 def export(
     ctx: typer.Context,
-    checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP + " For formats that build on one: an artifact "
-                                                                    "(.onnx).")],
+    checkpoint: Annotated[str, typer.Argument(help=SOURCE_HELP)],
     format: Annotated[FormatChoice, opt("--format", " to write")] = FormatChoice("onnx"),
     precision: Annotated[PrecisionChoice, opt("--precision", " to convert to")] = PrecisionChoice("fp32"),
     output: Annotated[Optional[Path], opt("--output", "the artifact (default: beside the checkpoint; triton: the "
@@ -102,15 +107,13 @@ def export(
     version_compatible: Annotated[bool, opt("--version-compatible")] = default_of("version_compatible"),
     dla_core: Annotated[Optional[int], opt("--dla-core", min=0, max=15)] = None,
     weakly_typed: Annotated[bool, opt("--weakly-typed")] = default_of("weakly_typed"),
-    compute_capability: Annotated[Optional[str], opt("--compute-capability", f" ({', '.join(TENSORRT_RTX.targets)}; "
-                                                     f"default {','.join(TENSORRT_RTX.default_targets)})")] = None,
+    compute_capability: Annotated[Optional[str], opt("--compute-capability", COMPUTE_CAPABILITY_HELP)] = None,
     triton_name: Annotated[Optional[str], opt("--triton-name")] = None,
     triton_backend: Annotated[Optional[TritonBackendChoice], opt("--triton-backend")] = None,
     triton_device: Annotated[TritonDeviceChoice, opt("--triton-device")] = TritonDeviceChoice(default_of("triton_device")),
     triton_instances: Annotated[int, opt("--triton-instances", min=1, max=64)] = default_of("triton_instances"),
     triton_max_batch: Annotated[int, opt("--triton-max-batch", min=1, max=MAX_BATCH)] = default_of("triton_max_batch"),
-    triton_preferred_batch: Annotated[str, opt("--triton-preferred-batch")] = ",".join(
-        map(str, default_of("triton_preferred_batch"))),
+    triton_preferred_batch: Annotated[str, opt("--triton-preferred-batch")] = DEFAULT_PREFERRED_BATCH,
     triton_queue_delay_us: Annotated[int, opt("--triton-queue-delay-us", min=0, max=10_000_000)] = default_of(
         "triton_queue_delay_us"),
     json_output: Annotated[bool, opt("--json")] = False,

@@ -53,10 +53,7 @@ def predict(
     4 a live source ended or went silent before --duration, --max-frames or Ctrl-C (its video so far is kept)."""
     backend_name = backend.value if backend is not None else None
     images, videos, folders = _sources(sources, every, max_frames)
-    if videos and any(kind in LIVE_KINDS for _, kind in videos) and (every != 1 or batch_size != 1):
-        option = "--every" if every != 1 else "--batch-size"
-        raise VitsegError(f"{option} applies to video files and folders; a live source runs its newest frame each time "
-                          "the model is free", f"drop {option}, or run the live sources in a command of their own")
+    _check_live_options(videos, every, batch_size)
     check_output_dir(output, "--output")
     if report is not None:
         check_output_file(report, "--report")
@@ -82,6 +79,18 @@ def predict(
             emit(rows, json_output, report)
         raise
     emit(rows, json_output, report)
+    _raise_if_ended_early(finished)
+
+
+def _check_live_options(videos: list[tuple[str, str]], every: int, batch_size: int) -> None:
+    if any(kind in LIVE_KINDS for _, kind in videos) and (every != 1 or batch_size != 1):
+        option = "--every" if every != 1 else "--batch-size"
+        raise VitsegError(f"{option} applies to video files and folders; a live source runs its newest frame each time "
+                          "the model is free", f"drop {option}, or run the live sources in a command of their own")
+
+
+def _raise_if_ended_early(finished: list) -> None:
+    """Exit 4 (after every source ran and the results were printed) where a live source ended before it was asked."""
     early = [r for r in finished if r.ended_early]
     if early:
         r = early[0]

@@ -91,8 +91,12 @@ def qat(
     except qat_training.WorkerDone:
         return
     emit({"artifact": str(path), **result.manifest.to_json()}, json_output, report)
-    if json_output:
-        return
+    if not json_output:
+        _print_result(fmt, path, result, settings)
+
+
+def _print_result(fmt, path: Path, result, settings: QatSettings) -> None:
+    """The human summary: held-out agreement before and after training, then the format's own lines."""
     details = result.manifest.precision_details or {}
     record = details.get("qat", {})
     ptq, after = record.get("ptq_before_training", {}), record.get("qat_before_fallback", {})

@@ -81,11 +81,19 @@ def verify(
     if server is not None:
         levels = tuple(parse_ints(concurrency, "--concurrency", 256))
         with progress_bar() as bar:
-            task = bar.add_task("verify", total=num_images)
             result = verification.verify_server(server, served_model, reference, data, num_images, levels, device,
                                                 overrides=overrides, save_diff=save_diff, revision=revision,
-                                                progress=bar_progress(bar, task))
+                                                progress=bar_progress(bar, bar.add_task("verify", total=num_images)))
         return _report(result, f"{server.rstrip('/')}/{served_model}", reference, report, json_output)
+    _verify_artifact(artifact, reference, revision, data, num_images, device, backend_name, batch_sizes, sizes,
+                     overrides, locate, save_diff, report, json_output)
+
+
+def _verify_artifact(artifact: Path, reference: str, revision: str | None, data: str, num_images: int, device: str,
+                     backend_name: str | None, batch_sizes: str | None, sizes: str | None, overrides: dict,
+                     locate: bool, save_diff: Path | None, report: Path | None, json_output: bool) -> None:
+    """verify for an artifact: its declared shapes and the data checked before any work, then the verdict and,
+    with --locate, where it first leaves PyTorch."""
     info = read_artifact_info(artifact)
     batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes is not None else None
     other_sizes = [parse_size(t.strip(), "--sizes") for t in sizes.split(",")] if sizes is not None else None

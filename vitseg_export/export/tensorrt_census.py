@@ -31,65 +31,77 @@ def _type_name(dtype: Any) -> str:
     return TYPE_NAMES.get(name, name.lower())
 
 
-def network_census(network: Any, macs: dict[str, int] | None = None) -> dict:
-    """The census of a parsed network (`macs`: MACs per ONNX node name, which the parser gives its layers; None
-    or missing names: counted as unknown). JSON-ready: {"by_type": {type: {"layers", "macs", "mac_share"}},
-    "layers": [{"name", "type", "computes_in", "macs"}], "float_with_dequantized_input": [names],
-    "dequantize_layers", "quantize_layers"}."""
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    producer = {layer.get_output(j).name: layer for layer in layers for j in range(layer.num_outputs)}
-    # Squeeze and Unsqueeze layers exist from TensorRT 10.8 (not in JetPack 6's 10.3)
-    layout_only = {trt.LayerType.SHUFFLE, *(getattr(trt.LayerType, n) for n in ("SQUEEZE", "UNSQUEEZE") if hasattr(trt.LayerType, n))}
-    compute = {trt.LayerType.CONVOLUTION, trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.DECONVOLUTION}
+class _Network:
+    """A parsed network's layers, with who produces and who reads each tensor, looked through the layout-only
+    layers the parser inserts."""
 
-    def source(tensor: Any) -> Any:
+    def __init__(self, network: Any):
+        self.layers = [network.get_layer(i) for i in range(network.num_layers)]
+        self.producer = {layer.get_output(j).name: layer for layer in self.layers for j in range(layer.num_outputs)}
+        self.consumers: dict[str, list] = {}
+        for layer in self.layers:
+            for i in range(layer.num_inputs):
+                tensor = layer.get_input(i)
+                if tensor is not None:
+                    self.consumers.setdefault(tensor.name, []).append(layer)
+        # Squeeze and Unsqueeze layers exist from TensorRT 10.8 (not in JetPack 6's 10.3)
+        self.layout_only = {trt.LayerType.SHUFFLE,
+                            *(getattr(trt.LayerType, n) for n in ("SQUEEZE", "UNSQUEEZE") if hasattr(trt.LayerType, n))}
+        self.compute = {trt.LayerType.CONVOLUTION, trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.DECONVOLUTION}
+
+    def source(self, tensor: Any) -> Any:
         """The layer that produces `tensor`, looked through layout-only layers (their data input is input 0)."""
-        layer = producer.get(tensor.name)
-        while layer is not None and layer.type in layout_only and layer.get_input(0) is not None:
-            layer = producer.get(layer.get_input(0).name)
+        layer = self.producer.get(tensor.name)
+        while layer is not None and layer.type in self.layout_only and layer.get_input(0) is not None:
+            layer = self.producer.get(layer.get_input(0).name)
         return layer
 
-    consumers: dict[str, list] = {}
-    for layer in layers:
-        for i in range(layer.num_inputs):
-            tensor = layer.get_input(i)
-            if tensor is not None:
-                consumers.setdefault(tensor.name, []).append(layer)
-
-    def final_consumers(tensor: Any) -> list:
+    def final_consumers(self, tensor: Any) -> list:
         """The layers that read `tensor`, looked through layout-only layers."""
-        found, todo = [], list(consumers.get(tensor.name, []))
+        found, todo = [], list(self.consumers.get(tensor.name, []))
         while todo:
             layer = todo.pop()
-            if layer.type in layout_only:
-                todo += consumers.get(layer.get_output(0).name, [])
+            if layer.type in self.layout_only:
+                todo += self.consumers.get(layer.get_output(0).name, [])
             else:
                 found.append(layer)
         return found
 
-    into_float: dict[str, int] = {}
-    for layer in layers:
-        if layer.type == trt.LayerType.DEQUANTIZE:
-            for consumer in final_consumers(layer.get_output(0)):
+    def dequantized_into_float(self) -> dict[str, int]:
+        """Float layers (by kind) that read a dequantized tensor: TensorRT rounds their input to int8 and back."""
+        into_float: dict[str, int] = {}
+        for layer in self.layers:
+            if layer.type != trt.LayerType.DEQUANTIZE:
+                continue
+            for consumer in self.final_consumers(layer.get_output(0)):
                 # a Shape reads no values; a Quantize re-quantizes (int8 moved through a layout op)
-                if consumer.type not in compute and consumer.type not in (trt.LayerType.SHAPE, trt.LayerType.QUANTIZE):
+                if consumer.type not in self.compute and consumer.type not in (trt.LayerType.SHAPE, trt.LayerType.QUANTIZE):
                     kind = str(consumer.type).rsplit(".", 1)[-1]
                     into_float[kind] = into_float.get(kind, 0) + 1
-    rows, partial = [], []
-    for layer in layers:
-        if layer.type not in compute:
-            continue
-        data = [layer.get_input(i) for i in range(min(layer.num_inputs, 2)) if layer.get_input(i) is not None]
-        dequantized = [source(t) for t in data]
-        dequantized = [d for d in dequantized if d is not None and d.type == trt.LayerType.DEQUANTIZE]
-        if data and len(dequantized) == len(data):
-            computes_in = _type_name(dequantized[0].get_input(0).dtype)  # the quantized type the pair carries
-        else:
-            computes_in = _type_name(data[0].dtype if data else layer.get_output(0).dtype)
-            if dequantized:
-                partial.append(layer.name)
-        rows.append({"name": layer.name, "type": str(layer.type).rsplit(".", 1)[-1], "computes_in": computes_in,
-                     "macs": (macs or {}).get(layer.name)})
+        return into_float
+
+    def compute_rows(self, macs: dict[str, int]) -> tuple[list[dict], list[str]]:
+        """One row per Conv / MatMul layer with the type it computes in, and the names of those TensorRT runs in
+        float although some (not all) of their data inputs are dequantized."""
+        rows, partial = [], []
+        for layer in self.layers:
+            if layer.type not in self.compute:
+                continue
+            data = [layer.get_input(i) for i in range(min(layer.num_inputs, 2)) if layer.get_input(i) is not None]
+            dequantized = [self.source(t) for t in data]
+            dequantized = [d for d in dequantized if d is not None and d.type == trt.LayerType.DEQUANTIZE]
+            if data and len(dequantized) == len(data):
+                computes_in = _type_name(dequantized[0].get_input(0).dtype)  # the quantized type the pair carries
+            else:
+                computes_in = _type_name(data[0].dtype if data else layer.get_output(0).dtype)
+                if dequantized:
+                    partial.append(layer.name)
+            rows.append({"name": layer.name, "type": str(layer.type).rsplit(".", 1)[-1], "computes_in": computes_in,
+                         "macs": macs.get(layer.name)})
+        return rows, partial
+
+
+def _by_type(rows: list[dict]) -> dict[str, dict]:
     total = sum(r["macs"] or 0 for r in rows)
     by_type: dict[str, dict] = {}
     for row in rows:
@@ -98,11 +110,21 @@ def network_census(network: Any, macs: dict[str, int] | None = None) -> dict:
         entry["macs"] += row["macs"] or 0
     for entry in by_type.values():
         entry["mac_share"] = round(entry["macs"] / total, 4) if total else None
-    return {"by_type": by_type, "layers": rows, "float_with_dequantized_input": partial,
-            "dequantized_into_float_layers": into_float,
+    return by_type
+
+
+def network_census(network: Any, macs: dict[str, int] | None = None) -> dict:
+    """The census of a parsed network (`macs`: MACs per ONNX node name, which the parser gives its layers; None
+    or missing names: counted as unknown). JSON-ready: {"by_type": {type: {"layers", "macs", "mac_share"}},
+    "layers": [{"name", "type", "computes_in", "macs"}], "float_with_dequantized_input": [names],
+    "dequantize_layers", "quantize_layers"}."""
+    graph = _Network(network)
+    rows, partial = graph.compute_rows(macs or {})
+    return {"by_type": _by_type(rows), "layers": rows, "float_with_dequantized_input": partial,
+            "dequantized_into_float_layers": graph.dequantized_into_float(),
             "macs_unknown": [r["name"] for r in rows if r["macs"] is None],
-            "dequantize_layers": sum(layer.type == trt.LayerType.DEQUANTIZE for layer in layers),
-            "quantize_layers": sum(layer.type == trt.LayerType.QUANTIZE for layer in layers)}
+            "dequantize_layers": sum(layer.type == trt.LayerType.DEQUANTIZE for layer in graph.layers),
+            "quantize_layers": sum(layer.type == trt.LayerType.QUANTIZE for layer in graph.layers)}
 
 
 def describe_census(census: dict) -> str:

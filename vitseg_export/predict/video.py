@@ -298,11 +298,35 @@ def _first_ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+def _checked_source_kind(source: str, batch_size: int, every: int) -> str:
+    """The kind of a video `source` (a file, camera or stream), refused in one line before anything opens it."""
+    kind = source_kind(source)
+    if kind not in ("video", *LIVE_KINDS):
+        raise VitsegError(f"{source} is not a video file, camera or stream", "still images run with predict_images")
+    check_video_source(source, kind)
+    if kind in LIVE_KINDS and (batch_size != 1 or every != 1):
+        option = "--batch-size" if batch_size != 1 else "--every"
+        raise VitsegError(f"{option} applies to video files; a live source ({source}) runs its newest frame each "
+                          "time the model is free", f"drop {option} for cameras and streams")
+    if batch_size < 1 or every < 1:
+        raise VitsegError(f"batch_size {batch_size} and every {every} must be at least 1")
+    return kind
+
+
+def _pts_step(video: VideoSource, time_base: Fraction | None) -> int:
+    """Timestamp units between a file's frames (a frame without its own pts gets the last one plus this)."""
+    return max(1, round(1 / (video.rate * time_base))) if video.rate and time_base else 1
+
+
+def _latency(latencies: list[float]) -> dict:
+    """A live run's latency from each frame's arrival to its pictures written: p50 / p90 / max ms."""
+    return {**percentiles_ms(latencies), "max_ms": round(max(latencies), 3) if latencies else None}
+
+
 def predict_video(model: str | Runner, source: str, output: Path, stem: str | None = None, masks: bool = False,
                   overlay: bool = False, device: str = "cpu", backend: str | None = None, batch_size: int = 1,
                   every: int = 1, max_frames: int | None = None, duration: float | None = None,
-                  timeout: float = DEFAULT_TIMEOUT,
-                  progress: Progress | None = None,
+                  timeout: float = DEFAULT_TIMEOUT, progress: Progress | None = None,
                   on_frame: Callable[[DecodedFrame, float], None] | None = None) -> VideoPrediction:
     """Run a video file, camera or stream (`source`) through `model` (an artifact or checkpoint, or a Runner)
     and write its videos into `output` as `<stem>_overlay.mp4` and/or `<stem>_mask.mkv` (`video_outputs`).
@@ -315,17 +339,8 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
     `on_frame(frame, done_at)` of each frame with the perf_counter time its pictures were written.
     Raises VitsegError (one line) for a source that cannot be read and for a file that fails mid-way (nothing is
     written then)."""
-    kind = source_kind(source)
-    if kind not in ("video", *LIVE_KINDS):
-        raise VitsegError(f"{source} is not a video file, camera or stream", "still images run with predict_images")
-    check_video_source(source, kind)
+    kind = _checked_source_kind(source, batch_size, every)
     live = kind in LIVE_KINDS
-    if live and (batch_size != 1 or every != 1):
-        option = "--batch-size" if batch_size != 1 else "--every"
-        raise VitsegError(f"{option} applies to video files; a live source ({source}) runs its newest frame each "
-                          "time the model is free", f"drop {option} for cameras and streams")
-    if batch_size < 1 or every < 1:
-        raise VitsegError(f"batch_size {batch_size} and every {every} must be at least 1")
     targets = video_outputs(output, stem or Path(source).stem, masks, overlay)
     video = VideoSource(source, kind, timeout)  # a file that cannot be read fails before the model loads
     # a live source is read from the moment it opens: the frames that arrive while the model loads replace one
@@ -338,10 +353,8 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
             if batch_size > 1 and not runner.dynamic_batch:
                 raise VitsegError(f"--batch-size {batch_size}: {runner.name} was exported with a static batch of 1",
                                   "export it with --dynamic-batch, or drop --batch-size")
-            time_base = LIVE_TIME_BASE if live else video.time_base
-            writer = VideoWriter(targets, video.size, video.rate, time_base, live)
-            step = max(1, round(1 / (video.rate * time_base))) if video.rate and time_base else 1
-            loop = _FrameLoop(runner, writer, live, step, on_frame)
+            writer = VideoWriter(targets, video.size, video.rate, LIVE_TIME_BASE if live else video.time_base, live)
+            loop = _FrameLoop(runner, writer, live, _pts_step(video, writer.time_base), on_frame)
             try:
                 if reader is not None:
                     ended, reason, decoded, dropped, started = _run_live(loop, reader, video, max_frames, duration,
@@ -365,10 +378,7 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
             reader.close()
         else:
             video.close()
-    latency = None
-    if live:
-        latency = {**percentiles_ms(loop.latencies),
-                   "max_ms": round(max(loop.latencies), 3) if loop.latencies else None}
+    latency = _latency(loop.latencies) if live else None
     return VideoPrediction(source, kind, outputs, video.size, float(video.rate), writer.frames, decoded, dropped,
                            seconds, loop.clock.table(), latency, ended, reason, batch_size, every, video.codec)
 
