@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,11 @@ def test_python_dash_m_entry_point_and_clean_errors():
     assert ok.returncode == 0 and "train" in ok.stdout
 
 
+def library_chatter(stderr: str) -> list[str]:
+    """Log lines of Model Optimizer, NNCF or ONNX Runtime's quantizer in a command's stderr."""
+    return [line for line in stderr.splitlines() if re.search(r"\[modelopt\]| - (INFO|WARNING|ERROR) - |^(INFO|WARNING):", line)]
+
+
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
     result = cli("demo", "--model", "segformer-b0-test", "--output", str(tmp_path / "demo"), "--epochs", "1",
                  "--train-images", "8", "--num-images", "2", "--image-size", "64")
@@ -58,11 +64,13 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, cli):
     for name in ("benchmark.md", "pareto.png", "overlays.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
     assert "onnx-int8" in result.stdout and "verified" in result.stdout and "Traceback" not in result.stderr
+    assert not library_chatter(result.stderr), library_chatter(result.stderr)  # only with vitseg --verbose
 
 
 def test_export_json_stdout_is_only_the_manifest_with_every_converter(tmp_path):
     """Model Optimizer (fp16 AutoCast, int8 --target trt) and NNCF (OpenVINO int8) log and draw progress on
-    stdout by themselves: `--json` must still print nothing but the manifest there."""
+    stdout by themselves: `--json` must still print nothing but the manifest there, and their log lines reach
+    stderr only with `vitseg --verbose`."""
     int8 = ["--precision", "int8", "--calib-images", "8", "--allow-float-fallback"]
     cases = [("fp16", "onnx", ["--precision", "fp16"]), ("int8-trt", "onnx", [*int8, "--target", "trt"])]
     if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
@@ -74,3 +82,13 @@ def test_export_json_stdout_is_only_the_manifest_with_every_converter(tmp_path):
         assert proc.returncode == 0, proc.stderr
         manifest = json.loads(proc.stdout)  # fails on any stray line
         assert manifest["artifact"] == out.name, name
+        # and their INFO / WARNING chatter stays out of stderr unless --verbose asks for it (AutoCast printed ~100
+        # INFO lines per fp16 export, and warnings configured at its import, such as "Did not find  in value
+        # info map")
+        assert not library_chatter(proc.stderr), (name, library_chatter(proc.stderr))
+    # --verbose lets the libraries log at their own levels
+    proc = subprocess.run([sys.executable, "-m", "vitseg_export", "--verbose", "export", "segformer-b0-test",
+                           "--precision", "fp16", "-o", str(tmp_path / "verbose.onnx")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\[modelopt\]\[onnx\] - INFO - ", proc.stderr), proc.stderr[-2000:]

@@ -85,7 +85,7 @@ CHECKPOINT_HELP = "A run directory, .safetensors file, Hugging Face directory, H
 _TERMS = [
     # results
     Term(("--version",), "Print vitseg's version and exit."),
-    Term(("--verbose",), "Show third-party libraries' INFO logs (quantizers, converters) on stderr."),
+    Term(("--verbose",), "Show third-party libraries' logs, prints and warnings (quantizers, converters) on stderr."),
     Term(("--json",), "Print the result as JSON on stdout (machine-readable; progress stays on stderr).", OUTPUT),
     Term(("--report",), "Also write the result as JSON to this file{noun}.", OUTPUT),
     Term(("--output", "-o"), "Where to write {noun}.", OUTPUT),

@@ -42,9 +42,11 @@ def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False,
     measures value ranges on; nodes `keep` selects stay fp32 (--keep-float). Raises BackendMissingError without
     Model Optimizer."""
     excluded = [f"^{re.escape(n.name)}$" for n in model.graph.node if keep is not None and keep(n.name)]
+    # imported before the quiet block, so that the loggers AutoCast configures on import (INFO and WARNING lines
+    # such as "Did not find  in value info map") exist when the block lowers their levels
+    autocast = require_module("modelopt.onnx.autocast", "fp16 export needs NVIDIA Model Optimizer (AutoCast)",
+                              "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
     with tempfile.TemporaryDirectory(prefix="vitseg-fp16-") as tmp, library_output_on_stderr():
-        autocast = require_module("modelopt.onnx.autocast", "fp16 export needs NVIDIA Model Optimizer (AutoCast)",
-                                  "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
         onnx.save(model, Path(tmp) / "fp32.onnx")
         np.savez(Path(tmp) / "calibration.npz", pixels=pixels)
         converted = autocast.convert_to_mixed_precision(

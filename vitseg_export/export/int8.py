@@ -40,7 +40,7 @@ from vitseg_export.export.fallback import (
 )
 from vitseg_export.export.graph import remove_dead_nodes, to_float
 from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, placeholder_ranges, speed_decision
-from vitseg_export.export.quiet import library_output_on_stderr
+from vitseg_export.export.quiet import library_log_level, library_output_on_stderr
 from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.precisions import Conversion, ConversionContext
 from vitseg_export.progress import Progress, silent
@@ -272,7 +272,7 @@ class _ModelOptQuantizer:
             quantization.quantize(onnx_path=str(self.fp32_path), quantize_mode="int8", calibration_data={"pixels": self.pixels},
                                   calibration_method=self.method, calibration_eps=["cpu"], high_precision_dtype="fp16", dq_only=True,
                                   disable_mha_qdq=True, output_path=str(self.out_path),
-                                  log_level="ERROR")
+                                  log_level=library_log_level())
         quantized = onnx.load(self.out_path)
         remove_dead_nodes(quantized)
         return quantized
