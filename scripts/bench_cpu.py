@@ -98,9 +98,10 @@ def export_rows(checkpoint: str, size: tuple[int, int], out: Path, args) -> dict
         fmt = get_format(fmt_name)
         path = out / f"{fmt_name}-{precision}{'-' + cpu_class if cpu_class else ''}{'-dyn' if dynamic else ''}{fmt.suffixes[0]}"
         # every int8 row is made and timed, also one vitseg would refuse here: the refusal is in its details
-        request = ExportRequest(fmt_name, OnnxExportSettings(precision=precision, image_size=size, dynamic_batch=dynamic),
-                                Int8Settings(calib_images=args.calib_images, heldout_images=args.verify_images,
-                                             cpu_class=cpu_class or "avx2", allow_float_fallback=True))
+        request = ExportRequest(fmt_name, OnnxExportSettings(precision=precision, image_size=size, dynamic_batch=dynamic,
+                                                             verdict_images=args.verify_images),
+                                Int8Settings(calib_images=args.calib_images, cpu_class=cpu_class or "avx2",
+                                             allow_float_fallback=True))
         print(f"export {name} -> {path}", flush=True)
         try:
             result = fmt.export(loaded, path, request, lambda m: None)

@@ -86,10 +86,11 @@ def main() -> None:
     for name in args.paths.split(","):
         fmt_name, target = PATHS[name]
         fmt = get_format(fmt_name)
-        int8 = Int8Settings(calib=args.data, calib_images=32, heldout_images=args.heldout_images, target=target,
-                            cpu_class=args.cpu_class, allow_float_fallback=True)
+        int8 = Int8Settings(calib=args.data, calib_images=32, target=target, cpu_class=args.cpu_class,
+                            allow_float_fallback=True)
         request = ExportRequest(fmt_name, OnnxExportSettings(precision="int8", image_size=(args.size, args.size),
-                                                             dynamic_batch=fmt_name == "onnx"), int8)
+                                                             dynamic_batch=fmt_name == "onnx", parity_data=args.data,
+                                                             verdict_images=args.heldout_images), int8)
         for kind in ("ptq", "qat"):
             path = work / f"{name}-{kind}{fmt.suffixes[0]}"
             t0 = time.perf_counter()

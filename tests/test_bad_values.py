@@ -336,17 +336,17 @@ def test_a_failed_int8_export_keeps_no_calibration_cache(tmp_path, twin, monkeyp
     """The ranges cache lands with the artifact, in its group: an export that fails after calibrating (here
     at its final self-parity) leaves neither."""
     from vitseg_export.errors import ParityError
-    from vitseg_export.export import onnx_export
+    from vitseg_export.export import onnx_export, pipeline
     from vitseg_export.settings import Int8Settings
 
-    real = onnx_export.self_parity
-    monkeypatch.setattr(onnx_export, "self_parity", lambda loaded, candidate, inputs, precision="fp32", int8=None: (
-        real(loaded, candidate, inputs, precision, int8) if precision == "fp32" else
+    real = pipeline.ExportSession.judge
+    monkeypatch.setattr(pipeline.ExportSession, "judge", lambda self, plan, candidate, what, progress=None: (
+        real(self, plan, candidate, what) if plan.precision.name == "fp32" else
         (_ for _ in ()).throw(ParityError("injected", "test"))))
     with pytest.raises(ParityError):
         onnx_export.export_onnx(twin("segformer-b0-test"), tmp_path / "out" / "q.onnx",
                                 onnx_export.OnnxExportSettings(precision="int8"),
-                                int8=Int8Settings(calib="synthetic[:4]", calib_images=4, heldout_images=4,
+                                int8=Int8Settings(calib="synthetic[:4]", calib_images=4,
                                                   min_agreement=0.0, min_miou_vs_reference=0.0, allow_float_fallback=True))
     assert not (tmp_path / "out").exists()  # no artifact, no cache, and not the directories made for them
 

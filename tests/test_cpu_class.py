@@ -56,7 +56,7 @@ def test_int8_is_exact_everywhere_but_8_bit_weights_on_avx2(cpu_class_is, here, 
 
 
 def _export(tmp_path, twin, name, **kw):
-    settings = Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4, **kw)
+    settings = Int8Settings(calib="synthetic[:8]", calib_images=8, **kw)
     path = tmp_path / f"{name}.onnx"
     return path, export_onnx(twin("vit-seg-tiny-test"), path, OnnxExportSettings(precision="int8"), int8=settings)
 

@@ -66,9 +66,9 @@ def test_requests_the_model_cannot_honour_are_refused(tmp_path, twin):
 
 def test_export_refuses_a_graph_that_differs_from_pytorch(tmp_path, monkeypatch, twin):
     """Corrupt the exported bytes before the parity check: nothing may be written."""
-    from vitseg_export.export import onnx_export
+    from vitseg_export.export import pipeline
 
-    original = onnx_export.module_to_onnx
+    original = pipeline.module_to_onnx
 
     def corrupted(*args, **kwargs):
         model = original(*args, **kwargs)
@@ -78,7 +78,7 @@ def test_export_refuses_a_graph_that_differs_from_pytorch(tmp_path, monkeypatch,
         init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
         return model
 
-    monkeypatch.setattr(onnx_export, "module_to_onnx", corrupted)
+    monkeypatch.setattr(pipeline, "module_to_onnx", corrupted)
     with pytest.raises(ParityError, match="differs from PyTorch"):
         export_onnx(twin("segformer-b0-test"), tmp_path / "bad.onnx", OnnxExportSettings())
     assert not list(tmp_path.iterdir())

@@ -21,7 +21,7 @@ from vitseg_export.formats import read_artifact_info
 from vitseg_export.settings import Int8Settings
 from vitseg_export.verdict.locate import locate_artifact
 
-INT8 = dict(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", heldout_images=6, allow_float_fallback=True)
+INT8 = dict(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", allow_float_fallback=True)
 
 
 def _copy_without_manifest(model: onnx.ModelProto, path: Path) -> Path:

@@ -59,8 +59,8 @@ def test_fp32_and_fp16_ir_export_static_and_verify(tmp_path, cli):
     assert h["fp16"]["weights"] == "fp16 (compressed)" and h["metadata"]["dynamic_batch"] is True
     assert (tmp_path / "h.bin").stat().st_size < 0.6 * (tmp_path / "m.bin").stat().st_size
     dynamic = verify_artifact(tmp_path / "h.xml", "segformer-b0-test", "synthetic[:3]", 3).to_json()
-    assert dynamic["passed"] and [s["batch"] for s in dynamic["shapes"]] == [1, 4]
-    assert dynamic["batch_consistency"]["passed"] and dynamic["batch_consistency"]["images_compared"] == 3
+    assert dynamic["passed"] and [s["batch"] for s in dynamic["shapes"]] == [1, 4, 8]
+    assert dynamic["batch_consistency"]["passed"] and dynamic["batch_consistency"]["images_compared"] == 6  # 3 images at batches 4 and 8 against batch 1
 
 
 def test_onnx_artifact_runs_on_the_openvino_backend(exported, cli):
@@ -74,7 +74,7 @@ def test_onnx_artifact_runs_on_the_openvino_backend(exported, cli):
 
 def _int8(twin, tmp_path, dynamic_batch=False, **targets):
     request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=dynamic_batch),
-                            Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4,
+                            Int8Settings(calib="synthetic[:8]", calib_images=8,
                                          **{"allow_float_fallback": True, **targets}))
     return export_openvino(twin("vit-seg-tiny-test"), tmp_path / "q.xml", request, lambda m: None)
 
@@ -82,10 +82,10 @@ def _int8(twin, tmp_path, dynamic_batch=False, **targets):
 def test_a_dynamic_batch_int8_ir_is_judged_inside_a_batch(tmp_path, twin):
     result = _int8(twin, tmp_path, dynamic_batch=True, min_agreement=0.0, min_miou_vs_reference=0.0)
     parity = result.manifest.self_parity
-    assert [s["batch"] for s in parity["shapes"]] == [1, 4]
+    assert [s["batch"] for s in parity["shapes"]] == [1, 4, 8]
     assert parity["batch_consistency"]["passed"] and parity["batch_consistency"]["images_compared"] >= 8
     report = verify_artifact(tmp_path / "q.xml", "vit-seg-tiny-test", "synthetic[:4]", 4).to_json()
-    assert [s["batch"] for s in report["shapes"]] == [1, 4] and report["batch_consistency"]["passed"]
+    assert [s["batch"] for s in report["shapes"]] == [1, 4, 8] and report["batch_consistency"]["passed"]
 
 
 def test_int8_records_layers_mac_share_and_provenance(tmp_path, twin):
@@ -93,7 +93,7 @@ def test_int8_records_layers_mac_share_and_provenance(tmp_path, twin):
     q = result.manifest.precision_details
     assert q["fallback_groups"] == [] and q["quantized_layers"] > 0 and 0 < q["int8_mac_share"] <= 1
     assert q["calibration"]["source"].startswith("synthetic[:8] split=calib") and q["calibration"]["images"] == 8
-    assert q["heldout"]["source"].startswith("synthetic[:8] split=val") and q["heldout"]["images"] == 4
+    assert q["heldout"]["source"].startswith("synthetic[:8] split=val") and q["heldout"]["images"] == 8  # every val image (up to 32)
     from vitseg_export.runners.openvino_runner import openvino_core
 
     model = openvino_core().read_model(str(tmp_path / "q.xml"))
@@ -151,7 +151,7 @@ def test_int8_keeps_depthwise_convolutions_float_and_counts_attention_macs(tmp_p
     from vitseg_export.export.openvino_export import _layer_macs, ir_weight_layers
 
     request = ExportRequest("openvino", OnnxExportSettings(precision="int8", dynamic_batch=False),
-                            Int8Settings(calib="synthetic[:8]", calib_images=8, heldout_images=4,
+                            Int8Settings(calib="synthetic[:8]", calib_images=8,
                                          min_agreement=0.0, min_miou_vs_reference=0.0, allow_float_fallback=True))
     result = export_openvino(twin("segformer-b0-test"), tmp_path / "s.xml", request, lambda m: None)
     q = result.manifest.precision_details

@@ -40,9 +40,9 @@ def test_fp16_export_is_data_driven_clean_and_passes_the_fp16_preset(tmp_path, t
     assert verdict.thresholds.min_agreement == 0.999
     # judged alone and inside a batch (dynamic batch), and the two agree with each other
     report = verdict.to_json()
-    assert [s["batch"] for s in report["shapes"]] == [1, 4] and all(s["passed"] for s in report["shapes"])
-    assert report["batch_consistency"]["passed"] and report["batch_consistency"]["images_compared"] == 4
-    assert [s["batch"] for s in result.manifest.self_parity["shapes"]] == [1, 4]
+    assert [s["batch"] for s in report["shapes"]] == [1, 4, 8] and all(s["passed"] for s in report["shapes"])
+    assert report["batch_consistency"]["passed"] and report["batch_consistency"]["images_compared"] == 8  # 4 images at batches 4 and 8 against batch 1
+    assert [s["batch"] for s in result.manifest.self_parity["shapes"]] == [1, 4, 8]
 
 
 def test_fp16_io(exported):
@@ -56,7 +56,7 @@ def test_fp16_io(exported):
 
 def _int8(tmp_path, twin, name, **kw):
     # the tiny twins run in well under a millisecond: int8 there is not judged on speed (tests of the refusal are)
-    settings = Int8Settings(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]", heldout_images=6,
+    settings = Int8Settings(calib="synthetic[:8]", calib_images=8, heldout="synthetic[:6]",
                             **{"allow_float_fallback": True, **kw})
     path = tmp_path / f"{name}-int8.onnx"
     result = export_onnx(twin(name), path, OnnxExportSettings(precision="int8", outputs="both"), int8=settings)
@@ -116,7 +116,7 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exporte
     assert q["quantization"]["target"] == target
     assert verify_artifact(path, "segformer-b0-test", "synthetic[:6]", 6).precision == "int8"
     parity = manifest["self_parity"]  # judged at batch 1 and inside a batch of 4 before it was written
-    assert [s["batch"] for s in parity["shapes"]] == [1, 4] and all(s["passed"] for s in parity["shapes"])
+    assert [s["batch"] for s in parity["shapes"]] == [1, 4, 8] and all(s["passed"] for s in parity["shapes"])
     assert parity["batch_consistency"]["passed"] and parity["batch_consistency"]["images_compared"] >= 8
 
 
@@ -182,7 +182,7 @@ def test_int8_is_judged_on_the_users_own_data(tmp_path, twin):
     calib_names = {open_source(spec, "calib").name_of(i) for i in range(len(open_source(spec, "calib")))}
     val_names = {open_source(spec, "val").name_of(i) for i in range(len(open_source(spec, "val")))}
     assert val_names and not calib_names & val_names
-    settings = Int8Settings(calib=spec, calib_images=8, heldout_images=2, allow_float_fallback=True)
+    settings = Int8Settings(calib=spec, calib_images=8, allow_float_fallback=True)
     result = export_onnx(twin("vit-seg-tiny-test"), tmp_path / "q.onnx",
                          OnnxExportSettings(precision="int8", parity_data=spec), int8=settings)
     q = result.manifest.precision_details
@@ -190,6 +190,6 @@ def test_int8_is_judged_on_the_users_own_data(tmp_path, twin):
     assert q["calibration"]["source"].startswith(f"{spec} split=calib")
     assert result.manifest.self_parity["source"].startswith(f"{spec} split=val")
     default = export_onnx(twin("vit-seg-tiny-test"), tmp_path / "d.onnx", OnnxExportSettings(precision="int8"),
-                          int8=Int8Settings(calib="synthetic[:4]", calib_images=4, heldout_images=2, allow_float_fallback=True))
+                          int8=Int8Settings(calib="synthetic[:4]", calib_images=4, allow_float_fallback=True))
     assert default.manifest.precision_details["heldout"]["source"].startswith("synthetic") and "split=val" in \
         default.manifest.precision_details["heldout"]["source"]

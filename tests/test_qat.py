@@ -27,7 +27,7 @@ QAT = QatSettings(data="synthetic[:16]", epochs=1, batch_size=8, num_workers=0)
 def _int8(**kw) -> Int8Settings:
     # allow_float_fallback: a tiny twin's int8 is slower than its fp32 on every CPU (too little work per op);
     # on a machine of the class the artifact is for, the speed check would refuse it
-    return Int8Settings(calib="synthetic[:16]", calib_images=16, heldout_images=8, allow_float_fallback=True, **kw)
+    return Int8Settings(calib="synthetic[:16]", calib_images=16, allow_float_fallback=True, **kw)
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -235,14 +235,14 @@ def test_the_qat_model_and_its_onnx_agree_within_the_int8_preset(twin, target):
     kernels (8-bit weights saturate there): the fake-quantized module and the Q/DQ graph it exports, run as vitseg
     runs it (exact int8 on every CPU class), agree within the int8 preset."""
     from vitseg_export.compare.metrics import confusion, miou
-    from vitseg_export.export.onnx_export import exported_module
     from vitseg_export.export.qat_onnx import fake_quantized, qdq_graph
+    from vitseg_export.modeling.export_graph import exported_module
     from vitseg_export.precisions import get_precision
     from vitseg_export.runners.onnxruntime_runner import graph_runner
 
     loaded = twin("segformer-b0-test")
     settings = OnnxExportSettings(precision="int8")
-    quantized = fake_quantized(copy.deepcopy(exported_module(loaded, settings)[0]),
+    quantized = fake_quantized(copy.deepcopy(exported_module(loaded.model, loaded.meta.mean, loaded.meta.std)[0]),
                                load_inputs("synthetic[:16]", "calib", 16, (64, 64)), _int8(target=target))
     graph = qdq_graph(quantized, (64, 64), settings)
     pixels = np.stack([im.pixels for im in load_inputs("synthetic[:8]", "val", 8, (64, 64)).images])

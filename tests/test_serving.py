@@ -203,9 +203,11 @@ def test_verify_and_profile_of_the_live_endpoint(served, cli, tmp_path):
     assert report["passed"] and report["backend"] == "triton" and report["device"] == "server"
     assert [s["batch"] for s in report["shapes"]] == [1, 4] and report["batch_consistency"]["images_compared"] == 8
     assert report["max_abs_logit_diff"] < 1e-3
-    r = cli("verify", "--server", f"grpc://localhost:{ports['grpc']}", "--served-model", MODEL, "-r", "segformer-b1-test",
+    r = cli("verify", "--server", f"grpc://localhost:{ports['grpc']}", "--served-model", MODEL, "-r", "segformer-b0-test",
             "--num-images", "2", "--max-abs-diff", "0")
     assert r.exit_code == 3 and "FAILED at batch" in r.stderr  # an impossible limit fails: the check can fail
+    r = cli("verify", "--server", f"grpc://localhost:{ports['grpc']}", "--served-model", MODEL, "-r", "segformer-b1-test")
+    assert r.exit_code == 2 and "is an architecture name" in r.stderr  # another model's name is a wrong reference
     r = cli("profile", "--server", f"http://localhost:{ports['http']}", "--served-model", MODEL, "--concurrency", "1,2",
             "--duration", "1", "--json", str(tmp_path / "p.json"))
     assert r.exit_code == 0, r.stderr

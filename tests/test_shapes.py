@@ -4,60 +4,23 @@ NVIDIA/TensorRT #4853), one right at its metadata size and wrong at another."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from graph_faults import break_other_sizes, mix_batch, mix_from_fifth
 
-from vitseg_export.artifact import DEFAULT_BATCH_SIZES, alternate_size
+from vitseg_export.artifact import alternate_size
 from vitseg_export.errors import ParityError, VitsegError
-from vitseg_export.export import onnx_export
+from vitseg_export.export import pipeline
 from vitseg_export.export.onnx_export import OnnxExportSettings, export_onnx
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.verdict.testing import assert_mask_parity
 from vitseg_export.verdict.verify import verify_artifact
 
 B0 = "segformer-b0-test"
-
-
-def _rewire_logits(model: onnx.ModelProto, nodes: list, initializers: list, raw: str = "logits_raw") -> onnx.ModelProto:
-    """Rename the graph's `logits` to `raw` and append `nodes` (which read `raw` and write `logits`)."""
-    for node in model.graph.node:
-        node.output[:] = [raw if o == "logits" else o for o in node.output]
-        node.input[:] = [raw if i == "logits" else i for i in node.input]
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(initializers)
-    return model
-
-
-def mix_batch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """logits + (mean over the batch - logits): exactly the logits at batch 1 (x - x = 0), the batch's mean
-    logits inside a batch of several images (every image gets the same mask)."""
-    return _rewire_logits(model, [
-        helper.make_node("ReduceMean", ["logits_raw"], ["batch_mean"], axes=[0], keepdims=1),
-        helper.make_node("Sub", ["batch_mean", "logits_raw"], ["pull"]),
-        helper.make_node("Add", ["logits_raw", "pull"], ["logits"]),
-    ], [])
-
-
-def break_other_sizes(model: onnx.ModelProto, height: int, classes: int) -> onnx.ModelProto:
-    """logits + 100 * (H - height) on class 0: exactly the logits at the metadata height, class 0 everywhere
-    above it."""
-    one_hot = np.zeros((1, classes, 1, 1), np.float32)
-    one_hot[0, 0] = 100.0
-    return _rewire_logits(model, [
-        helper.make_node("Shape", ["pixels"], ["pixels_shape"]),
-        helper.make_node("Gather", ["pixels_shape", "h_index"], ["h"], axis=0),
-        helper.make_node("Cast", ["h"], ["h_float"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", ["h_float", "h_exported"], ["h_offset"]),
-        helper.make_node("Abs", ["h_offset"], ["h_distance"]),
-        helper.make_node("Mul", ["h_distance", "class_zero"], ["shift"]),
-        helper.make_node("Add", ["logits_raw", "shift"], ["logits"]),
-    ], [numpy_helper.from_array(np.array(2, np.int64), "h_index"),
-        numpy_helper.from_array(np.array(float(height), np.float32), "h_exported"),
-        numpy_helper.from_array(one_hot, "class_zero")])
 
 
 def _tampered(exported, fault, **settings):
@@ -76,10 +39,10 @@ def test_declared_shapes_follow_the_artifact(exported):
     with pytest.raises(VitsegError, match="static size"):
         static.declared_shapes(sizes=[(96, 96)])
     dynamic = read_artifact_info(exported(B0))
-    assert dynamic.declared_shapes() == {(64, 64): DEFAULT_BATCH_SIZES}
+    assert dynamic.declared_shapes() == {(64, 64): (1, 4, 8)}  # 1, a middle batch, the largest it serves (8)
     assert dynamic.declared_shapes(batch_sizes=(8, 1, 4)) == {(64, 64): (1, 4, 8)}
     both = read_artifact_info(exported(B0, dynamic_size=True))
-    assert both.declared_shapes() == {(64, 64): (1, 4), alternate_size((64, 64)): (1, 4)}
+    assert both.declared_shapes() == {(64, 64): (1, 4, 8), alternate_size((64, 64)): (1, 4, 8)}
     assert alternate_size((64, 64)) == (49, 51)
     assert both.declared_shapes((1,), [(80, 96)]) == {(64, 64): (1,), (80, 96): (1,)}
     with pytest.raises(VitsegError, match="too small"):
@@ -93,7 +56,7 @@ def test_an_engine_is_judged_at_its_profile(tmp_path):
     info = ArtifactInfo(tmp_path / "m.engine", "trt", "segformer-b0", ["a", "b"], (512, 512), (0.5,) * 3, (0.5,) * 3,
                         "fp16", 17, ["logits"], True, True, None, "x",
                         profile={"min": [1, 3, 256, 256], "opt": [2, 3, 512, 512], "max": [8, 3, 1024, 768]})
-    assert info.declared_shapes() == {(512, 512): (1, 2, 8), (256, 256): (2,), (1024, 768): (2,)}
+    assert info.declared_shapes() == {(512, 512): (1, 2, 4, 8), (256, 256): (2,), (1024, 768): (2,)}
     assert info.declared_shapes(batch_sizes=(4,), sizes=[(300, 300)]) == {(512, 512): (4,), (300, 300): (2,)}
     with pytest.raises(VitsegError, match="accepts batch 1..8"):
         info.declared_shapes(batch_sizes=(16,))
@@ -130,10 +93,10 @@ def test_verify_rejects_an_artifact_wrong_only_inside_a_batch(tmp_path, exported
     report = verify_artifact(path, B0, "synthetic[:4]", 4)
     r = report.to_json()
     assert not report.passed and report.failed_at.startswith(" at batch 4, 64x64")
-    assert [(s["batch"], s["passed"]) for s in r["shapes"]] == [(1, True), (4, False)]
+    assert [(s["batch"], s["passed"]) for s in r["shapes"]] == [(1, True), (4, False), (8, False)]
     assert r["shapes"][0]["max_abs_logit_diff"] < 1e-4  # exact alone
-    assert r["batch_consistency"]["passed"] is False and r["batch_consistency"]["batch_sizes"] == [1, 4]
-    assert r["batch_consistency"]["worst_image"]["batch"] == 4
+    assert r["batch_consistency"]["passed"] is False and r["batch_consistency"]["batch_sizes"] == [1, 4, 8]
+    assert r["batch_consistency"]["worst_image"]["batch"] in (4, 8)
     assert any("batch consistency" in f and "at batch 4" in f for f in report.failures)
     # the top-level keys are the worst case over shapes
     assert r["pixel_agreement"] == min(s["pixel_agreement"] for s in r["shapes"])
@@ -164,10 +127,35 @@ def test_verify_rejects_an_artifact_wrong_at_another_size(exported, cli):
         assert_mask_parity(path, B0, num_images=2)
 
 
+def test_right_at_batch_4_wrong_at_batch_8_fails_verify_and_the_triton_repository(tmp_path, exported, cli):
+    """The batches a Triton batcher forms are the ones judged: verify judges 1, 4 and 8 by default, and a repository
+    is judged at its max_batch_size and preferred batches before it is written (NVIDIA/TensorRT#4853)."""
+    path = _tampered(exported, mix_from_fifth)
+    manifest = json.loads(exported(B0).with_name(exported(B0).name + ".json").read_text())
+    manifest.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size_bytes=path.stat().st_size)
+    path.with_name(path.name + ".json").write_text(json.dumps(manifest))  # as if its exporter had recorded it
+    at_four = cli("verify", str(path), "-r", B0, "--data", "synthetic[:8]", "--num-images", "8", "--batch-sizes", "1,4")
+    assert at_four.exit_code == 0, at_four.stderr  # what the batch-1-and-4 verdict of earlier versions saw
+    result = cli("verify", str(path), "-r", B0, "--data", "synthetic[:8]", "--num-images", "8", "--json")
+    assert result.exit_code == 3, result.stderr
+    report = json.loads(result.stdout)
+    assert [(s["batch"], s["passed"]) for s in report["shapes"]] == [(1, True), (4, True), (8, False)]
+    repository = tmp_path / "repo"
+    served = cli("export", str(path), "--format", "triton", "-o", str(repository), "--data", "synthetic[:8]")
+    assert served.exit_code == 3, served.stderr
+    assert "batch 8" in served.stderr and not repository.exists()
+    # the same artifact served only at the batches it is right at is judged there and written
+    small = cli("export", str(path), "--format", "triton", "-o", str(repository), "--data", "synthetic[:8]",
+                "--triton-max-batch", "4", "--triton-preferred-batch", "2,4")
+    assert small.exit_code == 0, small.stderr
+    record = json.loads(next(repository.glob("*/vitseg.json")).read_text())
+    assert record["judged_batches"] == [1, 2, 4] and record["self_parity"]["triton_batches"]["batch_consistency"]["passed"]
+
+
 def test_export_self_parity_refuses_shapes_the_graph_declares_but_fails(tmp_path, monkeypatch, twin):
-    original = onnx_export.module_to_onnx
+    original = pipeline.module_to_onnx
     fault = {"apply": mix_batch}
-    monkeypatch.setattr(onnx_export, "module_to_onnx", lambda *a, **k: fault["apply"](original(*a, **k)))
+    monkeypatch.setattr(pipeline, "module_to_onnx", lambda *a, **k: fault["apply"](original(*a, **k)))
     with pytest.raises(ParityError, match="at batch 4, 64x64"):
         export_onnx(twin(B0), tmp_path / "dyn.onnx", OnnxExportSettings())
     assert not list(tmp_path.iterdir())
@@ -183,10 +171,10 @@ def test_export_self_parity_refuses_shapes_the_graph_declares_but_fails(tmp_path
 def test_honest_exports_record_every_shape_and_batch_consistency(exported):
     manifest = json.loads(exported(B0, dynamic_size=True).with_name(exported(B0, dynamic_size=True).name + ".json").read_text())
     parity = manifest["self_parity"]
-    assert {(s["batch"], s["height"]) for s in parity["shapes"]} == {(1, 64), (4, 64), (1, 49), (4, 49)}
+    assert {(s["batch"], s["height"]) for s in parity["shapes"]} == {(b, h) for b in (1, 4, 8) for h in (64, 49)}
     assert all(s["passed"] for s in parity["shapes"])
     consistency = parity["batch_consistency"]
-    assert consistency["passed"] and consistency["batch_sizes"] == [1, 4] and consistency["images_compared"] > 0
+    assert consistency["passed"] and consistency["batch_sizes"] == [1, 4, 8] and consistency["images_compared"] > 0
     assert consistency["worst_image"]["max_abs_logit_diff"] < 1e-4
     static = json.loads(exported(B0, dynamic_batch=False).with_name(
         exported(B0, dynamic_batch=False).name + ".json").read_text())["self_parity"]

@@ -67,7 +67,7 @@ def test_vitseg_graphs_lint_clean(tmp_path, twin, precision):
 
 
 def test_int8_trt_target_lints_clean_without_dead_nodes(tmp_path, twin):
-    kw = dict(calib="synthetic[:4]", calib_images=4, heldout="synthetic[:4]", heldout_images=4, allow_float_fallback=True)
+    kw = dict(calib="synthetic[:4]", calib_images=4, heldout="synthetic[:4]", allow_float_fallback=True)
     trt_q = export_onnx(twin("segformer-b0-test"), tmp_path / "t.onnx", OnnxExportSettings(precision="int8"),
                         int8=Int8Settings(target="trt", **kw))
     assert lint_for_tensorrt(trt_q.model_proto) == []
@@ -116,7 +116,7 @@ def test_every_graph_kind_passes_polygraphy_lint(tmp_path, twin, precision, targ
     vitseg's own parser lint, on every kind of graph vitseg exports."""
     path = tmp_path / f"{precision}-{target}.onnx"
     export_onnx(twin("segformer-b0-test"), path, OnnxExportSettings(precision=precision, outputs="both"),
-                int8=Int8Settings(target=target, calib="synthetic[:4]", calib_images=4, heldout_images=4,
+                int8=Int8Settings(target=target, calib="synthetic[:4]", calib_images=4,
                                   min_agreement=0.0, min_miou_vs_reference=0.0, allow_float_fallback=True))
     polygraphy = Path(sys.executable).with_name("polygraphy")
     proc = subprocess.run([str(polygraphy), "check", "lint", str(path), "-o", str(tmp_path / "lint.json")],

@@ -26,9 +26,17 @@ MIN_INPUT_SIDE = 32  # the smallest height or width vitseg exports or runs a dyn
 # activations take tens of GB, so such a size is refused before anything is allocated.
 MAX_INPUT_SIDE = 16384
 MAX_INPUT_PIXELS = 8192 * 8192
-# The batch sizes a dynamic-batch artifact is judged at unless asked otherwise: alone, and inside a batch of
-# others (where batch-dependent bugs show: NVIDIA/TensorRT #4853).
-DEFAULT_BATCH_SIZES = (1, 4)
+# The largest batch a dynamic-batch artifact declares it serves when nothing bounds it (an ONNX graph or IR with a
+# free batch dimension): recorded in its metadata (`max_batch`), raised with `vitseg export --max-batch`. An engine's
+# profile and a Triton repository's max_batch_size state their own.
+DEFAULT_MAX_BATCH = 8
+
+
+def judged_batches(largest: int, also: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The batch sizes an artifact that serves batches up to `largest` is judged at: alone, a middle batch and the
+    largest (where batch-dependent bugs show: NVIDIA/TensorRT #4853, a batcher forms exactly those), and `also`
+    (a Triton repository's preferred batches)."""
+    return tuple(sorted({1, max(1, min(largest, max(2, largest // 2))), largest, *also}))
 
 
 def alternate_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -54,6 +62,9 @@ ARTIFACT_FIELDS = [
     fields.Field("family", fields.is_text, "a family name", ""),
     fields.Field("source_checkpoint", fields.is_text, "a path", ""),
     fields.Field("cpu_class", lambda v: v in ("", *CPU_CLASSES), f"one of {', '.join(CPU_CLASSES)}", ""),
+    # the largest batch a dynamic-batch artifact was judged at and declares it serves (0: not recorded, an artifact
+    # of an earlier vitseg: DEFAULT_MAX_BATCH)
+    fields.Field("max_batch", lambda v: fields.is_int(v, 0, 1 << 16), "a batch size", 0),
 ]
 
 
@@ -80,22 +91,34 @@ class ArtifactInfo:
     extra: dict = field(default_factory=dict)
     profile: dict | None = None  # a TensorRT engine's optimization profile: {"min"|"opt"|"max": [N, 3, H, W]}
     cpu_class: str = ""  # the CPU class an int8 CPU artifact's arithmetic is made for (vitseg_export.machine.cpu), else ""
+    max_batch: int = 0  # the largest batch it declares it serves (dynamic batch; 0: DEFAULT_MAX_BATCH)
+
+    @property
+    def largest_batch(self) -> int:
+        """The largest batch it is judged at and declared to serve: its profile's maximum (an engine), its
+        recorded `max_batch`, DEFAULT_MAX_BATCH for a dynamic batch that records none, 1 for a static batch."""
+        if self.profile is not None:
+            return int(self.profile["max"][0])
+        if not self.dynamic_batch:
+            return 1
+        return self.max_batch or DEFAULT_MAX_BATCH
 
     def declared_shapes(self, batch_sizes: tuple[int, ...] | None = None,
                         sizes: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], tuple[int, ...]]:
         """Every shape the artifact will be run at, as {(H, W): batch sizes}, the metadata size first.
 
-        Static: its own batch and size. Dynamic batch: `batch_sizes` (default 1 and 4). Dynamic size: the
-        metadata size and `sizes` (default one `alternate_size`), each at every batch size. A TensorRT engine: its
-        profile's min, opt and max batch at the opt size, and its min and max size at the opt batch. Asked shapes
-        the artifact does not accept raise VitsegError naming them."""
+        Static: its own batch and size. Dynamic batch: `batch_sizes` (default `judged_batches` of its largest
+        batch: 1, 4 and 8 unless it records another `max_batch`). Dynamic size: the metadata size (the largest it
+        was exported for) and `sizes` (default one smaller, odd `alternate_size`), each at every batch size. A
+        TensorRT engine: its profile's min, opt, a middle and max batch at the opt size, and its min and max size at
+        the opt batch. Asked shapes the artifact does not accept raise VitsegError naming them."""
         if self.profile is not None:
             return self._profile_shapes(batch_sizes, sizes)
         own = tuple(self.image_size)
         if batch_sizes is not None and not self.dynamic_batch and set(batch_sizes) != {1}:
             raise VitsegError(f"{self.path.name} has a static batch of 1: it cannot run batch "
                               f"{max(batch_sizes)}", "drop --batch-sizes, or export with --dynamic-batch")
-        batches = tuple(sorted(set(batch_sizes or (DEFAULT_BATCH_SIZES if self.dynamic_batch else (1,)))))
+        batches = tuple(sorted(set(batch_sizes or judged_batches(self.largest_batch))))
         if sizes is not None and not self.dynamic_size and any(tuple(s) != own for s in sizes):
             raise VitsegError(f"{self.path.name} takes {own[0]}x{own[1]} input only (a static size)",
                               "drop --sizes, or export with --dynamic-size")
@@ -117,7 +140,7 @@ class ArtifactInfo:
                 raise VitsegError(f"{self.path.name} accepts {low[2]}x{low[3]} .. {high[2]}x{high[3]} (its optimization "
                                   f"profile), not {s[0]}x{s[1]}", "pick sizes inside the profile")
         opt_size = (opt[2], opt[3])
-        shapes = {opt_size: tuple(sorted(set(batch_sizes or (low[0], opt[0], high[0]))))}
+        shapes = {opt_size: tuple(sorted(set(batch_sizes or (low[0], opt[0], (low[0] + high[0]) // 2, high[0]))))}
         for s in sizes if sizes is not None else [(low[2], low[3]), (high[2], high[3])]:
             shapes[tuple(s)] = tuple(sorted(set(shapes.get(tuple(s), ())) | {opt[0]}))  # type: ignore[index]
         return shapes
@@ -129,7 +152,8 @@ class ArtifactInfo:
                 "precision": self.precision, "opset": self.opset, "outputs": list(self.outputs),
                 "dynamic_batch": self.dynamic_batch, "dynamic_size": self.dynamic_size,
                 "source_checkpoint": self.source_checkpoint, "source_sha256": self.source_sha256 or "",
-                "vitseg_version": self.vitseg_version, **({"cpu_class": self.cpu_class} if self.cpu_class else {})}
+                "vitseg_version": self.vitseg_version, **({"cpu_class": self.cpu_class} if self.cpu_class else {}),
+                **({"max_batch": self.largest_batch} if self.dynamic_batch and self.profile is None else {})}
 
     def metadata_props(self) -> dict[str, str]:
         """The metadata as `vitseg.KEY` -> JSON text pairs (ONNX metadata_props, OpenVINO rt_info)."""
@@ -155,7 +179,7 @@ class ArtifactInfo:
             std=tuple(v["normalization"]["std"]), precision=v["precision"], opset=v["opset"] or None,
             outputs=v["outputs"], dynamic_batch=v["dynamic_batch"], dynamic_size=v["dynamic_size"],
             source_sha256=v["source_sha256"] or None, vitseg_version=v["vitseg_version"], family=v["family"],
-            source_checkpoint=v["source_checkpoint"], cpu_class=v["cpu_class"],
+            source_checkpoint=v["source_checkpoint"], cpu_class=v["cpu_class"], max_batch=v["max_batch"],
             extra={k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)},
         )
 
@@ -207,6 +231,32 @@ class ExportResult:
     path: Path
     manifest: ExportManifest
     model_proto: Any = field(repr=False, default=None)  # onnx.ModelProto where the format is a graph
+
+
+@dataclass
+class ArtifactGroup:
+    """Every file of an artifact, its manifest last, held in memory until the verdict allows writing them all."""
+
+    path: Path
+    manifest: ExportManifest
+    files: dict[Path, bytes] = field(default_factory=dict)  # besides the manifest
+    model_proto: Any = None  # the ONNX graph, where the format is one
+
+    def all_files(self) -> dict[Path, bytes]:
+        """The files and the manifest (last), as written."""
+        return {**self.files, manifest_path(self.path): json_bytes(self.manifest.to_json())}
+
+    def result(self) -> ExportResult:
+        """What the exporters return."""
+        return ExportResult(self.path, self.manifest, self.model_proto)
+
+
+def write_groups(*groups: ArtifactGroup) -> None:
+    """Step 7: write every file of `groups` as one group: all or nothing, existing files untouched on failure."""
+    files: dict[Path, bytes] = {}
+    for group in groups:
+        files.update(group.all_files())
+    atomic_write_group(files)
 
 
 def manifest_path(artifact: Path) -> Path:
@@ -338,3 +388,33 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
         raise VitsegError(f"{path} is not a loadable ONNX model (no IR version or graph)",
                           "the file is damaged or truncated; export it again")
     return props
+
+
+def check_manifest_agrees(info: ArtifactInfo, manifest: ExportManifest) -> None:
+    """An artifact's manifest must say what the artifact's own embedded metadata says (an ONNX graph's or OpenVINO
+    IR's): precision, input size, class names, architecture and the source checkpoint (its path and sha256, in the
+    metadata and in the `source` record). VitsegError (exit 2) naming the first field that differs and both values:
+    an edited or swapped manifest would make vitseg judge against, or report, what the artifact is not. A field a
+    manifest of an earlier vitseg lacks is not compared. (An engine keeps its metadata in the manifest only, so
+    there is nothing embedded to disagree with beyond the manifest's own `source` record.)"""
+    metadata = manifest.metadata if isinstance(manifest.metadata, dict) else {}
+    source = manifest.source if isinstance(manifest.source, dict) else {}
+    image_size = metadata.get("image_size", metadata.get("input_size"))
+    pairs = [
+        ("metadata.precision", metadata.get("precision"), info.precision),
+        ("metadata.image_size", image_size, list(info.image_size)),
+        ("metadata.class_names", metadata.get("class_names"), list(info.class_names)),
+        ("metadata.architecture", metadata.get("architecture"), info.architecture),
+        ("metadata.source_checkpoint", metadata.get("source_checkpoint"), info.source_checkpoint),
+        ("metadata.source_sha256", metadata.get("source_sha256"), info.source_sha256 or ""),
+        ("source.checkpoint", source.get("checkpoint"), info.source_checkpoint),
+        ("source.sha256", source.get("sha256"), info.source_sha256 or ""),
+    ]
+    name = manifest_path(info.path).name
+    for key, recorded, embedded in pairs:
+        if key.endswith("sha256") and recorded is not None:
+            recorded = recorded or ""  # "" and null both mean none (random weights)
+        if recorded is not None and recorded != embedded:
+            raise VitsegError(f"{name} disagrees with {info.path.name} on {key}: the manifest says "
+                              f"{json.dumps(recorded)}, the artifact's own metadata {json.dumps(embedded)}",
+                              "re-export the artifact, or restore the manifest it was written with")

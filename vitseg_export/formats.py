@@ -46,6 +46,9 @@ class Format:
     qat: Callable[..., Any] | None = None
     # the `vitseg export` options (parameter names) that apply to this format alone; given for another, refused
     options: tuple[str, ...] = ()
+    # the format's own refusals at planning time, before any work (export/pipeline.py ExportPlan -> None, or
+    # VitsegError): an engine's profile shapes and compute capabilities, a Triton repository's batches
+    plan: Callable[[Any], None] | None = None
 
     def files(self, path: Path) -> list[Path]:
         """Every file an artifact at `path` consists of: itself, its sidecars, its manifest."""
@@ -112,7 +115,8 @@ register_format(Format(
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_artifact=lazy("vitseg_export.export.tensorrt_engine:engine_from_artifact"), artifact_sources=("onnx",),
-    onnx_beside=True, options=ENGINE_OPTIONS + ("dla_core", "weakly_typed", "timing_cache")))
+    onnx_beside=True, options=ENGINE_OPTIONS + ("dla_core", "weakly_typed", "timing_cache"),
+    plan=lazy("vitseg_export.export.tensorrt_engine:plan_engine")))
 register_format(Format(
     "trt-rtx", (".rtx.engine",), "TensorRT-RTX engine (built ahead of time on any machine; runs on RTX GPUs)",
     "tensorrt-rtx", tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_rtx_engine"),
@@ -120,13 +124,15 @@ register_format(Format(
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_rtx_build"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_artifact=lazy("vitseg_export.export.tensorrt_engine:rtx_engine_from_artifact"), artifact_sources=("onnx",),
-    onnx_beside=True, options=ENGINE_OPTIONS + ("compute_capability",)))
+    onnx_beside=True, options=ENGINE_OPTIONS + ("compute_capability",),
+    plan=lazy("vitseg_export.export.tensorrt_engine:plan_engine")))
 register_format(Format(
     "openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.openvino_export:export_openvino"),
     read_info=lazy("vitseg_export.runners.openvino_runner:read_openvino_info"),
     probe=lazy("vitseg_export.machine.probes:probe_openvino_export"),
     summary=lazy("vitseg_export.export.openvino_export:ir_summary"), static_by_default=True, sidecars=(".bin",),
+    plan=lazy("vitseg_export.export.openvino_export:check_ir_plan"),
     qat=lazy("vitseg_export.export.qat_openvino:qat_openvino")))
 register_format(Format(
     "triton", (), "Triton Inference Server model repository (config.pbtxt, the artifact, vitseg's record)", "triton",
@@ -135,4 +141,5 @@ register_format(Format(
     probe=lazy("vitseg_export.machine.probes:probe_triton_repository"),
     summary=lazy("vitseg_export.serving.repository:repository_summary"),
     from_artifact=lazy("vitseg_export.serving.repository:repository_from_artifact"),
-    artifact_sources=("onnx", "openvino", "trt"), directory=True, options=TRITON_OPTIONS))
+    artifact_sources=("onnx", "openvino", "trt"), directory=True, options=TRITON_OPTIONS,
+    plan=lazy("vitseg_export.serving.repository:plan_repository")))

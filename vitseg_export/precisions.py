@@ -54,6 +54,9 @@ class ConversionContext:
     data: str = "synthetic"  # the spec whose calib split fp16's range measurement runs on
     keep_float: tuple[str, ...] = ()  # modules to keep in float (--keep-float), found in the graph through `scopes`
     scopes: Any = None  # vitseg_export.modeling.scopes.ModuleScopes of the exported module
+    # () -> (the verdict's real images, the reference's recorded logits on them): what a calibrated precision's
+    # fallback decides on, so that its held-out figures are the final verdict's (ExportSession.heldout)
+    heldout: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -74,7 +77,8 @@ class Precision:
     thresholds: Thresholds  # the parity preset every artifact of this precision is judged by
     convert: Callable[[Any, ConversionContext], Conversion] | None  # ONNX converter ("module:attr"); None: fp32 as is
     trt_weak_flags: tuple[str, ...]  # TensorRT 10.x BuilderFlags for the weakly typed fallback
-    parity_on_noise: bool  # also judged on uniform noise (reduced precisions are calibrated for images)
+    # also judged on uniform noise, for finiteness and logit ranges only (reduced precisions are calibrated for images)
+    parity_on_noise: bool
     needs_logits: bool  # the conversion compares logits (int8 calibration and fallback)
     description: str
     # batch consistency (an image alone vs inside a batch): the same math must give the same logits whatever the
@@ -82,7 +86,6 @@ class Precision:
     # held to the preset's agreement instead
     consistent_logits: bool = False
     masks_match_logits: bool = False  # an in-graph `mask` must equal the argmax of the graph's own logits
-    min_parity_images: int = 0  # self-parity judges at least this many real images (beside --parity images)
     calibrated: bool = False  # its targets are the user's (--min-agreement), met by calibration and fallback
     baseline: bool = False  # the precision the others are measured against ("slower than fp32 here")
     # its graphs run integer kernels, whose results depend on the CPU class (vitseg_export/machine/cpu.py): runners emulate
@@ -97,6 +100,10 @@ class Precision:
     # honest artifact of this precision (below it: the first divergence)
     locate_sqnr_db: float = 60.0
     options: tuple[str, ...] = ()  # the `vitseg export` options that apply to this precision alone
+    trt_fp32_gemm: bool = False  # its TensorRT graphs multiply matrices in fp32 (TensorRT-RTX has none on Turing)
+    # how many real held-out images an export's verdict rests on unless asked otherwise (every verdict states it);
+    # a calibrated precision's fallback decides on them too, so it takes more
+    verdict_images: int = 16
 
     def consistency(self, thresholds: Thresholds | None = None) -> Thresholds:
         """The batch-consistency limits, from `thresholds` (default: the preset): the agreement and, where
@@ -128,6 +135,7 @@ register_precision(Precision(
                        max_mean_abs_logit_diff=1e-4),
     convert=None, trt_weak_flags=(), parity_on_noise=True, needs_logits=False,
     description="the exported graph as is", consistent_logits=True, masks_match_logits=True, baseline=True,
+    trt_fp32_gemm=True,
     # the same math: honest fp32 artifacts keep 124-137 dB at every boundary (trained B0 at 128, ONNX and IR)
     locate_sqnr_db=60.0,
     parity_hint="report this with the checkpoint; try another --opset"))
@@ -135,7 +143,7 @@ register_precision(Precision(
     "fp16", Thresholds(min_agreement=0.999, min_miou_vs_reference=0.995, max_abs_logit_diff=0.5,
                        max_mean_abs_logit_diff=0.05),
     convert=lazy("vitseg_export.export.fp16:fp16_conversion"), trt_weak_flags=("FP16",), parity_on_noise=False,
-    needs_logits=False, description="fp16 weights and activations with fp32 islands", min_parity_images=8,
+    needs_logits=False, description="fp16 weights and activations with fp32 islands",
     # 10-bit mantissas: honest fp16 artifacts keep 62-75 dB (trained B0 at 128, ONNX AutoCast and IR)
     locate_sqnr_db=40.0,
     openvino_compress_to_fp16=True, openvino_inference_precision="f16", options=("fp16_io",),
@@ -144,8 +152,8 @@ register_precision(Precision(
     "int8", Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
                        max_mean_abs_logit_diff=None),
     convert=lazy("vitseg_export.export.int8:int8_conversion"), trt_weak_flags=("FP16", "INT8"), parity_on_noise=False,
-    needs_logits=True, description="calibrated int8 Q/DQ with sensitivity-driven float fallback", min_parity_images=8,
-    calibrated=True, integer_kernels=True,
+    needs_logits=True, description="calibrated int8 Q/DQ with sensitivity-driven float fallback",
+    calibrated=True, integer_kernels=True, verdict_images=32,
     # honest int8 artifacts keep 31-47 dB at every boundary (trained B0 at 128: ONNX for CPUs and for TensorRT, the
     # NNCF IR with its bf16 float part); a broken layer or a saturating one falls far below
     locate_sqnr_db=20.0, parity_hint="the int8 graph loses too much; calibrate on more representative images, or use fp16",

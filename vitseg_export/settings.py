@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from vitseg_export.artifact import DEFAULT_MAX_BATCH
 from vitseg_export.errors import VitsegError
 from vitseg_export.formats import FORMATS, Format
 from vitseg_export.precisions import PRECISIONS, Precision, Thresholds, get_precision
@@ -42,8 +43,14 @@ class OnnxExportSettings:
     dynamic_size: bool = False
     outputs: str = "logits"
     simplify: bool = False
-    parity_inputs: int = 3
+    # the verdict's images: the first `verdict_images` (None: the precision row's count) of the validation split of
+    # `parity_data` (int8: of Int8Settings.heldout), one set for the fp32 graph's check, the int8 decision and the
+    # final verdict
+    verdict_images: int | None = None
     parity_data: str = "synthetic"  # the data spec whose validation images judge the export (self-parity)
+    # the largest batch a dynamic-batch artifact is judged at and declares it serves (`--max-batch`; recorded)
+    max_batch: int = DEFAULT_MAX_BATCH
+    judge_batches: tuple[int, ...] = ()  # also judged at these batches (a Triton repository's preferred batches)
     fp16_io: bool = False
     fold: bool = True  # exact rewrites (the family's fold); parity is still judged against the unfolded model
     # modules (paths under the network: `encoder.block.2.0`) a reduced precision keeps in float (`--keep-float`)
@@ -63,8 +70,9 @@ class Int8Settings:
     target: str = "cpu"  # cpu: ONNX Runtime's integer kernels; trt: TensorRT's explicit quantization
     min_agreement: float | None = None  # None: the int8 preset's
     min_miou_vs_reference: float | None = None  # None: the int8 preset's
-    heldout: str | None = None  # None: the validation split of `calib` (disjoint from its calibration split)
-    heldout_images: int = 32
+    # the verdict's images (and so the fallback's decision) come from this spec's validation split (disjoint from
+    # `calib`'s calibration split); None: `calib`'s
+    heldout: str | None = None
     max_fallback: int = 64
     # the CPU class the int8 arithmetic is made for (vitseg_export.machine.cpu): avx2 (the default) is saturation-safe,
     # 7-bit weights that compute the same integers on every x86 CPU; vnni (and amx) use all 8 bits, exact only
@@ -148,6 +156,7 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
     "precision": ("onnx", "precision"), "opset": ("onnx", "opset"), "image_size": ("onnx", "image_size"),
     "dynamic_batch": ("onnx", "dynamic_batch"), "dynamic_size": ("onnx", "dynamic_size"), "outputs": ("onnx", "outputs"),
     "simplify": ("onnx", "simplify"), "fp16_io": ("onnx", "fp16_io"), "no_fold": ("onnx", "fold"),
+    "max_batch": ("onnx", "max_batch"), "num_images": ("onnx", "verdict_images"),
     "keep_float": ("onnx", "keep_float"), "data": ("onnx", "parity_data"),
     "calib": ("int8", "calib"), "calib_images": ("int8", "calib_images"), "calib_method": ("int8", "method"),
     "target": ("int8", "target"), "heldout": ("int8", "heldout"), "min_agreement": ("int8", "min_agreement"),

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from vitseg_export.errors import VitsegError
+from vitseg_export.errors import ParityError
 from vitseg_export.export.fallback import Heldout, decision_targets, fall_back
 from vitseg_export.precisions import Thresholds
 
@@ -96,9 +96,9 @@ def test_doubling_then_bisection_finds_the_fewest_units():
     assert result.units == {"u3", "u5", "u0"}
     assert result.score == (0.992, 0.985) and result.initial == (0.95, 0.90)
     assert [row["sqnr_db_when_float"] for row in result.floated] == [30.0, 28.0, 25.0]
-    assert "after" not in result.floated[0] and result.floated[-1]["after"] == "agreement 99.200%, mIoU vs fp32 98.50"
+    assert "after" not in result.floated[0] and result.floated[-1]["after"] == "agreement 99.200%, mIoU vs reference 98.50"
     assert sorted(held.probed) == sorted(frozenset({u}) for u in UNITS)  # each unit ranked once, alone
-    assert messages[-1] == "int8: 3 units in float: agreement 99.200%, mIoU vs fp32 98.50"
+    assert messages[-1] == "int8: 3 units in float: agreement 99.200%, mIoU vs reference 98.50"
 
 
 def _prefix_scores(ranked: list[str], needed: int, kept: frozenset = frozenset()):
@@ -149,8 +149,9 @@ def test_the_counts_tried_in_order(n_units, needed, counts):
 
 def test_max_units_caps_the_ranking_and_an_unreachable_target_raises():
     held = TableHeldout(_prefix_scores(RANKED, needed=6), SQNR)
-    with pytest.raises(VitsegError) as e:
+    with pytest.raises(ParityError) as e:  # a verdict that failed: exit 3, not a bad input
         fall_back(FakeGraph(UNITS), held, max_units=5, progress=lambda m: None)
+    assert e.value.exit_code == 3
     # only the 5 best units are ever floated: 1, 2, 4, then 5 (the cap) misses
     assert [len(s) for s in held.scored] == [0, 1, 2, 4, 5]
     assert "with 5 of 8 units in float" in e.value.message
@@ -181,7 +182,8 @@ def test_nothing_left_to_float_says_so_and_scores_the_graph_once():
     the same graph again or claiming a unit was floated."""
     kept = frozenset(UNITS)
     held = TableHeldout(_table({kept: MISSES}), SQNR)
-    with pytest.raises(VitsegError) as refused:
+    with pytest.raises(ParityError) as refused:
         fall_back(FakeGraph(UNITS), held, max_units=8, progress=lambda m: None, kept=dict.fromkeys(UNITS, "encoder"))
+    assert refused.value.exit_code == 3
     assert "no unit left to return to float: 8 kept by --keep-float, 0 others" in refused.value.message
     assert held.scored == [kept]

@@ -17,6 +17,7 @@ from vitseg_export.compare.metrics import (
     class_ious,
     confusion,
     miou,
+    miou_vs_reference,
     pixel_accuracy,
     worst_case,
 )
@@ -117,6 +118,39 @@ def test_ignored_pixels_do_not_lower_miou():
     assert miou(confusion(pred, target, 2)) == 1.0
 
 
+# -- mIoU against the reference: rare classes ---------------------------------------------------------------
+
+
+def test_a_class_under_the_share_in_both_masks_is_left_out_of_miou_vs_reference():
+    # 10,000 pixels: class 0 on 9,995 (all agree), class 1 on 5 reference pixels the artifact calls class 0 (0.05% <
+    # MIN_CLASS_SHARE 0.1%), class 2 on 0. miou() counts class 1 at IoU 0: (9995/10000 + 0) / 2 ~ 0.50
+    cm = np.zeros((3, 3), np.int64)
+    cm[0, 0], cm[1, 0] = 9995, 5
+    assert miou(cm) == pytest.approx((9995 / 10000) / 2)
+    value, classes = miou_vs_reference(cm)
+    assert classes == 1 and value == pytest.approx(9995 / 10000)
+
+
+def test_a_class_at_the_share_counts_and_one_the_artifact_invents_counts_too():
+    # class 1: 10 reference pixels of 10,000 (exactly 0.1%), 6 predicted right: IoU 6/10; class 2: never in the
+    # reference, the artifact paints 50 pixels with it (0.5%): IoU 0, and it counts
+    cm = np.zeros((3, 3), np.int64)
+    cm[0, 0], cm[0, 2], cm[1, 1], cm[1, 0] = 9940, 50, 6, 4
+    value, classes = miou_vs_reference(cm)
+    iou0 = 9940 / (9990 + 9944 - 9940)
+    assert classes == 3 and value == pytest.approx((iou0 + 6 / 10 + 0.0) / 3)
+
+
+def test_the_accumulator_reports_the_classes_it_averaged():
+    ref = np.zeros((3, 40, 50), np.float32)  # 2,000 pixels, class 0 everywhere ...
+    ref[1, 0, 0] = 1.0  # ... but one pixel of class 1 (0.05%): missing it must not halve mIoU
+    acc = ParityAccumulator(3)
+    acc.add("x", ref, np.zeros((40, 50), np.int64), None)
+    s = acc.summary()
+    assert s.miou_classes == 1 and s.miou_vs_reference == pytest.approx(1999 / 2000) and s.flips == 1
+    assert s.to_json()["min_class_share"] == 0.001
+
+
 # -- ParityAccumulator -------------------------------------------------------------------------------------
 
 # image A: 2 classes, 2x2. Reference mask [[0, 1], [1, 0]]; top-2 margins [[1, 1], [2, 0.05]]
@@ -167,7 +201,7 @@ def test_summary_totals_over_images():
     s = acc.summary()
     assert s == ParitySummary(images=2, pixels=8, pixel_agreement=0.75, miou_vs_reference=pytest.approx(11 / 21),
                               max_abs_logit_diff=pytest.approx(2.0), mean_abs_logit_diff=pytest.approx(2.5 / 16),
-                              nonfinite=1, flips=2, low_margin_flips=1, labels=None)
+                              nonfinite=1, flips=2, low_margin_flips=1, labels=None, miou_classes=2)
     # cm vs reference [[1, 1], [1, 5]]: class 0 IoU 1/3, class 1 5 / (6 + 6 - 5) = 5/7 -> (1/3 + 5/7) / 2 = 11/21
     np.testing.assert_array_equal(acc.cm_vs_ref, [[1, 1], [1, 5]])
     assert [r["name"] for r in acc.per_image] == ["a", "b"]

@@ -180,3 +180,15 @@ def test_calibrated_precisions_take_the_users_targets():
 def test_thresholds_for_overrides_single_limits():
     assert thresholds_for("fp16", min_agreement=0.98, max_abs_logit_diff=None) == Thresholds(0.98, 0.995, 0.5, 0.05)
     assert thresholds_for("int8") == PRESETS["int8"]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_noise_images_are_judged_on_finiteness_and_ranges_never_on_masks(name):
+    """masks=False (noise images): a 0% agreement and a NaN mIoU pass; a non-finite value and a logit beyond the
+    preset's limit still fail."""
+    t = PRESETS[name]
+    assert judge(summary(pixel_agreement=0.0, miou_vs_reference=float("nan"), flips=4096), t, masks=False) == []
+    assert judge(summary(nonfinite=1), t, masks=False) == ["1 non-finite logits (NaN/Inf) > 0"]
+    if t.max_abs_logit_diff is not None:
+        (failure,) = judge(summary(pixel_agreement=0.0, max_abs_logit_diff=above(t.max_abs_logit_diff)), t, masks=False)
+        assert failure.startswith("max |logit diff|")

@@ -35,6 +35,7 @@ from vitseg_export.errors import Terminated, VitsegError
 from vitseg_export.export import quiet
 from vitseg_export.files import remove_temp_files
 from vitseg_export.images import max_image_pixels
+from vitseg_export.machine.interrupt import abandoned_workers
 
 app = typer.Typer(
     name="vitseg",
@@ -156,7 +157,7 @@ def _worker_message(message: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
-def _report(e: BaseException, debug: bool) -> NoReturn:
+def _exit_for(e: BaseException, debug: bool) -> NoReturn:
     """Turn any exception that ended a command into one line and its documented exit code."""
     if isinstance(e, Terminated) or _signals_received:  # or what a kill caused first (e.g. a killed worker's error)
         _fail("terminated (SIGTERM)", "no partial files were left behind", 143)
@@ -186,8 +187,8 @@ def _report(e: BaseException, debug: bool) -> NoReturn:
     _fail(f"{type(e).__name__}: {e}", "this is a bug in vitseg; VITSEG_DEBUG=1 shows the traceback", 1)
 
 
-def main() -> None:
-    """Entry point of `vitseg`: usage errors and VitsegErrors exit 2 (3: verify failure), interrupts 130,
+def _main() -> None:
+    """The command behind `main`: usage errors and VitsegErrors exit 2 (3: verify failure), interrupts 130,
     SIGTERM 143, anything else 1, each with one line on stderr (VITSEG_DEBUG=1: the traceback). SIGTERM runs
     the same cleanup as Ctrl-C, and no temp file outlives the command."""
     warnings.showwarning = _show_warning
@@ -208,7 +209,7 @@ def main() -> None:
     except SystemExit:
         raise
     except BaseException as e:
-        _report(e, debug)
+        _exit_for(e, debug)
     finally:
         remove_temp_files()
         if main_thread:
@@ -218,3 +219,28 @@ def main() -> None:
     if code == 130:  # typer turns Ctrl-C into a silent exit code 130 (after every `finally` ran): say so
         _fail("interrupted", "no partial files were left behind", 130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_at_once(code: object) -> NoReturn:
+    """End the process now with `code` (SystemExit's), streams flushed, skipping the interpreter's finalization."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # closed or broken: the exit code still says it
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+def main() -> None:
+    """Entry point of `vitseg` (see `_main`). Where Ctrl-C or SIGTERM left a library call running in an abandoned
+    worker thread (machine.interrupt: a TensorRT build cannot be stopped from outside), the process ends with
+    `os._exit` once the command's cleanup and its error line are done: Python's normal exit would finalize the
+    interpreter, and the library's C++ statics, under the running build (seen: a segmentation fault, exit 139,
+    after Ctrl-C in a TensorRT-RTX build). Only then: every other exit is Python's own."""
+    try:
+        _main()
+    except SystemExit as e:
+        if abandoned_workers():
+            _exit_at_once(e.code)
+        raise

@@ -13,11 +13,19 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.text import Text
 
-from vitseg_export.artifact import MAX_INPUT_PIXELS, MAX_INPUT_SIDE, MIN_INPUT_SIDE
+from vitseg_export.artifact import (
+    MAX_INPUT_PIXELS,
+    MAX_INPUT_SIDE,
+    MIN_INPUT_SIDE,
+    check_manifest_agrees,
+    check_manifest_matches,
+    manifest_path,
+    read_manifest,
+)
 from vitseg_export.data.sources import data_folder
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_outputs_spare_inputs, json_bytes, write_json
-from vitseg_export.formats import artifact_files
+from vitseg_export.formats import artifact_files, format_for_path, read_artifact_info
 
 
 class _BestEffortStderr(io.TextIOBase):
@@ -154,6 +162,20 @@ def spare_inputs(outputs: dict, models: Iterable[str | Path] = (), data: Iterabl
     read = [f for m in models for f in artifact_files(Path(m)) if f.exists()] + [Path(f) for f in files]
     folders = [f for f in (data_folder(spec) for spec in data if spec) if f is not None]
     check_outputs_spare_inputs({k: v for k, v in outputs.items() if v is not None}, read, folders)
+
+
+def check_artifact_manifest(model: str | Path) -> None:
+    """Before an artifact is run (verify, predict, profile, an engine built from it), where its manifest exists: the
+    manifest describes this very file (its sha256) and agrees with the artifact's own metadata
+    (artifact.check_manifest_agrees: VitsegError naming the first field that differs). Nothing to check for what is
+    not an artifact file (a checkpoint, a repository directory) or an artifact without a manifest."""
+    path = Path(model)
+    fmt = format_for_path(path)
+    if fmt is None or fmt.directory or not manifest_path(path).exists():
+        return
+    info = read_artifact_info(path)  # a damaged artifact says so first, as when it is run
+    check_manifest_matches(path)
+    check_manifest_agrees(info, read_manifest(path))
 
 
 MAX_BATCH = 1024  # the largest batch size profile and verify run (a larger one only allocates)

@@ -14,6 +14,7 @@ from vitseg_export.cli.common import (
     FRACTION,
     MAX_BATCH,
     WORKSPACE,
+    check_artifact_manifest,
     check_size,
     console,
     emit,
@@ -36,6 +37,7 @@ from vitseg_export.cli.options import (
     TargetChoice,
     TritonBackendChoice,
     TritonDeviceChoice,
+    arg,
     opt,
 )
 from vitseg_export.data.sources import check_labels_fit, open_source
@@ -72,7 +74,7 @@ DEFAULT_PREFERRED_BATCH = ",".join(map(str, default_of("triton_preferred_batch")
 
 def export(
     ctx: typer.Context,
-    checkpoint: Annotated[str, typer.Argument(help=SOURCE_HELP)],
+    checkpoint: Annotated[str, arg(SOURCE_HELP, "a checkpoint or artifact")],
     format: Annotated[FormatChoice, opt("--format", " to write")] = FormatChoice("onnx"),
     precision: Annotated[PrecisionChoice, opt("--precision", " to convert to")] = PrecisionChoice("fp32"),
     output: Annotated[Optional[Path], opt("--output", "the artifact (default: beside the checkpoint; triton: the "
@@ -80,12 +82,14 @@ def export(
     revision: Annotated[Optional[str], opt("--revision")] = None,
     image_size: Annotated[Optional[str], opt("--image-size", " to export at")] = None,
     opset: Annotated[int, opt("--opset", min=13, max=21)] = default_of("opset"),
+    max_batch: Annotated[int, opt("--max-batch", min=1, max=MAX_BATCH)] = default_of("max_batch"),
     dynamic_batch: Annotated[Optional[bool], opt("--dynamic-batch")] = None,
     dynamic_size: Annotated[bool, opt("--dynamic-size")] = default_of("dynamic_size"),
     outputs: Annotated[OutputsChoice, opt("--outputs")] = OutputsChoice(default_of("outputs")),
     simplify: Annotated[bool, opt("--simplify")] = default_of("simplify"),
     no_fold: Annotated[bool, opt("--no-fold")] = default_of("no_fold"),
     data: Annotated[str, opt("--data", " whose validation images judge the export")] = default_of("data"),
+    num_images: Annotated[Optional[int], opt("--num-images", " the verdict rests on (16; int8: 32)", min=1, max=100000)] = None,
     fp16_io: Annotated[bool, opt("--fp16-io")] = default_of("fp16_io"),
     keep_float: Annotated[Optional[str], opt("--keep-float")] = None,
     calib: Annotated[Optional[str], opt("--calib")] = None,
@@ -119,17 +123,15 @@ def export(
     json_output: Annotated[bool, opt("--json")] = False,
     report: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
-    """Export a checkpoint (or, for formats that build on one, an artifact); refuses to write a graph whose
-    outputs differ from PyTorch. Formats and precisions: `vitseg doctor` lists what this machine has."""
-    fmt = get_format(format)
-    options = export_options(ctx.params)
+    """Export a checkpoint (or an artifact, for formats that build on one), judged before anything is written."""
+    fmt, options = get_format(format), export_options(ctx.params)
     check_export_options(given_options(ctx), fmt, options)
     fmt.require()  # a missing backend says so before any other work
     if report:
         check_output_file(report, "--report")
     request = export_request(fmt, options)
     result = _run_export(fmt, checkpoint, output, request, revision, report)[1]
-    _report(fmt, result, check_trt, json_output, report)
+    _print_export_result(fmt, result, check_trt, json_output, report)
 
 
 def export_options(params: dict) -> dict:
@@ -153,8 +155,9 @@ def check_export_options(given: set[str], fmt, options: dict) -> None:
     check_options_apply(given, fmt, precision, options.get("target") or fmt.int8_target, engine_backends, chosen)
 
 
-def _report(fmt, result, check_trt: bool, json_output: bool, report: Optional[Path]) -> None:
-    """What `vitseg export` prints about the written artifact (and the TensorRT check, where asked)."""
+def _print_export_result(fmt, result, check_trt: bool, json_output: bool, report: Optional[Path]) -> None:
+    """What `vitseg export` prints about the written artifact (and the TensorRT check, where asked); a failed
+    --check-trt then exits 2 whether the result was printed as text or as JSON (--json, --report)."""
     path = result.path
     lint = _lint(result, check_trt)
     build = _trt_build(fmt, result) if check_trt and not lint else None
@@ -165,10 +168,21 @@ def _report(fmt, result, check_trt: bool, json_output: bool, report: Optional[Pa
         for line in fmt.summary(path, result.manifest):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
         if check_trt:
-            _print_lint(path, lint)
+            _print_lint(lint)
             _print_build(build)
+    _raise_if_trt_refused(path, lint, build, json_output)
+
+
+def _raise_if_trt_refused(path: Path, lint: list, build: dict | None, json_output: bool) -> None:
+    """--check-trt's verdict, the same in every output mode: a graph TensorRT's parser or builder refuses is a bad
+    input for that target (VitsegError, exit 2; the artifact itself stays written, valid for onnxruntime)."""
+    hint = "the ONNX artifact itself is valid for onnxruntime; fix the graph before building an engine"
+    if lint:
+        where = "listed in trt_lint" if json_output else "listed above"
+        count = f"{len(lint)} TensorRT parser incompatibilit{'y' if len(lint) == 1 else 'ies'}"
+        raise VitsegError(f"{path.name} has {count} ({where}); first: {lint[0]}", hint)
     if isinstance(build, dict) and build.get("error"):
-        raise VitsegError(build["error"], "the ONNX artifact itself is valid for onnxruntime; fix the graph before building an engine")
+        raise VitsegError(build["error"], hint)
 
 
 def _run_export(fmt, checkpoint: str, output: Optional[Path], request, revision: Optional[str] = None,
@@ -191,6 +205,7 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request, revision:
                               "pass the checkpoint it was exported from")
         if revision is not None:
             raise VitsegError(f"--revision applies to Hub ids, and {checkpoint} is an artifact", "drop --revision")
+        check_artifact_manifest(checkpoint)  # the engine's manifest copies its source record
         path = output or (default_artifact_path(checkpoint, "", "", fmt) if fmt.directory
                           else Path(checkpoint).with_suffix(fmt.suffixes[0]))
         spare_export_inputs(fmt, checkpoint, path, request, report)
@@ -267,13 +282,11 @@ def _print_build(build: dict | None) -> None:
     console.print(f"  {tensorrt_census.describe_census(build['census'])}", soft_wrap=True, highlight=False, markup=False)
 
 
-def _print_lint(path: Path, lint: list) -> None:
-    if lint:
-        for problem in lint:
-            console.print(f"  TensorRT: {problem}", soft_wrap=True, highlight=False, markup=False)
-        raise VitsegError(f"{path.name} has {len(lint)} TensorRT parser incompatibilities (listed above)",
-                          "the ONNX artifact itself is valid for onnxruntime; fix the graph before building an engine")
-    console.print("TensorRT lint: every op and attribute is supported by the TensorRT ONNX parser")
+def _print_lint(lint: list) -> None:
+    for problem in lint:
+        console.print(f"  TensorRT: {problem}", soft_wrap=True, highlight=False, markup=False)
+    if not lint:
+        console.print("TensorRT lint: every op and attribute is supported by the TensorRT ONNX parser")
 
 
 def _shape(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:

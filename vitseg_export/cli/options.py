@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import typer
 
@@ -78,6 +79,25 @@ class Term:
     flags: tuple[str, ...]
     help: str  # "{noun}": what the command applies it to
     panel: str | None = None
+    names: str = ""  # what its value names (a checkpoint, a data spec, a path): an empty or blank value is refused
+    path: bool = False  # its value is a Path (with `names`: the parser returns one)
+
+
+def never_blank(names: str, path: bool = False) -> Callable[[Any], Any]:
+    """The parser of every argument and option whose value names a checkpoint, an artifact, an image, a data spec or
+    a path: "" and whitespace are refused (the parser's one-line usage error, exit 2) before any work. Needed as a
+    parser, not a callback: typer turns "" into Path("") == Path("."), the working directory, before a callback sees
+    it, so `vitseg export ""` would export whatever the working directory holds."""
+    def parse(value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise typer.BadParameter(f"an empty value ({value!r}) is not {names}")
+        return Path(value) if path else value
+    return parse
+
+
+def arg(help: str, names: str, *, path: bool = False, **kwargs: Any) -> Any:
+    """A command argument naming `names` (a checkpoint, an artifact, sources): never blank (`never_blank`)."""
+    return typer.Argument(help=help, parser=never_blank(names, path), **kwargs)
 
 
 DATA_SPECS = "synthetic[:N], pets:DIR or folder:DIR"
@@ -87,12 +107,12 @@ _TERMS = [
     Term(("--version",), "Print vitseg's version and exit."),
     Term(("--verbose",), "Show third-party libraries' logs, prints and warnings (quantizers, converters) on stderr."),
     Term(("--json",), "Print the result as JSON on stdout (machine-readable; progress stays on stderr).", OUTPUT),
-    Term(("--report",), "Also write the result as JSON to this file{noun}.", OUTPUT),
-    Term(("--output", "-o"), "Where to write {noun}.", OUTPUT),
+    Term(("--report",), "Also write the result as JSON to this file{noun}.", OUTPUT, "a file", True),
+    Term(("--output", "-o"), "Where to write {noun}.", OUTPUT, "a path", True),
     # models and where they run
-    Term(("--model",), "Architecture{noun} (see `vitseg models`)."),
+    Term(("--model",), "Architecture{noun} (see `vitseg models`).", names="an architecture"),
     Term(("--reference", "-r"), "The checkpoint the artifact was exported from: run dir, .safetensors, Hugging Face "
-                                "directory or Hub id{noun}."),
+                                "directory or Hub id{noun}.", names="a checkpoint"),
     Term(("--revision",), "Hub ids: the branch, tag or commit to load (default: main), from the local Hugging Face "
                           "cache first."),
     Term(("--device",), "Device to run on{noun}: cpu or cuda; OpenVINO artifacts also gpu, npu or auto."),
@@ -105,7 +125,7 @@ _TERMS = [
     Term(("--precisions",), "Numeric precisions{noun}, comma-separated.", PRECISION),
     Term(("--image-size",), "Input size, S or HxW{noun} (default: the checkpoint's)."),
     # data and image counts
-    Term(("--data",), "Data spec{noun}: " + DATA_SPECS + ".", DATA),
+    Term(("--data",), "Data spec{noun}: " + DATA_SPECS + ".", DATA, "a data spec"),
     Term(("--num-images",), "How many validation images{noun}.", DATA),
     Term(("--batch-sizes",), "Batch sizes{noun}, comma-separated."),
     Term(("--batch-size",), "Images per {noun}."),
@@ -113,6 +133,9 @@ _TERMS = [
     Term(("--opset",), "ONNX opset (17: native LayerNormalization, TensorRT-portable).", GRAPH),
     Term(("--dynamic-batch/--static-batch",), "Dynamic batch dimension (default: dynamic; static for formats that run "
                                               "faster static: openvino){noun}.", GRAPH),
+    Term(("--max-batch",), "The largest batch a dynamic-batch artifact declares it serves: it is judged at 1, a "
+                           "middle batch and this one before it is written, and recorded (Triton: --triton-max-batch).",
+         GRAPH),
     Term(("--dynamic-size",), "Dynamic height and width (SegFormer only).", GRAPH),
     Term(("--outputs",), "What the graph outputs: logits, mask (in-graph argmax, uint8) or both.", GRAPH),
     Term(("--simplify",), "Simplify with onnxslim (verified not to change outputs).", GRAPH),
@@ -124,11 +147,11 @@ _TERMS = [
     Term(("--check-trt",), "Check the ONNX for TensorRT: lint it against the parser's supported ops, then parse and build "
                            "it with TensorRT-RTX (ahead of time, no GPU needed) where it is installed.", TENSORRT),
     # int8
-    Term(("--calib",), "int8: calibration data spec (its calib split){noun}; default: --data.", INT8),
+    Term(("--calib",), "int8: calibration data spec (its calib split){noun}; default: --data.", INT8, "a data spec"),
     Term(("--calib-images",), "int8: how many calibration images.", INT8),
     Term(("--calib-method",), "int8: how calibration sets activation ranges.", INT8),
     Term(("--heldout",), "int8: data spec whose validation split judges the result and decides the float fallback; "
-                         "default: --calib's.", INT8),
+                         "default: --calib's.", INT8, "a data spec"),
     Term(("--target",), "int8: what runs it: cpu (ONNX Runtime's integer kernels) or trt (TensorRT: float part in fp16); "
                         "default trt for TensorRT formats, else cpu.", INT8),
     Term(("--cpu-class",), "int8 for CPUs: the class of CPU it will run on: avx2 (default: 7-bit weights, exact on every "
@@ -146,7 +169,7 @@ _TERMS = [
     Term(("--opt-shape",), "TensorRT: the input NxCxHxW the profile is tuned for.", TENSORRT),
     Term(("--max-shape",), "TensorRT: the largest input NxCxHxW of the optimization profile.", TENSORRT),
     Term(("--sparse-weights",), "TensorRT: allow 2:4 sparse kernels (Ampere and later).", TENSORRT),
-    Term(("--timing-cache",), "TensorRT: timing cache file to reuse and update.", TENSORRT),
+    Term(("--timing-cache",), "TensorRT: timing cache file to reuse and update.", TENSORRT, "a file", True),
     Term(("--version-compatible",), "TensorRT: an engine later TensorRT versions can run.", TENSORRT),
     Term(("--dla-core",), "TensorRT: build for this DLA core (Jetson; fp16 or int8, static shapes).", TENSORRT),
     Term(("--weakly-typed",), "TensorRT 10.x: build with FP16/INT8 builder flags instead of a strongly typed network.",
@@ -171,7 +194,8 @@ _TERMS = [
     # verify
     Term(("--sizes",), "Other HxW sizes to judge a dynamic-size artifact at, comma-separated (default: one, 3/4 of "
                        "its own)."),
-    Term(("--save-diff",), "Write input, reference, artifact and disagreement PNGs to this directory.", OUTPUT),
+    Term(("--save-diff",), "Write input, reference, artifact and disagreement PNGs to this directory.", OUTPUT,
+         "a directory", True),
     Term(("--locate",), "Also find where the artifact first leaves PyTorch: its tensors against the reference's at the "
                         "model's named boundaries on 4 images, the first past the precision's allowance, and the export "
                         "command that keeps it in float."),
@@ -186,7 +210,7 @@ _TERMS = [
     Term(("--workers",), "Data-loading worker processes (0: in the main process).", TRAINING),
     Term(("--seed",), "Random seed.", TRAINING),
     Term(("--init",), "Start from a vitseg run, a Hugging Face SegFormer directory or Hub id, or timm / seed-article "
-                      "ViT weights (.npz, .pth, .safetensors).", TRAINING),
+                      "ViT weights (.npz, .pth, .safetensors).", TRAINING, "a checkpoint"),
     Term(("--train-images",), "How many synthetic training images.", TRAINING),
     # predict
     Term(("--overlay",), "Also write colour overlays."),
@@ -212,14 +236,18 @@ _TERMS = [
     Term(("--http-port",), "KServe v2 over HTTP: the port."),
     Term(("--grpc-port",), "KServe v2 over gRPC: the port."),
     Term(("--metrics-port",), "Prometheus metrics: the port."),
-    Term(("--tritonserver",), "The tritonserver binary (default: the one the serve extra installs, else PATH)."),
+    Term(("--tritonserver",), "The tritonserver binary (default: the one the serve extra installs, else PATH).",
+         names="a file", path=True),
 ]
 VOCABULARY: dict[str, Term] = {t.flags[0].split("/")[0]: t for t in _TERMS}
 
 
 def opt(flag: str, noun: str = "", *, panel: str | None = None, **kwargs: Any) -> Any:
-    """The option `flag` (a VOCABULARY key) with its one help text, `noun` filling `{noun}`."""
+    """The option `flag` (a VOCABULARY key) with its one help text, `noun` filling `{noun}`; never blank where its
+    term `names` something (`never_blank`)."""
     term = VOCABULARY[flag]
+    if term.names:
+        kwargs.setdefault("parser", never_blank(term.names, term.path))
     return typer.Option(*term.flags, help=term.help.format(noun=noun), rich_help_panel=panel or term.panel, **kwargs)
 
 

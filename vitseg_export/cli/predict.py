@@ -6,14 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
 from rich import box
 from rich.markup import escape
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vitseg_export.cli.common import MAX_BATCH, POSITIVE, console, emit, progress_bar, spare_inputs
-from vitseg_export.cli.options import BackendChoice, opt
+from vitseg_export.cli.common import (
+    MAX_BATCH,
+    POSITIVE,
+    check_artifact_manifest,
+    console,
+    emit,
+    progress_bar,
+    spare_inputs,
+)
+from vitseg_export.cli.options import BackendChoice, arg, opt
 from vitseg_export.errors import BackendMissingError, Terminated, VitsegError
 from vitseg_export.files import check_output_dir, check_output_file, check_outputs_spare_inputs, check_readable_file
 from vitseg_export.predict.sources import LIVE_KINDS, check_video_source, source_kind, source_stem
@@ -26,8 +33,8 @@ SOURCES_HELP = ("Images; folders of images (each image, in name order); video fi
 
 
 def predict(
-    model: Annotated[str, typer.Argument(help="An artifact (.onnx, .xml, .engine) or a checkpoint.")],
-    sources: Annotated[list[str], typer.Argument(help=SOURCES_HELP, metavar="SOURCE...")],
+    model: Annotated[str, arg("An artifact (.onnx, .xml, .engine) or a checkpoint.", "an artifact or checkpoint")],
+    sources: Annotated[list[str], arg(SOURCES_HELP, "an image, folder or video source", metavar="SOURCE...")],
     output: Annotated[Path, opt("--output", "the masks, overlays and videos (a directory)")],
     overlay: Annotated[bool, opt("--overlay")] = False,
     masks: Annotated[bool, opt("--masks")] = False,
@@ -61,6 +68,7 @@ def predict(
     outputs = {"--output": output, "--report": report}
     spare_inputs(outputs, models=[model], files=images + [Path(text) for text, kind in videos if kind == "video"])
     check_outputs_spare_inputs({k: v for k, v in outputs.items() if v is not None}, folders=folders)
+    check_artifact_manifest(model)
 
     rows: list[dict] = []  # the JSON result, a row as each image or video lands
     finished = []

@@ -14,6 +14,7 @@ from rich.text import Text
 from vitseg_export.cli.common import (
     POSITIVE,
     RATIO,
+    check_artifact_manifest,
     console,
     emit,
     err_console,
@@ -22,7 +23,7 @@ from vitseg_export.cli.common import (
     parse_size,
     spare_inputs,
 )
-from vitseg_export.cli.options import CHECKPOINT_HELP, BackendChoice, opt
+from vitseg_export.cli.options import CHECKPOINT_HELP, BackendChoice, arg, opt
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_output_dir, check_output_file
 from vitseg_export.formats import FORMATS, get_format
@@ -37,8 +38,8 @@ client = lazy_module("vitseg_export.serving.client")
 
 
 def profile(
-    models: Annotated[Optional[list[str]], typer.Argument(help="Artifacts (.onnx, .xml, .engine, .rtx.engine) or "
-                                                               "checkpoints (PyTorch eager); or --server.")] = None,
+    models: Annotated[Optional[list[str]], arg("Artifacts (.onnx, .xml, .engine, .rtx.engine) or checkpoints (PyTorch "
+                                               "eager); or --server.", "an artifact or checkpoint")] = None,
     batch_sizes: Annotated[str, opt("--batch-sizes", " to time")] = "1",
     image_size: Annotated[Optional[str], opt("--image-size", " for dynamic-size models")] = None,
     device: Annotated[str, opt("--device")] = "cpu",
@@ -69,6 +70,8 @@ def profile(
                                json_output, report)
     batches = parse_ints(batch_sizes, "--batch-sizes")
     size = parse_size(image_size) if image_size is not None else None
+    for model in models:
+        check_artifact_manifest(model)
     results = []
     with err_console.status("profiling") as status:
         for model in models:
@@ -129,7 +132,7 @@ def print_profile_tables(results: list[dict], device: str, warmup: int, iters: i
 
 
 def benchmark(
-    checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
+    checkpoint: Annotated[str, arg(CHECKPOINT_HELP, "a checkpoint")],
     formats: Annotated[str, opt("--formats", f" to benchmark ({', '.join(FORMATS)})")] = "auto",
     precisions: Annotated[str, opt("--precisions", f" to benchmark ({', '.join(PRECISIONS)})")] = ",".join(PRECISIONS),
     image_size: Annotated[Optional[str], opt("--image-size", " to export and time at")] = None,

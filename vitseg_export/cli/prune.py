@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from vitseg_export.cli.common import RATIO, console, emit, log, spare_inputs, square_size
-from vitseg_export.cli.options import CHECKPOINT_HELP, opt
+from vitseg_export.cli.options import CHECKPOINT_HELP, arg, opt
 from vitseg_export.files import check_output_dir, check_output_file
 from vitseg_export.tables import lazy_module
 
@@ -16,7 +14,7 @@ pruning_run = lazy_module("vitseg_export.train.pruning_run")  # pruning and fine
 
 
 def prune(
-    checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
+    checkpoint: Annotated[str, arg(CHECKPOINT_HELP, "a checkpoint")],
     output: Annotated[Path, opt("--output", "the pruned run (a directory)")],
     revision: Annotated[Optional[str], opt("--revision")] = None,
     ratio: Annotated[float, opt("--ratio", callback=RATIO)] = 0.25,

@@ -20,7 +20,7 @@ from vitseg_export.cli.export import (
     export_options,
     spare_export_inputs,
 )
-from vitseg_export.cli.options import CHECKPOINT_HELP, INT8, CpuClassChoice, FormatChoice, TargetChoice, opt
+from vitseg_export.cli.options import CHECKPOINT_HELP, INT8, CpuClassChoice, FormatChoice, TargetChoice, arg, opt
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_output_file
@@ -37,7 +37,7 @@ QAT_FORMATS = tuple(name for name, row in FORMATS.items() if row.qat is not None
 
 def qat(
     ctx: typer.Context,
-    checkpoint: Annotated[str, typer.Argument(help=CHECKPOINT_HELP + " The fp32 model it learns from.")],
+    checkpoint: Annotated[str, arg(CHECKPOINT_HELP + " The fp32 model it learns from.", "a checkpoint")],
     format: Annotated[FormatChoice, opt("--format", f" to write ({', '.join(QAT_FORMATS)})")] = FormatChoice("onnx"),
     output: Annotated[Optional[Path], opt("--output", "the artifact (default: beside the checkpoint)")] = None,
     revision: Annotated[Optional[str], opt("--revision")] = None,

@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from vitseg_export.cli.common import console, log
-from vitseg_export.cli.options import opt
+from vitseg_export.cli.options import arg, opt
 from vitseg_export.tables import lazy_module
 
 server = lazy_module("vitseg_export.serving.server")
 
 def serve(
-    source: Annotated[Path, typer.Argument(help="A model repository (vitseg export --format triton) or an artifact (.onnx, .xml, .engine).")],
+    source: Annotated[Path, arg("A model repository (vitseg export --format triton) or an artifact (.onnx, .xml, .engine).",
+                                          "a repository or artifact", path=True)],
     http_port: Annotated[int, opt("--http-port", min=1, max=65535)] = 8000,
     grpc_port: Annotated[int, opt("--grpc-port", min=1, max=65535)] = 8001,
     metrics_port: Annotated[int, opt("--metrics-port", min=1, max=65535)] = 8002,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.markup import escape
@@ -15,6 +15,7 @@ from vitseg_export.cli.common import (
     FRACTION,
     NON_NEGATIVE,
     bar_progress,
+    check_artifact_manifest,
     console,
     emit,
     log,
@@ -24,7 +25,7 @@ from vitseg_export.cli.common import (
     spare_inputs,
     status,
 )
-from vitseg_export.cli.options import BackendChoice, opt
+from vitseg_export.cli.options import BackendChoice, arg, opt
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.files import check_output_dir, check_output_file
@@ -34,11 +35,13 @@ from vitseg_export.tables import lazy_module
 
 verification = lazy_module("vitseg_export.verdict.verify")
 locating = lazy_module("vitseg_export.verdict.locate")  # --locate
+registry = lazy_module("vitseg_export.modeling.registry")  # architecture names (torch, as the reference needs)
+client = lazy_module("vitseg_export.serving.client")  # a served model's metadata (--server)
 
 
 def verify(
-    artifact: Annotated[Optional[Path], typer.Argument(help="The exported artifact (.onnx, .xml, .engine, .rtx.engine); "
-                                                            "or --server.")] = None,
+    artifact: Annotated[Optional[Path], arg("The exported artifact (.onnx, .xml, .engine, .rtx.engine); or --server.",
+                                            "an artifact", path=True)] = None,
     reference: Annotated[Optional[str], opt("--reference", "; default: the source checkpoint the artifact's manifest "
                                                            "records, where it exists")] = None,
     revision: Annotated[Optional[str], opt("--revision")] = None,
@@ -72,9 +75,15 @@ def verify(
         check_output_file(report, "--report")
     if save_diff:
         check_output_dir(save_diff, "--save-diff")
-    if artifact is not None and reference is None:
-        reference, recorded_commit = manifest_reference(artifact)
-        revision = revision or recorded_commit
+    if artifact is not None:
+        check_artifact_manifest(artifact)  # an edited manifest: one line, before it names the default reference
+        if reference is None:
+            reference, revision = manifest_reference(artifact, revision)
+        else:
+            refuse_architecture_reference(reference, lambda: read_artifact_info(artifact), artifact.name)
+    else:
+        refuse_architecture_reference(reference, lambda: served_model_info(server, served_model),
+                                      f"{server.rstrip('/')}/{served_model}")
     spare_inputs({"--report": report, "--save-diff": save_diff}, models=[artifact, reference] if artifact else [reference],
                  data=[data])
     overrides = {"min_agreement": min_agreement, "min_miou_vs_reference": min_miou, "max_abs_logit_diff": max_abs_diff}
@@ -84,7 +93,7 @@ def verify(
             result = verification.verify_server(server, served_model, reference, data, num_images, levels, device,
                                                 overrides=overrides, save_diff=save_diff, revision=revision,
                                                 progress=bar_progress(bar, bar.add_task("verify", total=num_images)))
-        return _report(result, f"{server.rstrip('/')}/{served_model}", reference, report, json_output)
+        return _emit_verdict(result, f"{server.rstrip('/')}/{served_model}", reference, report, json_output)
     _verify_artifact(artifact, reference, revision, data, num_images, device, backend_name, batch_sizes, sizes,
                      overrides, locate, save_diff, report, json_output)
 
@@ -111,30 +120,61 @@ def _verify_artifact(artifact: Path, reference: str, revision: str | None, data:
         with status("locate") as update:
             found = locating.locate_artifact(artifact, reference, data, progress=lambda m, *counts, **info: (update(m, *counts), log(f"  {m}", *counts)),
                                              revision=revision)
-    _report(result, artifact.name, reference, report, json_output, found)
+    _emit_verdict(result, artifact.name, reference, report, json_output, found)
 
 
-def manifest_reference(artifact: Path) -> tuple[str, str | None]:
-    """The checkpoint the artifact's manifest says it was exported from, where that still exists or is a Hub id (with
-    the commit it was loaded at), said on stderr; else VitsegError asking for --reference."""
+def manifest_reference(artifact: Path, revision: str | None = None) -> tuple[str, str | None]:
+    """(the checkpoint the artifact records it was exported from, the revision to load it at) where that checkpoint
+    still exists or is a Hub id (at `revision`, else the commit its manifest recorded), said on stderr exactly as it
+    will be loaded; else VitsegError asking for --reference. The caller checked first that the manifest agrees with
+    the artifact's own metadata (check_artifact_manifest), so what the message names is what both record."""
     recorded = read_artifact_info(artifact).source_checkpoint
     candidates = [Path(recorded), artifact.parent / recorded] if recorded else []
     found: str | None = next((str(c) for c in candidates if c.exists()), None)
-    commit = None
+    has_manifest = manifest_path(artifact).exists()
+    records = f"{artifact.name}'s {'manifest' if has_manifest else 'metadata'} records"
+    at = f" at revision {revision}" if revision else ""
     if found is None and recorded and hub.looks_like_hub_id(recorded):
         found = recorded  # resolved from the local Hugging Face cache by the loader, at the commit exported from
-        source = read_manifest(artifact).source if manifest_path(artifact).exists() else None
+        source = read_manifest(artifact).source if has_manifest else None
         commit = ((source or {}).get("hub") or {}).get("commit")
+        if revision is None and commit:
+            revision, at = commit, f" at commit {commit}"
     if found is None:
         where = f"{recorded}, which is not here" if recorded else "none"
-        raise VitsegError(f"{artifact.name}: no --reference given, and the source checkpoint its manifest records is "
-                          f"{where}", "pass the checkpoint it was exported from: -r RUN_DIR")
-    log(f"reference: {found}{f' at commit {commit}' if commit else ''} (the source checkpoint {artifact.name}'s manifest "
-        "records)")
-    return found, commit
+        raise VitsegError(f"{artifact.name}: no --reference given, and the source checkpoint {records} is {where}",
+                          "pass the checkpoint it was exported from: -r RUN_DIR")
+    log(f"reference: {found}{at} (the source checkpoint {records})")
+    return found, revision
 
 
-def _report(result, name: str, reference: str, report: Optional[Path], json_output: bool, found=None) -> None:
+def served_model_info(server: str, served_model: str):
+    """The vitseg metadata of a served model (its config's vitseg parameters): VitsegError when the server cannot be
+    reached or does not have it."""
+    endpoint = client.Endpoint.parse(server, served_model)
+    return client.served_info(endpoint, client.model_config(endpoint, endpoint.client()))
+
+
+def refuse_architecture_reference(reference: str, info: Callable[[], Any], name: str) -> None:
+    """--reference that is an architecture name (random weights; a path that exists wins) where the artifact or
+    served model records another source (a checkpoint path, a Hub id, trained weights' sha256) is bad input
+    (VitsegError, exit 2), before any weights load: its masks would only be compared with a random network's. An
+    artifact exported from that very name (a random-weights twin, on purpose) takes it; `info` is asked only then."""
+    if Path(reference).exists() or reference not in registry.ARCHITECTURES:
+        return
+    meta = info()
+    recorded, sha256 = meta.source_checkpoint, meta.source_sha256 or ""
+    if recorded == reference or not (recorded or sha256):
+        return
+    source = recorded or f"weights with sha256 {sha256[:12]}…"
+    served = "://" in name  # --server takes no default reference
+    raise VitsegError(f"--reference {reference} is an architecture name (random weights), not the checkpoint {name} "
+                      f"was exported from ({source})",
+                      "pass that checkpoint: -r RUN_DIR, a .safetensors file or a Hub id"
+                      + ("" if served else "; or drop -r to use the one the manifest records"))
+
+
+def _emit_verdict(result, name: str, reference: str, report: Optional[Path], json_output: bool, found=None) -> None:
     """Write, print and judge a verify report (exit 3 through ParityError on a failure); `found`: the locate report."""
     r = result.to_json() | ({"locate": found.to_json()} if found is not None else {})
     emit({k: v for k, v in r.items() if k != "per_image"} | {"per_image": r["per_image"]}, json_output, report)

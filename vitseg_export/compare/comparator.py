@@ -114,7 +114,7 @@ Outputs = list[tuple[np.ndarray, "np.ndarray | None"]]  # per image: (mask (H,W)
 def compare(reference: Runner | RecordedOutputs, candidates: Mapping[str, Runner], inputs: InputSet,
             thresholds: Thresholds | Mapping[str, Thresholds], num_classes: int, on_image: OnImage | None = None,
             mask_must_match_logits: bool = False,
-            consistency: Thresholds | Mapping[str, Thresholds] | None = None) -> CompareResult:
+            consistency: Thresholds | Mapping[str, Thresholds] | None = None, masks_judged: bool = True) -> CompareResult:
     """Run the reference (unless recorded; each image once, alone) and every candidate (at every shape of
     `inputs`) over the same images in one loop, then judge each candidate per shape. Runners must be active. A
     candidate that raises a VitsegError is recorded with its error and dropped from the rest of the loop; the
@@ -122,7 +122,8 @@ def compare(reference: Runner | RecordedOutputs, candidates: Mapping[str, Runner
     (masks at the smallest batch). With `mask_must_match_logits`, a candidate whose `mask` output disagrees with
     the argmax of its own `logits` fails (an exporter bug, not a precision loss). With `consistency`
     thresholds, each image's outputs at every larger batch size are judged against its outputs at the smallest
-    (see parity.ConsistencyAccumulator)."""
+    (see parity.ConsistencyAccumulator). `masks_judged=False` (noise images): agreement and mIoU are reported,
+    not judged (compare/metrics.judge)."""
     loop = _Loop(candidates, inputs, num_classes, mask_must_match_logits, _per_candidate(consistency, candidates))
     ref_seconds = 0.0
     for size in inputs.sizes():
@@ -142,7 +143,7 @@ def compare(reference: Runner | RecordedOutputs, candidates: Mapping[str, Runner
                     on_image(inputs.images[i], ref_logits[k], {name: m[k] for name, m in masks.items()})
     if isinstance(reference, RecordedOutputs):
         ref_seconds = reference.seconds
-    judged = {name: loop.verdict(name, thresholds if isinstance(thresholds, Thresholds) else thresholds[name])
+    judged = {name: loop.verdict(name, thresholds if isinstance(thresholds, Thresholds) else thresholds[name], masks_judged)
               for name in candidates}
     return CompareResult(judged, ref_seconds / max(1, len(inputs)))
 
@@ -224,7 +225,7 @@ class _Loop:
             if base is not None and consistency is not None:
                 consistency.add(images[i].name, batch, base_batch, size, base[k][0], mask, base[k][1], logits)
 
-    def verdict(self, name: str, thresholds: Thresholds) -> Comparison:
+    def verdict(self, name: str, thresholds: Thresholds, masks: bool = True) -> Comparison:
         """The candidate's verdict: per shape, worst case over shapes, batch consistency."""
         per_image = [row for shape in self.shapes for row in self.parity[(name, shape)].per_image]
         first = self.seconds[(name, self.shapes[0])] / max(1, self.parity[(name, self.shapes[0])].images) \
@@ -234,7 +235,7 @@ class _Loop:
         verdicts = []
         for shape in self.shapes:
             summary = self.parity[(name, shape)].summary()
-            failures = judge(summary, thresholds)
+            failures = judge(summary, thresholds, masks)
             if len(self.shapes) > 1:
                 failures = [f"at {shape}: {f}" for f in failures]
             verdicts.append(ShapeVerdict(shape, summary, failures, self.seconds[(name, shape)] / max(1, summary.images)))

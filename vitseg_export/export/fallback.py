@@ -2,9 +2,10 @@
 FakeQuantize IRs): when a quantized graph misses the int8 targets on held-out images, return the units that
 help most to float (their original fp32 weights back), the fewest that meet the targets.
 
-- held-out images: the fp32 graph's logits recorded once (`Heldout`); every candidate is scored through the
-  comparator (pixel agreement and mIoU against the fp32 graph), aiming DECISION_GUARD inside the targets.
-- ranking: each unit alone returned to float, scored by the logit SQNR (dB) against the fp32 graph on 4 of
+- held-out images: the export's verdict images with PyTorch's logits recorded once (`Heldout`, from the export
+  session); every candidate is scored through the comparator with the verdict's metric (pixel agreement and mIoU
+  against PyTorch), aiming DECISION_GUARD inside the targets, so the final verdict at batch 1 repeats its figures.
+- ranking: each unit alone returned to float, scored by the logit SQNR (dB) against the reference on 4 of
   the images: one quantized graph serves every probe, nothing is re-calibrated.
 - search: the most helpful 1, 2, 4... units until the targets hold, then bisection between the last count
   that missed and the first that met.
@@ -25,7 +26,7 @@ import numpy as np
 
 from vitseg_export.compare.comparator import RecordedOutputs, compare, record
 from vitseg_export.compare.inputs import InputSet
-from vitseg_export.errors import Int8NotWorthIt, VitsegError
+from vitseg_export.errors import Int8NotWorthIt, ParityError, VitsegError
 from vitseg_export.machine.cpu import SAFE_CLASS, classes_exact_for, cpu_class, int8_exact_here
 from vitseg_export.machine.timing import SpeedComparison
 from vitseg_export.precisions import Thresholds
@@ -48,17 +49,17 @@ def decision_targets(targets: Thresholds) -> Thresholds:
     return Thresholds(inward(targets.min_agreement), inward(targets.min_miou_vs_reference), None, None)
 
 
-Score = tuple[float, float]  # (pixel agreement, mIoU) against the fp32 graph
+Score = tuple[float, float]  # (pixel agreement, mIoU) against the reference (PyTorch)
 
 
 def describe_score(score: Score) -> str:
-    """'agreement 99.123%, mIoU vs fp32 98.45'."""
-    return f"agreement {score[0] * 100:.3f}%, mIoU vs fp32 {score[1] * 100:.2f}"
+    """'agreement 99.123%, mIoU vs reference 98.45'."""
+    return f"agreement {score[0] * 100:.3f}%, mIoU vs reference {score[1] * 100:.2f}"
 
 
 @dataclass
 class Heldout:
-    """The held-out images that decide the fallback, the fp32 graph's logits on them, the decision targets."""
+    """The held-out images that decide the fallback, the reference's logits on them, the decision targets."""
 
     inputs: InputSet
     reference: RecordedOutputs
@@ -66,14 +67,16 @@ class Heldout:
     targets: Thresholds
 
     @classmethod
-    def recorded(cls, fp32: Runner, inputs: InputSet, targets: Thresholds) -> "Heldout":
-        """Record the fp32 graph's logits on `inputs` (`fp32` is activated and released here)."""
-        with fp32:
-            reference = record(fp32, inputs)
+    def of(cls, heldout: tuple[InputSet, RecordedOutputs | Runner], targets: Thresholds) -> "Heldout":
+        """The export's verdict images and the reference's outputs on them (ExportSession.heldout: PyTorch, recorded
+        once), decided by `targets` moved inwards: the fallback's figures are the final verdict's at batch 1."""
+        inputs, reference = heldout
+        if not isinstance(reference, RecordedOutputs):  # too large to keep: recorded here for the search
+            reference = record(reference, inputs)
         return cls(inputs, reference, reference.logits[0].shape[0], decision_targets(targets))
 
     def score(self, runner: Runner) -> Score:
-        """(pixel agreement, mIoU vs the fp32 graph) of a candidate runner (inactive) on every held-out image."""
+        """(pixel agreement, mIoU vs the reference) of a candidate runner (inactive) on every held-out image."""
         with runner:
             result = compare(self.reference, {"int8": runner}, self.inputs, self.targets, self.num_classes)
         verdict = result.comparisons["int8"]
@@ -86,7 +89,7 @@ class Heldout:
         return score[0] >= self.targets.min_agreement and score[1] >= self.targets.min_miou_vs_reference
 
     def sqnr_db(self, runner: Runner) -> float:
-        """Logit SQNR (dB) of a candidate (inactive) against the fp32 graph on the first PROBE_IMAGES images."""
+        """Logit SQNR (dB) of a candidate (inactive) against the reference on the first PROBE_IMAGES images."""
         probe = InputSet(self.inputs.source, self.inputs.images[:PROBE_IMAGES])
         with runner:
             got = np.stack(record(runner, probe).logits).astype(np.float64)
@@ -126,8 +129,8 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Pr
               kept: dict[str, str] | None = None) -> Fallback:
     """The fewest of the most helpful units of `graph` returned to float that meet the held-out targets
     (none when the fully quantized graph meets them), besides the units `kept` in float from the start (unit ->
-    the --keep-float name it is kept for). Raises VitsegError when even `max_units` of them in float miss the
-    targets."""
+    the --keep-float name it is kept for). Raises ParityError (a failed verdict: exit 3) when even `max_units` of
+    them in float miss the targets."""
     kept = kept or {}
     kept_rows = [{"node": unit, "sqnr_db_when_float": None, "reason": f"kept in float (--keep-float {name})"}
                  for unit, name in kept.items()]
@@ -141,7 +144,7 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Pr
     ranked = sorted(((held.sqnr_db(graph.runner({u, *kept})), u) for u in units), reverse=True)[:max_units]
     tried: dict[int, Score] = {0: initial}
     if not ranked:  # every unit kept in float already (or none allowed): nothing left to fall back
-        raise VitsegError(f"int8 could not reach the int8 targets on held-out images ({describe_score(initial)} with "
+        raise ParityError(f"int8 could not reach the int8 targets on held-out images ({describe_score(initial)} with "
                           f"no unit left to return to float: {len(kept)} kept by --keep-float, {len(units)} others, "
                           f"at most {max_units} allowed)", hint)
 
@@ -154,7 +157,7 @@ def fall_back(graph: QuantizedGraph, held: Heldout, max_units: int, progress: Pr
     while high < len(ranked) and not attempt(high):
         low, high = high, min(2 * high, len(ranked))
     if (high not in tried and not attempt(high)) or not held.meets(tried[high]):
-        raise VitsegError(f"int8 could not reach the int8 targets on held-out images ({describe_score(tried[high])} with "
+        raise ParityError(f"int8 could not reach the int8 targets on held-out images ({describe_score(tried[high])} with "
                           f"{high} of {len(units)} units in float)", hint)
     while high - low > 1:
         middle = (low + high) // 2

@@ -42,6 +42,7 @@ from vitseg_export.export.graph import remove_dead_nodes, to_float
 from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, placeholder_ranges, speed_decision
 from vitseg_export.export.quiet import library_log_level, library_output_on_stderr
 from vitseg_export.machine.cpu import SAFE_CLASS
+from vitseg_export.machine.interrupt import UNWIND_S, run_interruptible
 from vitseg_export.precisions import Conversion, ConversionContext
 from vitseg_export.progress import Progress, silent
 from vitseg_export.runners.base import require_module
@@ -206,12 +207,12 @@ class _OrtQuantizer:
     def _quantize(self, reader: "_Reader | None", cache: Path, method: Any) -> onnx.ModelProto:
         with tempfile.TemporaryDirectory(dir=self.work) as tmp, library_output_on_stderr():
             out = Path(tmp) / "q.onnx"
-            quantize_static(
-                self.fp32_path, out, reader, quant_format=QuantFormat.QDQ,
+            run_interruptible(  # Ctrl-C and SIGTERM end the command at once (machine.interrupt)
+                quantize_static, self.fp32_path, out, reader, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(CPU_QUANTIZED_OP_TYPES), nodes_to_exclude=self.excluded,
                 per_channel=self.per_channel, reduce_range=self.safe,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                extra_options=self.extra, calibration_cache_path=cache)
+                extra_options=self.extra, calibration_cache_path=cache, unwind_s=UNWIND_S)
             quantized = onnx.load(out)
         restore_float_consumers(quantized)
         remove_dead_nodes(quantized)
@@ -249,6 +250,18 @@ def _ort_quantization_restored() -> Iterator[None]:
                 setattr(owner, "__init__", attrs["__init__"])
 
 
+@contextlib.contextmanager
+def _temp_files_in(work: Path) -> Iterator[None]:
+    """Model Optimizer's quantizer makes temp files with mkstemp and leaves them when interrupted: inside this
+    block they go to the export's work directory (removed on every path); the previous setting is restored."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(work)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 class _ModelOptQuantizer:
     """--target trt: NVIDIA Model Optimizer's ONNX PTQ (what NVIDIA documents for TensorRT): symmetric int8
     Q/DQ where TensorRT fuses them, the float part in fp16, no int32 bias, few Casts. Calibrates on the CPU
@@ -257,7 +270,7 @@ class _ModelOptQuantizer:
     name = "modelopt.onnx.quantization.quantize (int8, fp16 elsewhere)"
 
     def __init__(self, model: onnx.ModelProto, settings: Int8Settings, work: Path):
-        self.fp32_path, self.out_path = work / "fp32.onnx", work / "q.onnx"
+        self.fp32_path, self.out_path, self.work = work / "fp32.onnx", work / "q.onnx", work
         onnx.save(model, self.fp32_path)
         self.method = {"minmax": "max", "entropy": "entropy"}.get(settings.method)
         if self.method is None:
@@ -266,10 +279,11 @@ class _ModelOptQuantizer:
     def __call__(self, calib: InputSet, cache: Path) -> onnx.ModelProto:
         """The graph calibrated on `calib` (`cache` unused: Model Optimizer keeps no range cache)."""
         self.pixels = np.concatenate([im.pixels[None] for im in calib.images])
-        with library_output_on_stderr(), _ort_quantization_restored():
+        with library_output_on_stderr(), _ort_quantization_restored(), _temp_files_in(self.work):
             quantization = require_module("modelopt.onnx.quantization", "--target trt int8 needs NVIDIA Model Optimizer",
                                           "pip install 'vitseg-export[torch]' (it brings nvidia-modelopt)")
-            quantization.quantize(onnx_path=str(self.fp32_path), quantize_mode="int8", calibration_data={"pixels": self.pixels},
+            run_interruptible(quantization.quantize, unwind_s=UNWIND_S,  # Ctrl-C ends it at once (machine.interrupt)
+                              onnx_path=str(self.fp32_path), quantize_mode="int8", calibration_data={"pixels": self.pixels},
                                   calibration_method=self.method, calibration_eps=["cpu"], high_precision_dtype="fp16", dq_only=True,
                                   disable_mha_qdq=True, output_path=str(self.out_path),
                                   log_level=library_log_level())
@@ -333,12 +347,12 @@ def ort_layer_runner(model_bytes: bytes, quantized: bool) -> Callable[[np.ndarra
     return lambda x: session.run(None, {"x": x})
 
 
-def _settings_record(settings: Int8Settings, heldout_images: int, quantizer: Any) -> dict:
+def _settings_record(settings: Int8Settings, heldout: InputSet, quantizer: Any) -> dict:
     targets = settings.targets()
     return {"calib": settings.calib, "calib_images": settings.calib_images, "method": settings.method,
             "target": settings.target, "min_agreement": targets.min_agreement,
-            "min_miou_vs_reference": targets.min_miou_vs_reference, "heldout": settings.heldout or settings.calib,
-            "heldout_images": heldout_images, **quantizer.record()}
+            "min_miou_vs_reference": targets.min_miou_vs_reference, "heldout": heldout.source,
+            "heldout_images": len(heldout), **quantizer.record()}
 
 
 def speed_before_calibration(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, work: Path,
@@ -358,17 +372,17 @@ def speed_before_calibration(model: onnx.ModelProto, size: tuple[int, int], sett
                           size, settings, "before calibration")
 
 
-def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, cache_dir: Path | None = None,
-                  progress: Progress = silent, keep_float: tuple[str, ...] = (),
+def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8Settings, heldout: tuple,
+                  cache_dir: Path | None = None, progress: Progress = silent, keep_float: tuple[str, ...] = (),
                   scopes: Any = None) -> Int8Result:
     """Calibrated int8 Q/DQ graph of vitseg's verified fp32 `model` (its first output must be `logits`):
     ONNX Runtime's quantizer for --target cpu, Model Optimizer's for --target trt, then the one fallback until
-    the held-out targets are met. Raises VitsegError (bad settings, no images, targets unreachable),
+    the targets are met on `heldout` (the export's verdict images and PyTorch's logits on them:
+    ExportSession.heldout). Raises VitsegError (bad settings, no images), ParityError (targets unreachable),
     Int8NotWorthIt (slower than fp32 on the CPU class it is for: before calibrating). cpu ranges are cached in
     `cache_dir`: the result's `files`, for the exporter to write with the artifact."""
     check_int8_settings(model, settings)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
-    held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
     image_list_hash = calibration_record(calib, settings.method)["image_list_sha256"]
     name = f"ranges-{hashlib.sha256(model.SerializeToString()).hexdigest()[:16]}-{image_list_hash}-{settings.method}.json"
     kept = Path(cache_dir) / name if cache_dir is not None and settings.target == "cpu" else None
@@ -380,9 +394,9 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         cache = kept if kept is not None and kept.is_file() else work / name
         quantizer = (_ModelOptQuantizer if settings.target == "trt" else _OrtQuantizer)(model, settings, work)
         progress(f"calibrating on {len(calib)} images ({settings.method}, {quantizer.name})")
-        held = Heldout.recorded(graph_runner(model, size, 0, "fp32"), held_inputs, settings.targets())
+        held = Heldout.of(heldout, settings.targets())
         quantized = quantizer(calib, cache)
-        macs = node_macs(model, held_inputs.images[0].pixels[None])
+        macs = node_macs(model, held.inputs.images[0].pixels[None])
         final, record = settle_graph(quantized, model, model, macs, size, settings, held, before, progress,
                                      keep_float, scopes)
         ranges = json.loads(cache.read_text()) if cache.is_file() else None
@@ -390,7 +404,7 @@ def quantize_int8(model: onnx.ModelProto, size: tuple[int, int], settings: Int8S
         files = {kept: cache.read_bytes()} if kept is not None and cache != kept and cache.is_file() else {}
     details = {**record, "calibration": calibration_record(calib, settings.method, cache=None if kept is None else str(kept),
                                                            ranges=ranges),
-               "quantization": _settings_record(settings, len(held_inputs), quantizer),
+               "quantization": _settings_record(settings, held.inputs, quantizer),
                "float_part": "fp16" if settings.target == "trt" else "fp32"}
     return Int8Result(final, details, files)
 
@@ -428,6 +442,8 @@ def settle_graph(quantized: onnx.ModelProto, fp32: onnx.ModelProto, original: on
 
 def int8_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
     """The int8 precision's converter (precisions.py): calibrated Q/DQ with the mask-metric fallback."""
-    result = quantize_int8(model, ctx.image_size, ctx.int8, cache_dir=ctx.cache_dir, progress=ctx.progress,
+    if ctx.heldout is None:
+        raise VitsegError("int8 conversion needs the export's verdict images", "convert through the export pipeline")
+    result = quantize_int8(model, ctx.image_size, ctx.int8, ctx.heldout(), cache_dir=ctx.cache_dir, progress=ctx.progress,
                            keep_float=ctx.keep_float, scopes=ctx.scopes)
     return Conversion(result.model, result.details, result.files)

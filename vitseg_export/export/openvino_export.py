@@ -5,7 +5,7 @@ it; int8 quantizes the fp32 IR (`quantize_ir`) and computes its float part in bf
 
 int8: NNCF post-training quantization (transformer preset; depthwise convolutions and attention's
 activation x activation MatMuls stay float), then the one int8 fallback (export/fallback.py) whose metric is
-vitseg's own mask agreement and mIoU against the fp32 IR on held-out images: layer groups (a block, a patch
+vitseg's own mask agreement and mIoU against PyTorch on the export's verdict images: layer groups (a block, a patch
 embedding, a decoder projection) return to float, most helpful first. (nncf.quantize_with_accuracy_control
 does the same one operation per iteration with re-ranking: over 20 minutes for SegFormer-B0 at 128 px on 2
 cores, unfinished; this takes about a minute.) The layers kept in float, the int8 share of MACs and the
@@ -25,8 +25,9 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, write_artifact
+from vitseg_export.artifact import ArtifactGroup, ArtifactInfo, ExportResult, write_groups
 from vitseg_export.compare.inputs import load_inputs
+from vitseg_export.compare.report import parity_lines
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import (
     Heldout,
@@ -37,18 +38,18 @@ from vitseg_export.export.fallback import (
     fallback_record,
 )
 from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, speed_decision
-from vitseg_export.export.onnx_export import (
+from vitseg_export.export.pipeline import (
+    ExportPlan,
+    ExportSession,
     VerifiedGraph,
-    export_settings_record,
-    parity_lines,
-    parity_record,
-    precision_parity_inputs,
-    self_parity,
-    verified_fp32_graph,
+    manifest_for,
+    plan_export,
+    session_for,
 )
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.files import sha256_file
 from vitseg_export.machine.cpu import SAFE_CLASS
+from vitseg_export.machine.interrupt import UNWIND_S, run_interruptible
 from vitseg_export.precisions import get_precision
 from vitseg_export.progress import Progress
 from vitseg_export.runners.openvino_runner import OpenVINORunner, inference_precision, openvino_core
@@ -249,15 +250,13 @@ def ir_speed_before_calibration(model: Any, fp32: OpenVINORunner, size: tuple[in
 
 
 def ir_heldout(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo,
-               progress: Progress) -> IRHeldout:
-    """Decide whether int8 can pay here (before calibrating: Int8NotWorthIt where it cannot), then record the
-    fp32 IR `model` on the held-out images."""
-    held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, graph.size)
+               progress: Progress, heldout: Callable[[], tuple]) -> IRHeldout:
+    """Decide whether int8 can pay here (before calibrating: Int8NotWorthIt where it cannot), then take the export's
+    verdict images and PyTorch's logits on them (`heldout`: ExportSession.heldout), which decide the fallback."""
     fp32_info = replace(info, precision="fp32", cpu_class="", extra={**info.extra, "inference_precision": '"f32"'})
     fp32 = OpenVINORunner("fp32.xml", "cpu", model=model, info=fp32_info)
     before = ir_speed_before_calibration(model, fp32, graph.size, settings, info, progress)
-    held = Heldout.recorded(fp32, held_inputs, settings.targets())
-    return IRHeldout(held, model, fp32_info, before)
+    return IRHeldout(Heldout.of(heldout(), settings.targets()), model, fp32_info, before)
 
 
 def settle_ir(quantized: Any, judged: IRHeldout, size: tuple[int, int], settings: Int8Settings, info: ArtifactInfo,
@@ -298,7 +297,8 @@ def nncf_ptq(model: Any, images: list[np.ndarray], settings: Int8Settings) -> An
     # No bias correction: it shifts biases to offset the quantization of a layer's input, so a layer returned
     # to float by removing its FakeQuantize would keep a wrong bias (measured: same agreement without it).
     with library_output_on_stderr():
-        return nncf.quantize(model, nncf.Dataset(images), subset_size=len(images),
+        return run_interruptible(  # Ctrl-C and SIGTERM end the command at once (machine.interrupt)
+            nncf.quantize, model, nncf.Dataset(images), subset_size=len(images), unwind_s=UNWIND_S,
                              model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
                              ignored_scope=nncf.IgnoredScope(names=ir_attention_matmuls(model), types=list(FLOAT_OP_TYPES),
                                                              validate=False),
@@ -307,10 +307,11 @@ def nncf_ptq(model: Any, images: list[np.ndarray], settings: Int8Settings) -> An
 
 
 def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: ArtifactInfo,
-                progress: Progress) -> tuple[Any, dict]:
+                progress: Progress, heldout: Callable[[], tuple]) -> tuple[Any, dict]:
     """The int8 precision's OpenVINO step: NNCF PTQ (transformer preset: SmoothQuant, min-max) of the fp32 IR,
-    then the one fallback; returns (int8 model, the manifest's int8 section)."""
-    judged = ir_heldout(model, graph, settings, info, progress)
+    then the one fallback on the export's verdict images (`heldout`); returns (int8 model, the manifest's int8
+    section)."""
+    judged = ir_heldout(model, graph, settings, info, progress, heldout)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, graph.size)
     progress(f"int8: NNCF calibration on {len(calib)} images")
     quantized = nncf_ptq(model, [im.pixels[None] for im in calib.images], settings)
@@ -324,8 +325,8 @@ def quantize_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: 
         "calibration": calibration_record(calib, "nncf min-max (transformer preset)")}
 
 
-def _convert(graph: VerifiedGraph, work: Path) -> Any:
-    onnx.save(graph.model, work / "fp32.onnx")
+def _convert(model: onnx.ModelProto, work: Path) -> Any:
+    onnx.save(model, work / "fp32.onnx")
     return ov.convert_model(work / "fp32.onnx")
 
 
@@ -345,46 +346,56 @@ def _save(model: Any, info: ArtifactInfo, compress_to_fp16: bool, work: Path) ->
     return path
 
 
-def export_openvino(loaded: Any, output: Path, request: ExportRequest, progress: Progress,
-                    quantize: Callable[..., tuple[Any, dict]] | None = None) -> ExportResult:
-    """Export `loaded` to an OpenVINO IR at `output` (.xml, with .bin and .xml.json beside it) in the requested
-    precision. `quantize` replaces the precision's quantization step (same arguments: `vitseg qat`'s).
-    Raises BackendMissingError without openvino/nncf, VitsegError/ParityError otherwise; nothing is written then."""
-    t0 = time.perf_counter()
-    settings = request.onnx
-    precision = get_precision(settings.precision)
-    if settings.keep_float and precision.openvino_quantize is None:
-        raise VitsegError(f"--keep-float: an OpenVINO {precision.name} IR computes in one precision as a whole (OpenVINO keeps "
-                          "no module in f32 from Python)", "use --format onnx --precision fp16, or --precision int8")
-    graph = verified_fp32_graph(loaded, settings, output, progress, fmt="openvino")
+def openvino_group(session: ExportSession, plan: ExportPlan, progress: Progress,
+                   quantize: Callable[..., tuple[Any, dict]] | None = None) -> ArtifactGroup:
+    """Steps 3-6 for an IR: the fp32 graph (static batch unless asked), converted by OpenVINO, quantized where the
+    precision asks (`quantize` replaces its step: `vitseg qat`'s), saved in a temp dir, judged against PyTorch.
+    Returns the group to write (.xml, .bin, manifest); nothing is written here."""
+    started = time.perf_counter()
+    precision = plan.precision
+    graph = session.fp32_graph(plan, progress)
     wanted = precision.openvino_inference_precision
-    info = replace(graph.info, extra={**graph.info.extra, "inference_precision": f'"{wanted}"'},
-                   cpu_class=request.int8.cpu_class if precision.calibrated else "")
+    info = replace(plan.info, extra={**plan.info.extra, "inference_precision": f'"{wanted}"'})
     details: dict = {"weights": precision.openvino_weights()}
     with tempfile.TemporaryDirectory(prefix="vitseg-openvino-") as tmp:
-        model = _convert(graph, Path(tmp))
+        model = _convert(graph.for_plan(plan), Path(tmp))
         if precision.openvino_quantize is not None:
-            model, quantization = (quantize or precision.openvino_quantize)(model, graph, request.int8, info, progress)
+            model, quantization = (quantize or precision.openvino_quantize)(
+                model, graph, plan.int8, info, progress, lambda: session.heldout(plan))
             details.update(quantization)
         xml = _save(model, info, precision.openvino_compress_to_fp16, Path(tmp))
-        progress(f"checking the {precision.name} IR against PyTorch (OpenVINO CPU)")
-        inputs = precision_parity_inputs(precision, settings, graph.info)
-        parity = self_parity(loaded, OpenVINORunner(xml, "cpu"), inputs, precision.name, request.int8)
+        verdict = session.judge(plan, OpenVINORunner(xml, "cpu"), "IR (OpenVINO CPU)", progress)
         details["inference_precision"] = {"hint": wanted, "checked_with": inference_precision(openvino_core(), "CPU", wanted),
                                           "note": f"devices without {wanted} arithmetic compute in f32"}
-        files = {output: xml.read_bytes(), output.with_suffix(".bin"): xml.with_suffix(".bin").read_bytes()}
-    manifest = ExportManifest(
-        artifact=output.name, format="openvino", sha256=hashlib.sha256(files[output]).hexdigest(),
-        size_bytes=sum(len(b) for b in files.values()), metadata=info.metadata_json(),
-        export_settings={**export_settings_record(settings, graph.size), "openvino_version": ov.__version__},
-        self_parity=parity_record(parity, inputs), rewrites=graph.rewrites,
-        fp32_graph_parity=graph.parity.to_json(), precision_details=details,
-        export_seconds=round(time.perf_counter() - t0, 2), random_weights=loaded.kind == "random", source=loaded.source_record(),
-        extra={"bin": output.with_suffix(".bin").name, "bin_sha256": hashlib.sha256(files[output.with_suffix(".bin")]).hexdigest()})
-    write_artifact(output, files, manifest)
+        output, weights = plan.output, plan.output.with_suffix(".bin")
+        files = {output: xml.read_bytes(), weights: xml.with_suffix(".bin").read_bytes()}
+    manifest = manifest_for(session, plan, graph, verdict, files, details, started, bin=weights.name,
+                            bin_sha256=hashlib.sha256(files[weights]).hexdigest())
+    manifest.export_settings = {**(manifest.export_settings or {}), "openvino_version": ov.__version__}
     if details.get("int8_mac_share", 1.0) < 0.5:
         progress("int8: most of the compute stayed in float (see float_layers in the manifest)")
-    return ExportResult(output, manifest)
+    return ArtifactGroup(output, manifest, files)
+
+
+def check_ir_plan(plan: ExportPlan) -> None:
+    """The openvino format's planning check: --keep-float needs a precision that keeps layers in float."""
+    precision = plan.precision
+    if plan.request.onnx.keep_float and precision.openvino_quantize is None:
+        raise VitsegError(f"--keep-float: an OpenVINO {precision.name} IR computes in one precision as a whole (OpenVINO keeps "
+                          "no module in f32 from Python)", "use --format onnx --precision fp16, or --precision int8")
+
+
+def export_openvino(source: Any, output: Path, request: ExportRequest, progress: Progress,
+                    quantize: Callable[..., tuple[Any, dict]] | None = None) -> ExportResult:
+    """Export `source` (a LoadedCheckpoint or an ExportSession) to an OpenVINO IR at `output` (.xml, with .bin and
+    .xml.json beside it) in the requested precision. `quantize` replaces the precision's quantization step (same
+    arguments: `vitseg qat`'s). Raises BackendMissingError without openvino/nncf, VitsegError/ParityError
+    otherwise; nothing is written then."""
+    with session_for(source) as session:
+        plan = plan_export("openvino", session.loaded, request, output)
+        group = openvino_group(session, plan, progress, quantize)
+    write_groups(group)
+    return group.result()
 
 
 def ir_summary(path: Path, manifest: Any) -> list[str]:

@@ -27,15 +27,21 @@ import torch
 from vitseg_export.compare.inputs import InputSet, load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import Heldout, calibration_record
-from vitseg_export.export.graph import quantize_constant_weights, remove_dead_nodes, remove_identity_casts
+from vitseg_export.export.graph import (
+    module_to_onnx,
+    quantize_constant_weights,
+    remove_dead_nodes,
+    remove_identity_casts,
+)
 from vitseg_export.export.int8 import check_int8_settings, node_macs, settle_graph, speed_before_calibration
-from vitseg_export.export.onnx_export import ExportGraph, export_onnx, exported_module, module_to_onnx
+from vitseg_export.export.onnx_export import export_onnx
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.machine.cpu import SAFE_CLASS
+from vitseg_export.machine.interrupt import UNWIND_S, run_interruptible
+from vitseg_export.modeling.export_graph import ExportGraph, exported_module
 from vitseg_export.precisions import Conversion, ConversionContext
 from vitseg_export.progress import Progress
 from vitseg_export.runners.base import require_module
-from vitseg_export.runners.onnxruntime_runner import graph_runner
 from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.train.qat import calibration_batches, fine_tuned
 
@@ -85,7 +91,8 @@ def fake_quantized(student: torch.nn.Module, calib: InputSet, settings: Int8Sett
                 model(batch)
 
     with library_output_on_stderr():
-        quantized = _mtq().quantize(student, quant_config(student, settings), forward_loop=forward_loop)
+        quantized = run_interruptible(_mtq().quantize, student, quant_config(student, settings), forward_loop=forward_loop,
+                                      unwind_s=UNWIND_S)  # Ctrl-C and SIGTERM end it at once (machine.interrupt)
     if settings.target == "cpu" and settings.cpu_class == SAFE_CLASS:
         _saturation_safe_weights(quantized)
     return quantized.eval()
@@ -103,19 +110,22 @@ def qdq_graph(model: torch.nn.Module, size: tuple[int, int], export_settings: On
 
 def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: Any, qat: QatSettings,
                    export_settings: OnnxExportSettings, on_step: Progress | None) -> Conversion:
-    """export_onnx's int8 step for `vitseg qat`: the verified fp32 `model` is the reference of the fallback and
-    of the speed check; the Q/DQ graph comes from the fine-tuned fake-quantized PyTorch model."""
+    """export_onnx's int8 step for `vitseg qat`: the verified fp32 `model` is the baseline of the speed check, the
+    export's verdict images and PyTorch's logits on them decide the fallback; the Q/DQ graph comes from the
+    fine-tuned fake-quantized PyTorch model."""
     settings, size, progress = ctx.int8, ctx.image_size, ctx.progress
     check_int8_settings(model, settings)
     with tempfile.TemporaryDirectory(prefix="vitseg-qat-") as work:  # the speed decision, before any training
         before = speed_before_calibration(model, size, settings, Path(work), progress)
     calib = load_inputs(settings.calib, "calib", settings.calib_images, size)
-    held_inputs = load_inputs(settings.heldout or settings.calib, "val", settings.heldout_images, size)
-    held = Heldout.recorded(graph_runner(model, size, 0, "fp32"), held_inputs, settings.targets())
+    if ctx.heldout is None:
+        raise VitsegError("QAT needs the export's verdict images", "convert through the export pipeline")
+    held = Heldout.of(ctx.heldout(), settings.targets())
+    held_inputs = held.inputs
     teacher = loaded.segmenter().eval()
     # folded as the fp32 graph was; a copy, as the quantizers swap its modules in place and the teacher and
     # the self-parity reference are the checkpoint's own model
-    student = copy.deepcopy(exported_module(loaded, export_settings)[0])
+    student = copy.deepcopy(exported_module(loaded.model, loaded.meta.mean, loaded.meta.std, export_settings.fold)[0])
     progress(f"int8: ModelOpt PTQ of the PyTorch model on {len(calib)} images (the start of QAT)")
     quantized = fake_quantized(student, calib, settings)
     record_qat = fine_tuned(quantized, teacher, qat, size, held_inputs, held.num_classes, progress, on_step)
@@ -134,7 +144,7 @@ def qat_conversion(model: onnx.ModelProto, ctx: ConversionContext, *, loaded: An
                          "depthwise_convs": "float" if settings.target == "cpu" else "int8",
                          "min_agreement": settings.targets().min_agreement,
                          "min_miou_vs_reference": settings.targets().min_miou_vs_reference,
-                         "heldout": settings.heldout or settings.calib, "heldout_images": len(held_inputs)},
+                         "heldout": held_inputs.source, "heldout_images": len(held_inputs)},
         # the graph's float part is fp32; for TensorRT the engine build chooses (--precision of the engine)
         "float_part": "fp32",
         "qat": {**record_qat, "layers_left_float": [row["node"] for row in record["fallback_layers"]]}}

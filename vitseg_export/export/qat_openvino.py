@@ -21,7 +21,6 @@ import torch
 from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.fallback import calibration_record
-from vitseg_export.export.onnx_export import ExportGraph, VerifiedGraph, exported_module
 from vitseg_export.export.openvino_export import (
     FLOAT_OP_TYPES,
     export_openvino,
@@ -30,8 +29,11 @@ from vitseg_export.export.openvino_export import (
     overflow_fix,
     settle_ir,
 )
+from vitseg_export.export.pipeline import VerifiedGraph
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.machine.extensions import prepare_nncf_torch
+from vitseg_export.machine.interrupt import UNWIND_S, run_interruptible
+from vitseg_export.modeling.export_graph import ExportGraph, exported_module
 from vitseg_export.progress import Progress
 from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings, QatSettings
 from vitseg_export.tables import lazy_module
@@ -68,27 +70,27 @@ def _to_ir(model: torch.nn.Module, graph: VerifiedGraph) -> Any:
     return ir
 
 
-def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, progress: Progress, *,
+def qat_ir(model: Any, graph: VerifiedGraph, settings: Int8Settings, info: Any, progress: Progress, heldout: Any, *,
            loaded: Any, qat: QatSettings, export_settings: OnnxExportSettings, on_step: Progress | None) -> tuple[Any, dict]:
     """export_openvino's quantization step for `vitseg qat`: (int8 IR, the manifest's int8 section)."""
-    judged = ir_heldout(model, graph, settings, info, progress)  # speed (before calibrating), the fp32 IR's outputs
+    judged = ir_heldout(model, graph, settings, info, progress, heldout)  # speed (before calibrating), the verdict's images
     extension = prepare_nncf_torch(progress)  # built here, not inside NNCF's 60-second first-use limit
     calib = load_inputs(settings.calib, "calib", settings.calib_images, graph.size)
     teacher = loaded.segmenter().eval()
     # folded as the fp32 graph was; a copy, as the quantizers swap its modules in place and the teacher and
     # the self-parity reference are the checkpoint's own model
-    student = copy.deepcopy(exported_module(loaded, export_settings)[0])
+    student = copy.deepcopy(exported_module(loaded.model, loaded.meta.mean, loaded.meta.std, export_settings.fold)[0])
     num_classes = len(graph.info.class_names)
     overflow = overflow_fix(settings)
     progress(f"int8: NNCF PTQ of the PyTorch model on {len(calib)} images (the start of QAT)")
     with library_output_on_stderr():
         batches = calibration_batches(calib)
-        quantized = nncf.quantize(
-            student, nncf.Dataset(batches), subset_size=len(batches),  # subset_size counts dataset items: batches
+        quantized = run_interruptible(  # Ctrl-C and SIGTERM end the command at once (machine.interrupt)
+            nncf.quantize, student, nncf.Dataset(batches), subset_size=len(batches),  # subset_size counts dataset items: batches
             model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
             # attention's q @ k^T and probs @ v are the only torch.matmul calls (Linear layers are "linear")
             ignored_scope=nncf.IgnoredScope(types=["matmul"], patterns=depthwise_patterns(student), validate=False),
-            advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(overflow_fix=overflow))
+            advanced_parameters=nncf_advanced.AdvancedQuantizationParameters(overflow_fix=overflow), unwind_s=UNWIND_S)
     record_qat = fine_tuned(quantized, teacher, qat, graph.size, judged.held.inputs, num_classes, progress, on_step)
     ir = _to_ir(quantized, graph)
     depthwise = {op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "GroupConvolution"}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
 
@@ -29,26 +29,36 @@ import numpy as np
 
 from vitseg_export import __version__
 from vitseg_export.artifact import (
+    ArtifactGroup,
     ArtifactInfo,
     ExportManifest,
     ExportResult,
     manifest_path,
     read_manifest,
     write_artifact,
+    write_groups,
 )
-from vitseg_export.compare.comparator import compare
-from vitseg_export.compare.inputs import load_inputs
-from vitseg_export.errors import ParityError, VitsegError
+from vitseg_export.compare.judge import ReferenceOutputs, VerdictImages, passed_or_refused, verdict_of
+from vitseg_export.compare.report import parity_lines
+from vitseg_export.errors import VitsegError
 from vitseg_export.export.tensorrt_census import describe_census, network_census
 from vitseg_export.export.trt_lint import lint_for_tensorrt
 from vitseg_export.files import check_readable_file, sha256_file
-from vitseg_export.formats import read_artifact_info
+from vitseg_export.formats import get_format, read_artifact_info
+from vitseg_export.machine.interrupt import run_interruptible
 from vitseg_export.precisions import get_precision
 from vitseg_export.progress import Progress, silent
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.cuda import cuda_devices
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
-from vitseg_export.runners.tensorrt_editions import TENSORRT, TENSORRT_RTX, Edition, set_targets, using
+from vitseg_export.runners.tensorrt_editions import (
+    TENSORRT,
+    TENSORRT_RTX,
+    Edition,
+    edition_for_format,
+    set_targets,
+    using,
+)
 from vitseg_export.runners.tensorrt_runner import require_tensorrt, tensorrt_availability
 from vitseg_export.settings import EngineSettings, ExportRequest
 from vitseg_export.tables import lazy_module
@@ -59,11 +69,12 @@ else:  # the module of the edition chosen with `using(edition)`: optional, impor
     from vitseg_export.runners.tensorrt_editions import trt
 # the checkpoint path (torch) only: building an engine from an ONNX artifact needs no torch
 onnx_export = lazy_module("vitseg_export.export.onnx_export")
+pipeline = lazy_module("vitseg_export.export.pipeline")
 onnx = lazy_module("onnx")  # MACs per layer for the census (the [torch] extra; without it the census counts layers)
 int8 = lazy_module("vitseg_export.export.int8")  # node_macs
 
-__all__ = ["EngineSettings", "check_against_onnx", "check_against_pytorch", "check_build", "engine_from_artifact",
-           "engine_from_onnx", "export_engine", "export_rtx_engine", "engine_summary", "rtx_engine_from_artifact"]
+__all__ = ["EngineSettings", "check_against_onnx", "check_build", "check_engine_plan", "engine_from_artifact",
+           "engine_from_onnx", "engine_group", "plan_engine", "export_engine", "export_rtx_engine", "engine_summary", "rtx_engine_from_artifact"]
 
 
 def collecting_logger() -> Any:
@@ -91,7 +102,7 @@ def _profile_shapes(info, settings: EngineSettings) -> tuple[tuple[int, ...], tu
     h, w = info.image_size
     opt = settings.opt_shape or (1, 3, h, w)
     mn = settings.min_shape or ((1, 3, h, w) if not info.dynamic_size else (1, 3, 32, 32))
-    mx = settings.max_shape or ((8 if info.dynamic_batch else 1), 3, h, w)
+    mx = settings.max_shape or (info.largest_batch, 3, h, w)
     if info.dynamic_size and not settings.max_shape:  # up to twice the export size per side (1024 for a 512 export)
         mx = (mx[0], 3, 2 * h, 2 * w)
     for shape, name in ((mn, "min"), (opt, "opt"), (mx, "max")):
@@ -229,7 +240,7 @@ def build_engine(onnx_path: Path, settings: EngineSettings, edition: Edition,
         progress("building the engine" + (f" for compute capability {', '.join(capabilities)}" if capabilities else "")
                  + " (minutes for large models)")
         t0 = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config)
+        serialized = run_interruptible(builder.build_serialized_network, network, config)  # Ctrl-C never lands in the logger
         if serialized is None:
             reason = logger.errors[-1] if logger.errors else "no reason logged"
             raise VitsegError(f"{edition.display} failed to build the engine: {reason}", "see the builder log with VITSEG_DEBUG=1")
@@ -258,16 +269,37 @@ def pending_verdict(engine_path: Path, edition: Edition, capabilities: tuple[str
     return {"verdict": "pending", "reason": why, "verify_on_target": command}
 
 
-def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSettings,
-                     progress: Progress = silent, check: EngineCheck | None = None,
-                     edition: Edition = TENSORRT, checkpoint: str | None = None) -> ExportManifest:
+def check_engine_plan(settings: EngineSettings, edition: Edition, info: ArtifactInfo, precision: Any) -> tuple:
+    """Every refusal an engine build can make before any work (VitsegError, one line): settings the edition does not
+    have, profile shapes the artifact cannot take, compute capabilities that cannot compute the precision.
+    Returns the profile shapes (min, opt, max)."""
+    check_engine_settings(settings, edition)
+    fp32_gemm = [c for c in target_capabilities(settings, edition) if c in edition.no_fp32_gemm] \
+        if precision.trt_fp32_gemm else []
+    if fp32_gemm:
+        raise VitsegError(f"--compute-capability {fp32_gemm[0]}: {edition.display} has no fp32 matrix multiplies for "
+                          f"compute capability {fp32_gemm[0]} (Turing), and a {precision.name} engine needs them",
+                          f"export --precision fp16 or int8 for {fp32_gemm[0]}, or leave {fp32_gemm[0]} out")
+    return _profile_shapes(info, settings)
+
+
+def plan_engine(plan: Any) -> None:
+    """The engine formats' planning check (formats.py `plan`): check_engine_plan before the ONNX is exported."""
+    check_engine_plan(plan.request.engine, edition_for_format(plan.fmt.name), plan.info, plan.precision)
+
+
+def engine_group(onnx_path: Path, engine_path: Path, settings: EngineSettings, progress: Progress = silent,
+                 check: EngineCheck | None = None, edition: Edition = TENSORRT, checkpoint: str | None = None,
+                 recorded_onnx: Path | None = None) -> ArtifactGroup:
     """Build an engine of `edition` from a vitseg ONNX artifact, judge it with `check` (default: against that ONNX
     on ONNX Runtime CPU, `check_against_onnx`) at every shape of its optimization profile where it can run here
-    (else its verdict is pending: recorded, and said), and only then write it with its manifest. Raises
-    BackendMissingError without the edition (or, for TensorRT, a GPU), VitsegError when parsing or building
-    fails, ParityError when the engine differs (nothing is written then)."""
+    (else its verdict is pending: recorded, and said). Returns the group to write (the engine, a --timing-cache,
+    the manifest; `recorded_onnx`: where the ONNX will live, when it is still in a temp dir); nothing is written
+    here. Raises BackendMissingError without the edition (or, for TensorRT, a GPU), VitsegError when parsing or
+    building fails, ParityError when the engine differs."""
     require_tensorrt(edition, "build")
     info = read_artifact_info(onnx_path)
+    check_engine_plan(settings, edition, info, get_precision(info.precision))
     built = build_engine(onnx_path, settings, edition, progress)
     files = {engine_path: built.engine}
     if built.timing_cache is not None and settings.timing_cache is not None:
@@ -279,7 +311,7 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
     manifest = ExportManifest(
         artifact=engine_path.name, format=edition.format, sha256=hashlib.sha256(built.engine).hexdigest(),
         size_bytes=len(built.engine), metadata=info.metadata_json(),
-        extra={"source_onnx": str(onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
+        extra={"source_onnx": str(recorded_onnx or onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
                "tensorrt_edition": edition.display, "tensorrt_version": edition.load().__version__,
                "strongly_typed": built.strongly_typed, "built_on_gpu": gpu,
                "compute_capabilities": list(capabilities), "runs_on": edition.runs_on,
@@ -298,59 +330,69 @@ def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSetting
             write_artifact(candidate, {candidate: built.engine}, manifest)
             progress(f"checking the engine at its profile's shapes (min {mn}, opt {opt}, max {mx})")
             manifest.self_parity = (check or (lambda path: check_against_onnx(path, onnx_path)))(candidate)
-    write_artifact(engine_path, files, manifest)
-    return manifest
+    return ArtifactGroup(engine_path, manifest, files)
+
+
+def engine_from_onnx(onnx_path: Path, engine_path: Path, settings: EngineSettings,
+                     progress: Progress = silent, check: EngineCheck | None = None,
+                     edition: Edition = TENSORRT, checkpoint: str | None = None) -> ExportManifest:
+    """`engine_group`, written: the engine and its manifest at `engine_path` (all or nothing)."""
+    group = engine_group(onnx_path, engine_path, settings, progress, check, edition, checkpoint)
+    write_groups(group)
+    return group.manifest
 
 
 def check_against_onnx(engine: Path, onnx_path: Path, data: str = "synthetic", num_images: int = 8) -> dict:
     """The engine against the vitseg ONNX it was built from (itself verified against PyTorch when it was
-    exported), run by ONNX Runtime on the CPU: every shape of the engine's profile, batch consistency, the
-    precision's preset. Returns the `self_parity` record; ParityError when it fails. Torch-free."""
+    exported), run by ONNX Runtime on the CPU, through the one judge: every shape of the engine's profile, batch
+    consistency, the precision's preset. Returns the `self_parity` record; ParityError when it fails. Torch-free."""
     info = read_artifact_info(engine)
     precision = get_precision(info.precision)
-    inputs = load_inputs(data, "val", num_images, tuple(info.image_size)).at_shapes(info.declared_shapes())  # type: ignore[arg-type]
-    with OnnxRuntimeRunner(onnx_path, "cpu") as reference, runner_for(engine, device="cuda") as candidate:
-        result = compare(reference, {"engine": candidate}, inputs, precision.thresholds, len(info.class_names),
-                         consistency=precision.consistency())
-    verdict = result.comparisons["engine"]
-    if not verdict.passed:
-        raise ParityError(f"the {info.precision} engine differs from {onnx_path.name}{verdict.failed_at()}: "
-                          f"{'; '.join(verdict.failures)}; nothing was written",
-                          "rebuild with another TensorRT version or --weakly-typed, or report it to NVIDIA with the ONNX")
-    return {**verdict.to_json(), "source": inputs.source, "reference": f"{onnx_path.name} on ONNX Runtime CPU"}
+    images = VerdictImages.load(data, num_images, tuple(info.image_size))  # type: ignore[arg-type]
+    with ReferenceOutputs(OnnxRuntimeRunner(onnx_path, "cpu"), f"{onnx_path.name} on ONNX Runtime CPU") as reference:
+        verdict = verdict_of(reference, runner_for(engine, device="cuda"), images, info.declared_shapes(), precision.thresholds,
+                        len(info.class_names), consistency=precision.consistency())
+    return passed_or_refused(verdict, engine.name, f"the {info.precision} engine differs from {onnx_path.name}",
+                             "rebuild with another TensorRT version or --weakly-typed, or report it to NVIDIA with the "
+                             "ONNX").to_json()
 
 
-def export_engine(loaded: Any, output: Path, request: ExportRequest, progress: Progress,
+def export_engine(source: Any, output: Path, request: ExportRequest, progress: Progress,
                   edition: Edition = TENSORRT) -> Any:
     """checkpoint -> verified ONNX (int8 for TensorRT: no int32 bias, fp16 float part) -> lint -> engine of
-    `edition` at `output`. The ONNX artifact is kept beside it (`<output>.onnx`)."""
+    `edition` at `output`, judged against PyTorch at every shape of its profile (or pending where it cannot run
+    here). The ONNX artifact is kept beside it (`<output>.onnx`); both groups are written together after the
+    verdict, or nothing is (a failed build, a full disk, an interruption leave no file, and an earlier file of
+    the same name untouched)."""
     require_tensorrt(edition, "build")
-    check_engine_settings(request.engine, edition)
     onnx_path = output.with_suffix(".onnx")
-    result = onnx_export.export_onnx(loaded, onnx_path, request.onnx, progress=progress, int8=request.int8)
-    lint = lint_for_tensorrt(result.model_proto)
-    if lint:
-        raise VitsegError(f"{onnx_path.name} has {len(lint)} TensorRT incompatibilities; first: {lint[0]}",
-                          "fix the graph or use --format onnx")
-    manifest = engine_from_onnx(onnx_path, output, request.engine, progress,
-                                check=lambda engine: check_against_pytorch(engine, loaded, request), edition=edition,
-                                checkpoint=str(loaded.source))
-    return ExportResult(output, manifest, result.model_proto)
+    with pipeline.session_for(source) as session:
+        plan = pipeline.plan_export(edition.format, session.loaded, request, output)  # the engine's checks too
+        onnx_plan = replace(plan, fmt=get_format("onnx"), output=onnx_path,
+                            info=replace(plan.info, path=onnx_path, format="onnx"))
+        onnx_artifact = onnx_export.onnx_group(session, onnx_plan, progress)
+        lint = lint_for_tensorrt(onnx_artifact.model_proto)
+        if lint:
+            raise VitsegError(f"{onnx_path.name} has {len(lint)} TensorRT incompatibilities; first: {lint[0]}",
+                              "fix the graph or use --format onnx")
+
+        def check(engine: Path) -> dict:
+            engine_plan = replace(plan, info=read_artifact_info(engine))
+            engine_plan.shapes = engine_plan.info.declared_shapes()
+            return session.judge(engine_plan, runner_for(engine, device="cuda"), "engine", progress).to_json()
+
+        with tempfile.TemporaryDirectory(prefix="vitseg-engine-") as tmp:  # the parser reads a file
+            staged = Path(tmp) / onnx_path.name
+            write_artifact(staged, {staged: onnx_artifact.files[onnx_path]}, onnx_artifact.manifest)
+            engine = engine_group(staged, output, request.engine, progress, check, edition, str(session.loaded.source),
+                                  recorded_onnx=onnx_path)
+    write_groups(onnx_artifact, engine)
+    return ExportResult(output, engine.manifest, onnx_artifact.model_proto)
 
 
-def export_rtx_engine(loaded: Any, output: Path, request: ExportRequest, progress: Progress) -> Any:
+def export_rtx_engine(source: Any, output: Path, request: ExportRequest, progress: Progress) -> Any:
     """The trt-rtx format's exporter: export_engine with TensorRT-RTX (built ahead of time, on any machine)."""
-    return export_engine(loaded, output, request, progress, TENSORRT_RTX)
-
-
-def check_against_pytorch(engine: Path, loaded: Any, request: ExportRequest) -> dict:
-    """The engine against PyTorch (the checkpoint it comes from) at every shape of its profile, batch
-    consistency included, as every vitseg export is judged: the `self_parity` record; ParityError when it fails."""
-    info = read_artifact_info(engine)
-    precision = get_precision(info.precision)
-    inputs = onnx_export.precision_parity_inputs(precision, request.onnx, info)
-    return onnx_export.parity_record(onnx_export.self_parity(loaded, runner_for(engine, device="cuda"), inputs,
-                                                             precision.name, request.int8), inputs)
+    return export_engine(source, output, request, progress, TENSORRT_RTX)
 
 
 def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, progress: Progress,
@@ -358,7 +400,8 @@ def engine_from_artifact(onnx_path: Any, output: Path, request: ExportRequest, p
     """The engine formats' exporter from an existing vitseg ONNX artifact (formats.py): the engine of `edition`,
     judged against that ONNX on ONNX Runtime CPU at every shape of its profile (where it can run here)."""
     def check(engine: Path) -> dict:
-        return check_against_onnx(engine, Path(onnx_path), request.onnx.parity_data)
+        images = request.onnx.verdict_images or get_precision(read_artifact_info(engine).precision).verdict_images
+        return check_against_onnx(engine, Path(onnx_path), request.onnx.parity_data, images)
 
     return ExportResult(output, engine_from_onnx(Path(onnx_path), output, request.engine, progress, check, edition,
                                                  read_artifact_info(Path(onnx_path)).source_checkpoint or None))
@@ -392,4 +435,4 @@ def engine_summary(path: Path, manifest: ExportManifest) -> list[str]:
     if parity.get("verdict") == "pending":
         return lines + [f"verdict pending, not judged here: {parity['reason']}; verify it on its target: "
                         f"{parity['verify_on_target']}"]
-    return lines + onnx_export.parity_lines(manifest.self_parity)
+    return lines + parity_lines(manifest.self_parity)

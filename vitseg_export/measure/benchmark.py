@@ -1,7 +1,8 @@
-"""The benchmark matrix: export every requested format x precision (the format and precision tables),
-verify all artifacts against PyTorch in ONE comparator loop (the reference is computed once per input
-set), profile each, and write benchmark.json, benchmark.md, pareto.png and a mask-overlay grid.
-A failure in one cell is recorded in its status and does not stop the others."""
+"""The benchmark matrix: export every requested format x precision (the format and precision tables) in one
+export session per checkpoint (the fp32 graph exported once, PyTorch run once per image set: export/pipeline.py),
+verify all artifacts against PyTorch in ONE comparator loop on the same images and recorded reference, profile
+each, and write benchmark.json, benchmark.md, pareto.png and a mask-overlay grid. A failure in one cell is
+recorded in its status and does not stop the others."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import numpy as np
 from vitseg_export.checkpoint import load_checkpoint, save_checkpoint
 from vitseg_export.compare.comparator import compare
 from vitseg_export.compare.inputs import load_inputs
+from vitseg_export.compare.judge import ReferenceOutputs
 from vitseg_export.compare.report import report_from_comparison, write_report
 from vitseg_export.errors import Int8NotWorthIt, VitsegError
+from vitseg_export.export.pipeline import ExportSession
 from vitseg_export.formats import FORMATS, Format, get_format
 from vitseg_export.machine.cpu import CPU_CLASSES, SAFE_CLASS, cpu_class
 from vitseg_export.machine.timing import NO_GAIN, SLOWER, compare_speed
@@ -63,6 +66,10 @@ class _Variant:
     suffix: str  # "" or "-pruned0.5"
     checkpoint: str
     loaded: object
+    session: ExportSession = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.session = ExportSession(self.loaded)  # every cell of the variant shares its graph and reference
 
 
 def _validate(settings: BenchmarkSettings) -> list[Format]:
@@ -112,12 +119,13 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
         return cell
     log(f"{row.name}: export")
     request = export_request(fmt, {"precision": precision, "image_size": size, "outputs": "both", "no_fold": not settings.fold,
-                                   "data": settings.verify_data, "calib": settings.calib,
+                                   "data": settings.verify_data, "num_images": settings.verify_images,
+                                   "calib": settings.calib,
                                    "calib_images": settings.calib_images, "cpu_class": benchmark_cpu_class(),
                                    "allow_float_fallback": settings.allow_float_fallback})
     try:
         path = _artifact_path(artifacts, variant, fmt, precision)
-        result = fmt.export(variant.loaded, path, request, lambda m, *counts, **info: log(f"  {m}", *counts))
+        result = fmt.export(variant.session, path, request, lambda m, *counts, **info: log(f"  {m}", *counts))
     except Int8NotWorthIt as e:  # int8 that would be float in all but name, or slower than fp32 here: no row to time
         row.status = f"skipped: {e.message} ({e.hint})"
         return cell
@@ -136,17 +144,22 @@ def _export_cell(variant: _Variant, fmt: Format, precision: str, size, settings:
 
 def _verify_cells(variant: _Variant, cells: list[_Cell], settings: BenchmarkSettings, size, output: Path,
                   overlay: dict | None, log: Progress) -> float | None:
-    """One comparator loop: the variant's PyTorch reference once per batch against every exported cell.
-    Returns the reference's mIoU vs labels (where the data has labels)."""
+    """One comparator loop: every exported cell against the variant's PyTorch reference, recorded once for the
+    session (the images the exports were judged on). Returns the reference's mIoU vs labels (where the data has
+    labels)."""
     live = [c for c in cells if c.path is not None]
     inputs = load_inputs(settings.verify_data, "val", settings.verify_images, size)
     log(f"verifying {len(live)} artifacts{variant.suffix} on {len(inputs)} held-out images in one pass")
     runners = {c.row.name: runner_for(c.path, device=settings.device) for c in live}
-    with _all_active(runners) as active, runner_for(variant.loaded, device=settings.device, backend="torch") as reference:
+    reference = variant.session.reference() if settings.device == "cpu" else \
+        ReferenceOutputs(runner_for(variant.loaded, device=settings.device, backend="torch"), f"PyTorch fp32 on {settings.device}")
+    with _all_active(runners) as active:
         for name in set(runners) - set(active):
             next(c for c in live if c.row.name == name).row.status = f"failed: {runners[name].activation_error}"
-        result = compare(reference, active, inputs, {c.row.name: thresholds_for(c.row.precision) for c in live},
+        result = compare(reference.outputs(inputs), active, inputs, {c.row.name: thresholds_for(c.row.precision) for c in live},
                          len(variant.loaded.meta.class_names), on_image=_collect(overlay) if overlay is not None else None)
+    if reference is not variant.session.reference():
+        reference.close()
     reference_miou = None
     for cell in live:
         comparison = result.comparisons.get(cell.row.name)
@@ -277,6 +290,7 @@ def run_benchmark(checkpoint: str, output: Path, settings: BenchmarkSettings,
         for cell in cells:  # pruning's cost included: against the unpruned reference's label mIoU
             if variant.suffix and base_label_miou is not None and cell.row.miou_vs_labels is not None:
                 cell.row.miou_drop_vs_labels = base_label_miou - cell.row.miou_vs_labels
+        variant.session.close()
         _profile_cells(cells, rows[0].latency_p50_ms, settings, log)
         _compare_with_baseline(cells, size, settings, log)
         rows += [c.row for c in cells]

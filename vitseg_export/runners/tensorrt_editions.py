@@ -43,6 +43,9 @@ class Edition:
     weakly_typed: bool  # has the FP16/INT8 builder flags of a weakly typed build (TensorRT 10.x)
     timing_cache: bool  # reuses kernel timings across builds (TensorRT-RTX: a no-op since 1.2, deprecated)
     runs_on: str  # in words, for doctor and the TensorRT guide
+    # compute capabilities it has no fp32 matrix multiplies for (TensorRT-RTX on Turing: "FP32 GEMM is not
+    # supported", after the parse): an fp32 engine for them is refused before any work
+    no_fp32_gemm: tuple[str, ...] = ()
 
     def load(self) -> ModuleType:
         """The edition's module; BackendMissingError (one line) when it is not installed or cannot load."""
@@ -91,7 +94,8 @@ TENSORRT_RTX = EDITIONS.register(Edition(
     targets={"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"},
     # every target but Turing, which TensorRT-RTX builds only when asked (it costs the others speed)
     default_targets=("8.0", "8.6", "8.9", "12.0", "12.1"), dla=False, weakly_typed=False, timing_cache=False,
-    runs_on="RTX-class GPUs of the compute capabilities it was built for (Ampere, Ada, Blackwell; Turing when asked)"))
+    runs_on="RTX-class GPUs of the compute capabilities it was built for (Ampere, Ada, Blackwell; Turing when asked)",
+    no_fp32_gemm=("7.5",)))
 
 
 def edition_for_format(fmt: str) -> Edition:

@@ -22,12 +22,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, read_manifest
+from vitseg_export.artifact import ArtifactInfo, ExportManifest, ExportResult, judged_batches, read_manifest
+from vitseg_export.compare.judge import ReferenceOutputs, VerdictImages, passed_or_refused, verdict_of
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.files import atomic_write_directory, json_bytes, sha256_file
 from vitseg_export.formats import format_for_path, get_format, read_artifact_info
+from vitseg_export.precisions import get_precision
 from vitseg_export.progress import Progress, silent
-from vitseg_export.settings import ExportRequest, TritonSettings
+from vitseg_export.runners import runner_for
+from vitseg_export.runners.tensorrt_editions import edition_for_format
+from vitseg_export.settings import ExportRequest, OnnxExportSettings, TritonSettings
 from vitseg_export.tables import Table, lazy_module
 
 model_config_pb2 = lazy_module("tritonclient.grpc.model_config_pb2")  # the [serve] extra: Triton's own schema
@@ -155,11 +159,45 @@ def _model_files(artifact: Path, backend: TritonBackend, settings: TritonSetting
     return files
 
 
+def triton_batches(settings: TritonSettings) -> tuple[int, ...]:
+    """The batches Triton's dynamic batcher will form for this model, which its artifact is judged at before the
+    repository is written: 1, a middle batch, `max_batch_size` and every preferred batch."""
+    return judged_batches(settings.max_batch_size, settings.preferred_batch)
+
+
+def judge_at_batches(artifact: Path, info: ArtifactInfo, settings: TritonSettings, data: str = "synthetic",
+                     num_images: int = 8, progress: Progress = silent, capabilities: list | None = None) -> dict:
+    """The artifact at every batch the batcher will form, against itself run alone (batch 1: the shape its export
+    verdict against PyTorch covers, recorded in its manifest), by its precision's batch-consistency limits (fp32:
+    logits within 1e-3; reduced precisions: masks within the preset's agreement). Returns the record; ParityError
+    (nothing written) when a batch differs."""
+    precision = get_precision(info.precision)
+    limits = precision.consistency()
+    shapes = {tuple(info.image_size): triton_batches(settings)}
+    images = VerdictImages.load(data, num_images, tuple(info.image_size))  # type: ignore[arg-type]
+    batches = list(shapes[tuple(info.image_size)])
+    if info.profile is not None:  # an engine runs on its GPU only: where none is, as pending as the engine itself
+        why = edition_for_format(info.format).why_not_run_here(capabilities or None)
+        if why is not None:
+            return {"verdict": "pending", "reason": why, "batches": batches,
+                    "verify_on_target": f"vitseg verify --server URL --served-model {settings.name or 'NAME'} -r CHECKPOINT "
+                                        f"--concurrency {settings.max_batch_size}"}
+    device = "cuda" if info.profile is not None else "cpu"
+    progress(f"judging {artifact.name} at the batches Triton will form ({', '.join(map(str, batches))})")
+    with ReferenceOutputs(runner_for(artifact, device=device), f"{artifact.name} run alone (batch 1)") as reference:
+        verdict = verdict_of(reference, runner_for(artifact, device=device), images, shapes, limits,
+                             len(info.class_names), consistency=limits)
+    return passed_or_refused(verdict, artifact.name, f"{artifact.name} differs at the batches Triton's batcher will form",
+                             "serve batches the artifact is right at (--triton-max-batch), or re-export it",
+                             "; no repository was written").to_json()
+
+
 def repository_from_artifact(artifact: Path, repository: Path, request: ExportRequest,
-                             progress: Progress = silent) -> Any:
+                             progress: Progress = silent, judged: dict | None = None) -> Any:
     """Write the Triton model of a vitseg artifact (.onnx, .xml, .engine) into `repository`, checked against
-    Triton's schema first. Returns an ExportResult whose manifest describes the repository model. Raises
-    VitsegError for an artifact or settings Triton cannot serve."""
+    Triton's schema first and judged at every batch the batcher will form (`judged`: the verdict of an artifact
+    just exported and judged at those batches). Returns an ExportResult whose manifest describes the repository
+    model. Raises VitsegError for an artifact or settings Triton cannot serve, ParityError when a batch differs."""
     info, manifest = read_artifact_info(artifact), read_manifest(artifact)
     settings = request.triton
     backend = TRITON_BACKENDS.row(settings.backend or NATIVE_BACKEND[info.format])
@@ -169,16 +207,21 @@ def repository_from_artifact(artifact: Path, repository: Path, request: ExportRe
                           f"use --triton-backend {' or '.join(runs)}")
     check_settings(settings, info, artifact)
     name = settings.name or f"{info.architecture}-{info.precision}"
-    progress(f"writing the Triton model {name} ({backend.name} backend) into {repository}")
     text = config_text(name, info, backend, settings, _io_type(manifest))
     validate_config(text, f"{name}/config.pbtxt")
+    parity = judged or {**(manifest.self_parity or {}), "triton_batches": judge_at_batches(
+        artifact, info, settings, request.onnx.parity_data,
+        request.onnx.verdict_images or get_precision(info.precision).verdict_images, progress,
+        manifest.extra.get("compute_capabilities"))}
+    progress(f"writing the Triton model {name} ({backend.name} backend) into {repository}")
     version = {f"1/{relative}": data for relative, data in _model_files(artifact, backend, settings).items()}
     record = ExportManifest(
         artifact=name, format="triton", sha256=sha256_file(artifact), size_bytes=sum(len(b) for b in version.values()),
-        metadata=info.metadata_json(), self_parity=manifest.self_parity, precision_details=manifest.precision_details,
+        metadata=info.metadata_json(), self_parity=parity, precision_details=manifest.precision_details,
         extra={"repository": str(repository), "backend": backend.name, "triton": {
             "max_batch_size": settings.max_batch_size, "preferred_batch": list(settings.preferred_batch),
             "max_queue_delay_us": settings.max_queue_delay_us, "instances": settings.instances, "device": settings.device},
+            "judged_batches": list(triton_batches(settings)),
             "source_artifact": str(artifact), "source_format": info.format, "source_manifest": manifest.to_json(),
             "files": sorted(["config.pbtxt", *version])})
     atomic_write_directory(repository / name, {**version, REPOSITORY_RECORD: json_bytes(record.to_json()),
@@ -186,22 +229,47 @@ def repository_from_artifact(artifact: Path, repository: Path, request: ExportRe
     return ExportResult(repository / name, record)
 
 
-def export_repository(loaded: Any, repository: Path, request: ExportRequest, progress: Progress) -> Any:
+def check_repository_request(request: ExportRequest, repository: Path) -> None:
+    """Every refusal a repository export can make before any work (VitsegError, one line): its name and batches
+    (check_settings), the int8 target its backend needs, and --max-batch (a repository's is --triton-max-batch)."""
+    settings = request.triton
+    backend = TRITON_BACKENDS.row(settings.backend or "onnxruntime")
+    fmt = get_format(ARTIFACT_FORMAT[backend.name])
+    if get_precision(request.precision).calibrated and fmt.int8_target != request.int8.target:
+        raise VitsegError(f"--precision int8 for Triton's {backend.name} backend needs --target {fmt.int8_target}",
+                          f"add --target {fmt.int8_target} (or pick another --triton-backend)")
+    if request.onnx.max_batch != OnnxExportSettings.max_batch:
+        raise VitsegError("--max-batch: a Triton repository's largest batch is --triton-max-batch", "use --triton-max-batch")
+    if settings.name is not None and not NAME.match(settings.name):
+        raise VitsegError(f"--triton-name {settings.name!r} is not a Triton model name",
+                          "use letters, digits, '_', '-' and '.', starting with a letter or digit")
+    bad = [b for b in settings.preferred_batch if not 1 <= b <= settings.max_batch_size]
+    if bad:
+        raise VitsegError(f"--triton-preferred-batch {bad[0]} is outside 1..--triton-max-batch {settings.max_batch_size}",
+                          "pick preferred sizes the batcher may form")
+
+
+def plan_repository(plan: Any) -> None:
+    """The triton format's planning check (formats.py `plan`): check_repository_request."""
+    check_repository_request(plan.request, plan.output)
+
+
+def export_repository(source: Any, repository: Path, request: ExportRequest, progress: Progress) -> Any:
     """The triton format's exporter from a checkpoint: the artifact its backend runs, exported with a dynamic
-    batch and verified as every export is (in a temp directory), then its repository model."""
+    batch and judged against PyTorch at every batch Triton's batcher will form (1, a middle batch, the largest,
+    the preferred ones) in a temp directory, then its repository model, written only after that verdict."""
+    check_repository_request(request, repository)
     settings = request.triton
     backend = TRITON_BACKENDS.row(settings.backend or "onnxruntime")
     fmt = get_format(ARTIFACT_FORMAT[backend.name])
     fmt.require()
-    if request.precision == "int8" and fmt.int8_target != request.int8.target:
-        raise VitsegError(f"--precision int8 for Triton's {backend.name} backend needs --target {fmt.int8_target}",
-                          f"add --target {fmt.int8_target} (or pick another --triton-backend)")
-    dynamic = replace(request, onnx=replace(request.onnx, dynamic_batch=True))
+    served = replace(request, onnx=replace(request.onnx, dynamic_batch=True, max_batch=settings.max_batch_size,
+                                           judge_batches=tuple(settings.preferred_batch)))
     with tempfile.TemporaryDirectory(prefix="vitseg-triton-") as tmp:
-        artifact = Path(tmp) / f"{loaded.meta.architecture}-{request.precision}{fmt.suffixes[0]}"
-        fmt.export(loaded, artifact, dynamic, progress)
+        artifact = Path(tmp) / f"{source.meta.architecture}-{request.precision}{fmt.suffixes[0]}"
+        exported = fmt.export(source, artifact, served, progress)
         return repository_from_artifact(artifact, repository, replace(request, triton=replace(settings, backend=backend.name)),
-                                        progress)
+                                        progress, judged=exported.manifest.self_parity)
 
 
 def repository_summary(path: Path, manifest: ExportManifest) -> list[str]:
@@ -212,9 +280,10 @@ def repository_summary(path: Path, manifest: ExportManifest) -> list[str]:
              f"{t['preferred_batch']}, queue delay {t['max_queue_delay_us']} us, {t['instances']} x {t['device']}): "
              + ", ".join(x["files"]), "config.pbtxt checked against Triton's schema (tritonclient ModelConfig)"]
     parity = manifest.self_parity
-    if parity:
-        lines.append(f"the artifact it serves matched PyTorch on {parity['images']} inputs: agreement "
-                     f"{parity['pixel_agreement'] * 100:.4f}%")
+    if parity and parity.get("pixel_agreement") is not None:
+        lines.append(f"the artifact it serves matched PyTorch on {parity['images']} images ({parity.get('pixels', 0):,} "
+                     f"pixels): agreement {parity['pixel_agreement'] * 100:.4f}%, judged at batches "
+                     f"{', '.join(map(str, x.get('judged_batches', [])))}")
     if x["backend"] != "python":
         lines.append(f"serve it with Triton's {x['backend']} backend (the NGC tritonserver container); here "
                      "`vitseg serve` runs Python-backend models (export with --triton-backend python)")

@@ -36,9 +36,9 @@ from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.errors import VitsegError
 from vitseg_export.export.graph import to_float
 from vitseg_export.export.int8 import quantized_layers
-from vitseg_export.export.onnx_export import ExportGraph, exported_module
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.machine.memory import peak_rss_mb
+from vitseg_export.modeling.export_graph import ExportGraph, exported_module
 from vitseg_export.modeling.registry import Boundary, Segmenter, get_family
 from vitseg_export.modeling.scopes import NET, ROOT, ModuleScopes
 from vitseg_export.precisions import get_precision
@@ -46,7 +46,7 @@ from vitseg_export.progress import Progress, silent
 from vitseg_export.runners import runner_for
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner
 from vitseg_export.runners.openvino_runner import OpenVINORunner, openvino_core
-from vitseg_export.settings import EngineSettings, OnnxExportSettings
+from vitseg_export.settings import EngineSettings
 from vitseg_export.tables import lazy_module
 from vitseg_export.verdict.verify import check_reference
 
@@ -325,7 +325,7 @@ def reference_module(loaded: Any, path: Path) -> tuple[Segmenter, str]:
     manifest records; without a manifest, vitseg's default: folded)."""
     settings = (read_manifest(path).export_settings or {}) if manifest_path(path).is_file() else {}
     fold = settings.get("fold", True) if isinstance(settings.get("fold", True), bool) else True
-    module, rewrites = exported_module(loaded, OnnxExportSettings(fold=fold))
+    module, rewrites = exported_module(loaded.model, loaded.meta.mean, loaded.meta.std, fold)
     note = ("against the exported module with its exact rewrites (" + "; ".join(rewrites) + "): a rewritten module's "
             "tensors are compared with the rewritten PyTorch module's") if rewrites else "against the checkpoint's module"
     return module, note

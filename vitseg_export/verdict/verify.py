@@ -14,9 +14,8 @@ from PIL import Image
 
 from vitseg_export.artifact import ArtifactInfo
 from vitseg_export.checkpoint import load_checkpoint
-from vitseg_export.compare.comparator import compare
-from vitseg_export.compare.inputs import load_inputs
-from vitseg_export.compare.report import VerifyReport, report_from_comparison
+from vitseg_export.compare.judge import ReferenceOutputs, VerdictImages, check_ran, verdict_of
+from vitseg_export.compare.report import VerifyReport, report_from_verdict
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import atomic_write_bytes
 from vitseg_export.formats import read_artifact_info
@@ -85,31 +84,28 @@ def verify_server(url: str, model: str, reference: str, data: str = "synthetic",
 def judge_candidate(info: ArtifactInfo, candidate, artifact: Path | str, shapes: dict, reference: str, data: str,
                     num_images: int, device: str, thresholds: Thresholds | None, save_diff: Path | None,
                     progress: Progress, revision: str | None = None) -> VerifyReport:
-    """One candidate (an artifact's runner, or a served model's) against the PyTorch reference at `shapes`: the
-    loop both verify commands share."""
+    """One candidate (an artifact's runner, or a served model's) against the PyTorch reference at `shapes`, through
+    the one judge (compare/judge.py): what both verify commands and assert_mask_parity share."""
     loaded = load_checkpoint(reference, revision=revision)
     check_reference(info, loaded)
     thresholds = thresholds or thresholds_for(info.precision)
-    inputs = load_inputs(data, "val", num_images, tuple(info.image_size)).at_shapes(shapes)
+    images = VerdictImages.load(data, num_images, tuple(info.image_size))
+    total = sum(len(batches) and len(images.real) for batches in shapes.values())
     seen = [0]
 
     def on_image(image, ref_logits, masks) -> None:
-        if save_diff and "artifact" in masks:
-            _save_diff_png(save_diff / f"{seen[0]:03d}_{image.name}.png", image.pixels, ref_logits.argmax(0), masks["artifact"])
+        if save_diff and "candidate" in masks:
+            _save_diff_png(save_diff / f"{seen[0]:03d}_{image.name}.png", image.pixels, ref_logits.argmax(0), masks["candidate"])
         seen[0] += 1
         if progress:
-            progress("verify", seen[0], len(inputs))
+            progress("verify", seen[0], total)
 
-    with runner_for(loaded, device=device, backend="torch") as reference_runner, candidate:
-        result = compare(reference_runner, {"artifact": candidate}, inputs, thresholds, len(info.class_names), on_image,
-                         consistency=get_precision(info.precision).consistency(thresholds))
-    verdict = result.comparisons["artifact"]
-    if verdict.error is not None:
-        name = artifact.name if isinstance(artifact, Path) else artifact
-        raise VitsegError(f"{name} could not be run: {verdict.error}", "see the message; re-export if needed")
-    return report_from_comparison(verdict, artifact, reference, info.precision, candidate,
-                                  candidate.device, data,
-                                  result.reference_seconds_per_image, thresholds, info.architecture)
+    with ReferenceOutputs(runner_for(loaded, device=device, backend="torch"), str(reference)) as reference_runner:
+        verdict = verdict_of(reference_runner, candidate, images, shapes, thresholds, len(info.class_names),
+                        consistency=get_precision(info.precision).consistency(thresholds), on_image=on_image)
+    check_ran(verdict, artifact.name if isinstance(artifact, Path) else artifact)
+    return report_from_verdict(verdict, artifact, info.precision, candidate, candidate.device,
+                               reference_runner.seconds_per_image(), thresholds, info.architecture)
 
 
 def _save_diff_png(path: Path, pixels: np.ndarray, ref_mask: np.ndarray, art_mask: np.ndarray) -> None:
