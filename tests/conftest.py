@@ -201,3 +201,16 @@ def make_image_folder(root: Path, count: int = 12, size: int | tuple[int, int] =
 def image_folder():
     """image_folder(root, count=12, size=32, value=1, mask_size=None, skip_mask=None) -> 'folder:ROOT'."""
     return make_image_folder
+
+
+@pytest.fixture(scope="session")
+def arm_python() -> list[str]:
+    """The command prefix of an aarch64 Python 3.11 under QEMU (qemu-aarch64 -L ROOT VENV/bin/python3.11, the
+    repository on PYTHONPATH: `arm_python + ["-m", "vitseg_export", ...]` runs vitseg's torch-free commands there),
+    built once and cached by scripts/arm_python.sh (tests/armtools.py); skips, saying why, where it cannot be had."""
+    from armtools import arm_python as find_arm_python
+
+    prefix, why = find_arm_python(Path(__file__).resolve().parents[1])
+    if prefix is None:
+        pytest.skip(f"no aarch64 Python under QEMU: {why}")
+    return prefix

@@ -107,7 +107,7 @@ register_format(Format(
     "onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime", tuple(PRECISIONS),
     export=lazy("vitseg_export.export.onnx_export:export_artifact"), read_info=lazy("vitseg_export.artifact:read_onnx_info"),
     probe=lazy("vitseg_export.machine.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:onnx_summary"),
-    int8_target="cpu", qat=lazy("vitseg_export.export.qat_onnx:qat_onnx")))
+    int8_target="cpu", qat=lazy("vitseg_export.export.qat_onnx:qat_onnx"), options=("save_golden",)))
 register_format(Format(
     "trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)", "tensorrt",
     tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),
@@ -115,7 +115,7 @@ register_format(Format(
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_artifact=lazy("vitseg_export.export.tensorrt_engine:engine_from_artifact"), artifact_sources=("onnx",),
-    onnx_beside=True, options=ENGINE_OPTIONS + ("dla_core", "weakly_typed", "timing_cache"),
+    onnx_beside=True, options=ENGINE_OPTIONS + ("dla_core", "weakly_typed", "timing_cache", "save_golden"),
     plan=lazy("vitseg_export.export.tensorrt_engine:plan_engine")))
 register_format(Format(
     "trt-rtx", (".rtx.engine",), "TensorRT-RTX engine (built ahead of time on any machine; runs on RTX GPUs)",
@@ -124,7 +124,7 @@ register_format(Format(
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_rtx_build"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
     from_artifact=lazy("vitseg_export.export.tensorrt_engine:rtx_engine_from_artifact"), artifact_sources=("onnx",),
-    onnx_beside=True, options=ENGINE_OPTIONS + ("compute_capability",),
+    onnx_beside=True, options=ENGINE_OPTIONS + ("compute_capability", "save_golden"),
     plan=lazy("vitseg_export.export.tensorrt_engine:plan_engine")))
 register_format(Format(
     "openvino", (".xml",), "OpenVINO IR (Intel CPUs, iGPUs, NPUs)", "openvino", tuple(PRECISIONS),
@@ -132,7 +132,7 @@ register_format(Format(
     read_info=lazy("vitseg_export.runners.openvino_runner:read_openvino_info"),
     probe=lazy("vitseg_export.machine.probes:probe_openvino_export"),
     summary=lazy("vitseg_export.export.openvino_export:ir_summary"), static_by_default=True, sidecars=(".bin",),
-    plan=lazy("vitseg_export.export.openvino_export:check_ir_plan"),
+    plan=lazy("vitseg_export.export.openvino_export:check_ir_plan"), options=("save_golden",),
     qat=lazy("vitseg_export.export.qat_openvino:qat_openvino")))
 register_format(Format(
     "triton", (), "Triton Inference Server model repository (config.pbtxt, the artifact, vitseg's record)", "triton",

@@ -144,6 +144,7 @@ class ExportRequest:
     engine: EngineSettings = field(default_factory=EngineSettings)
     check_trt: bool = False
     triton: TritonSettings = field(default_factory=TritonSettings)
+    golden: bool = False  # also write NAME.golden beside the artifact (`--save-golden`), in its group
 
     @property
     def precision(self) -> str:
@@ -169,7 +170,7 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
     "triton_name": ("triton", "name"), "triton_backend": ("triton", "backend"),
     "triton_max_batch": ("triton", "max_batch_size"), "triton_instances": ("triton", "instances"),
     "triton_preferred_batch": ("triton", "preferred_batch"), "triton_queue_delay_us": ("triton", "max_queue_delay_us"),
-    "triton_device": ("triton", "device"), "check_trt": ("", "check_trt"),
+    "triton_device": ("triton", "device"), "check_trt": ("", "check_trt"), "save_golden": ("", "golden"),
 }
 SECTIONS = {"onnx": OnnxExportSettings, "int8": Int8Settings, "engine": EngineSettings, "triton": TritonSettings}
 

@@ -40,6 +40,7 @@ from vitseg_export.cli.options import (
     arg,
     opt,
 )
+from vitseg_export.compare.golden import golden_path
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import VitsegError
 from vitseg_export.files import check_output_dir, check_output_file
@@ -102,6 +103,7 @@ def export(
                                                                      "float", panel=INT8, callback=FRACTION)] = None,
     allow_float_fallback: Annotated[bool, opt("--allow-float-fallback")] = default_of("allow_float_fallback"),
     check_trt: Annotated[bool, opt("--check-trt")] = default_of("check_trt"),
+    save_golden: Annotated[bool, opt("--save-golden")] = default_of("save_golden"),
     workspace: Annotated[float, opt("--workspace", callback=WORKSPACE)] = default_of("workspace"),
     min_shape: Annotated[Optional[str], opt("--min-shape")] = None,
     opt_shape: Annotated[Optional[str], opt("--opt-shape")] = None,
@@ -129,8 +131,7 @@ def export(
     fmt.require()  # a missing backend says so before any other work
     if report:
         check_output_file(report, "--report")
-    request = export_request(fmt, options)
-    result = _run_export(fmt, checkpoint, output, request, revision, report)[1]
+    result = _run_export(fmt, checkpoint, output, export_request(fmt, options), revision, report)[1]
     _print_export_result(fmt, result, check_trt, json_output, report)
 
 
@@ -203,8 +204,11 @@ def _run_export(fmt, checkpoint: str, output: Optional[Path], request, revision:
             builds = f"from {' or '.join(fmt.artifact_sources)} artifacts or checkpoints" if fmt.artifact_sources else "from checkpoints"
             raise VitsegError(f"--format {fmt.name} builds {builds}, and {checkpoint} is a {source.name} artifact",
                               "pass the checkpoint it was exported from")
-        if revision is not None:
-            raise VitsegError(f"--revision applies to Hub ids, and {checkpoint} is an artifact", "drop --revision")
+        if revision is not None or request.golden:
+            option = "--revision" if revision is not None else "--save-golden"
+            raise VitsegError(f"{option} applies to checkpoints (Hub ids; PyTorch's reference), and {checkpoint} is an "
+                              "artifact", f"drop {option}" + (", or run vitseg verify ARTIFACT -r CHECKPOINT --save-golden"
+                                                              if request.golden else ""))
         check_artifact_manifest(checkpoint)  # the engine's manifest copies its source record
         path = output or (default_artifact_path(checkpoint, "", "", fmt) if fmt.directory
                           else Path(checkpoint).with_suffix(fmt.suffixes[0]))
@@ -228,6 +232,8 @@ def spare_export_inputs(fmt, checkpoint: str, path: Path, request, report: Optio
     written = [path] if fmt.directory else fmt.files(path)
     if fmt.onnx_beside and format_for_path(Path(checkpoint)) is None:
         written += fmt.files(path.with_suffix(".onnx"))
+    if request.golden:
+        written.append(golden_path(path))
     spare_inputs({"--output": written, "--report": report}, models=[checkpoint],
                  data=[request.onnx.parity_data, request.int8.calib, request.int8.heldout])
 

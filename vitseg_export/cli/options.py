@@ -196,6 +196,11 @@ _TERMS = [
                        "its own)."),
     Term(("--save-diff",), "Write input, reference, artifact and disagreement PNGs to this directory.", OUTPUT,
          "a directory", True),
+    Term(("--golden",), "Judge against a golden file (its images and the PyTorch reference's outputs on them, at every "
+                        "shape it holds) instead of the checkpoint: no PyTorch needed.", None, "a golden file", True),
+    Term(("--save-golden",), "Also write ARTIFACT.golden beside the artifact: the verdict's images (8-bit) and the "
+                             "PyTorch reference's outputs on them at every judged shape, for `vitseg verify --golden` "
+                             "where the artifact runs (no PyTorch there).", OUTPUT),
     Term(("--locate",), "Also find where the artifact first leaves PyTorch: its tensors against the reference's at the "
                         "model's named boundaries on 4 images, the first past the precision's allowance, and the export "
                         "command that keeps it in float."),

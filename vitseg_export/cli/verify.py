@@ -18,6 +18,7 @@ from vitseg_export.cli.common import (
     check_artifact_manifest,
     console,
     emit,
+    given_options,
     log,
     parse_ints,
     parse_size,
@@ -26,6 +27,7 @@ from vitseg_export.cli.common import (
     status,
 )
 from vitseg_export.cli.options import BackendChoice, arg, opt
+from vitseg_export.compare.golden import golden_path
 from vitseg_export.data.sources import check_labels_fit, open_source
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.files import check_output_dir, check_output_file
@@ -34,12 +36,14 @@ from vitseg_export.precisions import thresholds_for
 from vitseg_export.tables import lazy_module
 
 verification = lazy_module("vitseg_export.verdict.verify")
+goldens = lazy_module("vitseg_export.verdict.golden")  # --golden: torch-free
 locating = lazy_module("vitseg_export.verdict.locate")  # --locate
 registry = lazy_module("vitseg_export.modeling.registry")  # architecture names (torch, as the reference needs)
 client = lazy_module("vitseg_export.serving.client")  # a served model's metadata (--server)
 
 
 def verify(
+    ctx: typer.Context,
     artifact: Annotated[Optional[Path], arg("The exported artifact (.onnx, .xml, .engine, .rtx.engine); or --server.",
                                             "an artifact", path=True)] = None,
     reference: Annotated[Optional[str], opt("--reference", "; default: the source checkpoint the artifact's manifest "
@@ -49,8 +53,8 @@ def verify(
     num_images: Annotated[int, opt("--num-images", " judge the artifact", min=1, max=100000)] = 16,
     device: Annotated[str, opt("--device", " (the reference and the artifact; the reference runs on cpu or cuda)")] = "cpu",
     backend: Annotated[Optional[BackendChoice], opt("--backend", " that runs the artifact")] = None,
-    batch_sizes: Annotated[Optional[str], opt("--batch-sizes", " to judge a dynamic-batch artifact at (default 1,4; an "
-                                                               "engine: its profile's min,opt,max)")] = None,
+    batch_sizes: Annotated[Optional[str], opt("--batch-sizes", " to judge a dynamic-batch artifact at (default: 1, a middle "
+                                                               "batch and its largest, 1,4,8; an engine: its profile's)")] = None,
     sizes: Annotated[Optional[str], opt("--sizes")] = None,
     min_agreement: Annotated[Optional[float], opt("--min-agreement", callback=FRACTION)] = None,
     min_miou: Annotated[Optional[float], opt("--min-miou", callback=FRACTION)] = None,
@@ -60,32 +64,33 @@ def verify(
     served_model: Annotated[Optional[str], opt("--served-model")] = None,
     concurrency: Annotated[str, opt("--concurrency", ", each judged beside every image alone")] = "8",
     save_diff: Annotated[Optional[Path], opt("--save-diff")] = None,
+    golden: Annotated[Optional[Path], opt("--golden")] = None,
+    save_golden: Annotated[bool, opt("--save-golden")] = False,
     json_output: Annotated[bool, opt("--json")] = False,
     report: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
-    """Compare an artifact (or what a served model returns) with its PyTorch reference on real images, at every
-    batch size and input size it declares (and each image alone vs inside a batch); exit 0 on pass, 3 on fail."""
+    """Compare an artifact (or what a served model returns) with its PyTorch reference (or a golden file's recording
+    of it) on real images, at every shape it will run at, each image alone and inside a batch; exit 0 pass, 3 fail."""
+    if golden is not None:
+        return _verify_with_golden(ctx, artifact, golden, device, backend, batch_sizes, report, json_output,
+                                   {"min_agreement": min_agreement, "min_miou_vs_reference": min_miou,
+                                    "max_abs_logit_diff": max_abs_diff})
     if (artifact is None) == (server is None):
         raise typer.BadParameter("pass an ARTIFACT or --server URL --served-model NAME, one of them")
-    if server is not None and (served_model is None or reference is None or batch_sizes or sizes or backend or locate):
+    if server is not None and (served_model is None or reference is None or batch_sizes or sizes or backend or locate
+                               or save_golden):
         raise typer.BadParameter("--server needs --served-model and --reference, and takes --concurrency instead of "
-                                 "--batch-sizes, --sizes, --backend, --locate (locate in the artifact the server serves)")
+                                 "--batch-sizes, --sizes, --backend, --locate, --save-golden (those: of the artifact "
+                                 "the server serves)")
     backend_name = backend.value if backend is not None else None
-    if report:
-        check_output_file(report, "--report")
-    if save_diff:
-        check_output_dir(save_diff, "--save-diff")
-    if artifact is not None:
-        check_artifact_manifest(artifact)  # an edited manifest: one line, before it names the default reference
-        if reference is None:
-            reference, revision = manifest_reference(artifact, revision)
-        else:
-            refuse_architecture_reference(reference, lambda: read_artifact_info(artifact), artifact.name)
-    else:
-        refuse_architecture_reference(reference, lambda: served_model_info(server, served_model),
-                                      f"{server.rstrip('/')}/{served_model}")
-    spare_inputs({"--report": report, "--save-diff": save_diff}, models=[artifact, reference] if artifact else [reference],
-                 data=[data])
+    golden_out = golden_path(artifact) if save_golden and artifact is not None else None
+    for path, option, check in ((report, "--report", check_output_file), (save_diff, "--save-diff", check_output_dir),
+                                (golden_out, "--save-golden", check_output_file)):
+        if path:
+            check(path, option)
+    reference, revision = _reference(artifact, server, served_model, reference, revision)
+    spare_inputs({"--report": report, "--save-diff": save_diff, "--save-golden": golden_out},
+                 models=[artifact, reference] if artifact else [reference], data=[data])
     overrides = {"min_agreement": min_agreement, "min_miou_vs_reference": min_miou, "max_abs_logit_diff": max_abs_diff}
     if server is not None:
         levels = tuple(parse_ints(concurrency, "--concurrency", 256))
@@ -95,12 +100,56 @@ def verify(
                                                 progress=bar_progress(bar, bar.add_task("verify", total=num_images)))
         return _emit_verdict(result, f"{server.rstrip('/')}/{served_model}", reference, report, json_output)
     _verify_artifact(artifact, reference, revision, data, num_images, device, backend_name, batch_sizes, sizes,
-                     overrides, locate, save_diff, report, json_output)
+                     overrides, locate, save_diff, report, json_output, golden_out)
+
+
+def _reference(artifact: Path | None, server: str | None, served_model: str | None, reference: str | None,
+               revision: str | None) -> tuple[str, str | None]:
+    """(reference, revision) to verify against: as given (an architecture name refused where the artifact or served
+    model records another source), else the checkpoint the artifact's manifest records, said on stderr."""
+    if artifact is not None:
+        check_artifact_manifest(artifact)  # an edited manifest: one line, before it names the default reference
+        if reference is None:
+            return manifest_reference(artifact, revision)
+        refuse_architecture_reference(reference, lambda: read_artifact_info(artifact), artifact.name)
+    else:
+        refuse_architecture_reference(reference, lambda: served_model_info(server, served_model),
+                                      f"{server.rstrip('/')}/{served_model}")
+    return reference, revision
+
+
+GOLDEN_BRINGS = ("reference", "revision", "data", "num_images", "sizes", "server", "served_model", "concurrency",
+                 "save_diff", "save_golden")
+
+
+def _verify_with_golden(ctx: typer.Context, artifact: Path | None, golden: Path, device: str, backend: Any,
+                        batch_sizes: str | None, report: Path | None, json_output: bool, overrides: dict) -> None:
+    """verify against a golden file: torch-free, the same judge, presets, shapes and report."""
+    given = given_options(ctx)
+    if "locate" in given:
+        raise VitsegError("--locate compares the artifact's tensors with PyTorch's inside the model: it needs the "
+                          "checkpoint, which a golden file does not hold", "use -r CHECKPOINT --locate where it is")
+    clash = next((name for name in GOLDEN_BRINGS if name in given), None)
+    if clash is not None or artifact is None:
+        what = f"--{clash.replace('_', '-')}" if clash else "--server"
+        raise VitsegError(f"--golden brings its own images, shapes and reference: {what} does not apply with it",
+                          f"drop {what}, or drop --golden")
+    if report:
+        check_output_file(report, "--report")
+    check_artifact_manifest(artifact)
+    spare_inputs({"--report": report}, models=[artifact, golden])
+    batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes is not None else None
+    thresholds = thresholds_for(read_artifact_info(artifact).precision, **overrides)
+    with status("verify") as update:
+        result = goldens.verify_with_golden(artifact, golden, device, thresholds, backend.value if backend else None,
+                                            batches, progress=lambda m, *counts, **info: update(m, *counts))
+    _emit_verdict(result, artifact.name, f"{golden.name} (golden file)", report, json_output)
 
 
 def _verify_artifact(artifact: Path, reference: str, revision: str | None, data: str, num_images: int, device: str,
                      backend_name: str | None, batch_sizes: str | None, sizes: str | None, overrides: dict,
-                     locate: bool, save_diff: Path | None, report: Path | None, json_output: bool) -> None:
+                     locate: bool, save_diff: Path | None, report: Path | None, json_output: bool,
+                     save_golden: Path | None = None) -> None:
     """verify for an artifact: its declared shapes and the data checked before any work, then the verdict and,
     with --locate, where it first leaves PyTorch."""
     info = read_artifact_info(artifact)
@@ -114,7 +163,7 @@ def _verify_artifact(artifact: Path, reference: str, revision: str | None, data:
         result = verification.verify_artifact(artifact, reference, data, num_images, device, thresholds, save_diff,
                                               progress=bar_progress(bar, task),
                                               backend=backend_name, batch_sizes=batches, sizes=other_sizes,
-                                              revision=revision)
+                                              revision=revision, save_golden=save_golden)
     found = None
     if locate:
         with status("locate") as update:

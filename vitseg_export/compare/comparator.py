@@ -31,10 +31,12 @@ from vitseg_export.runners.base import Runner, mask_of
 
 @dataclass
 class RecordedOutputs:
-    """A reference's logits, one (C, H, W) array per input image, recorded once."""
+    """A reference's logits, one (C, H, W) array per input image, recorded once; `masks` (one (H, W) array per image)
+    where they were recorded beside logits kept in a compact dtype (a golden file): the reference's own argmax."""
 
     logits: list[np.ndarray]
     seconds: float = 0.0
+    masks: list[np.ndarray] | None = None
 
 
 def record(runner: Runner, inputs: InputSet) -> RecordedOutputs:
@@ -132,12 +134,14 @@ def compare(reference: Runner | RecordedOutputs, candidates: Mapping[str, Runner
         for start in range(0, len(indices), max(batch_sizes)):
             chunk = indices[start:start + max(batch_sizes)]
             t0 = time.perf_counter()
+            ref_masks: list = [None] * len(chunk)
             if isinstance(reference, RecordedOutputs):
                 ref_logits = [reference.logits[i] for i in chunk]
+                ref_masks = [reference.masks[i] for i in chunk] if reference.masks is not None else ref_masks
             else:
                 ref_logits = [reference.infer({"pixels": inputs.images[i].pixels[None]})["logits"][0] for i in chunk]
             ref_seconds += time.perf_counter() - t0
-            masks = loop.run_chunk(chunk, indices, batch_sizes, ref_logits)
+            masks = loop.run_chunk(chunk, indices, batch_sizes, ref_logits, ref_masks)
             if on_image is not None:
                 for k, i in enumerate(chunk):
                     on_image(inputs.images[i], ref_logits[k], {name: m[k] for name, m in masks.items()})
@@ -170,7 +174,7 @@ class _Loop:
         self.errors: dict[str, str] = {}
 
     def run_chunk(self, chunk: list[int], pool: list[int], batch_sizes: tuple[int, ...],
-                  ref_logits: list[np.ndarray]) -> dict[str, np.ndarray]:
+                  ref_logits: list[np.ndarray], ref_masks: list) -> dict[str, np.ndarray]:
         """Every candidate over the images `chunk` (indices into the inputs) at each batch size; returns each
         candidate's masks at the smallest batch size. `pool`: the images of this size, to fill short batches."""
         masks = {}
@@ -182,7 +186,7 @@ class _Loop:
                 outputs = self._infer(name, runner, chunk, pool, batch)
                 if outputs is None:
                     break
-                self._judge(name, chunk, batch, outputs, ref_logits, base)
+                self._judge(name, chunk, batch, outputs, ref_logits, ref_masks, base)
                 if base is None:
                     base, masks[name] = outputs, np.stack([m for m, _ in outputs])
         return masks
@@ -212,7 +216,7 @@ class _Loop:
         return outputs
 
     def _judge(self, name: str, chunk: list[int], batch: int, outputs: Outputs, ref_logits: list[np.ndarray],
-               base: Outputs | None) -> None:
+               ref_masks: list, base: Outputs | None) -> None:
         images = self.inputs.images
         size = images[chunk[0]].size
         accumulator = self.parity[(name, Shape(batch, *size))]
@@ -220,7 +224,7 @@ class _Loop:
         base_batch = self.inputs.batch_sizes_at(size)[0]
         for k, i in enumerate(chunk):
             mask, logits = outputs[k]
-            row = accumulator.add(images[i].name, ref_logits[k], mask, logits, images[i].label)
+            row = accumulator.add(images[i].name, ref_logits[k], mask, logits, images[i].label, ref_masks[k])
             row.update(batch=batch, height=size[0], width=size[1])
             if base is not None and consistency is not None:
                 consistency.add(images[i].name, batch, base_batch, size, base[k][0], mask, base[k][1], logits)

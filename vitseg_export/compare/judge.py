@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from vitseg_export.compare.comparator import Comparison, OnImage, RecordedOutputs, compare
-from vitseg_export.compare.inputs import InputSet, Size, load_inputs, noise_inputs
+from vitseg_export.compare.inputs import InputImage, InputSet, Size, load_inputs, noise_inputs
 from vitseg_export.errors import ParityError, VitsegError
 from vitseg_export.precisions import Thresholds
 from vitseg_export.runners.base import Runner
@@ -39,18 +39,38 @@ Shapes = Mapping[Size, tuple[int, ...]]
 @dataclass
 class VerdictImages:
     """The images one verdict rests on: real held-out images (at the artifact's own size, each run alone by the
-    reference) and, optionally, noise images (finiteness and ranges only)."""
+    reference) and, optionally, noise images (finiteness and ranges only). `eight_bit`: every pixel rounded to a
+    multiple of 1/255 at every size, so a golden file stores exactly what was judged (compare/golden.py)."""
 
     spec: str
     real: InputSet
     noise: InputSet | None = None
+    eight_bit: bool = False
 
     @classmethod
-    def load(cls, spec: str, count: int, size: Size, noise: int = 0) -> "VerdictImages":
+    def load(cls, spec: str, count: int, size: Size, noise: int = 0, eight_bit: bool = False) -> "VerdictImages":
         """The first `count` images of `spec`'s validation split at `size`, and `noise` noise images. DataError
         for a spec without images."""
         real = load_inputs(spec, "val", max(1, count), size)
-        return cls(spec, real, noise_inputs(size, noise) if noise else None)
+        images = cls(spec, real, noise_inputs(size, noise) if noise else None, eight_bit)
+        return images
+
+    def real_at(self, shapes: Shapes) -> InputSet:
+        """The real images at every shape of `shapes`."""
+        return self._rounded(self.real.at_shapes(shapes))
+
+    def noise_at(self, shapes: Shapes) -> InputSet | None:
+        """The noise images at every size of `shapes`, alone (batch 1)."""
+        if self.noise is None:
+            return None
+        return self._rounded(self.noise.at_shapes({size: batches[:1] for size, batches in shapes.items()}))
+
+    def _rounded(self, inputs: InputSet) -> InputSet:
+        if not self.eight_bit:
+            return inputs
+        images = [InputImage(im.name, np.rint(im.pixels * 255.0).clip(0, 255).astype(np.float32) / 255.0, im.label,
+                             im.image) for im in inputs.images]
+        return InputSet(f"{inputs.source} (8-bit)", images, inputs.batch_sizes, inputs.size_batches)
 
     def record(self) -> dict:
         """The manifest's and report's `images`: the data spec, split, how many, and a hash of the image names."""
@@ -171,19 +191,19 @@ def ranges_only(thresholds: Thresholds) -> Thresholds:
     return replace(thresholds, min_agreement=0.0, min_miou_vs_reference=0.0)
 
 
-def verdict_of(reference: ReferenceOutputs, candidate: Runner, images: VerdictImages, shapes: Shapes, thresholds: Thresholds,
-          num_classes: int, consistency: Thresholds | None = None, mask_must_match_logits: bool = False,
-          on_image: OnImage | None = None) -> Verdict:
-    """`candidate` (inactive; activated and released here) against `reference` on `images` at every shape of
-    `shapes` ({(H, W): batch sizes}), batch consistency with `consistency` limits, noise images for finiteness
-    and ranges. Raises VitsegError when the candidate cannot be activated."""
-    real = images.real.at_shapes(shapes)
+def verdict_of(reference: ReferenceOutputs, candidate: Runner, images: VerdictImages, shapes: Shapes,
+               thresholds: Thresholds, num_classes: int, consistency: Thresholds | None = None,
+               mask_must_match_logits: bool = False, on_image: OnImage | None = None) -> Verdict:
+    """`candidate` (inactive; activated and released here) against `reference` (ReferenceOutputs, or a golden
+    file's recorded outputs) on `images` at every shape of `shapes` ({(H, W): batch sizes}), batch consistency with
+    `consistency` limits, noise images for finiteness and ranges. VitsegError when the candidate cannot activate."""
+    real = images.real_at(shapes)
     with candidate:
         result = compare(reference.outputs(real), {"candidate": candidate}, real, thresholds, num_classes, on_image,
                          mask_must_match_logits=mask_must_match_logits, consistency=consistency)
         noise = None
-        if images.noise is not None and result.comparisons["candidate"].error is None:
-            noisy = images.noise.at_shapes({size: batches[:1] for size, batches in shapes.items()})
+        noisy = images.noise_at(shapes)
+        if noisy is not None and result.comparisons["candidate"].error is None:
             noise = compare(reference.outputs(noisy), {"candidate": candidate}, noisy, ranges_only(thresholds),
                             num_classes, mask_must_match_logits=mask_must_match_logits,
                             masks_judged=False).comparisons["candidate"]

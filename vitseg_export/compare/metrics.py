@@ -130,9 +130,10 @@ class ParityAccumulator:
         self.has_labels = False
 
     def add(self, name: str, ref_logits: np.ndarray, art_mask: np.ndarray, art_logits: np.ndarray | None,
-            label: np.ndarray | None = None) -> dict:
-        """One image: ref_logits (C,H,W) float32, art_mask (H,W), art_logits (C,H,W) or None, label (H,W) or None."""
-        ref_mask = ref_logits.argmax(0)
+            label: np.ndarray | None = None, ref_mask: np.ndarray | None = None) -> dict:
+        """One image: ref_logits (C,H,W), art_mask (H,W), art_logits (C,H,W) or None, label (H,W) or None; ref_mask
+        (H,W): the reference's own mask where its logits were kept in a compact dtype (default: their argmax)."""
+        ref_mask = ref_logits.argmax(0) if ref_mask is None else ref_mask
         agree = int((ref_mask == art_mask).sum())
         n = ref_mask.size
         top2 = np.partition(ref_logits, -2, axis=0)[-2:]
@@ -144,7 +145,7 @@ class ParityAccumulator:
         if art_logits is not None:
             finite = np.isfinite(art_logits)
             nonfinite = int((~finite).sum())
-            diff = np.abs(np.where(finite, art_logits, 0).astype(np.float64) - ref_logits)
+            diff = np.abs(np.where(finite, art_logits, 0).astype(np.float64) - ref_logits.astype(np.float64))
             row.update(max_abs_logit_diff=float(diff.max()), mean_abs_logit_diff=float(diff.mean()), nonfinite=nonfinite)
             self.nonfinite += nonfinite
             # NaN (a NaN in the reference's logits) must survive: max(0.0, nan) would drop it

@@ -37,6 +37,7 @@ class VerifyReport:
     failed_at: str = ""  # ' at batch 4, 64x64 (agreement 61.20%)': where the verdict first failed
     images: dict | None = None  # what the verdict rests on: VerdictImages.record() (data, split, images, noise images)
     noise: dict | None = None  # the noise images' finiteness and ranges (Verdict.to_json()["noise"])
+    golden: dict | None = None  # judged against a golden file: which, and whether it was made for this very file
 
     def to_json(self) -> dict:
         """The report as written by `--report` and printed by `--json`: the top-level figures are the worst
@@ -48,7 +49,8 @@ class VerifyReport:
                 "reference_seconds_per_image": self.reference_seconds_per_image,
                 "artifact_seconds_per_image": self.artifact_seconds_per_image, "per_image": self.per_image,
                 "architecture": self.architecture, "images_judged": self.images,
-                **({"noise": self.noise} if self.noise is not None else {})}
+                **({"noise": self.noise} if self.noise is not None else {}),
+                **({"golden": self.golden} if self.golden is not None else {})}
 
 
 def report_from_comparison(comparison: Comparison, artifact: Path | str, reference: str, precision: str, runner, device: str,

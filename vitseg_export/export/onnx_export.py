@@ -64,22 +64,24 @@ def onnx_group(session: ExportSession, plan: ExportPlan, progress: Progress = si
 
 
 def export_onnx(source, output: Path, settings: OnnxExportSettings, progress: Progress = silent,
-                int8: Int8Settings | None = None, convert: Converter | None = None) -> ExportResult:
+                int8: Int8Settings | None = None, convert: Converter | None = None, golden: bool = False) -> ExportResult:
     """Export `source` (a LoadedCheckpoint, or an ExportSession that shares its graph and reference) to an ONNX
     artifact at `output` (+ `<output>.json` manifest) in the requested precision. Raises VitsegError for requests
     the model cannot honour and ParityError when the artifact differs from PyTorch beyond its preset; nothing is
-    written then. `convert` replaces the precision's converter (`vitseg qat` brings its own int8 graph)."""
-    request = ExportRequest("onnx", onnx=settings, int8=int8 or Int8Settings())
+    written then. `convert` replaces the precision's converter (`vitseg qat` brings its own int8 graph); `golden`:
+    NAME.golden beside it, in its group."""
+    request = ExportRequest("onnx", onnx=settings, int8=int8 or Int8Settings(), golden=golden)
     with session_for(source) as session:
         plan = plan_export("onnx", session.loaded, request, output)
         group = onnx_group(session, plan, progress, convert)
+        session.add_golden(plan, group)
     write_groups(group)
     return group.result()
 
 
 def export_artifact(source, output: Path, request: ExportRequest, progress: Progress = silent) -> ExportResult:
     """The onnx format's exporter (formats.py): `export_onnx` with the request's ONNX and int8 settings."""
-    return export_onnx(source, output, request.onnx, progress=progress, int8=request.int8)
+    return export_onnx(source, output, request.onnx, progress=progress, int8=request.int8, golden=request.golden)
 
 
 def onnx_summary(path: Path, manifest: ExportManifest) -> list[str]:

@@ -394,6 +394,7 @@ def export_openvino(source: Any, output: Path, request: ExportRequest, progress:
     with session_for(source) as session:
         plan = plan_export("openvino", session.loaded, request, output)
         group = openvino_group(session, plan, progress, quantize)
+        session.add_golden(plan, group)
     write_groups(group)
     return group.result()
 

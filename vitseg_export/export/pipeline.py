@@ -42,6 +42,7 @@ from vitseg_export.artifact import (
     write_groups,
 )
 from vitseg_export.checkpoint import LoadedCheckpoint
+from vitseg_export.compare.golden import golden_bytes, golden_header, golden_path, logits_dtype, record_golden
 from vitseg_export.compare.judge import (
     NOISE_IMAGES,
     ReferenceOutputs,
@@ -237,10 +238,10 @@ class ExportSession:
 
     def verdict_images(self, plan: ExportPlan) -> VerdictImages:
         """The plan's verdict images (loaded once per spec, count and size)."""
-        key = (*plan.images, plan.size)
+        key = (*plan.images, plan.size, plan.request.golden)
         if key not in self._images:
             spec, count, noise = plan.images
-            self._images[key] = VerdictImages.load(spec, count, plan.size, noise)
+            self._images[key] = VerdictImages.load(spec, count, plan.size, noise, eight_bit=plan.request.golden)
         return self._images[key]
 
     def fp32_graph(self, plan: ExportPlan, progress: Progress = silent) -> VerifiedGraph:
@@ -286,6 +287,21 @@ class ExportSession:
             return graph.verdict
         candidate = OnnxRuntimeRunner(f"{plan.precision.name}.onnx", "cpu", model_bytes=data, info=plan.info)
         return self.judge(plan, candidate, what, progress)
+
+    def add_golden(self, plan: ExportPlan, group: ArtifactGroup, shapes: dict | None = None) -> None:
+        """Where the request asks (`--save-golden`): put NAME.golden into the artifact's group, the verdict's 8-bit
+        images and PyTorch's outputs on them at every shape the artifact is judged at (`shapes`, default the plan's),
+        and name it in the manifest (compare/golden.py: verified where the artifact runs, without PyTorch)."""
+        if not plan.request.golden:
+            return
+        thresholds = plan.thresholds()
+        header = golden_header(plan.info, plan.output.name, hashlib.sha256(group.files[plan.output]).hexdigest(),
+                               self.loaded.source, self.loaded.sha256, thresholds)
+        data = golden_bytes(*record_golden(self.verdict_images(plan), self.reference(), shapes or plan.shapes, header,
+                                           logits_dtype(thresholds.max_abs_logit_diff)))
+        group.files[golden_path(plan.output)] = data
+        group.manifest.extra["golden"] = {"file": golden_path(plan.output).name, "size_bytes": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()}
 
     def heldout(self, plan: ExportPlan):
         """(the verdict's real images at the artifact's size, the reference's recorded logits on them): what the

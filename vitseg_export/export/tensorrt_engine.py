@@ -386,6 +386,12 @@ def export_engine(source: Any, output: Path, request: ExportRequest, progress: P
             write_artifact(staged, {staged: onnx_artifact.files[onnx_path]}, onnx_artifact.manifest)
             engine = engine_group(staged, output, request.engine, progress, check, edition, str(session.loaded.source),
                                   recorded_onnx=onnx_path)
+        engine_info = replace(plan.info, path=output, format=edition.format, profile=engine.manifest.extra["profile"])
+        session.add_golden(replace(plan, info=engine_info), engine, engine_info.declared_shapes())
+        parity = engine.manifest.self_parity or {}
+        if request.golden and parity.get("verdict") == "pending":  # where it runs, no checkpoint or PyTorch is needed
+            parity["verify_on_target"] = (f"vitseg verify {output.name} --golden {output.name}.golden --device cuda "
+                                          f"(or: {parity['verify_on_target']})")
     write_groups(onnx_artifact, engine)
     return ExportResult(output, engine.manifest, onnx_artifact.model_proto)
 

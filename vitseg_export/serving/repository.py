@@ -65,7 +65,8 @@ TRITON_BACKENDS.register(TritonBackend("openvino", 'backend: "openvino"', ("open
                                        description="Triton's OpenVINO backend (NGC containers)"))
 TRITON_BACKENDS.register(TritonBackend("tensorrt", 'platform: "tensorrt_plan"', ("trt",), {".engine": "model.plan", ".plan": "model.plan"},
                                        description="Triton's TensorRT backend (NGC containers, Jetson -igpu builds)",
-                                       options=get_format("trt").options))
+                                       # its build options; a repository carries no golden file
+                                       options=tuple(o for o in get_format("trt").options if o != "save_golden")))
 # TensorRT-RTX engines: Triton's tensorrt_plan backend loads TensorRT's engines only, so vitseg's runner serves them
 TRITON_BACKENDS.register(TritonBackend("python", 'backend: "python"', ("onnx", "openvino", "trt", "trt-rtx"), {}, python=True,
                                        description="Triton's Python backend running vitseg's own runner"))

@@ -14,10 +14,11 @@ from PIL import Image
 
 from vitseg_export.artifact import ArtifactInfo
 from vitseg_export.checkpoint import load_checkpoint
+from vitseg_export.compare.golden import golden_header, logits_dtype, record_golden, write_golden
 from vitseg_export.compare.judge import ReferenceOutputs, VerdictImages, check_ran, verdict_of
 from vitseg_export.compare.report import VerifyReport, report_from_verdict
 from vitseg_export.errors import VitsegError
-from vitseg_export.files import atomic_write_bytes
+from vitseg_export.files import atomic_write_bytes, sha256_file
 from vitseg_export.formats import read_artifact_info
 from vitseg_export.images import colorize
 from vitseg_export.precisions import Thresholds, get_precision, thresholds_for
@@ -48,17 +49,19 @@ def verify_artifact(
     batch_sizes: tuple[int, ...] | None = None,
     sizes: list[tuple[int, int]] | None = None,
     revision: str | None = None,
+    save_golden: Path | None = None,
 ) -> VerifyReport:
     """Compare `artifact` (run by its format's backend, or `backend`) with the PyTorch reference checkpoint
     on `num_images` images of `data`, at every shape the artifact declares (ArtifactInfo.declared_shapes:
     `batch_sizes` and `sizes` choose them for dynamic artifacts), with batch consistency. Returns the report
     (passed or not); raises VitsegError for a mismatched reference, a data spec without images, a shape the
-    artifact does not accept or a backend that cannot run here."""
+    artifact does not accept or a backend that cannot run here. `save_golden`: also write a golden file of the
+    images (8-bit) and the reference's outputs at those shapes (compare/golden.py), verified anywhere without torch."""
     info = read_artifact_info(artifact)
     shapes = info.declared_shapes(batch_sizes, sizes)
     candidate = runner_for(artifact, device=device, backend=backend)
     return judge_candidate(info, candidate, artifact, shapes, reference, data, num_images, device, thresholds, save_diff,
-                           progress, revision)
+                           progress, revision, save_golden)
 
 
 def verify_server(url: str, model: str, reference: str, data: str = "synthetic", num_images: int = 16,
@@ -83,13 +86,13 @@ def verify_server(url: str, model: str, reference: str, data: str = "synthetic",
 
 def judge_candidate(info: ArtifactInfo, candidate, artifact: Path | str, shapes: dict, reference: str, data: str,
                     num_images: int, device: str, thresholds: Thresholds | None, save_diff: Path | None,
-                    progress: Progress, revision: str | None = None) -> VerifyReport:
+                    progress: Progress, revision: str | None = None, save_golden: Path | None = None) -> VerifyReport:
     """One candidate (an artifact's runner, or a served model's) against the PyTorch reference at `shapes`, through
     the one judge (compare/judge.py): what both verify commands and assert_mask_parity share."""
     loaded = load_checkpoint(reference, revision=revision)
     check_reference(info, loaded)
     thresholds = thresholds or thresholds_for(info.precision)
-    images = VerdictImages.load(data, num_images, tuple(info.image_size))
+    images = VerdictImages.load(data, num_images, tuple(info.image_size), eight_bit=save_golden is not None)
     total = sum(len(batches) and len(images.real) for batches in shapes.values())
     seen = [0]
 
@@ -102,8 +105,13 @@ def judge_candidate(info: ArtifactInfo, candidate, artifact: Path | str, shapes:
 
     with ReferenceOutputs(runner_for(loaded, device=device, backend="torch"), str(reference)) as reference_runner:
         verdict = verdict_of(reference_runner, candidate, images, shapes, thresholds, len(info.class_names),
-                        consistency=get_precision(info.precision).consistency(thresholds), on_image=on_image)
-    check_ran(verdict, artifact.name if isinstance(artifact, Path) else artifact)
+                             consistency=get_precision(info.precision).consistency(thresholds), on_image=on_image)
+        check_ran(verdict, artifact.name if isinstance(artifact, Path) else artifact)
+        if save_golden is not None:
+            header = golden_header(info, Path(artifact).name, sha256_file(artifact), loaded.source, loaded.sha256,
+                                   thresholds)
+            write_golden(save_golden, *record_golden(images, reference_runner, shapes, header,
+                                                     logits_dtype(thresholds.max_abs_logit_diff)))
     return report_from_verdict(verdict, artifact, info.precision, candidate, candidate.device,
                                reference_runner.seconds_per_image(), thresholds, info.architecture)
 
