@@ -121,7 +121,9 @@ def check_export_request(loaded: LoadedCheckpoint, settings: OnnxExportSettings)
     if settings.opset not in SUPPORTED_OPSETS:
         raise VitsegError(f"opset {settings.opset} is not supported",
                           f"use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (17 recommended)")
-    if settings.max_batch < 1 or (not settings.dynamic_batch and settings.max_batch > 1 and settings.max_batch != OnnxExportSettings.max_batch):
+    if settings.max_batch < 1:
+        raise VitsegError(f"--max-batch {settings.max_batch} is not a batch size", "use 1 or more")
+    if not settings.dynamic_batch and settings.max_batch != OnnxExportSettings.max_batch:  # asked for, not the default
         raise VitsegError(f"--max-batch {settings.max_batch} needs a dynamic batch", "drop --max-batch, or add --dynamic-batch")
     if settings.verdict_images is not None and settings.verdict_images < 1:
         raise VitsegError(f"{settings.verdict_images} verdict images", "judge on at least one image")
