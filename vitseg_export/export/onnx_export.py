@@ -15,17 +15,10 @@ from typing import Callable
 import onnx
 
 from vitseg_export import __version__
-from vitseg_export.artifact import ArtifactGroup, ArtifactInfo, ExportManifest, ExportResult, write_groups
+from vitseg_export.artifact import ArtifactGroup, ArtifactInfo, ExportManifest, ExportResult
 from vitseg_export.compare.report import parity_lines
 from vitseg_export.export.graph import graph_stats
-from vitseg_export.export.pipeline import (
-    ExportPlan,
-    ExportSession,
-    convert_graph,
-    manifest_for,
-    plan_export,
-    session_for,
-)
+from vitseg_export.export.pipeline import ExportPlan, ExportSession, convert_graph, export_with, manifest_for
 from vitseg_export.precisions import Conversion, ConversionContext, get_precision
 from vitseg_export.progress import Progress, silent
 from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings
@@ -71,12 +64,7 @@ def export_onnx(source, output: Path, settings: OnnxExportSettings, progress: Pr
     written then. `convert` replaces the precision's converter (`vitseg qat` brings its own int8 graph); `golden`:
     NAME.golden beside it, in its group."""
     request = ExportRequest("onnx", onnx=settings, int8=int8 or Int8Settings(), golden=golden)
-    with session_for(source) as session:
-        plan = plan_export("onnx", session.loaded, request, output)
-        group = onnx_group(session, plan, progress, convert)
-        session.add_golden(plan, group)
-    write_groups(group)
-    return group.result()
+    return export_with(source, "onnx", request, output, lambda session, plan: onnx_group(session, plan, progress, convert))
 
 
 def export_artifact(source, output: Path, request: ExportRequest, progress: Progress = silent) -> ExportResult:

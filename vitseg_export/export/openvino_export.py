@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from vitseg_export.artifact import ArtifactGroup, ArtifactInfo, ExportResult, write_groups
+from vitseg_export.artifact import ArtifactGroup, ArtifactInfo, ExportResult
 from vitseg_export.compare.inputs import load_inputs
 from vitseg_export.compare.report import parity_lines
 from vitseg_export.errors import VitsegError
@@ -38,14 +38,7 @@ from vitseg_export.export.fallback import (
     fallback_record,
 )
 from vitseg_export.export.int8_probe import announce_emulation, not_timed_here, speed_decision
-from vitseg_export.export.pipeline import (
-    ExportPlan,
-    ExportSession,
-    VerifiedGraph,
-    manifest_for,
-    plan_export,
-    session_for,
-)
+from vitseg_export.export.pipeline import ExportPlan, ExportSession, VerifiedGraph, export_with, manifest_for
 from vitseg_export.export.quiet import library_output_on_stderr
 from vitseg_export.files import sha256_file
 from vitseg_export.machine.cpu import SAFE_CLASS
@@ -391,12 +384,8 @@ def export_openvino(source: Any, output: Path, request: ExportRequest, progress:
     .xml.json beside it) in the requested precision. `quantize` replaces the precision's quantization step (same
     arguments: `vitseg qat`'s). Raises BackendMissingError without openvino/nncf, VitsegError/ParityError
     otherwise; nothing is written then."""
-    with session_for(source) as session:
-        plan = plan_export("openvino", session.loaded, request, output)
-        group = openvino_group(session, plan, progress, quantize)
-        session.add_golden(plan, group)
-    write_groups(group)
-    return group.result()
+    return export_with(source, "openvino", request, output,
+                       lambda session, plan: openvino_group(session, plan, progress, quantize))
 
 
 def ir_summary(path: Path, manifest: Any) -> list[str]:

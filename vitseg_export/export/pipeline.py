@@ -365,6 +365,18 @@ def export_settings_record(settings: OnnxExportSettings, size: tuple[int, int]) 
             "torch_version": torch.__version__, "onnx_version": onnx.__version__}
 
 
+def export_with(source: "ExportSession | LoadedCheckpoint", fmt: str, request: ExportRequest, output: Path,
+                materialize: Callable[[ExportSession, ExportPlan], ArtifactGroup]) -> ExportResult:
+    """The pipeline for a format whose exporter is `materialize` (steps 3-6: the fp32 graph, conversion, the format's
+    bytes, the verdict): plan, materialize, the golden file where asked, then write the whole group."""
+    with session_for(source) as session:
+        plan = plan_export(fmt, session.loaded, request, output)
+        group = materialize(session, plan)
+        session.add_golden(plan, group)
+    write_groups(group)
+    return group.result()
+
+
 def manifest_for(session: ExportSession, plan: ExportPlan, fp32: VerifiedGraph, verdict: Verdict, data: dict[Path, bytes],
                  details: dict | None, started: float, **extra: Any) -> ExportManifest:
     """The manifest of an artifact made from the fp32 graph `fp32` and judged by `verdict`: what it is, how it was
@@ -380,5 +392,5 @@ def manifest_for(session: ExportSession, plan: ExportPlan, fp32: VerifiedGraph, 
 
 
 __all__ = ["ArtifactGroup", "ExportPlan", "ExportSession", "VerifiedGraph", "check_export_request", "convert_graph",
-           "graph_candidate", "manifest_for", "parity_lines", "plan_export", "session_for", "write_groups", "ExportResult",
+           "export_with", "graph_candidate", "manifest_for", "parity_lines", "plan_export", "session_for", "write_groups", "ExportResult",
            "SUPPORTED_OPSETS", "Int8Settings"]
