@@ -41,6 +41,34 @@ def test_cpu_class_from_flags(flags, expected):
     assert cpu.cpu_class(flags) == expected
 
 
+@pytest.mark.parametrize("flags,machine,expected", [
+    (set(), "aarch64", "arm"), (set(), "arm64", "arm"), (set(), "x86_64", "unknown"), (set(), "AMD64", "unknown"),
+    ({"sse4_2"}, "x86_64", "other"), ({"avx2", "avx512vnni"}, "AMD64", "vnni")])  # py-cpuinfo's spelling on Windows
+def test_cpu_class_on_other_machines(flags, machine, expected):
+    assert cpu.cpu_class(flags, machine) == expected
+
+
+def test_cpuid_through_py_cpuinfo_gives_the_class_proc_cpuinfo_gives():
+    """Where there is no /proc/cpuinfo (macOS, Windows) the flags come from py-cpuinfo's CPUID: on this machine both
+    readings must name the same class."""
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo here to compare py-cpuinfo's reading with")
+    cpu._CPUID_FLAGS.clear()
+    assert cpu.cpu_class(cpu._flags_from_cpuid()) == cpu.cpu_class(cpu.cpu_flags()) != "unknown"
+
+
+def test_an_unknown_class_is_the_safe_class_with_one_warning_never_exact_for_8_bit(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: set())
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "_WARNED", [])
+    with pytest.warns(UserWarning, match="treats it as the avx2 class") as warned:
+        assert not cpu.int8_exact_here("vnni") and not cpu.int8_exact_here("")  # 8-bit weights: emulated
+        assert cpu.int8_exact_here("avx2")  # saturation-safe int8: exact on every x86 CPU
+    assert len(warned) == 1
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    assert cpu.cpu_class() == "arm" and cpu.int8_exact_here("vnni")  # ARM accumulates in int32
+
+
 def test_saturation_safe_int8_is_exact_everywhere_and_8_bit_only_with_vnni_or_amx():
     assert cpu.classes_exact_for("avx2") == ["avx2", "vnni", "amx"]
     assert cpu.classes_exact_for("vnni") == ["vnni", "amx"] == cpu.classes_exact_for("amx")

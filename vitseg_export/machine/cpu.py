@@ -1,5 +1,9 @@
 """The CPU an int8 artifact runs on, by class: what decides whether its integer arithmetic is exact and whether
-it pays. A leaf (no vitseg imports): doctor, profiling, the exporters and the runners read it.
+it pays. A leaf (it imports only vitseg's lazy-import helper): doctor, profiling, the exporters and the runners read it.
+
+The flags come from /proc/cpuinfo where there is one (Linux), else from py-cpuinfo (CPUID on x86 under macOS and
+Windows). An x86 CPU whose flags cannot be read is of no known class: int8 made for the vnni or amx class is then
+treated as inexact there (emulated in float, exactly, with a one-line warning), never assumed exact.
 
 - avx2: no VNNI. An int8 dot product is `vpmaddubsw` (u8 x s8 pairs summed into int16, saturating) plus
   `vpmaddwd`: about the cost of an fp32 FMA, and 8-bit weights can saturate the int16 sums.
@@ -16,7 +20,12 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from pathlib import Path
+
+from vitseg_export.tables import lazy_module
+
+py_cpuinfo = lazy_module("cpuinfo")  # py-cpuinfo: the flags where there is no /proc/cpuinfo
 
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 # bf16 arithmetic: OpenVINO int8 IRs compute their float part in bf16 where the CPU has these
@@ -28,15 +37,31 @@ SAFE_CLASS = "avx2"  # int8 made for it (7-bit weights) computes the same intege
 FULL_RANGE_CLASS = "vnni"
 
 
+UNKNOWN = "unknown"  # an x86 CPU whose flags could not be read
+ARM = "arm"  # aarch64: int8 dot products accumulate in int32 (SDOT/UDOT, or widening multiply-adds): exact
+
+
 def cpu_flags() -> set[str]:
-    """The instruction set flags of this machine's CPU (from /proc/cpuinfo; empty where there is none)."""
+    """The instruction set flags of this machine's CPU: /proc/cpuinfo's, else py-cpuinfo's (CPUID; empty where
+    neither can tell)."""
     cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags") and ":" in line:
-            return set(line.split(":", 1)[1].split())
-    return set()
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags") and ":" in line:
+                return set(line.split(":", 1)[1].split())
+    return _flags_from_cpuid()
+
+
+_CPUID_FLAGS: list[set[str]] = []  # py-cpuinfo spawns a process: asked once
+
+
+def _flags_from_cpuid() -> set[str]:
+    if not _CPUID_FLAGS:
+        try:
+            _CPUID_FLAGS.append(set(py_cpuinfo.get_cpu_info().get("flags", [])))
+        except Exception:  # not installed, or no answer on this platform: no flags known
+            _CPUID_FLAGS.append(set())
+    return _CPUID_FLAGS[0]
 
 
 def cpu_info() -> dict:
@@ -51,14 +76,20 @@ def cpu_info() -> dict:
             "int8_features": {f: f in flags for f in INT8_CPU_FLAGS}, "bf16_features": {f: f in flags for f in BF16_CPU_FLAGS}}
 
 
-def cpu_class(flags: set[str] | None = None) -> str:
-    """This machine's (or `flags`') int8 class: amx, vnni, avx2, or "other" (no AVX2: not an x86 int8 target)."""
+def cpu_class(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """This machine's (or `flags`') int8 class: amx, vnni, avx2; "arm" on aarch64; "other" for an x86 CPU without
+    AVX2 (not an x86 int8 target); "unknown" for an x86 CPU whose flags could not be read."""
     flags = cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
     if "amx_int8" in flags:
         return "amx"
-    if "avx512_vnni" in flags or "avx_vnni" in flags:
+    if "avx512_vnni" in flags or "avx_vnni" in flags or "avx512vnni" in flags:
         return "vnni"
-    return "avx2" if "avx2" in flags else "other"
+    if "avx2" in flags:
+        return "avx2"
+    if machine in ("aarch64", "arm64") or machine.startswith("armv8"):
+        return ARM
+    return "other" if flags else UNKNOWN
 
 
 def classes_exact_for(made_for: str) -> list[str]:
@@ -71,5 +102,20 @@ def int8_exact_here(made_for: str) -> bool:
     """Whether this CPU's integer kernels compute int8 made for `made_for` ("": full 8-bit weights) exactly. Where
     they do not (8-bit weights on a CPU without VNNI or AMX: u8 x s8 pairs saturate AVX2's int16 sums), vitseg's
     runners emulate the integer arithmetic in float: exact, and slower. Only that pairing is inexact: ARM's
-    int8 dot products and VNNI/AMX accumulate in int32."""
-    return not (cpu_class() == SAFE_CLASS and (made_for or FULL_RANGE_CLASS) != SAFE_CLASS)
+    int8 dot products and VNNI/AMX accumulate in int32. A CPU of unknown class counts as the safe class (warned once)."""
+    here = cpu_class()
+    if here == UNKNOWN:
+        _warn_unknown()
+        here = SAFE_CLASS
+    return not (here == SAFE_CLASS and (made_for or FULL_RANGE_CLASS) != SAFE_CLASS)
+
+
+_WARNED: list[bool] = []
+
+
+def _warn_unknown() -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(f"this CPU's instruction set flags could not be read (no /proc/cpuinfo, no answer from py-cpuinfo): "
+                      f"vitseg treats it as the {SAFE_CLASS} class, whose int8 is exact on every x86 CPU, and emulates "
+                      "8-bit int8 in float", stacklevel=3)
