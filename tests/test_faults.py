@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -187,15 +186,14 @@ def test_bad_datasets_are_refused_up_front_inone_line(tmp_path, cli, kind, messa
     assert not (tmp_path / "run").exists()
 
 
-def test_outputs_and_data_are_checked_before_the_heavy_work(tmp_path, cli):
+def test_outputs_and_data_are_checked_before_the_heavy_work(tmp_path, cli, heavy_work):
     (tmp_path / "file").write_text("x")
-    t0 = time.perf_counter()
     r = cli("export", "segformer-b0", "-o", str(tmp_path / "file" / "m.onnx"))
     assert r.exit_code == 2 and "is a file, not a directory" in r.stderr
     r = cli("export", "segformer-b0", "--precision", "int8", "--calib", f"folder:{tmp_path / 'none'}", "-o",
             str(tmp_path / "m.onnx"))
     assert r.exit_code == 2 and "directory does not exist" in r.stderr and not (tmp_path / "m.onnx").exists()
-    assert time.perf_counter() - t0 < 20  # refused before exporting a full-size model twice
+    assert heavy_work == {"checkpoints loaded": 0, "graphs exported": 0}  # refused before any of it
 
 
 def test_a_config_naming_the_wrong_number_of_classes_is_refused(tmp_path, twin):
@@ -395,16 +393,15 @@ def test_user_text_on_success_paths_is_printed_as_is(tmp_path, cli, twin, export
     assert r.exit_code == 0 and f"matches {tmp_path / '[red]' / '[/x]ref'} " in r.stdout, r.stdout + r.stderr
 
 
-def test_outputs_of_every_command_are_checked_before_the_work(tmp_path, cli):
+def test_outputs_of_every_command_are_checked_before_the_work(tmp_path, cli, heavy_work):
     (tmp_path / "file").write_text("x")
     for args in (["benchmark", "segformer-b0-test", "--output", tmp_path / "file" / "bench"],
                  ["prune", "segformer-b0-test", "--output", tmp_path / "file" / "pruned"],
                  ["profile", "segformer-b0-test", "--report", tmp_path / "file" / "p.json"],
                  ["demo", "--model", "segformer-b0-test", "--output", tmp_path / "file" / "demo"]):
-        t0 = time.perf_counter()
         r = cli(*map(str, args))
         assert r.exit_code == 2 and "is a file, not a directory" in r.stderr, (args, r.stderr)
-        assert time.perf_counter() - t0 < 10, args
+        assert heavy_work == {"checkpoints loaded": 0, "graphs exported": 0}, args
 
 
 def _deny_reads_of(path: Path, module, monkeypatch) -> None:
@@ -430,3 +427,26 @@ def test_an_unreadable_artifact_is_not_called_damaged(tmp_path, exported, monkey
     with pytest.raises(VitsegError, match="cannot be read") as e:
         artifact.read_onnx_metadata(path)
     assert "truncated" not in str(e.value) and "damaged" not in str(e.value)
+
+
+@pytest.fixture
+def heavy_work(monkeypatch) -> dict:
+    """Counts the heavy steps a command takes (loading a checkpoint, exporting a graph): a refusal that needs no work
+    must come before any (counted, not timed: a busy second core cannot break it)."""
+    from vitseg_export.export import pipeline
+    from vitseg_export.modeling import registry
+
+    counts = {"checkpoints loaded": 0, "graphs exported": 0}
+    build, export = registry.build_model, pipeline.module_to_onnx
+
+    def counted_build(*args, **kwargs):  # every checkpoint load (and training) builds its network here
+        counts["checkpoints loaded"] += 1
+        return build(*args, **kwargs)
+
+    def counted_export(*args, **kwargs):
+        counts["graphs exported"] += 1
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "build_model", counted_build)
+    monkeypatch.setattr(pipeline, "module_to_onnx", counted_export)
+    return counts

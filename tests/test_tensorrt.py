@@ -4,7 +4,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,11 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message shown where TensorRT is missing; TensorRT is installed here")
 def test_trt_without_tensorrt_fails_fast_with_one_line(tmp_path, cli):
-    t0 = time.perf_counter()
     r = cli("export", "segformer-b0-test", "--format", "trt", "-o", str(tmp_path / "m.engine"))
     assert r.exit_code == 2 and "TensorRT is not available here" in r.stderr
+    # one line: no progress line ("exporting ... to ONNX") came before it, so nothing was exported (counted, not timed)
     assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
-    assert not list(tmp_path.iterdir())  # nothing exported before the check
-    assert time.perf_counter() - t0 < 5
+    assert not list(tmp_path.iterdir())
 
 
 def _graph(nodes, inits=(), opset=17, inputs=None):
