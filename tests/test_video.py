@@ -390,7 +390,9 @@ def test_duration_ends_a_live_run_and_progress_shows_frames_fps_and_drops(tmp_pa
     assert r.exit_code == 0 and "Traceback" not in r.stderr, r.stderr
     [row] = json.loads(r.stdout)
     assert row["kind"] == "stream" and row["ended"] == "duration" and not row["ended_early"]
-    assert 1.5 <= row["seconds"] < 5 and row["frames"] > 5 and row["decoded"] >= row["frames"] + row["dropped"]
+    # ended by --duration (not by the stream, which runs 6 s), no sooner; how much later a loaded machine stops is
+    # not judged here
+    assert row["seconds"] >= 1.5 and row["frames"] > 5 and row["decoded"] >= row["frames"] + row["dropped"]
     assert 0 < row["latency"]["p50_ms"] <= row["latency"]["p90_ms"] <= row["latency"]["max_ms"]
     shown = re.findall(r"(\d+) frames\s+([\d.]+) fps\s+(\d+) dropped", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", r.stderr))
     assert shown, r.stderr  # frames, fps and dropped frames, as the run goes
@@ -449,7 +451,8 @@ def test_a_stream_that_stops_keeps_its_video_and_exits_4(tmp_path, cli, model, t
                 "--json")
     finally:
         server.close()
-    assert time.perf_counter() - started < 10  # no hang: a silent stream ends at --timeout
+    # no hang: a silent stream ends at --timeout (1 s), long before --duration (20 s) would end it
+    assert time.perf_counter() - started < 20
     lines = error_lines(r.stderr)
     assert r.exit_code == 4 and len(lines) == 1 and "ended the run early" in lines[0], r.stderr
     [row] = json.loads(r.stdout)
