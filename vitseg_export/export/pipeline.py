@@ -206,6 +206,7 @@ class ExportSession:
     def __init__(self, loaded: LoadedCheckpoint):
         self.loaded = loaded
         self._reference: ReferenceOutputs | None = None
+        self._modules: dict[tuple, tuple] = {}  # the folded module, its rewrites and scopes by (fold, size)
         self._models: dict[tuple, onnx.ModelProto] = {}  # fp32 graphs by graph settings
         self._graph_verdicts: dict[tuple, Verdict] = {}  # their verdicts by graph settings and shapes
         self._images: dict[tuple, VerdictImages] = {}
@@ -253,8 +254,7 @@ class ExportSession:
         conversion's start at batch 1: the converted artifact is judged at every shape), with the
         plan's --keep-float modules checked against its module scopes (one line naming the nearest)."""
         settings = plan.request.onnx
-        exported, rewrites = exported_module(self.loaded.model, self.loaded.meta.mean, self.loaded.meta.std, settings.fold)
-        scopes = ModuleScopes.record(ExportGraph(exported, ["logits"]).eval(), torch.zeros(1, 3, *plan.size))
+        exported, rewrites, scopes = self._module(settings.fold, plan.size)
         keep_float = scopes.check(settings.keep_float)  # before the export's work
         key = _graph_key(settings, plan.size)
         if key not in self._models:
@@ -279,6 +279,15 @@ class ExportSession:
             self._graph_verdicts[judged] = self.judge(graph_plan, graph_candidate(model, info), "exported graph", progress)
         return VerifiedGraph(model, plan.size, rewrites, self._graph_verdicts[judged], dict(shapes), scopes,
                              keep_float, plan.info)
+
+    def _module(self, folded: bool, size: tuple[int, int]) -> tuple:
+        """(the module exported, the rewrites applied, its module scopes at `size`), made once per session."""
+        key = (folded, size)
+        if key not in self._modules:
+            exported, rewrites = exported_module(self.loaded.model, self.loaded.meta.mean, self.loaded.meta.std, folded)
+            scopes = ModuleScopes.record(ExportGraph(exported, ["logits"]).eval(), torch.zeros(1, 3, *size))
+            self._modules[key] = (exported, rewrites, scopes)
+        return self._modules[key]
 
     def judged_graph(self, plan: ExportPlan, graph: VerifiedGraph, model: onnx.ModelProto, data: bytes, what: str,
                      progress: Progress = silent) -> Verdict:
