@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +210,73 @@ def test_doctor_prepare_builds_what_nncf_compiles_on_first_use(cli, nncf_extensi
     assert prepared[0]["build_dir"] == nncf_extension["build_dir"] and prepared[0]["seconds"] >= 0
     human = cli("doctor", "--prepare")
     assert human.exit_code == 0 and "nncf quantized_functions_cpu: already built" in human.stdout
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 (AVX512_BF16 or AMX), read from /proc/cpuinfo: independent of OpenVINO's report."""
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's bf16 flags from /proc/cpuinfo")
+def test_a_bf16_ir_computes_in_bf16_where_the_cpu_has_it_and_says_so_where_not(tmp_path, cli):
+    r = cli("export", "segformer-b0-test", "--format", "openvino", "--precision", "bf16", "-o", str(tmp_path / "b.xml"))
+    assert r.exit_code == 0, r.stderr
+    manifest = json.loads((tmp_path / "b.xml.json").read_text())
+    details = manifest["bf16"]
+    here = "bf16" if _cpu_has_bf16() else "f32"
+    assert details["weights"] == "fp32"  # OpenVINO rounds the weights when it compiles them
+    assert details["inference_precision"]["hint"] == "bf16" and details["inference_precision"]["checked_with"] == here
+    # what verify judges it by: the preset of bf16 (by hand: 99.5% agreement, mIoU 99, logits within 1.0 / 0.1 mean)
+    verdict = verify_artifact(tmp_path / "b.xml", "segformer-b0-test", "synthetic[:3]", 3).to_json()
+    assert verdict["precision"] == "bf16" and verdict["thresholds"] == {
+        "min_agreement": 0.995, "min_miou_vs_reference": 0.99, "max_abs_logit_diff": 1.0, "max_mean_abs_logit_diff": 0.1,
+        "max_nonfinite": 0}
+    assert ("this CPU has no bf16 arithmetic" in r.stderr) == (here == "f32")
+    with runner_for(tmp_path / "b.xml") as runner:
+        assert runner.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == here
+    # the same IR's fp32 twin computes in f32 on every CPU: bf16 is never chosen silently
+    r = cli("export", "segformer-b0-test", "--format", "openvino", "-o", str(tmp_path / "f.xml"))
+    with runner_for(tmp_path / "f.xml") as runner:
+        assert runner.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    if here == "bf16":  # bf16 computes something else than f32: the two IRs' logits differ, within the preset
+        pixels = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+        with runner_for(tmp_path / "b.xml") as b, runner_for(tmp_path / "f.xml") as f:
+            diff = np.abs(b.infer({"pixels": pixels})["logits"] - f.infer({"pixels": pixels})["logits"]).max()
+        assert 0 < diff <= 1.0
+
+
+@pytest.mark.parametrize("fmt, output", [("onnx", "b.onnx"), ("trt-rtx", "b.rtx.engine")])
+def test_bf16_where_vitseg_cannot_judge_it_is_refused_in_one_line(tmp_path, cli, fmt, output):
+    r = cli("export", "segformer-b0-test", "--format", fmt, "--precision", "bf16", "-o", str(tmp_path / output))
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: --precision bf16 is not offered for --format {fmt}: ")
+    assert "--format openvino --precision bf16" in r.stderr and "exporting" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+HASWELL_CHILD = r"""
+import json, sys, warnings
+from vitseg_export.runners.openvino_runner import OpenVINORunner
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    runner = OpenVINORunner(sys.argv[1], "cpu").activate()
+print(json.dumps({"compiled": runner.compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or os.uname().machine != "x86_64",
+                    reason="needs qemu-x86_64 on an x86_64 machine (Debian's qemu-user, which .ci/run installs) to run "
+                           "a CPU without bf16 (QEMU's Haswell model)")
+def test_a_bf16_ir_on_a_cpu_without_bf16_runs_f32_and_says_so(tmp_path, cli):
+    """OpenVINO computes in f32 without a word where the CPU has no bf16; vitseg's runner says it, in one warning."""
+    r = cli("export", "segformer-b0-test", "--format", "openvino", "--precision", "bf16", "-o", str(tmp_path / "b.xml"))
+    assert r.exit_code == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", HASWELL_CHILD, str(tmp_path / "b.xml")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["compiled"] == "f32"
+    assert [w for w in seen["warnings"] if "computes in bf16" in w and "runs in f32 here" in w]

@@ -54,6 +54,12 @@ class Format:
         """Every file an artifact at `path` consists of: itself, its sidecars, its manifest."""
         return [path, *(path.with_suffix(s) for s in self.sidecars), manifest_path(path)]
 
+    def check_precision(self, precision: str) -> None:
+        """Refuse (VitsegError, one line naming where it is offered) a precision this format does not carry."""
+        if precision not in self.precisions:
+            where, fix = PRECISIONS.row(precision).offered_where or ("", "use one of " + ", ".join(self.precisions))
+            raise VitsegError(f"--precision {precision} is not offered for --format {self.name}" + (f": {where}" if where else ""), fix)
+
     def require(self) -> None:
         """Raise BackendMissingError (one line, exit 2) when this machine cannot make this format."""
         availability = self.probe()
@@ -67,6 +73,8 @@ register_format = FORMATS.register
 get_format = FORMATS.row
 
 
+# the precisions every format carries; the others name on their row where they are offered (bf16: OpenVINO IRs)
+EVERY_FORMAT = tuple(name for name, row in PRECISIONS.items() if row.offered_where is None)
 # the options every TensorRT edition's build takes, and those of a Triton repository
 ENGINE_OPTIONS = ("workspace", "min_shape", "opt_shape", "max_shape", "sparse_weights", "version_compatible")
 TRITON_OPTIONS = ("triton_name", "triton_backend", "triton_max_batch", "triton_instances", "triton_preferred_batch",
@@ -104,13 +112,13 @@ def read_artifact_info(path: str | Path) -> ArtifactInfo:
 
 
 register_format(Format(
-    "onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime", tuple(PRECISIONS),
+    "onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime", EVERY_FORMAT,
     export=lazy("vitseg_export.export.onnx_export:export_artifact"), read_info=lazy("vitseg_export.artifact:read_onnx_info"),
     probe=lazy("vitseg_export.machine.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:onnx_summary"),
     int8_target="cpu", qat=lazy("vitseg_export.export.qat_onnx:qat_onnx"), options=("save_golden",)))
 register_format(Format(
     "trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)", "tensorrt",
-    tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),
+    EVERY_FORMAT, export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),
     read_info=lazy("vitseg_export.artifact:read_manifest_info"),
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
@@ -119,7 +127,7 @@ register_format(Format(
     plan=lazy("vitseg_export.export.tensorrt_engine:plan_engine")))
 register_format(Format(
     "trt-rtx", (".rtx.engine",), "TensorRT-RTX engine (built ahead of time on any machine; runs on RTX GPUs)",
-    "tensorrt-rtx", tuple(PRECISIONS), export=lazy("vitseg_export.export.tensorrt_engine:export_rtx_engine"),
+    "tensorrt-rtx", EVERY_FORMAT, export=lazy("vitseg_export.export.tensorrt_engine:export_rtx_engine"),
     read_info=lazy("vitseg_export.artifact:read_manifest_info"),
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_rtx_build"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",

@@ -104,6 +104,8 @@ class Precision:
     # how many real held-out images an export's verdict rests on unless asked otherwise (every verdict states it);
     # a calibrated precision's fallback decides on them too, so it takes more
     verdict_images: int = 16
+    # where it is offered, when not every format carries it (formats.py `precisions`): what a refusal says, and its fix
+    offered_where: tuple[str, str] | None = None
 
     def consistency(self, thresholds: Thresholds | None = None) -> Thresholds:
         """The batch-consistency limits, from `thresholds` (default: the preset): the agreement and, where
@@ -120,8 +122,11 @@ class Precision:
         return self.thresholds
 
     def openvino_weights(self) -> str:
-        """How an IR of this precision stores its weights (the manifest's `weights`)."""
-        return "fp16 (compressed)" if self.openvino_compress_to_fp16 else self.name
+        """How an IR of this precision stores its weights (the manifest's `weights`): fp16 compressed, int8 from the
+        quantizer, else the fp32 weights (a bf16 IR's are rounded by OpenVINO when it compiles them)."""
+        if self.openvino_compress_to_fp16:
+            return "fp16 (compressed)"
+        return self.name if self.openvino_quantize is not None else "fp32"
 
 
 PRECISIONS: Table[Precision] = Table("precision '{name}' is unknown", "use one of: {names}")
@@ -161,6 +166,19 @@ register_precision(Precision(
     openvino_inference_precision="bf16", openvino_quantize=lazy("vitseg_export.export.openvino_export:quantize_ir"),
     describe=lazy("vitseg_export.export.fallback:describe_int8"),
     options=("calib", "heldout", "calib_images", "calib_method", "target", "min_agreement", "allow_float_fallback")))
+
+register_precision(Precision(
+    # measured (docs/benchmarks.md "bf16"): an 8-bit mantissa moves logits of magnitude ~10 by ~0.05 and flips pixels
+    # only at near-ties, as fp16 does, three bits coarser
+    "bf16", Thresholds(min_agreement=0.995, min_miou_vs_reference=0.99, max_abs_logit_diff=1.0,
+                       max_mean_abs_logit_diff=0.1),
+    convert=None, trt_weak_flags=(), parity_on_noise=False, needs_logits=False,
+    description="fp32 graph computed in bf16 (OpenVINO CPU: AVX512_BF16 or AMX)",
+    locate_sqnr_db=30.0, openvino_inference_precision="bf16",
+    offered_where=("vitseg makes and judges bf16 as an OpenVINO IR, which OpenVINO's CPU plugin computes in bf16 "
+                   "(AVX512_BF16, AMX); ONNX Runtime's CPU provider has no bf16 kernels to judge a bf16 ONNX graph "
+                   "with, and vitseg builds no bf16 TensorRT engines yet",
+                   "use --format openvino --precision bf16, or --precision fp16 for ONNX and TensorRT")))
 
 
 def thresholds_for(precision: str, **overrides: float | None) -> Thresholds:

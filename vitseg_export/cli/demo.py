@@ -33,11 +33,11 @@ def demo(
     image_size: Annotated[str, opt("--image-size", " to train and export at (square; ViT: its own, 128)")] = "128",
     train_images: Annotated[int, opt("--train-images", min=8, max=1000000)] = 1000,
     num_images: Annotated[int, opt("--num-images", " judge each artifact", min=1, max=100000)] = 32,
-    precisions: Annotated[str, opt("--precisions", " to export")] = "fp32,fp16,int8",
+    precisions: Annotated[str, opt("--precisions", " to export (each where its format carries it)")] = "fp32,fp16,bf16,int8",
     json_output: Annotated[bool, opt("--json")] = False,
     report_file: Annotated[Optional[Path], opt("--report")] = None,
 ) -> None:
-    """Train -> export (fp32, fp16, int8) -> verify -> profile -> predict, on the CPU (about 6 minutes on 2 cores)."""
+    """Train -> export (fp32, fp16, bf16, int8) -> verify -> profile -> predict, on the CPU (about 6 minutes on 2 cores)."""
 
     side = square_size(image_size)
     check_output_dir(output, "--output")

@@ -357,8 +357,12 @@ def openvino_group(session: ExportSession, plan: ExportPlan, progress: Progress,
                 model, graph, plan.int8, info, progress, lambda: session.heldout(plan))
             details.update(quantization)
         xml = _save(model, info, precision.openvino_compress_to_fp16, Path(tmp))
-        verdict = session.judge(plan, OpenVINORunner(xml, "cpu"), "IR (OpenVINO CPU)", progress)
-        details["inference_precision"] = {"hint": wanted, "checked_with": inference_precision(openvino_core(), "CPU", wanted),
+        computed_in = inference_precision(openvino_core(), "CPU", wanted)
+        if computed_in != wanted:  # OpenVINO would fall back to f32 silently: say it, and record it
+            progress(f"{precision.name}: this CPU has no {wanted} arithmetic, so the IR is judged here as it runs here, in "
+                     f"{computed_in}; CPUs with {wanted} compute it in {wanted}: run `vitseg verify` on one to judge that")
+        verdict = session.judge(plan, OpenVINORunner(xml, "cpu", announce=False), "IR (OpenVINO CPU)", progress)
+        details["inference_precision"] = {"hint": wanted, "checked_with": computed_in,
                                           "note": f"devices without {wanted} arithmetic compute in f32"}
         output, weights = plan.output, plan.output.with_suffix(".bin")
         files = {output: xml.read_bytes(), weights: xml.with_suffix(".bin").read_bytes()}

@@ -161,6 +161,7 @@ def plan_export(fmt: Format | str, loaded: LoadedCheckpoint, request: ExportRequ
     where it is judged: its own shape; a dynamic batch at 1, a middle batch and its largest (`max_batch`, and
     `judge_batches`); a dynamic size at its own and a smaller odd size. The format's `plan` check runs last."""
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    fmt.check_precision(request.precision)
     size = check_export_request(loaded, request.onnx)
     info = artifact_info(loaded, request, size, output, fmt.name)
     extra = request.onnx.judge_batches
