@@ -86,6 +86,9 @@ def _damaged(d: Path) -> None:
         model = onnx.load(d / "a.onnx")
         next(p for p in model.metadata_props if p.key == f"vitseg.{key}").value = value
         onnx.save(model, d / f"bad-{key}.onnx")
+    # a copy cut short beside its own manifest: the manifest's recorded size names the damage
+    (d / "cut.onnx").write_bytes((d / "a.onnx").read_bytes()[:5000])
+    shutil.copy(d / "a.onnx.json", d / "cut.onnx.json")
 
 
 # config.json fields of the tiny run, damaged one at a time: each must be refused (exit 2), never coerced
@@ -234,6 +237,28 @@ CASES = [
     ("profile {d}/ck --iters 1 --image-size 8", "--image-size 8 is too small"),
     ("train --model segformer-b0-test -o {d}/t --batch-size 99999999999999999999999", "'--batch-size'"),
     ("verify {d}/a.onnx -r {d}/ck --data synthetic[:99999999999999999999999]", "asks for"),
+    # comma lists: an empty item or one given twice was typed by mistake (issue 37)
+    ("verify {d}/a.onnx -r {d}/ck --batch-sizes 1,,4", "--batch-sizes '1,,4' has an empty item"),
+    ("verify {d}/a.onnx -r {d}/ck --batch-sizes 4,1,4", "--batch-sizes '4,1,4' names 4 twice"),
+    ("verify {d}/a.onnx -r {d}/ck --sizes 64x64,", "--sizes '64x64,' has an empty item"),
+    ("export {d}/ck --format trt-rtx --compute-capability 8.6,,8.6 -o {d}/q.rtx.engine", "--compute-capability '8.6,,8.6' has an empty item"),
+    ("export {d}/ck --format trt-rtx --compute-capability 8.6,8.6 -o {d}/q.rtx.engine", "--compute-capability '8.6,8.6' names 8.6 twice"),
+    ("export {d}/ck --format trt-rtx --compute-capability 8.6, -o {d}/q.rtx.engine", "--compute-capability '8.6,' has an empty item"),
+    ("export {d}/ck --precision fp16 --keep-float encoder.block.0.0, -o {d}/q.onnx", "--keep-float 'encoder.block.0.0,' has an empty item"),
+    ("benchmark {d}/ck -o {d}/b --precisions fp32,fp32", "--precisions 'fp32,fp32' names fp32 twice"),
+    ("benchmark {d}/ck -o {d}/b --formats onnx,", "--formats 'onnx,' has an empty item"),
+    ("demo --precisions fp32,,int8 -o {d}/demo", "--precisions 'fp32,,int8' has an empty item"),
+    # an option given twice: click would keep the last one without a word
+    ("export {d}/ck --precision int8 --precision fp32 -o {d}/q.onnx", "--precision is given twice"),
+    ("export {d}/ck -o {d}/q.onnx -o {d}/q2.onnx", "-o is given twice"),
+    ("export {d}/ck -o {d}/q.onnx --output={d}/q2.onnx", "--output is given twice (as -o)"),
+    ("verify {d}/a.onnx -r {d}/ck -r {d}/ck2", "-r is given twice"),
+    ("export {d}/ck --revision '' -o {d}/q.onnx", "an empty value ('') is not a branch, tag or commit"),
+    # a backend that does not run the artifact's format: not "damaged", which would send the user looking for damage
+    ("verify {d}/a.xml -r {d}/ck --backend onnxruntime", "--backend onnxruntime does not run OpenVINO IRs like a.xml"),
+    ("verify {d}/a.onnx -r {d}/ck --backend tensorrt-rtx", "--backend tensorrt-rtx does not run ONNX graphs like a.onnx"),
+    # a file cut short beside its manifest: the recorded size says so before anything parses it
+    ("verify {d}/cut.onnx -r {d}/ck", "cut.onnx is not a loadable ONNX model"),
     # data folders that are not what they claim
     ("verify {d}/a.onnx -r {d}/ck --data folder:{d}/masks-file", "is a file, not a folder of masks"),
     ("verify {d}/a.onnx -r {d}/ck --data folder:{d}/binary-classes", "classes.txt is not UTF-8 text"),

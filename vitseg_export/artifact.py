@@ -302,8 +302,13 @@ def check_manifest_matches(path: Path) -> None:
         return
     manifest = read_manifest(path)
     if not isinstance(manifest.sha256, str) or sha256_file(path) != manifest.sha256:
-        raise VitsegError(f"{manifest_path(path).name} describes another file than {path.name} (its sha256 differs)",
-                          "keep the artifact and its manifest together, or export it again")
+        size, recorded = path.stat().st_size, manifest.size_bytes
+        # a single-file artifact's manifest records its size (an IR's counts the .bin too): a shorter file was cut
+        cut = isinstance(recorded, int) and "bin" not in manifest.extra and size < recorded
+        why = f"its sha256 differs; the file is {size:,} bytes, the manifest records {recorded:,}: truncated" if cut else "its sha256 differs"
+        raise VitsegError(f"{manifest_path(path).name} describes another file than {path.name} ({why})",
+                          "copy the artifact again" + (" (it is incomplete)" if cut else "")
+                          + ", keep it and its manifest together, or export it again")
 
 
 def read_onnx_info(path: Path) -> ArtifactInfo:

@@ -49,6 +49,15 @@ class Format:
     # the format's own refusals at planning time, before any work (export/pipeline.py ExportPlan -> None, or
     # VitsegError): an engine's profile shapes and compute capabilities, a Triton repository's batches
     plan: Callable[[Any], None] | None = None
+    other_backends: tuple[str, ...] = ()  # backends besides `backend` that run its artifacts (`--backend`)
+
+    def check_backend(self, backend: str, path: Path) -> None:
+        """Refuse (VitsegError, one line) a --backend that does not run this format's artifacts: the runtime would
+        report the file as unreadable, and the user would look for damage that is not there."""
+        if backend not in (self.backend, *self.other_backends):
+            runs = " or ".join((self.backend, *self.other_backends))
+            raise VitsegError(f"--backend {backend} does not run {self.description.split(' (')[0]}s like {path.name}",
+                              f"use --backend {runs}, or drop --backend ({self.backend} is the default)")
 
     def files(self, path: Path) -> list[Path]:
         """Every file an artifact at `path` consists of: itself, its sidecars, its manifest."""
@@ -115,7 +124,8 @@ register_format(Format(
     "onnx", (".onnx",), "ONNX graph (any runtime; ONNX Runtime runs it here)", "onnxruntime", EVERY_FORMAT,
     export=lazy("vitseg_export.export.onnx_export:export_artifact"), read_info=lazy("vitseg_export.artifact:read_onnx_info"),
     probe=lazy("vitseg_export.machine.probes:probe_onnx_export"), summary=lazy("vitseg_export.export.onnx_export:onnx_summary"),
-    int8_target="cpu", qat=lazy("vitseg_export.export.qat_onnx:qat_onnx"), options=("save_golden",)))
+    int8_target="cpu", qat=lazy("vitseg_export.export.qat_onnx:qat_onnx"), options=("save_golden",),
+    other_backends=("openvino",)))
 register_format(Format(
     "trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)", "tensorrt",
     EVERY_FORMAT, export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),

@@ -187,6 +187,36 @@ def _exit_for(e: BaseException, debug: bool) -> NoReturn:
     _fail(f"{type(e).__name__}: {e}", "this is a bug in vitseg; VITSEG_DEBUG=1 shows the traceback", 1)
 
 
+def check_no_repeated_option(args: list[str]) -> None:
+    """Refuse an option given twice (`--precision int8 --precision fp32`, `-o a.onnx -o b.onnx`): click keeps the last
+    value without a word, and the run then does what one of the two asked. VitsegError naming the option; options that
+    take several values (`multiple`) may repeat. Arguments after `--` are not options."""
+    if not args:
+        return
+    command = getattr(typer.main.get_command(app), "commands", {}).get(args[0])
+    if command is None:
+        return  # an unknown command: click says so
+    # typer's own click: its options are the parameters with `opts` that are not positional arguments
+    by_name = {name: p for p in command.params if getattr(p, "param_type_name", "") == "option"
+               for name in (*p.opts, *p.secondary_opts)}
+    seen: dict[str, str] = {}
+    tokens = iter(args[1:])
+    for token in tokens:
+        if token == "--":
+            break
+        flag, eq, _ = token.partition("=")
+        option = by_name.get(flag)
+        if option is None:
+            continue
+        if option.name in seen and not option.multiple:
+            said = seen[option.name]
+            also = "" if said == flag else f" (as {said})"
+            raise VitsegError(f"{flag} is given twice{also}; vitseg would keep only the last", f"give {flag} once")
+        seen[str(option.name)] = flag
+        if not option.is_flag and not option.count and not eq:
+            next(tokens, None)  # its value, whatever it looks like
+
+
 def _main() -> None:
     """The command behind `main`: usage errors and VitsegErrors exit 2 (3: verify failure), interrupts 130,
     SIGTERM 143, anything else 1, each with one line on stderr (VITSEG_DEBUG=1: the traceback). SIGTERM runs
@@ -205,6 +235,7 @@ def _main() -> None:
         args, notes = modernize(sys.argv[1:])  # this release's spellings for last release's
         for note in notes:
             err_console.print(Text.assemble(("deprecated: ", "yellow"), note), soft_wrap=True)
+        check_no_repeated_option(args)
         code = app(args=args, standalone_mode=False, prog_name="vitseg")
     except SystemExit:
         raise

@@ -181,10 +181,26 @@ def check_artifact_manifest(model: str | Path) -> None:
 MAX_BATCH = 1024  # the largest batch size profile and verify run (a larger one only allocates)
 
 
+def comma_items(text: str, option: str, example: str) -> list[str]:
+    """'a,b' -> ['a', 'b']: the items of a comma-separated option value, stripped. An empty item ('a,,b', 'a,', '')
+    or one given twice is refused (VitsegError naming `option`): a list that says something twice, or nothing in
+    a place, was typed by mistake, and taking it silently hides what was meant."""
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise VitsegError(f"{option} '{text}' is empty", f"e.g. {option} {example}")
+    if not all(items):
+        raise VitsegError(f"{option} '{text}' has an empty item (two commas in a row, or one at an end)", f"e.g. {option} {example}")
+    twice = next((t for i, t in enumerate(items) if t in items[:i]), None)
+    if twice is not None:
+        raise VitsegError(f"{option} '{text}' names {twice} twice", "give each item once")
+    return items
+
+
 def parse_ints(text: str, option: str, maximum: int = MAX_BATCH) -> list[int]:
-    """'1,4,8' -> [1, 4, 8]: integers in 1..maximum, comma-separated (VitsegError naming `option` otherwise)."""
+    """'1,4,8' -> [1, 4, 8]: distinct integers in 1..maximum, comma-separated (VitsegError naming `option` otherwise)."""
+    items = comma_items(text, option, "1,4,8")
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in items]
     except ValueError:
         values = []
     if not values or min(values) < 1 or max(values) > maximum:
@@ -227,9 +243,6 @@ def keep_float_names(text: Optional[str]) -> tuple[str, ...]:
     """--keep-float NAME[,NAME...]: module paths under the network (checked against the model at export)."""
     if text is None:
         return ()
-    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not names:
-        raise VitsegError(f"--keep-float '{text}' names no module", "e.g. --keep-float encoder.block.2.0")
-    return names
+    return tuple(comma_items(text, "--keep-float", "encoder.block.2.0"))
 
 

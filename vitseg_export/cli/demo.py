@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 from rich.text import Text
 
-from vitseg_export.cli.common import console, emit, err_console, log, square_size
+from vitseg_export.cli.common import comma_items, console, emit, err_console, log, square_size
 from vitseg_export.cli.options import opt
 from vitseg_export.cli.profile import print_benchmark_table
 from vitseg_export.cli.train import train as train_command
@@ -43,7 +43,7 @@ def demo(
     check_output_dir(output, "--output")
     if report_file:
         check_output_file(report_file, "--report")
-    wanted = tuple(p.strip() for p in precisions.split(","))
+    wanted = tuple(comma_items(precisions, "--precisions", "fp32,int8"))
     for name in wanted:  # a bad precision is one line before training, not after it
         get_precision(name)
     arch = registry.get_architecture(model)

@@ -16,6 +16,7 @@ from vitseg_export.cli.common import (
     WORKSPACE,
     check_artifact_manifest,
     check_size,
+    comma_items,
     console,
     emit,
     given_options,
@@ -143,7 +144,7 @@ def export_options(params: dict) -> dict:
                "min_shape": lambda v: _shape(v, "--min-shape"), "opt_shape": lambda v: _shape(v, "--opt-shape"),
                "max_shape": lambda v: _shape(v, "--max-shape"),
                "triton_preferred_batch": lambda v: tuple(parse_ints(v, "--triton-preferred-batch")),
-               "compute_capability": lambda v: TENSORRT_RTX.check_targets(tuple(c.strip() for c in v.split(",") if c.strip()))}
+               "compute_capability": lambda v: TENSORRT_RTX.check_targets(tuple(comma_items(v, "--compute-capability", "8.6,8.9")))}
     return {k: (parsers[k](v) if k in parsers and v is not None else v) for k, v in values.items()}
 
 

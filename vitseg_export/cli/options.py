@@ -114,7 +114,7 @@ _TERMS = [
     Term(("--reference", "-r"), "The checkpoint the artifact was exported from: run dir, .safetensors, Hugging Face "
                                 "directory or Hub id{noun}.", names="a checkpoint"),
     Term(("--revision",), "Hub ids: the branch, tag or commit to load (default: main), from the local Hugging Face "
-                          "cache first."),
+                          "cache first.", names="a branch, tag or commit"),
     Term(("--device",), "Device to run on{noun}: cpu or cuda; OpenVINO artifacts also gpu, npu or auto."),
     Term(("--backend",), "The runner backend{noun} (default: the artifact format's)."),
     Term(("--threads",), "Intra-op threads (default: the runtime's)."),

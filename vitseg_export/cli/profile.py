@@ -15,6 +15,7 @@ from vitseg_export.cli.common import (
     POSITIVE,
     RATIO,
     check_artifact_manifest,
+    comma_items,
     console,
     emit,
     err_console,
@@ -157,13 +158,14 @@ def benchmark(
     if report_file:
         check_output_file(report_file, "--report")
     spare_inputs({"--output": output, "--report": report_file}, models=[checkpoint], data=[data, calib])
+    format_names = matrix.available_formats() if formats == "auto" else tuple(comma_items(formats, "--formats", "onnx,openvino"))
+    precision_names = tuple(comma_items(precisions, "--precisions", "fp32,int8"))
     if formats != "auto":  # formats asked for by name must be available here: one line, before any work
-        for name in formats.split(","):
-            get_format(name.strip()).require()
-    for name in precisions.split(","):
-        get_precision(name.strip())
-    settings = matrix.BenchmarkSettings(formats=matrix.available_formats() if formats == "auto" else tuple(f.strip() for f in formats.split(",")),
-                                        precisions=tuple(p.strip() for p in precisions.split(",")),
+        for name in format_names:
+            get_format(name).require()
+    for name in precision_names:
+        get_precision(name)
+    settings = matrix.BenchmarkSettings(formats=format_names, precisions=precision_names,
                                         image_size=parse_size(image_size) if image_size is not None else None, device=device,
                                         verify_data=data, verify_images=num_images, iters=iters, threads=threads,
                                         fold=not no_fold, calib=calib or data,
@@ -180,7 +182,7 @@ def benchmark(
 def _ratios(text: str) -> tuple[float, ...]:
     """'0.25,0.5' -> (0.25, 0.5): pruning ratios in (0, 1) (VitsegError otherwise)."""
     try:
-        return tuple(RATIO(float(r)) for r in text.split(","))
+        return tuple(RATIO(float(r)) for r in comma_items(text, "--prune", "0.25,0.5"))
     except (ValueError, typer.BadParameter):
         raise VitsegError(f"--prune '{text}' is not a comma-separated list of ratios in (0, 1)", "e.g. --prune 0.25,0.5") from None
 

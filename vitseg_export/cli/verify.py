@@ -16,6 +16,7 @@ from vitseg_export.cli.common import (
     NON_NEGATIVE,
     bar_progress,
     check_artifact_manifest,
+    comma_items,
     console,
     emit,
     given_options,
@@ -154,7 +155,7 @@ def _verify_artifact(artifact: Path, reference: str, revision: str | None, data:
     with --locate, where it first leaves PyTorch."""
     info = read_artifact_info(artifact)
     batches = tuple(parse_ints(batch_sizes, "--batch-sizes")) if batch_sizes is not None else None
-    other_sizes = [parse_size(t.strip(), "--sizes") for t in sizes.split(",")] if sizes is not None else None
+    other_sizes = [parse_size(t, "--sizes") for t in comma_items(sizes, "--sizes", "96x96,128x160")] if sizes is not None else None
     info.declared_shapes(batches, other_sizes)  # a shape the artifact does not take: one line, before any work
     check_labels_fit(open_source(data, "val"), data, len(info.class_names))  # bad data: one line, before any work
     thresholds = thresholds_for(info.precision, **overrides)

@@ -37,9 +37,11 @@ def runner_for(model: Any, device: str = "cpu", backend: str | None = None, outp
                **options: Any) -> Runner:
     """The runner for an artifact (its format's backend, by suffix) or a checkpoint (torch), or the named
     backend. Nothing is loaded before `activate()`."""
+    fmt = format_for_path(Path(str(model))) if isinstance(model, (str, Path)) else None
     if backend is None:
-        fmt = format_for_path(Path(str(model))) if isinstance(model, (str, Path)) else None
         backend = fmt.backend if fmt is not None else "torch"
+    elif fmt is not None and backend != "triton":
+        fmt.check_backend(backend, Path(str(model)))
     return get_backend(backend).make(model, device, outputs, **options)
 
 

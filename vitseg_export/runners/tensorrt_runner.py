@@ -87,9 +87,12 @@ class TensorRTRunner(Runner):
         runs on the GPU."""
         path = Path(path)
         super().__init__(f"{self.backend}:{path.name}", device)
-        if device != "cuda":
-            raise VitsegError(f"{self.edition.display} engines run on the GPU only", "use --device cuda")
         self.path = path
+        if device != "cuda":
+            # a damaged, truncated or foreign file says so first: --device cuda would not help it
+            check_manifest_matches(path)
+            read_artifact_info(path)
+            raise VitsegError(f"{self.edition.display} engines run on the GPU only", "use --device cuda")
 
     def activate_impl(self) -> None:
         self._check_engine()  # the file alone says whose engine it is and which GPUs it is for
