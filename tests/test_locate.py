@@ -202,7 +202,7 @@ def test_a_broken_quantized_layer_is_located_ranked_first_and_kept_float_by_the_
                                                                     "of that name (use a module path such as encoder.block."),
     (["--precision", "fp32", "--keep-float", "encoder.block.0.0"], "--keep-float applies to the reduced precisions (fp16, int8)"),
     (["--format", "openvino", "--precision", "fp16", "--keep-float", "encoder.block.0.0"], "--keep-float: an OpenVINO fp16 IR"),
-    (["--precision", "int8", "--keep-float", ","], "--keep-float ',' names no module")])
+    (["--precision", "int8", "--keep-float", ","], "--keep-float ',' is empty")])
 def test_keep_float_names_are_checked_in_one_line(tmp_path, cli, args, message):
     out = tmp_path / ("m.xml" if "openvino" in args else "m.onnx")
     r = cli("export", "segformer-b0-test", *args, "-o", str(out))
