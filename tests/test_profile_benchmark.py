@@ -46,8 +46,12 @@ def test_benchmark_schema_and_files(tmp_path, cli, monkeypatch):
     assert 0 <= report["rows"][2]["int8_mac_share"] <= 1
     speed = report["rows"][2]["speed_vs_baseline"]  # int8 against onnx-fp32, interleaved, by the timing rule
     assert speed["baseline"] == "fp32" and speed["candidate"] == "int8" and speed["pairs"] >= 21
+    # the outcome by hand from the recorded interval (the rule: all of it past 1 +- margin), not from the run's own word
+    low, high, margin = speed["low"], speed["high"], speed["margin"]
+    by_hand = "faster" if low > 1 + margin else "slower" if high < 1 - margin else "no measurable gain"
+    assert speed["outcome"] == by_hand and low <= speed["speedup"] <= high and margin == 0.1
     assert report["rows"][2]["status"] == {"slower": "verified, slower than fp32 here", "faster": "verified",
-                                           "no measurable gain": "verified, no measurable gain over fp32 here"}[speed["outcome"]]
+                                           "no measurable gain": "verified, no measurable gain over fp32 here"}[by_hand]
     md = (tmp_path / "b" / "benchmark.md").read_text()
     assert "| onnx-int8 |" in md and "speedup" in md
     assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
