@@ -69,3 +69,17 @@ def test_predict_from_checkpoint_matches_onnx(tmp_path, cli, twin):
                           np.asarray(Image.open(tmp_path / "b" / "img0_mask.png")))
     missing = cli("predict", str(tmp_path / "m.onnx"), str(tmp_path / "nope.jpg"), "--output", str(tmp_path / "c"))
     assert missing.exit_code == 2 and "does not exist" in missing.stderr and not (tmp_path / "c").exists()
+
+
+def test_a_folder_with_one_cut_frame_writes_nothing(tmp_path, cli, exported):
+    """A folder is one source: a frame whose header is whole and whose pixels are cut short (the header check
+    passes it) fails the whole folder before the first mask is written, and leaves no output directory."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, path in enumerate(_images(tmp_path, [(64, 64)] * 4)):
+        path.rename(frames / f"f{i}.jpg")
+    cut = frames / "f2.jpg"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    r = cli("predict", str(exported("segformer-b0-test")), str(frames), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "f2.jpg" in r.stderr and "truncated" in r.stderr
+    assert not (tmp_path / "out").exists()

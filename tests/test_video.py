@@ -189,7 +189,12 @@ def _damaged_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     for packet in [*stream.encode(silence), *stream.encode(None)]:
         sound.mux(packet)
     sound.close()
+    # an MPEG-TS file cut at 60%: FFmpeg reads it to its last whole packet as a shorter video, without a word
+    ts = _write_video(tmp_path / "whole.ts", frames, codec="mpeg2video", fmt="mpegts").read_bytes()
+    cut = len(ts) * 3 // 5 - (1 if len(ts) * 3 // 5 % 188 == 0 else 0)
+    (tmp_path / "cut.ts").write_bytes(ts[:cut])
     return {"cut": (tmp_path / "cut.mp4", "is damaged, truncated or not a video"),
+            "cut-ts": (tmp_path / "cut.ts", f"is truncated: its {cut:,} bytes end inside a transport packet"),
             "cut-front": (tmp_path / "cut-front.mp4", "is damaged or truncated: decoding fails after"),
             "codec": (tmp_path / "unknown-codec.avi", "uses a video codec this FFmpeg cannot decode"),
             "garbage": (tmp_path / "garbage.mkv", "is damaged, truncated or not a video"),
@@ -202,7 +207,11 @@ def test_damaged_files_are_one_line_each_and_leave_nothing(tmp_path, cli, model)
         r = cli("predict", str(model), str(path), "-o", str(out))
         lines = error_lines(r.stderr)
         assert r.exit_code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, (name, r.stderr)
-        assert not out.exists() or not list(out.iterdir()), (name, list(out.iterdir()))
+        assert not out.exists(), (name, list(out.iterdir()))  # not even an empty directory
+    # the whole transport stream is whole packets, and every one of its frames is read
+    whole = cli("predict", str(model), str(tmp_path / "whole.ts"), "-o", str(tmp_path / "ts"), "--json")
+    assert whole.exit_code == 0, whole.stderr
+    assert json.loads(whole.stdout)[0]["frames"] == json.loads(whole.stdout)[0]["decoded"] == 30
 
 
 def test_batch_size_needs_an_artifact_with_a_dynamic_batch(tmp_path, model):

@@ -175,6 +175,9 @@ class DecodedFrame:
         return self.video_frame.to_ndarray(format="rgb24")
 
 
+TS_PACKET_BYTES, M2TS_PACKET_BYTES = 188, 192  # MPEG-TS; Blu-ray's .m2ts adds a 4-byte timecode to each
+
+
 class VideoSource:
     """An open video file, camera or stream: its picture size, nominal rate and time base, and its frames in
     order (`frames`). Opening raises VitsegError (one line) for anything FFmpeg cannot read."""
@@ -210,6 +213,20 @@ class VideoSource:
         self.rate = Fraction(rate) if rate else DEFAULT_RATE
         self.time_base = self.stream.time_base or Fraction(1, 90000)
         self.declared_frames = int(self.stream.frames or 0)  # 0: the container does not say
+        self._check_whole_packets()
+
+    def _check_whole_packets(self) -> None:
+        """An MPEG transport stream file is a whole number of fixed-size packets (188 bytes; 192 in .m2ts). It declares
+        no frame count, and FFmpeg reads a cut one to its last whole packet without a word (a .ts cut at 60% played
+        as 28 of its 50 frames): a file that ends inside a packet was cut, and is refused before any frame is
+        decoded. A cut exactly at a packet boundary cannot be told from a short video."""
+        if self.live or "mpegts" not in (self.container.format.name or "").split(","):
+            return
+        path = Path(self.text)
+        size = path.stat().st_size if path.is_file() else 0
+        if size and size % TS_PACKET_BYTES and size % M2TS_PACKET_BYTES:
+            raise VitsegError(f"{self.what} is truncated: its {size:,} bytes end inside a transport packet (an MPEG-TS "
+                              f"file is whole {TS_PACKET_BYTES}-byte packets)", "copy or download it again")
 
     def frames(self, every: int = 1, stop: threading.Event | None = None) -> Iterator[DecodedFrame]:
         """Every `every`-th frame in presentation order, until the source ends or `stop` is set. A file that fails

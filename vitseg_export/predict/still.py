@@ -111,6 +111,11 @@ def predict_images(model: str, images: list[Path], output: Path, overlay: bool =
     done, total)` hears of each image once its files are written."""
     for path in images:
         image_size(path, max_pixels)
+    for path in images:
+        # decoded in full before anything is written: a header can be whole where the pixels are cut short, and a
+        # folder is one source, of which nothing is written when it fails (decoding twice costs less than a
+        # half-written folder of masks)
+        load_rgb(path, max_pixels)
     runner = runner_for(model, device=device, backend=backend, outputs=("mask",))
     results = []
     with runner:

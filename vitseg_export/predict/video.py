@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from vitseg_export.errors import Terminated, VitsegError
-from vitseg_export.files import _commit, _discard, _new_temp_name, signals_deferred
+from vitseg_export.files import _commit, _discard, _missing_directories, _new_temp_name, signals_deferred
 from vitseg_export.images import pixels_from_image
 from vitseg_export.predict.sources import (
     LIVE_KINDS,
@@ -130,6 +130,9 @@ class VideoWriter:
         self.frames = 0
         self._temps: dict[str, Path] = {}
         self._encoders: dict[str, tuple[Any, Any]] = {}
+        # the directories this writer makes: `abort` removes them again where they are left empty (a failed source
+        # leaves no empty output directory behind)
+        self._created = _missing_directories(dict.fromkeys(targets.values(), b""))
         try:
             for kind, target in targets.items():
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +182,12 @@ class VideoWriter:
             for temp in self._temps.values():
                 _discard(temp)
             self._temps = {}
+            for directory in self._created:  # deepest first; only where nothing else was put
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
+            self._created = []
 
 
 @dataclass
