@@ -255,6 +255,22 @@ def test_check_trt_builds_the_graph_and_names_the_node_the_parser_rejects(tmp_pa
         check_build(bad)
 
 
+def test_an_op_the_parser_cannot_import_is_named_with_the_lints_reason(tmp_path, cli, exported):
+    """An ONNX with an op TensorRT has no importer for (Unique): the parser says only "false"; the error line names
+    the node and op, vitseg's lint's reason, and a fix that is not the --check-trt the user may have just given."""
+    model = onnx.load(exported("segformer-b0-test"))
+    model.graph.node.append(helper.make_node("Unique", ["logits"], ["uq"], name="the_unique"))
+    model.graph.output.append(helper.make_empty_tensor_value_info("uq"))
+    onnx.save(model, tmp_path / "u.onnx")
+    for extra in ((), ("--check-trt",)):
+        r = cli("export", str(tmp_path / "u.onnx"), "--format", "trt-rtx", *extra, "-o", str(tmp_path / "u.rtx.engine"))
+        line = r.stderr.strip().splitlines()[-1]
+        assert r.exit_code == 2 and line.startswith("error: TensorRT-RTX's ONNX parser rejected u.onnx at node "
+                                                    "'the_unique' (Unique): no importer for this op; vitseg's lint: "
+                                                    "the_unique (Unique): not in the TensorRT ONNX parser's supported operators")
+        assert "--check-trt" not in line and not (tmp_path / "u.rtx.engine").exists()
+
+
 def test_a_trt_rtx_engine_is_served_by_vitsegs_runner_not_tritons_tensorrt_backend(rtx_engine, tmp_path):
     from vitseg_export.serving.repository import repository_from_artifact
 

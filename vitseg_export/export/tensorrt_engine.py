@@ -131,9 +131,18 @@ def parse_onnx(onnx_path: Path, logger: Any, weakly_typed: bool, edition: Editio
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         where = f" at node '{first.node_name()}' ({first.node_operator()})" if first is not None else ""
-        raise VitsegError(f"{edition.display}'s ONNX parser rejected {onnx_path.name}{where}: "
-                          f"{first.desc() if first is not None else 'unknown error'}",
-                          "run `vitseg export --check-trt` on the checkpoint to lint the graph")
+        said = first.desc().strip() if first is not None else ""
+        # the parser's own words can be as bare as "false" (an op it has no importer for): vitseg's lint of the same
+        # graph names the op and why, against onnx-tensorrt's operator list
+        try:
+            problems = [str(p) for p in lint_for_tensorrt(onnx.load(str(onnx_path)))]
+        except ImportError:  # no onnx in this install: the parser's words alone
+            problems = []
+        reason = said if said and said.lower() != "false" else "no importer for this op"
+        lint = f"; vitseg's lint: {problems[0]}" if problems else ""
+        raise VitsegError(f"{edition.display}'s ONNX parser rejected {onnx_path.name}{where}: {reason}{lint}",
+                          "replace or remove that op in the graph (TensorRT imports the ops of onnx-tensorrt's "
+                          "operators list), or use --format onnx or openvino for it")
     return builder, network, parser, strongly
 
 
