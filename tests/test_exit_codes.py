@@ -234,3 +234,20 @@ def test_the_cli_helpers_say_what_they_do():
     assert not [name for name, functions in defined.items() if "_report" in functions]
     assert "_exit_for" in defined["__init__.py"] and "_print_export_result" in defined["export.py"]
     assert "_emit_verdict" in defined["verify.py"]
+
+
+def test_a_piped_failure_after_work_started_ends_with_its_one_error_line(tmp_path):
+    """Piped (not a terminal): the steps that ran are plain indented lines, no bar or control codes, and the error is
+    the last line and the only `error:` one (docs/reference/errors.md)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vitseg_export", "export", "segformer-b0-test", "--precision", "int8",
+                           "--min-agreement", "1.0", "--calib", "synthetic[:4]", "--calib-images", "4",
+                           "-o", str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert proc.returncode == 3, proc.stderr
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1
+    assert len(lines) > 1 and all(line.startswith("  ") for line in lines[:-1]), lines  # the steps, indented
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
