@@ -466,6 +466,9 @@ def test_a_stream_that_stops_keeps_its_video_and_exits_4(tmp_path, cli, model, t
     assert r.exit_code == 4 and len(lines) == 1 and "ended the run early" in lines[0], r.stderr
     [row] = json.loads(r.stdout)
     assert row["ended_early"] and row["ended"] == ("source ended" if then == "close" else "source failed")
+    # frames run and frames sent are told apart, with the drops between them
+    assert f"the {row['frames']} frames run of the {row['decoded']} it sent" in lines[0], lines[0]
+    assert (f"({row['dropped']} dropped while the model was busy)" in lines[0]) == (row["dropped"] > 0)
     overlays, _ = _decode(Path(row["outputs"]["overlay"]))
     assert len(overlays) == row["frames"] > 10 and _no_temp_files(tmp_path / "out")
 
@@ -527,6 +530,8 @@ def test_ctrl_c_or_sigterm_ends_a_live_run_with_its_video_finished(tmp_path, mod
     else:
         lines = error_lines(stderr)
         assert proc.returncode == 143 and len(lines) == 1 and "terminated" in lines[0], stderr
+        # the line names the video it kept, not "no partial files were left behind"
+        assert f"what was recorded so far is finished and kept: {video}" in lines[0] and "no partial files" not in lines[0]
 
 
 BLOCK = r"""

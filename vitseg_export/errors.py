@@ -44,5 +44,10 @@ class Int8NotWorthIt(VitsegError):
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so every `finally` (temp files, temp dirs) runs as for Ctrl-C."""
+    """SIGTERM, raised in the main thread so every `finally` (temp files, temp dirs) runs as for Ctrl-C. `kept`: the
+    outputs a command finished and kept on its way out (a live video recorded so far), which the error line names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list = []
 

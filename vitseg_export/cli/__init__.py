@@ -160,7 +160,9 @@ def _worker_message(message: str) -> str:
 def _exit_for(e: BaseException, debug: bool) -> NoReturn:
     """Turn any exception that ended a command into one line and its documented exit code."""
     if isinstance(e, Terminated) or _signals_received:  # or what a kill caused first (e.g. a killed worker's error)
-        _fail("terminated (SIGTERM)", "no partial files were left behind", 143)
+        kept = getattr(e, "kept", None)
+        _fail("terminated (SIGTERM)", f"what was recorded so far is finished and kept: {', '.join(map(str, kept))}; "
+              "nothing else was left behind" if kept else "no partial files were left behind", 143)
     if isinstance(e, (KeyboardInterrupt, typer.Abort)):
         _fail("interrupted", "no partial files were left behind", 130)
     if isinstance(e, VitsegError):

@@ -103,7 +103,10 @@ def _raise_if_ended_early(finished: list) -> None:
     if early:
         r = early[0]
         where = ", ".join(str(p) for p in r.outputs.values())
-        raise StreamEndedEarly(f"{r.source} ended the run early: {r.reason}; its {r.frames} frames are in {where}",
+        # frames decoded and frames run differ by those dropped while the model was busy: say both, not one of each
+        dropped = f" ({r.dropped} dropped while the model was busy)" if r.dropped else ""
+        raise StreamEndedEarly(f"{r.source} ended the run early: {r.reason}; the {r.frames} frames run of the {r.decoded} "
+                               f"it sent{dropped} are in {where}",
                                f"exit code {EXIT_ENDED_EARLY}: the video so far is finished and playable")
 
 

@@ -375,9 +375,9 @@ def predict_video(model: str | Runner, source: str, output: Path, stem: str | No
                     raise VitsegError(f"{describe_source(source, kind)} gave no frame to run"
                                       + (f" ({reason})" if reason else ""), "check the source")
                 outputs = writer.finish()
-            except Terminated:
-                if live and writer.frames:  # a service manager stopping a live run: keep what it recorded
-                    writer.finish()
+            except Terminated as stopped:
+                if live and writer.frames:  # a service manager stopping a live run: keep what it recorded, and say so
+                    stopped.kept += list(writer.finish().values())
                 raise
             finally:
                 writer.abort()  # no-op once finished
