@@ -93,7 +93,8 @@ def test_a_dynamic_batch_int8_ir_is_judged_inside_a_batch(tmp_path, twin):
 def test_int8_records_layers_mac_share_and_provenance(tmp_path, twin):
     result = _int8(twin, tmp_path, min_agreement=0.0, min_miou_vs_reference=0.0)
     q = result.manifest.precision_details
-    assert q["fallback_groups"] == [] and q["quantized_layers"] > 0 and 0 < q["int8_mac_share"] <= 1
+    assert q["fallback_groups"] == [] and q["quantized_layers"] > 0
+    assert 0.5 < q["int8_mac_share"] < 1  # attention's activation x activation products are float MACs
     assert q["calibration"]["source"].startswith("synthetic[:8] split=calib") and q["calibration"]["images"] == 8
     assert q["heldout"]["source"].startswith("synthetic[:8] split=val") and q["heldout"]["images"] == 8  # every val image (up to 32)
     from vitseg_export.runners.openvino_runner import openvino_core

@@ -120,7 +120,7 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exporte
         assert zp.dtype == np.int8 or (zp.dtype == np.int32 and "bias" in n.name), n.name
     # trt: per-channel weights on the output-channel axis (Conv: 0; MatMul with constant B [K, N]: 1);
     # cpu: per-tensor weights (faster in onnxruntime's CPU kernels)
-    weights_seen = 0
+    weights_seen, quantized_weights = 0, set()
     for n in model.graph.node:
         if n.op_type not in ("Conv", "MatMul"):
             continue
@@ -129,6 +129,7 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exporte
             w = producers.get(w.input[0])
         if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits:
             weights_seen += 1
+            quantized_weights.add(n.name)
             if target == "trt":
                 axis = next((a.i for a in w.attribute if a.name == "axis"), 1)
                 assert axis == (0 if n.op_type == "Conv" else 1), n.name
@@ -152,7 +153,13 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exporte
     assert len(attention) >= 2 and attention <= {n.name for n in model.graph.node}
     assert not set(quantized_layers(model)) & attention
     q = manifest["int8"]
-    assert manifest["metadata"]["precision"] == "int8" and 0 <= q["int8_mac_share"] <= 1
+    # the MAC share by hand: the layers found quantized by the walk above, weighed by ONNX Runtime's shapes of the
+    # fp32 graph (nothing fell back here: every layer the walk finds is int8)
+    from vitseg_export.export.int8 import node_macs
+
+    macs = node_macs(onnx.load(exported("segformer-b0-test", outputs="both")), np.zeros((1, 3, 64, 64), np.float32))
+    assert manifest["metadata"]["precision"] == "int8" and not q.get("fallback_layers")
+    assert q["int8_mac_share"] == pytest.approx(sum(macs[name] for name in quantized_weights) / sum(macs.values()), rel=1e-6)
     assert q["calibration"]["images"] == 8 and q["calibration"]["method"] == "minmax"
     assert len(q["calibration"]["image_list_sha256"]) == 16 and (q["calibration"]["ranges"] or target == "trt")
     assert q["quantization"]["target"] == target
