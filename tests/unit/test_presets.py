@@ -19,6 +19,8 @@ PRESETS = {
                        max_mean_abs_logit_diff=0.05, max_nonfinite=0),
     "int8": Thresholds(min_agreement=0.99, min_miou_vs_reference=0.98, max_abs_logit_diff=None,
                        max_mean_abs_logit_diff=None, max_nonfinite=0),
+    "bf16": Thresholds(min_agreement=0.995, min_miou_vs_reference=0.99, max_abs_logit_diff=1.0,
+                       max_mean_abs_logit_diff=0.1, max_nonfinite=0),
 }
 NAMES = sorted(PRESETS)
 
@@ -175,6 +177,35 @@ def test_calibrated_precisions_take_the_users_targets():
     assert get_precision("int8").export_thresholds(targets) == Thresholds(0.995, 0.99, None, None, 0)
     assert get_precision("int8").export_thresholds() == PRESETS["int8"]
     assert get_precision("fp16").export_thresholds(targets) == PRESETS["fp16"]  # not calibrated: the preset
+
+
+def test_every_precision_of_the_table_has_its_preset_written_here():
+    from vitseg_export.precisions import PRECISIONS
+
+    assert set(PRECISIONS) == set(PRESETS)
+
+
+@pytest.mark.parametrize("name, weights, computes_in, allowance", [
+    ("fp32", "fp32", "f32", 60.0), ("fp16", "fp16 (compressed)", "f16", 40.0), ("int8", "int8", "bf16", 20.0),
+    ("bf16", "fp32", "bf16", 30.0)])  # bf16: OpenVINO rounds the fp32 weights when it compiles the IR
+def test_what_an_ir_of_each_precision_stores_and_computes_in(name, weights, computes_in, allowance):
+    row = get_precision(name)
+    assert row.openvino_weights() == weights and row.openvino_inference_precision == computes_in
+    assert row.locate_sqnr_db == allowance
+
+
+def test_bf16_is_offered_where_vitseg_can_judge_it_and_refused_elsewhere_in_one_line():
+    from vitseg_export.errors import VitsegError
+    from vitseg_export.formats import FORMATS, get_format
+
+    assert {name for name, fmt in FORMATS.items() if "bf16" in fmt.precisions} == {"openvino", "triton"}
+    assert all({"fp32", "fp16", "int8"} <= set(fmt.precisions) for fmt in FORMATS.values())
+    get_format("openvino").check_precision("bf16")
+    with pytest.raises(VitsegError) as refused:
+        get_format("onnx").check_precision("bf16")
+    assert refused.value.message.startswith("--precision bf16 is not offered for --format onnx: vitseg makes and judges bf16 "
+                                            "as an OpenVINO IR")
+    assert refused.value.hint == "use --format openvino --precision bf16, or --precision fp16 for ONNX and TensorRT"
 
 
 def test_thresholds_for_overrides_single_limits():
