@@ -128,7 +128,7 @@ register_format(Format(
     other_backends=("openvino",)))
 register_format(Format(
     "trt", (".engine", ".plan"), "TensorRT engine (built from the ONNX graph on the target GPU)", "tensorrt",
-    EVERY_FORMAT, export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),
+    EVERY_FORMAT + ("bf16",), export=lazy("vitseg_export.export.tensorrt_engine:export_engine"),
     read_info=lazy("vitseg_export.artifact:read_manifest_info"),
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_tensorrt"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",
@@ -137,7 +137,7 @@ register_format(Format(
     plan=lazy("vitseg_export.export.tensorrt_engine:plan_engine")))
 register_format(Format(
     "trt-rtx", (".rtx.engine",), "TensorRT-RTX engine (built ahead of time on any machine; runs on RTX GPUs)",
-    "tensorrt-rtx", EVERY_FORMAT, export=lazy("vitseg_export.export.tensorrt_engine:export_rtx_engine"),
+    "tensorrt-rtx", EVERY_FORMAT + ("bf16",), export=lazy("vitseg_export.export.tensorrt_engine:export_rtx_engine"),
     read_info=lazy("vitseg_export.artifact:read_manifest_info"),
     probe=lazy("vitseg_export.runners.tensorrt_runner:probe_rtx_build"),
     summary=lazy("vitseg_export.export.tensorrt_engine:engine_summary"), int8_target="trt",

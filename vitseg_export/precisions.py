@@ -104,6 +104,7 @@ class Precision:
     locate_sqnr_db: float = 60.0
     options: tuple[str, ...] = ()  # the `vitseg export` options that apply to this precision alone
     trt_fp32_gemm: bool = False  # its TensorRT graphs multiply matrices in fp32 (TensorRT-RTX has none on Turing)
+    trt_bf16: bool = False  # its TensorRT graphs compute in bf16 (tensor cores from Ampere, compute capability 8.0, on)
     # how many real held-out images an export's verdict rests on unless asked otherwise (every verdict states it);
     # a calibrated precision's fallback decides on them too, so it takes more
     verdict_images: int = 16
@@ -175,13 +176,15 @@ register_precision(Precision(
     # only at near-ties, as fp16 does, three bits coarser
     "bf16", Thresholds(min_agreement=0.995, min_miou_vs_reference=0.99, max_abs_logit_diff=1.0,
                        max_mean_abs_logit_diff=0.1),
-    convert=None, trt_weak_flags=(), parity_on_noise=False, needs_logits=False,
-    description="fp32 graph computed in bf16 (OpenVINO CPU: AVX512_BF16 or AMX)",
-    locate_sqnr_db=30.0, openvino_inference_precision="bf16",
-    offered_where=("vitseg makes and judges bf16 as an OpenVINO IR, which OpenVINO's CPU plugin computes in bf16 "
-                   "(AVX512_BF16, AMX); ONNX Runtime's CPU provider has no bf16 kernels to judge a bf16 ONNX graph "
-                   "with, and vitseg builds no bf16 TensorRT engines yet",
-                   "use --format openvino --precision bf16, or --precision fp16 for ONNX and TensorRT")))
+    # TensorRT: a bf16 ONNX graph (AutoCast), built strongly typed; ONNX Runtime's CPU provider runs it emulated
+    convert=lazy("vitseg_export.export.fp16:bf16_conversion"), trt_weak_flags=("BF16",), parity_on_noise=False,
+    needs_logits=False, description="bf16 compute: OpenVINO IRs on CPUs with AVX512_BF16 or AMX, TensorRT engines on "
+                                    "GPUs from Ampere on",
+    locate_sqnr_db=30.0, openvino_inference_precision="bf16", trt_bf16=True,
+    describe=lazy("vitseg_export.export.fp16:describe_fp16"),
+    offered_where=("bf16 is made as an OpenVINO IR (CPUs with AVX512_BF16 or AMX) or a TensorRT engine (GPUs from Ampere "
+                   "on); as a plain ONNX artifact ONNX Runtime's CPU provider has no bf16 kernels to run it with",
+                   "use --format openvino, trt or trt-rtx with --precision bf16, or --precision fp16 for ONNX")))
 
 
 def thresholds_for(precision: str, **overrides: float | None) -> Thresholds:

@@ -198,14 +198,15 @@ def test_bf16_is_offered_where_vitseg_can_judge_it_and_refused_elsewhere_in_one_
     from vitseg_export.errors import VitsegError
     from vitseg_export.formats import FORMATS, get_format
 
-    assert {name for name, fmt in FORMATS.items() if "bf16" in fmt.precisions} == {"openvino", "triton"}
+    assert {name for name, fmt in FORMATS.items() if "bf16" in fmt.precisions} == {"openvino", "triton", "trt", "trt-rtx"}
     assert all({"fp32", "fp16", "int8"} <= set(fmt.precisions) for fmt in FORMATS.values())
     get_format("openvino").check_precision("bf16")
+    get_format("trt-rtx").check_precision("bf16")
     with pytest.raises(VitsegError) as refused:
         get_format("onnx").check_precision("bf16")
-    assert refused.value.message.startswith("--precision bf16 is not offered for --format onnx: vitseg makes and judges bf16 "
-                                            "as an OpenVINO IR")
-    assert refused.value.hint == "use --format openvino --precision bf16, or --precision fp16 for ONNX and TensorRT"
+    assert refused.value.message.startswith("--precision bf16 is not offered for --format onnx: bf16 is made as an "
+                                            "OpenVINO IR (CPUs with AVX512_BF16 or AMX) or a TensorRT engine")
+    assert refused.value.hint == "use --format openvino, trt or trt-rtx with --precision bf16, or --precision fp16 for ONNX"
 
 
 def test_thresholds_for_overrides_single_limits():

@@ -26,6 +26,7 @@ from vitseg_export.precisions import Conversion, ConversionContext
 from vitseg_export.runners.base import require_module
 
 DATA_MAX = 512.0  # AutoCast: a node whose values exceed this stays in fp32
+BF16_DATA_MAX = 3.0e38  # bf16 has fp32's exponent: no value is too large for it (AutoCast's limit, never reached)
 
 
 def fp32_nodes(model: onnx.ModelProto) -> list[str]:
@@ -37,9 +38,10 @@ def fp32_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False,
-              keep: Callable[[str], bool] | None = None) -> tuple[onnx.ModelProto, dict]:
+              keep: Callable[[str], bool] | None = None, low: str = "fp16") -> tuple[onnx.ModelProto, dict]:
     """(fp16 graph, manifest details) from vitseg's fp32 graph; `pixels` (N,3,H,W) are the images AutoCast
-    measures value ranges on; nodes `keep` selects stay fp32 (--keep-float). Raises BackendMissingError without
+    measures value ranges on; nodes `keep` selects stay fp32 (--keep-float). `low="bf16"`: a bf16 graph, where only
+    `keep` stays fp32 (bf16 has fp32's range: no value is too large for it). Raises BackendMissingError without
     Model Optimizer."""
     excluded = [f"^{re.escape(n.name)}$" for n in model.graph.node if keep is not None and keep(n.name)]
     # imported before the quiet block, so that the loggers AutoCast configures on import (INFO and WARNING lines
@@ -50,13 +52,14 @@ def onnx_fp16(model: onnx.ModelProto, pixels: np.ndarray, fp16_io: bool = False,
         onnx.save(model, Path(tmp) / "fp32.onnx")
         np.savez(Path(tmp) / "calibration.npz", pixels=pixels)
         converted = autocast.convert_to_mixed_precision(
-            onnx_path=str(Path(tmp) / "fp32.onnx"), low_precision_type="fp16", data_max=DATA_MAX,
+            onnx_path=str(Path(tmp) / "fp32.onnx"), low_precision_type=low, data_max=DATA_MAX if low == "fp16" else BF16_DATA_MAX,
             keep_io_types=not fp16_io, calibration_data=str(Path(tmp) / "calibration.npz"), providers=["cpu"],
             nodes_to_exclude=excluded or None)
     remove_dead_nodes(converted)
     kept = fp32_nodes(converted)
     by_op = collections.Counter(n.op_type for n in converted.graph.node if n.name in set(kept))
-    return converted, {"converter": "modelopt.onnx.autocast (data_max 512)", "io_dtype": "float16" if fp16_io else "float32",
+    converter = "modelopt.onnx.autocast (data_max 512)" if low == "fp16" else "modelopt.onnx.autocast (bf16)"
+    return converted, {"converter": converter, "io_dtype": "float16" if fp16_io else "float32",
                        "fp32_nodes": kept, "fp32_ops": dict(by_op), "calibration_images": len(pixels),
                        **({"kept_float_nodes": len(excluded)} if excluded else {})}
 
@@ -72,9 +75,23 @@ def fp16_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversio
     return Conversion(converted, details)
 
 
+def bf16_conversion(model: onnx.ModelProto, ctx: ConversionContext) -> Conversion:
+    """The bf16 precision's converter for TensorRT engines (precisions.py): AutoCast with bf16, every node bf16 but
+    the --keep-float modules, float32 inputs and outputs. ONNX Runtime's CPU provider runs the result emulated
+    (runners/bf16_emulation.py); TensorRT builds it strongly typed."""
+    ctx.progress("converting to bf16 (AutoCast: every node bf16 but --keep-float modules)")
+    images = load_inputs(ctx.data, "calib", 2, ctx.image_size).images  # AutoCast runs the graph once; bf16 keeps every range
+    keep = ctx.scopes.selector(ctx.keep_float) if ctx.keep_float else None
+    converted, details = onnx_fp16(model, np.concatenate([im.pixels[None] for im in images]), False, keep, low="bf16")
+    if ctx.keep_float:
+        details["keep_float"] = list(ctx.keep_float)
+    return Conversion(converted, details)
+
+
 def describe_fp16(details: dict) -> list[str]:
     """What `vitseg export` prints about an fp16 manifest section (an AutoCast graph's fp32 islands)."""
     if "fp32_nodes" not in details:  # fp16 weights of an IR: nothing converted in the graph
         return []
     ops = ", ".join(f"{op} {n}" for op, n in details["fp32_ops"].items()) or "none"
-    return [f"fp16 (AutoCast): {len(details['fp32_nodes'])} nodes kept in fp32 ({ops}); I/O {details['io_dtype']}"]
+    low = "bf16" if "bf16" in details["converter"] else "fp16"
+    return [f"{low} (AutoCast): {len(details['fp32_nodes'])} nodes kept in fp32 ({ops}); I/O {details['io_dtype']}"]

@@ -46,6 +46,7 @@ from vitseg_export.machine.interrupt import UNWIND_S, run_interruptible
 from vitseg_export.precisions import Conversion, ConversionContext
 from vitseg_export.progress import Progress, silent
 from vitseg_export.runners.base import require_module
+from vitseg_export.runners.bf16_emulation import emulated, has_bf16
 from vitseg_export.runners.onnxruntime_runner import OnnxRuntimeRunner, graph_runner, session_options
 from vitseg_export.settings import CALIB_METHODS, INT8_TARGETS, Int8Settings
 
@@ -91,7 +92,8 @@ def quantized_layers(model: onnx.ModelProto) -> list[str]:
 def node_macs(model: onnx.ModelProto, pixels: np.ndarray) -> dict[str, int]:
     """Multiply-accumulates of every Conv/MatMul/Gemm at batch 1, from one ONNX Runtime run that
     exposes their inputs and outputs (works for any graph, dynamic axes included)."""
-    m = copy.deepcopy(model)
+    # a bf16 graph (TensorRT's) runs on the CPU provider emulated: the same nodes and shapes
+    m = emulated(model) if has_bf16(model) else copy.deepcopy(model)
     targets = [n for n in m.graph.node if n.op_type in QUANTIZED_OP_TYPES]
     existing = {o.name for o in m.graph.output}
     inits = {i.name: tuple(i.dims) for i in m.graph.initializer}

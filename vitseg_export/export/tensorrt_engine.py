@@ -289,6 +289,11 @@ def check_engine_plan(settings: EngineSettings, edition: Edition, info: Artifact
         raise VitsegError(f"--compute-capability {fp32_gemm[0]}: {edition.display} has no fp32 matrix multiplies for "
                           f"compute capability {fp32_gemm[0]} (Turing), and a {precision.name} engine needs them",
                           f"export --precision fp16 or int8 for {fp32_gemm[0]}, or leave {fp32_gemm[0]} out")
+    no_bf16 = [c for c in target_capabilities(settings, edition) if c in edition.no_bf16] if precision.trt_bf16 else []
+    if no_bf16:
+        raise VitsegError(f"--compute-capability {no_bf16[0]}: compute capability {no_bf16[0]} (Turing) has no bf16 "
+                          f"arithmetic, and a {precision.name} engine computes in it",
+                          f"export --precision fp16 for {no_bf16[0]}, or leave {no_bf16[0]} out")
     return _profile_shapes(info, settings)
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from vitseg_export.artifact import ArtifactInfo, check_manifest_matches
+from vitseg_export.artifact import ArtifactInfo, check_manifest_matches, read_onnx_info
 from vitseg_export.errors import BackendMissingError, VitsegError
 from vitseg_export.machine.probes import module_version
 from vitseg_export.runners.base import INPUT_NAME, Runner, require_module
+from vitseg_export.runners.bf16_emulation import emulated, has_bf16, load_graph
 from vitseg_export.runners.torch_runner import torch_devices
 from vitseg_export.tables import lazy_module
 
@@ -54,6 +56,16 @@ class OnnxRuntimeRunner(Runner):
         if model_bytes is not None and info is None:
             raise ValueError("an in-memory graph needs its ArtifactInfo")
         self.given_info = info
+        self.bf16_emulated = False  # a bf16 graph run on the CPU provider, emulated (`_session`)
+
+    def _precision(self) -> str | None:
+        """The artifact's precision from its metadata (no session needed), None where it has none."""
+        if self.given_info is not None:
+            return self.given_info.precision
+        try:
+            return read_onnx_info(self.path).precision
+        except VitsegError:
+            return None
 
     def activate_impl(self) -> None:
         require_module("onnxruntime", "onnxruntime is not installed", "pip install onnxruntime (GPU: onnxruntime-gpu)")
@@ -79,7 +91,18 @@ class OnnxRuntimeRunner(Runner):
                             {o.name: o.shape for o in self.session.get_outputs()})
 
     def _session(self, providers: list, emulate_int8: bool):
-        source = self.model_bytes if self.model_bytes is not None else str(self.path)
+        source: bytes | str = self.model_bytes if self.model_bytes is not None else str(self.path)
+        if providers == ["CPUExecutionProvider"] and self._precision() == "bf16":
+            # ONNX Runtime's CPU provider has no bf16 kernels: the graph runs emulated, fp32 arithmetic with every
+            # bf16 result rounded to bf16 (runners/bf16_emulation.py); said once, where a file is run
+            model = load_graph(source)
+            if has_bf16(model):
+                source = emulated(model).SerializeToString()
+                self.bf16_emulated = True
+                if self.model_bytes is None:
+                    warnings.warn(f"{self.path.name} is a bf16 graph; ONNX Runtime's CPU provider has no bf16 kernels, so "
+                                  "vitseg runs it emulated (fp32 arithmetic, every bf16 result rounded to bf16): what "
+                                  "a bf16 GPU engine stores, not its speed", stacklevel=2)
         try:
             options = session_options(self.threads, self.optimize, emulate_int8, spin=not self.turns)
             return ort.InferenceSession(source, options, providers=providers)

@@ -46,6 +46,7 @@ class Edition:
     # compute capabilities it has no fp32 matrix multiplies for (TensorRT-RTX on Turing: "FP32 GEMM is not
     # supported", after the parse): an fp32 engine for them is refused before any work
     no_fp32_gemm: tuple[str, ...] = ()
+    no_bf16: tuple[str, ...] = ()  # compute capabilities without bf16 tensor cores (Turing)
 
     def load(self) -> ModuleType:
         """The edition's module; BackendMissingError (one line) when it is not installed or cannot load."""
@@ -95,7 +96,7 @@ TENSORRT_RTX = EDITIONS.register(Edition(
     # every target but Turing, which TensorRT-RTX builds only when asked (it costs the others speed)
     default_targets=("8.0", "8.6", "8.9", "12.0", "12.1"), dla=False, weakly_typed=False, timing_cache=False,
     runs_on="RTX-class GPUs of the compute capabilities it was built for (Ampere, Ada, Blackwell; Turing when asked)",
-    no_fp32_gemm=("7.5",)))
+    no_fp32_gemm=("7.5",), no_bf16=("7.5",)))
 
 
 def edition_for_format(fmt: str) -> Edition:
