@@ -114,3 +114,28 @@ def test_a_comparison_round_trips_through_json_and_describes_its_rule():
     assert again == result and result.outcome == timing.SLOWER
     assert result.describe() == ("int8 0.80x fp32 (95% interval 0.80-0.80 over 21 pairs; 12.50 vs 10.00 ms): slower "
                                  "(the interval lies below 0.90)")
+
+
+def test_the_median_interval_at_the_edges_of_its_rule():
+    """Worked by hand from Binomial(n, 1/2) probabilities (exact binary fractions, so no rounding decides):
+    n = 9: P(0) = 1/512, P(<= 1) = 10/512 = 0.01953125."""
+    nine = [float(v) for v in range(1, 10)]
+    # a tail of exactly P(<= 1): a count that reaches the tail still counts (k = 2: the 2nd smallest and largest)
+    assert timing.median_interval(nine, 1 - 2 * 10 / 512) == (2.0, 8.0)
+    # a tail between P(1) alone (9/512) and P(<= 1): P(0) must be counted too (k = 1)
+    assert timing.median_interval(nine, 1 - 2 * 0.019) == (1.0, 9.0)
+    # confidence 0 (tail 1/2): k stops below n // 2, so the interval never collapses past the middle
+    assert timing.median_interval([1.0, 2.0, 3.0, 4.0, 5.0], 0.0) == (2.0, 4.0)
+    assert timing.median_interval([float(v) for v in range(1, 22)], 0.0) == (10.0, 12.0)
+
+
+def test_an_interval_touching_a_margin_edge_straddles_it():
+    assert timing._straddles(0.8, 1.0 - 0.1, 0.1) and timing._straddles(1.0 + 0.1, 1.3, 0.1)
+    assert not timing._straddles(0.5, 0.89, 0.1) and not timing._straddles(0.91, 1.09, 0.1)
+
+
+def test_a_comparison_is_recorded_to_four_decimals():
+    c = timing.SpeedComparison("fp32", "int8", 5.123456, 4.0, 1.2345678, 1.1, 1.3, 0.95, 0.1, 21, timing.FASTER)
+    assert c.to_json() == {"baseline": "fp32", "candidate": "int8", "baseline_ms": 5.1235, "candidate_ms": 4.0,
+                           "speedup": 1.2346, "low": 1.1, "high": 1.3, "confidence": 0.95, "margin": 0.1, "pairs": 21,
+                           "outcome": timing.FASTER}

@@ -124,3 +124,59 @@ def test_kept_units_are_those_inside_the_named_modules():
     with pytest.raises(VitsegError) as none_inside:
         fallback.kept_units(units, ("enc.2",), Scopes())
     assert none_inside.value.message == "--keep-float enc.2: no quantized layer is inside it"
+
+
+# -- Heldout: the verdict images and the reference's logits the fallback decides on --------------------------------
+
+def _heldout_runners():
+    import numpy as np
+
+    from vitseg_export.compare.inputs import noise_inputs
+
+    from .test_comparator_batches import FakeRunner, logits_of
+
+    inputs = noise_inputs((8, 8), 6, seed=3, batch_sizes=(1,))
+
+    class Offset(FakeRunner):
+        def __init__(self, images, offset=0.0, fail=False):
+            super().__init__(images)
+            self.offset, self.fail = offset, fail
+
+        def infer_impl(self, pixels):
+            if self.fail:
+                raise VitsegError("fake: cannot run", "hint")
+            return {"logits": super().infer_impl(pixels)["logits"] + np.float32(self.offset)}
+
+    return inputs, FakeRunner, Offset, logits_of
+
+
+def test_heldout_of_records_a_live_reference_once_and_moves_the_targets_inwards():
+    inputs, FakeRunner, _, logits_of = _heldout_runners()
+    reference = FakeRunner(inputs.images).activate()
+    held = fallback.Heldout.of((inputs, reference), Thresholds(0.99, 0.98, None, None))
+    assert reference.batches == [[i] for i in range(6)]  # each image alone, once
+    assert held.num_classes == 3 and held.targets == fallback.decision_targets(Thresholds(0.99, 0.98, None, None))
+    assert all((got == logits_of(im.pixels)).all() for got, im in zip(held.reference.logits, inputs.images))
+    recorded = RecordedOutputs(held.reference.logits)
+    assert fallback.Heldout.of((inputs, recorded), Thresholds(0.99, 0.98, None, None)).reference is recorded
+
+
+def test_heldout_scores_and_sqnr_by_hand():
+    import math
+
+    import numpy as np
+
+    inputs, _, Offset, logits_of = _heldout_runners()
+    held = fallback.Heldout.of((inputs, RecordedOutputs([logits_of(im.pixels) for im in inputs.images])),
+                               Thresholds(0.99, 0.98, None, None))
+    assert held.score(Offset(inputs.images)) == (1.0, 1.0)
+    assert held.sqnr_db(Offset(inputs.images)) == math.inf
+    # every logit moved by 0.01: SQNR = 10 log10(mean(ref^2) / 0.01^2) on the first PROBE_IMAGES images
+    ref = np.stack([logits_of(im.pixels) for im in inputs.images[:fallback.PROBE_IMAGES]]).astype(np.float64)
+    expected = 10 * math.log10(float(np.mean(ref ** 2)) / 0.01 ** 2)
+    assert held.sqnr_db(Offset(inputs.images, 0.01)) == pytest.approx(expected, abs=1e-3)
+    # a uniform offset never changes the argmax: the score stays perfect; a failing candidate says so in one line
+    assert held.score(Offset(inputs.images, 0.5)) == (1.0, 1.0)
+    with pytest.raises(VitsegError) as failed:
+        held.score(Offset(inputs.images, fail=True))
+    assert failed.value.message == "the int8 graph could not be run: fake: cannot run"
