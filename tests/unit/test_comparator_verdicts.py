@@ -119,3 +119,76 @@ def test_record_keeps_each_images_logits_alone():
     recorded = record(runner, inputs)
     assert runner.batches == [[0], [1], [2]] and recorded.seconds >= 0 and recorded.masks is None
     assert all(np.array_equal(got, logits_of(im.pixels)) for got, im in zip(recorded.logits, inputs.images))
+
+
+class Clock:
+    """time.perf_counter as the comparator reads it, advanced only by the runners' scripted durations."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Timed(FakeRunner):
+    """A FakeRunner whose every call takes `seconds` on the clock."""
+
+    def __init__(self, images, clock, seconds, **kw):
+        super().__init__(images, **kw)
+        self.clock, self.per_call = clock, seconds
+
+    def infer_impl(self, pixels):
+        self.clock.now += self.per_call
+        return super().infer_impl(pixels)
+
+
+def test_times_per_image_callbacks_labels_and_per_image_rows_by_hand(monkeypatch):
+    from vitseg_export.compare import comparator
+    from vitseg_export.compare.inputs import InputImage, InputSet
+
+    clock = Clock()
+    monkeypatch.setattr(comparator.time, "perf_counter", clock)
+    base = noise_inputs((8, 6), 4, seed=3)
+    labels = [im.pixels.argmax(0).astype(np.uint8) for im in base.images]  # the reference's own masks as labels
+    inputs = InputSet(base.source, [InputImage(im.name, im.pixels, lab) for im, lab in zip(base.images, labels)], (1, 2))
+    reference = Timed(inputs.images, clock, 0.001).activate()  # 1 ms an image
+    candidate = Timed(inputs.images, clock, 0.004).activate()  # 4 ms a call, whatever the batch
+    seen = []
+    result = compare(reference, {"c": candidate}, inputs, FP32, NUM_CLASSES, consistency=FP32,
+                     on_image=lambda image, ref, masks: seen.append((image.name, ref.shape, sorted(masks), masks["c"].shape)))
+    assert result.reference_seconds_per_image == pytest.approx(0.001)
+    verdict = result.comparisons["c"]
+    # batch 1: 4 ms per image; batch 2: 4 ms per call of two images = 2 ms per image
+    assert [s.seconds_per_image for s in verdict.shapes] == [pytest.approx(0.004), pytest.approx(0.002)]
+    assert verdict.seconds_per_image == pytest.approx(0.004)  # the first shape's
+    assert seen == [(f"noise_{i}", (3, 8, 6), ["c"], (8, 6)) for i in range(4)]  # every image once, its mask at batch 1
+    rows = verdict.per_image
+    assert [(r["batch"], r["height"], r["width"]) for r in rows] == [(1, 8, 6)] * 4 + [(2, 8, 6)] * 4
+    labels_scores = verdict.summary.labels  # the labels are the reference's own masks: it scores 100% against them
+    assert labels_scores.reference_pixel_accuracy_vs_labels == 1.0 and labels_scores.reference_miou_vs_labels == 1.0
+    assert verdict.consistency.compared == 4 and verdict.consistency.batch_sizes == {1, 2}
+
+
+def test_recorded_masks_and_per_candidate_thresholds():
+    inputs = noise_inputs((8, 8), 3, seed=3)
+    logits = [logits_of(im.pixels) for im in inputs.images]
+    # recorded masks (a golden file's) are the reference's word, not the argmax of its compact logits: a reference
+    # whose masks all say class 2 makes an exact candidate disagree wherever the argmax is not 2
+    shifted = [np.full((8, 8), 2, np.int64) for _ in logits]
+    verdict = compare(RecordedOutputs(logits, 0.5, shifted), {"c": FakeRunner(inputs.images).activate()}, inputs, FP32,
+                      NUM_CLASSES).comparisons["c"]
+    share_two = np.mean([(lg.argmax(0) == 2).mean() for lg in logits])
+    assert verdict.summary.pixel_agreement == pytest.approx(share_two)
+    strict, loose = FP32, FP32.__class__(0.0, 0.0, 1.0, 1.0)
+    result = compare(RecordedOutputs(logits, 0.5), {"a": Shifted(inputs.images, 0.5).activate(),
+                                                    "b": Shifted(inputs.images, 0.5).activate()},
+                     inputs, {"a": strict, "b": loose}, NUM_CLASSES)
+    assert not result.comparisons["a"].passed and result.comparisons["b"].passed
+    assert result.reference_seconds_per_image == 0.5 / 3  # a recorded reference's own time, per image
+
+
+def test_by_default_a_mask_output_is_taken_as_given_and_masks_are_judged():
+    verdict = _compare(lambda images: Shifted(images, 0.0, "wrong"))
+    assert verdict.error is None and not verdict.passed  # judged: the wrong masks disagree
+    assert any(f.startswith("pixel agreement ") for f in verdict.failures)
