@@ -59,6 +59,9 @@ def test_the_fallback_record_by_hand():
         "targets": {"min_agreement": 0.99, "min_miou_vs_reference": 0.98},
         "decision_targets": {"min_agreement": pytest.approx(0.991), "min_miou_vs_reference": pytest.approx(0.982)}}
     assert held.meets((0.991, 0.982)) and not held.meets((0.9909, 0.99)) and not held.meets((0.999, 0.9819))
+    # a floated unit with no MAC count (a layer group the IR names differently) counts 0 MACs, not None
+    unknown = fallback.Fallback([{"node": "group/x", "sqnr_db_when_float": 1.0, "reason": "r"}], (1, 1), (1, 1))
+    assert fallback.fallback_record(unknown, held, Thresholds(0.99, 0.98, None, None), {}, set())["fallback_layers"][0]["macs"] == 0
 
 
 @dataclass
@@ -72,7 +75,8 @@ def test_mostly_int8_is_refused_below_half_unless_allowed():
     with pytest.raises(Int8NotWorthIt) as refused:
         fallback.check_mostly_int8({"int8_mac_share": 0.49, "fallback_layers": [{}, {}]}, Settings())
     assert refused.value.message.startswith("only 49% of the MACs stayed int8 (2 units went back to float")
-    assert "--allow-float-fallback" in refused.value.hint
+    assert refused.value.hint == ("export fp32 here, try quantization-aware training (`vitseg qat`), or accept it with "
+                                  "--allow-float-fallback")
     fallback.check_mostly_int8({"int8_mac_share": 0.1, "fallback_layers": []}, Settings(allow_float_fallback=True))
 
 
@@ -85,6 +89,7 @@ def test_the_cpu_record_names_the_classes_its_verdict_holds_on():
     assert vnni["weights"] == "8-bit" and "avx2" not in vnni["verdict_holds_on"]
     here_exact = cpu_class() in ("vnni", "amx")
     assert vnni["verified_with"] == ("integer kernels" if here_exact else "int8 emulated in float (exact)")
+    assert fallback.cpu_record(Settings(cpu_class="avx2"), "a", "b")["verified_with"] == "integer kernels"  # exact everywhere
 
 
 SPEED = {"baseline": "fp32", "candidate": "int8", "baseline_ms": 5.04, "candidate_ms": 4.10, "speedup": 1.23,
@@ -124,6 +129,7 @@ def test_kept_units_are_those_inside_the_named_modules():
     with pytest.raises(VitsegError) as none_inside:
         fallback.kept_units(units, ("enc.2",), Scopes())
     assert none_inside.value.message == "--keep-float enc.2: no quantized layer is inside it"
+    assert none_inside.value.hint == "name a module with Conv or Linear layers"
 
 
 # -- Heldout: the verdict images and the reference's logits the fallback decides on --------------------------------

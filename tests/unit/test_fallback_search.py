@@ -187,3 +187,39 @@ def test_nothing_left_to_float_says_so_and_scores_the_graph_once():
     assert refused.value.exit_code == 3
     assert "no unit left to return to float: 8 kept by --keep-float, 0 others" in refused.value.message
     assert held.scored == [kept]
+
+
+def test_the_search_says_what_it_does_in_its_progress_and_records_why_each_unit_floated():
+    rows = {prefix(0): (0.95, 0.90), prefix(1): (0.97, 0.95), prefix(2): (0.995, 0.981), prefix(3): (0.992, 0.985),
+            prefix(4): (0.995, 0.99)}
+    messages: list[str] = []
+    result = fall_back(FakeGraph(UNITS), TableHeldout(_table(rows), SQNR), max_units=8, progress=messages.append)
+    assert messages == [
+        "int8 held-out agreement 95.000%, mIoU vs reference 90.00 (aiming at 99.10% / 98.20)",
+        "int8: ranking 8 units by the logits with each alone in float",
+        "int8: 1 units in float: agreement 97.000%, mIoU vs reference 95.00",
+        "int8: 2 units in float: agreement 99.500%, mIoU vs reference 98.10",
+        "int8: 4 units in float: agreement 99.500%, mIoU vs reference 99.00",
+        "int8: 3 units in float: agreement 99.200%, mIoU vs reference 98.50"]
+    assert result.floated == [
+        {"node": "u3", "sqnr_db_when_float": 30.0, "reason": "most helpful remaining unit (logit SQNR 30.0 dB with it alone in float)"},
+        {"node": "u5", "sqnr_db_when_float": 28.0, "reason": "most helpful remaining unit (logit SQNR 28.0 dB with it alone in float)"},
+        {"node": "u0", "sqnr_db_when_float": 25.0, "reason": "most helpful remaining unit (logit SQNR 25.0 dB with it alone in float)",
+         "after": "agreement 99.200%, mIoU vs reference 98.50"}]
+    assert result.score == (0.992, 0.985) and result.initial == (0.95, 0.90)
+
+
+def test_kept_units_are_announced_and_an_unreachable_target_names_its_fix():
+    kept = frozenset({"u3"})
+    held = TableHeldout(_prefix_scores(RANKED[1:], needed=99, kept=kept), SQNR)
+    held.kept = kept
+    messages: list[str] = []
+    with pytest.raises(ParityError) as e:
+        fall_back(FakeGraph(UNITS), held, max_units=8, progress=messages.append, kept={"u3": "decode_head"}, hint="the fix")
+    assert messages[0].endswith(", 1 units kept in float") and e.value.hint == "the fix"
+    with pytest.raises(ParityError) as default_hint:
+        fall_back(FakeGraph(UNITS), TableHeldout(_prefix_scores(RANKED, needed=99), SQNR), max_units=8, progress=lambda m: None)
+    assert default_hint.value.hint == "calibrate on more representative images, try --calib-method entropy, or use fp16"
+    with pytest.raises(ParityError) as nothing_left:
+        fall_back(FakeGraph(["u3"]), held, max_units=8, progress=lambda m: None, kept={"u3": "decode_head"}, hint="h2")
+    assert nothing_left.value.hint == "h2"
