@@ -65,12 +65,22 @@ def _check_engine(result, path: Path) -> dict:
     return manifest
 
 
-def _int8_everywhere_it_was_quantized(manifest: dict) -> None:
-    """Every Conv/MatMul the ONNX quantizes (a DequantizeLinear input) computes in int8 in the parsed network."""
+def _int8_everywhere_it_was_quantized(manifest: dict, fp32_graph: Path | None = None, every_weighted_layer: bool = False) -> None:
+    """Every Conv/MatMul the ONNX quantizes (a DequantizeLinear input) computes in int8 in the parsed network; and,
+    read from the fp32 graph the int8 one was made from (no Q/DQ to read), the int8 layers are layers with constant
+    weights, all of them where Model Optimizer quantizes every one (`every_weighted_layer`: the ViT; SegFormer's
+    decoder and stage-1 attention stay fp16 by its own placement rules)."""
     quantized = set(quantized_layers(onnx.load(manifest["source_onnx"])))
     census = {row["name"]: row["computes_in"] for row in manifest["census"]["layers"]}
     assert quantized and {name: census.get(name) for name in quantized} == dict.fromkeys(quantized, "int8")
     assert manifest["census"]["by_type"]["int8"]["layers"] == len(quantized)
+    if fp32_graph is None:  # a graph quantized from PyTorch (QAT): no fp32 ONNX of the same nodes to read
+        return
+    fp32 = onnx.load(fp32_graph)
+    constants = {i.name for i in fp32.graph.initializer} | {o for n in fp32.graph.node if n.op_type == "Constant" for o in n.output}
+    weighted = {n.name for n in fp32.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in constants}
+    int8 = {name for name, kind in census.items() if kind == "int8"}
+    assert int8 <= weighted and (int8 == weighted) is every_weighted_layer, sorted(weighted - int8)
 
 
 @pytest.mark.parametrize("name,precision,settings", [
@@ -81,14 +91,15 @@ def _int8_everywhere_it_was_quantized(manifest: dict) -> None:
     ("vit-seg-tiny-test", "fp16", {"outputs": "both"}),
     ("segformer-b0-test", "int8", {}),  # Model Optimizer's Q/DQ for TensorRT
     ("vit-seg-tiny-test", "int8", {"outputs": "both"})])
-def test_every_graph_kind_builds_with_nvidias_parser_and_builder(tmp_path, twin, name, precision, settings):
+def test_every_graph_kind_builds_with_nvidias_parser_and_builder(tmp_path, twin, exported, name, precision, settings):
     path = tmp_path / f"{name}-{precision}.rtx.engine"
     result = _export_rtx(twin(name), path, precision, **settings)
     manifest = _check_engine(result, path)
     if settings.get("dynamic_size"):
         assert manifest["profile"]["max"][2:] == [128, 128] and manifest["profile"]["min"][2:] == [32, 32]  # 2x the export size
     if precision == "int8":
-        _int8_everywhere_it_was_quantized(manifest)
+        _int8_everywhere_it_was_quantized(manifest, exported(name, outputs=settings.get("outputs", "logits")),
+                                          every_weighted_layer=name.startswith("vit"))
     else:
         assert set(manifest["census"]["by_type"]) == {"fp32" if precision == "fp32" else "fp16"}
 
@@ -318,4 +329,7 @@ def test_segformer_b0_at_512_builds_in_every_precision(tmp_path, twin, precision
     path = tmp_path / f"b0-{precision}.rtx.engine"
     manifest = _check_engine(_export_rtx(twin("segformer-b0"), path, precision, image_size=(512, 512)), path)
     if precision == "int8":
-        _int8_everywhere_it_was_quantized(manifest)
+        from vitseg_export.export.onnx_export import export_onnx
+
+        export_onnx(twin("segformer-b0"), tmp_path / "fp32.onnx", OnnxExportSettings(image_size=(512, 512)))
+        _int8_everywhere_it_was_quantized(manifest, tmp_path / "fp32.onnx")
