@@ -145,7 +145,7 @@ def test_int8_qdq_is_symmetric_and_leaves_norms_in_float(tmp_path, twin, exporte
         assert all(inits[producers[i].input[0]].dtype == np.int32 for n in consumers if n.op_type == "Add"
                    for i in n.input if i in producers and producers[i].op_type == "DequantizeLinear")  # only biases
     else:  # Model Optimizer places Q/DQ where TensorRT fuses them; the float part is fp16, with 2-3 Casts
-        assert consumers and manifest["graph"]["casts"] <= 5
+        assert consumers and manifest["graph"]["casts"] <= 3  # 2-3 documented: the input, the outputs
     assert manifest["graph"]["dead_nodes"] == 0
     # attention's activation x activation MatMuls (Q.K^T, softmax.V) read no int8 input on either target
     # (softmax probabilities fall under one int8 step at long sequences)

@@ -51,7 +51,9 @@ def test_distillation_finetune_moves_a_perturbed_student_towards_its_teacher(twi
     assert record["steps"] == 12 and record["first_loss"] > 0 and after < 0.7 * before
     assert distillation_loss(teacher(x), teacher(x)).abs().item() < 1e-6
     scores = fake_quant_scores(student, teacher, load_inputs("synthetic[:8]", "val", 8, (64, 64)), 3)
-    assert 0.0 < scores["pixel_agreement"] <= 1.0 and scores["images"] == 8 and "miou_vs_labels" in scores
+    # the student was moved towards its teacher (well above chance, a third for 3 classes) and is not the teacher:
+    # under fake quantization it cannot agree on every pixel
+    assert 0.5 < scores["pixel_agreement"] < 1.0 and scores["images"] == 8 and "miou_vs_labels" in scores
 
 
 def _fake_quantized_weight_graph(w: np.ndarray, scale: np.ndarray, axis: int) -> onnx.ModelProto:

@@ -503,6 +503,26 @@ def _popen(tmp_path: Path, *args, prelude: str = "") -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_on_a_video_file_leaves_nothing_not_even_its_directory(tmp_path, model, signum, code):
+    """A video file stopped halfway is not an output: its temp files go, and the output directory the run made
+    goes with them (issue 37: an empty directory was left)."""
+    clip = _write_video(tmp_path / "long.mp4", _frames(30) * 40)  # 1,200 frames: seconds of work on 2 cores
+    out = tmp_path / "out"
+    proc = _popen(tmp_path, "predict", model, clip, "-o", out)
+    try:
+        deadline = time.time() + 60
+        while not (out.exists() and any(p.name.startswith(".") for p in out.iterdir())) and time.time() < deadline:
+            time.sleep(0.05)  # the video is being written under its temp name
+        assert out.exists(), "the run never started writing"
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code and "Traceback" not in stderr, stderr
+    assert not out.exists(), list(out.iterdir())
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_ends_a_live_run_with_its_video_finished(tmp_path, model, signum):
     """Ctrl-C stops a live run (exit 0, its JSON row); SIGTERM, a service manager's stop, exits 143: both finish
