@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -106,3 +107,29 @@ def test_fp16_for_turing_is_planned_and_built(tmp_path, cli):
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.rtx.engine", "m.rtx.engine.json", "m.rtx.onnx",
                                                           "m.rtx.onnx.json"]
+
+
+def test_a_full_disk_during_a_video_leaves_no_file_and_no_directory(small_disk, cli, exported, tmp_path):
+    """A video's overlay fills the 4 MB disk halfway: one error line, and neither a temp file nor the output
+    directory the run made is left (issue 37: an empty directory was)."""
+    import av
+    import numpy as np
+
+    clip = tmp_path / "noise.mkv"
+    with av.open(str(clip), "w") as container:  # noise compresses badly: the overlay outgrows 4 MB
+        stream = container.add_stream("ffv1", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(120):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 256 * 1024))  # 256 KB left: a few frames' worth
+    out = small_disk / "out"
+    result = cli("predict", str(exported(B0)), str(clip), "-o", str(out), "--overlay", "--masks")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "No space left on device" in errors[0], result.stderr
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]
