@@ -82,7 +82,8 @@ register_format = FORMATS.register
 get_format = FORMATS.row
 
 
-# the precisions every format carries; the others name on their row where they are offered (bf16: OpenVINO IRs)
+# the precisions every format carries; the others name on their row where they are offered (bf16: OpenVINO IRs and
+# TensorRT engines)
 EVERY_FORMAT = tuple(name for name, row in PRECISIONS.items() if row.offered_where is None)
 # the options every TensorRT edition's build takes, and those of a Triton repository
 ENGINE_OPTIONS = ("workspace", "min_shape", "opt_shape", "max_shape", "sparse_weights", "version_compatible")
