@@ -254,6 +254,9 @@ CASES = [
     ("export {d}/ck -o {d}/q.onnx --output={d}/q2.onnx", "--output is given twice (as -o)"),
     ("verify {d}/a.onnx -r {d}/ck -r {d}/ck2", "-r is given twice"),
     ("export {d}/ck --revision '' -o {d}/q.onnx", "an empty value ('') is not a branch, tag or commit"),
+    # a precision the repository's backend cannot serve, said for the repository and its backends
+    ("export {d}/ck --format triton --precision bf16 -o {d}/t", "--precision bf16: Triton's onnxruntime backend serves "
+     "onnx artifacts, which vitseg does not make in bf16 (use --triton-backend openvino or tensorrt)"),
     # a backend that does not run the artifact's format: not "damaged", which would send the user looking for damage
     ("verify {d}/a.xml -r {d}/ck --backend onnxruntime", "--backend onnxruntime does not run OpenVINO IRs like a.xml"),
     ("verify {d}/a.onnx -r {d}/ck --backend tensorrt-rtx", "--backend tensorrt-rtx does not run ONNX graphs like a.onnx"),

@@ -236,6 +236,11 @@ def check_repository_request(request: ExportRequest, repository: Path) -> None:
     settings = request.triton
     backend = TRITON_BACKENDS.row(settings.backend or "onnxruntime")
     fmt = get_format(ARTIFACT_FORMAT[backend.name])
+    if request.precision not in fmt.precisions:  # said for the repository, not for the artifact format behind it
+        serving = [b for b in TRITON_BACKENDS if request.precision in get_format(ARTIFACT_FORMAT[b]).precisions]
+        raise VitsegError(f"--precision {request.precision}: Triton's {backend.name} backend serves {fmt.name} artifacts, "
+                          f"which vitseg does not make in {request.precision}",
+                          f"use --triton-backend {' or '.join(serving)}" if serving else "pick another --precision")
     if get_precision(request.precision).calibrated and fmt.int8_target != request.int8.target:
         raise VitsegError(f"--precision int8 for Triton's {backend.name} backend needs --target {fmt.int8_target}",
                           f"add --target {fmt.int8_target} (or pick another --triton-backend)")
