@@ -334,13 +334,14 @@ def markdown(result: dict) -> str:
             speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
             lines.append(f"| {r['row']} | {r.get('computes_in') or '-'} | {latency} | {speedup} | {agreement} | {miou} | {status} |")
         lines.append("")
-    lines += ["### int8 vs fp32 per op type (one layer each, interleaved pairs; int8_probe, vitseg_export/timing.py)", "",
-              "| runtime | made for | op | shape | fp32 | int8 | int8 speedup (95% interval) | outcome |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['runtime']} | {r['made_for']} | {r['op']} | {'x'.join(map(str, r['shape']))} | {r['baseline_ms']:.3f} ms "
-              f"| {r['candidate_ms']:.3f} ms | {r['speedup']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) | {r['outcome']} |"
-              for r in result["probe"]]
-    lines.append("")
+    if result["probe"]:  # --no-probe: no table at all, not an empty one
+        lines += ["### int8 vs fp32 per op type (one layer each, interleaved pairs; int8_probe, vitseg_export/timing.py)",
+                  "", "| runtime | made for | op | shape | fp32 | int8 | int8 speedup (95% interval) | outcome |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['runtime']} | {r['made_for']} | {r['op']} | {'x'.join(map(str, r['shape']))} | {r['baseline_ms']:.3f} ms "
+                  f"| {r['candidate_ms']:.3f} ms | {r['speedup']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) | {r['outcome']} |"
+                  for r in result["probe"]]
+        lines.append("")
     return "\n".join(lines + result["targets"]) + "\n"
 
 
