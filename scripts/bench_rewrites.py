@@ -1,5 +1,5 @@
-"""What candidate exact rewrites of SegFormer's exported graph would buy on OpenVINO's CPU plugin, measured side by
-side in ONE interleaved run (issue 36: "exact rewrites of the graph ... and what each change bought, measured").
+"""What candidate exact rewrites of SegFormer's exported graph would buy on the CPU (ONNX Runtime f32, OpenVINO at
+each --precisions), measured side by side in ONE interleaved run (issue 36: "exact rewrites of the graph ... and what each change bought, measured").
 
     python scripts/bench_rewrites.py RUN_DIR [--size 512] [--precisions f32,bf16] [--iters 30] [--threads 2]
 
@@ -15,9 +15,9 @@ thing that is equal in real arithmetic:
   reduction conv, the MLP's first Linear), leaving a bare normalization
 
 Every candidate's largest logit difference from the unchanged module (PyTorch, f32) is printed, as is its pixel
-agreement with PyTorch when OpenVINO runs it; the latencies are medians of interleaved rounds with a pause before
-every call, their ratios against the unchanged module of the same precision are what to read. None of these is in
-vitseg's exports: docs/benchmarks.md says what each bought and why none was adopted.
+agreement with PyTorch as each runtime runs it; the latencies are medians of interleaved rounds with a pause before
+every call, and their ratios against the unchanged module in the same runtime and precision are what to read. None
+of these is in vitseg's exports: docs/benchmarks.md says what each bought and why none was adopted.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -41,6 +42,7 @@ from vitseg_export.machine.cpu import cpu_info
 from vitseg_export.modeling.export_graph import ExportGraph, exported_module
 from vitseg_export.modeling.registry import Segmenter
 from vitseg_export.modeling.segformer import FoldedSegformerDecodeHead, SegformerEfficientSelfAttention, SegformerLayer
+from vitseg_export.runners.onnxruntime_runner import session_options
 from vitseg_export.runners.openvino_runner import openvino_core
 from vitseg_export.settings import OnnxExportSettings
 
@@ -183,7 +185,8 @@ def main() -> None:
 
 
 def compiled(modules: dict[str, nn.Module], images: torch.Tensor, reference: torch.Tensor, args, work: Path) -> dict:
-    """Each candidate exported (static ONNX) and compiled at each precision; prints its drift and agreement."""
+    """Each candidate exported (static ONNX), in ONNX Runtime (f32) and compiled by OpenVINO at each precision;
+    prints its drift and agreement. Returns a call per (candidate, runtime)."""
     core, calls = openvino_core(), {}
     settings = OnnxExportSettings(dynamic_batch=False)
     size = tuple(images.shape[2:])
@@ -192,36 +195,45 @@ def compiled(modules: dict[str, nn.Module], images: torch.Tensor, reference: tor
             drift = float((module(images) - reference).abs().max())
         path = work / f"{name}.onnx"
         onnx.save(module_to_onnx(ExportGraph(module, ["logits"]).eval(), size, settings), str(path))
+        session = ort.InferenceSession(str(path), session_options(threads=args.threads, spin=False),
+                                       providers=["CPUExecutionProvider"])
+        run = (lambda sess: (lambda x: sess.run(None, {"pixels": x})))(session)
+        calls[(name, "onnxruntime f32")] = run
+        report(name, "onnxruntime f32", drift, run, images, reference)
         for precision in args.precisions.split(","):
             model = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads,
                                                           "INFERENCE_PRECISION_HINT": precision})
             # what OpenVINO computes in (a CPU without bf16 arithmetic runs f32 when asked for bf16)
-            precision = model.get_property("INFERENCE_PRECISION_HINT").to_string()
-            request = model.create_infer_request()
-            logits = np.concatenate([request.infer({0: images[i:i + 1].numpy()})[0] for i in range(args.images)])
-            agreement = float((logits.argmax(1) == reference.numpy().argmax(1)).mean())
-            calls[(name, precision)] = request
-            print(f"{name:18s} {precision:8s} max |logit - unchanged| {drift:.1e} (PyTorch f32); "
-                  f"agreement with PyTorch {100 * agreement:.3f}%", flush=True)
+            runtime = "openvino " + model.get_property("INFERENCE_PRECISION_HINT").to_string()
+            run = (lambda request: (lambda x: request.infer({0: x})))(model.create_infer_request())
+            calls[(name, runtime)] = run
+            report(name, runtime, drift, run, images, reference)
     return calls
+
+
+def report(name: str, runtime: str, drift: float, run, images: torch.Tensor, reference: torch.Tensor) -> None:
+    logits = np.concatenate([run(images[i:i + 1].numpy())[0] for i in range(images.shape[0])])
+    agreement = float((logits.argmax(1) == reference.numpy().argmax(1)).mean())
+    print(f"{name:18s} {runtime:16s} max |logit - unchanged| {drift:.1e} (PyTorch f32); "
+          f"agreement with PyTorch {100 * agreement:.3f}%", flush=True)
 
 
 def timed(calls: dict, pixels: np.ndarray, iters: int) -> None:
     """Interleaved rounds (every candidate once per round, a pause before each call); prints the medians as a table."""
     times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    for request in calls.values():
+    for run in calls.values():
         for _ in range(3):
-            request.infer({0: pixels})
+            run(pixels)
     for _ in range(iters):
-        for key, request in calls.items():
+        for key, run in calls.items():
             time.sleep(SETTLE_S)
             start = time.perf_counter()
-            request.infer({0: pixels})
+            run(pixels)
             times[key].append((time.perf_counter() - start) * 1e3)
-    print("\n| candidate | precision | p50 | vs as exported |\n|---|---|---|---|")
-    for (name, precision), values in times.items():
-        base = np.median(times[("as exported", precision)])  # the unchanged module, same precision
-        print(f"| {name} | {precision} | {np.median(values):.2f} ms | {base / np.median(values):.3f}x |")
+    print("\n| candidate | runtime | p50 | vs as exported |\n|---|---|---|---|")
+    for (name, runtime), values in times.items():
+        base = np.median(times[("as exported", runtime)])  # the unchanged module, same runtime and precision
+        print(f"| {name} | {runtime} | {np.median(values):.2f} ms | {base / np.median(values):.3f}x |")
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def test_a_bf16_ir_computes_in_bf16_where_the_cpu_has_it_and_says_so_where_not(t
     assert verdict["precision"] == "bf16" and verdict["thresholds"] == {
         "min_agreement": 0.995, "min_miou_vs_reference": 0.99, "max_abs_logit_diff": 1.0, "max_mean_abs_logit_diff": 0.1,
         "max_nonfinite": 0}
-    assert ("this CPU has no bf16 arithmetic" in r.stderr) == (here == "f32")
+    assert ("no bf16 arithmetic here (this CPU has none)" in r.stderr) == (here == "f32")
     with runner_for(tmp_path / "b.xml") as runner:
         assert runner.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == here
     # the same IR's fp32 twin computes in f32 on every CPU: bf16 is never chosen silently
@@ -271,6 +271,27 @@ def test_bf16_where_vitseg_cannot_judge_it_is_refused_in_one_line(tmp_path, cli,
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: --precision bf16 is not offered for --format {fmt}: ")
     assert "use --format openvino, trt or trt-rtx with --precision bf16" in r.stderr and "exporting" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="oneDNN's ISA cap names x86 instruction sets")
+def test_a_bf16_ir_under_an_isa_cap_without_bf16_runs_f32_and_says_why(tmp_path, cli):
+    """ONEDNN_MAX_CPU_ISA=AVX2 caps OpenVINO's kernels, but its plugin still reports BF16 and then fails to compile a
+    bf16 Softmax: vitseg's runner takes the cap as the CPU's, computes in f32 and says so, naming the cap."""
+    r = cli("export", "segformer-b0-test", "--format", "openvino", "--precision", "bf16", "-o", str(tmp_path / "b.xml"))
+    assert r.exit_code == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "ONEDNN_MAX_CPU_ISA": "avx2"}
+    proc = subprocess.run([sys.executable, "-c", HASWELL_CHILD, str(tmp_path / "b.xml")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["compiled"] == "f32"
+    assert [w for w in seen["warnings"] if "ONEDNN_MAX_CPU_ISA=AVX2 caps this CPU below it" in w and "runs in f32 here" in w]
+    # a cap that keeps bf16 changes nothing (the CPU's own flags decide, as without a cap)
+    env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+    proc = subprocess.run([sys.executable, "-c", HASWELL_CHILD, str(tmp_path / "b.xml")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["compiled"] == ("bf16" if _cpu_has_bf16() else "f32")
 
 
 HASWELL_CHILD = r"""

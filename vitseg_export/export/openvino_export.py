@@ -45,7 +45,7 @@ from vitseg_export.machine.cpu import SAFE_CLASS
 from vitseg_export.machine.interrupt import UNWIND_S, run_interruptible
 from vitseg_export.precisions import get_precision
 from vitseg_export.progress import Progress
-from vitseg_export.runners.openvino_runner import OpenVINORunner, inference_precision, openvino_core
+from vitseg_export.runners.openvino_runner import OpenVINORunner, inference_precision, lacks_why, openvino_core
 from vitseg_export.settings import ExportRequest, Int8Settings
 from vitseg_export.tables import lazy_module
 
@@ -359,7 +359,7 @@ def openvino_group(session: ExportSession, plan: ExportPlan, progress: Progress,
         xml = _save(model, info, precision.openvino_compress_to_fp16, Path(tmp))
         computed_in = inference_precision(openvino_core(), "CPU", wanted)
         if computed_in != wanted:  # OpenVINO would fall back to f32 silently: say it, and record it
-            progress(f"{precision.name}: this CPU has no {wanted} arithmetic, so the IR is judged here as it runs here, in "
+            progress(f"{precision.name}: no {wanted} arithmetic here ({lacks_why('CPU')}), so the IR is judged as it runs here, in "
                      f"{computed_in}; CPUs with {wanted} compute it in {wanted}: run `vitseg verify` on one to judge that")
         verdict = session.judge(plan, OpenVINORunner(xml, "cpu", announce=False), "IR (OpenVINO CPU)", progress)
         details["inference_precision"] = {"hint": wanted, "checked_with": computed_in,

@@ -3,6 +3,7 @@ iGPU/dGPU), NPU or AUTO. Needs only numpy and openvino: no torch, no onnxruntime
 
 from __future__ import annotations
 
+import os
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -40,11 +41,36 @@ def openvino_core() -> Any:
     return _CORE[0]
 
 
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA; DNNL_MAX_CPU_ISA is its old name) narrows OpenVINO's CPU kernels, yet the
+# plugin still reports BF16 and FP16 and then cannot compile a bf16 Softmax ("Supported primitive descriptors list is
+# empty", OpenVINO 2026.4 under ONEDNN_MAX_CPU_ISA=AVX2, measured): under a cap below the ISA that computes a
+# precision, the CPU counts as not having it. The caps that keep it are the rest (AVX512_CORE_BF16 and up for bf16,
+# AVX512_CORE_FP16 / AVX10_1_512 and up for f16, ALL, DEFAULT).
+ISA_CAPS_WITHOUT = {
+    "bf16": frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}),
+    "f16": frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                      "AVX512_CORE_BF16"}),
+}
+
+
+def isa_cap() -> str:
+    """oneDNN's CPU ISA cap from the environment, upper case ("" when none is set)."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+
+
+def lacks_why(device: str) -> str:
+    """Why a device computes in f32 instead of the precision asked for: for the words of a warning."""
+    cap = isa_cap()
+    return f"ONEDNN_MAX_CPU_ISA={cap} caps this {device} below it" if cap and device.upper() == "CPU" else f"this {device} has none"
+
+
 def inference_precision(core: Any, device: str, wanted: str) -> str:
     """The INFERENCE_PRECISION_HINT to compile with: `wanted` ("f32", "f16", "bf16") where the device computes
     in it, else "f32". Always explicit, so a CPU with bf16 (AVX512-BF16, AMX) never silently runs an fp32 IR
     in bf16."""
     if wanted == "f32" or device == "AUTO":
+        return "f32"
+    if device.upper() == "CPU" and isa_cap() in ISA_CAPS_WITHOUT.get(wanted, ()):
         return "f32"
     capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
     return wanted if {"f16": "FP16", "bf16": "BF16"}.get(wanted) in capabilities else "f32"
@@ -100,8 +126,8 @@ class OpenVINORunner(Runner):
         self.compiled_precision = config["INFERENCE_PRECISION_HINT"]
         if self.compiled_precision != wanted and self.announce and self.model is None and device != "AUTO":
             # OpenVINO itself would compute in f32 without a word: what is judged or timed here is f32
-            warnings.warn(f"{self.path.name} computes in {wanted} where the device has {wanted} arithmetic; this {device} has "
-                          f"none, so it runs in {self.compiled_precision} here (a verdict here judges "
+            warnings.warn(f"{self.path.name} computes in {wanted} where the device has {wanted} arithmetic; {lacks_why(device)}, "
+                          f"so it runs in {self.compiled_precision} here (a verdict here judges "
                           f"{self.compiled_precision}; verify on a device with {wanted} to judge that)", stacklevel=2)
 
     def infer_impl(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
