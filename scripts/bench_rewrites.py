@@ -13,6 +13,7 @@ thing that is equal in real arithmetic:
 - query-scale: attention's 1/sqrt(d) folded into the query projection (no Divide on the scores)
 - layernorm-affine: LayerNorm's scale and shift folded into the layers that read it (query, key, value, the
   reduction conv, the MLP's first Linear), leaving a bare normalization
+- both that paid: logits-matmul and layernorm-affine together
 
 Every candidate's largest logit difference from the unchanged module (PyTorch, f32) is printed, as is its pixel
 agreement with PyTorch as each runtime runs it; the latencies are medians of interleaved rounds with a pause before
@@ -154,7 +155,8 @@ def candidates(segmenter: Segmenter, size: tuple[int, int]) -> dict[str, nn.Modu
     decoder.net.decode_head = MatmulDecoder(decoder.net.decode_head, grids)
     return {"as exported": segmenter, "logits-matmul": MatmulLogits(segmenter, size, grids[0]),
             "decoder-matmul": decoder, "query-scale": query_scale(segmenter),
-            "layernorm-affine": layernorm_affine(segmenter)}
+            "layernorm-affine": layernorm_affine(segmenter),
+            "both that paid": MatmulLogits(layernorm_affine(segmenter), size, grids[0])}
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ def test_every_candidate_computes_the_exported_module(bench_rewrites):
     segmenter, _ = exported_module(loaded.model, loaded.meta.mean, loaded.meta.std)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     modules = bench_rewrites.candidates(segmenter, (64, 64))
-    assert set(modules) == {"as exported", "logits-matmul", "decoder-matmul", "query-scale", "layernorm-affine"}
+    assert set(modules) == {"as exported", "logits-matmul", "decoder-matmul", "query-scale", "layernorm-affine",
+                            "both that paid"}
     with torch.no_grad():
         reference = segmenter(images)
         for name, module in modules.items():
