@@ -273,6 +273,21 @@ def test_bf16_where_vitseg_cannot_judge_it_is_refused_in_one_line(tmp_path, cli,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_isa_cap_decides_only_the_precisions_it_excludes(monkeypatch):
+    from vitseg_export.runners.openvino_runner import inference_precision, lacks_why, openvino_core
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")  # oneDNN's old name for the same cap
+    assert inference_precision(openvino_core(), "CPU", "bf16") == "f32"
+    assert lacks_why("CPU", "bf16") == "ONEDNN_MAX_CPU_ISA=AVX2 caps this CPU below it"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # the new name wins; keeps bf16, not f16
+    assert lacks_why("CPU", "bf16") == "this CPU has none"
+    assert lacks_why("CPU", "f16") == "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps this CPU below it"
+    assert inference_precision(openvino_core(), "CPU", "f16") == "f32"
+    assert inference_precision(openvino_core(), "CPU", "bf16") == ("bf16" if _cpu_has_bf16() else "f32")
+    assert lacks_why("GPU", "f16") == "this GPU has none"  # a CPU cap says nothing about another device
+
+
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="oneDNN's ISA cap names x86 instruction sets")
 def test_a_bf16_ir_under_an_isa_cap_without_bf16_runs_f32_and_says_why(tmp_path, cli):
     """ONEDNN_MAX_CPU_ISA=AVX2 caps OpenVINO's kernels, but its plugin still reports BF16 and then fails to compile a

@@ -359,7 +359,7 @@ def openvino_group(session: ExportSession, plan: ExportPlan, progress: Progress,
         xml = _save(model, info, precision.openvino_compress_to_fp16, Path(tmp))
         computed_in = inference_precision(openvino_core(), "CPU", wanted)
         if computed_in != wanted:  # OpenVINO would fall back to f32 silently: say it, and record it
-            progress(f"{precision.name}: no {wanted} arithmetic here ({lacks_why('CPU')}), so the IR is judged as it runs here, in "
+            progress(f"{precision.name}: no {wanted} arithmetic here ({lacks_why('CPU', wanted)}), so the IR is judged as it runs here, in "
                      f"{computed_in}; CPUs with {wanted} compute it in {wanted}: run `vitseg verify` on one to judge that")
         verdict = session.judge(plan, OpenVINORunner(xml, "cpu", announce=False), "IR (OpenVINO CPU)", progress)
         details["inference_precision"] = {"hint": wanted, "checked_with": computed_in,

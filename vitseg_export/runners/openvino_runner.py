@@ -58,19 +58,21 @@ def isa_cap() -> str:
     return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
 
 
-def lacks_why(device: str) -> str:
-    """Why a device computes in f32 instead of the precision asked for: for the words of a warning."""
-    cap = isa_cap()
-    return f"ONEDNN_MAX_CPU_ISA={cap} caps this {device} below it" if cap and device.upper() == "CPU" else f"this {device} has none"
+def capped_below(device: str, wanted: str) -> bool:
+    """Whether oneDNN's ISA cap keeps this CPU from computing in `wanted`."""
+    return device.upper() == "CPU" and isa_cap() in ISA_CAPS_WITHOUT.get(wanted, ())
+
+
+def lacks_why(device: str, wanted: str) -> str:
+    """Why a device computes in f32 instead of `wanted`: for the words of a warning."""
+    return f"ONEDNN_MAX_CPU_ISA={isa_cap()} caps this {device} below it" if capped_below(device, wanted) else f"this {device} has none"
 
 
 def inference_precision(core: Any, device: str, wanted: str) -> str:
     """The INFERENCE_PRECISION_HINT to compile with: `wanted` ("f32", "f16", "bf16") where the device computes
     in it, else "f32". Always explicit, so a CPU with bf16 (AVX512-BF16, AMX) never silently runs an fp32 IR
     in bf16."""
-    if wanted == "f32" or device == "AUTO":
-        return "f32"
-    if device.upper() == "CPU" and isa_cap() in ISA_CAPS_WITHOUT.get(wanted, ()):
+    if wanted == "f32" or device == "AUTO" or capped_below(device, wanted):
         return "f32"
     capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
     return wanted if {"f16": "FP16", "bf16": "BF16"}.get(wanted) in capabilities else "f32"
@@ -126,7 +128,7 @@ class OpenVINORunner(Runner):
         self.compiled_precision = config["INFERENCE_PRECISION_HINT"]
         if self.compiled_precision != wanted and self.announce and self.model is None and device != "AUTO":
             # OpenVINO itself would compute in f32 without a word: what is judged or timed here is f32
-            warnings.warn(f"{self.path.name} computes in {wanted} where the device has {wanted} arithmetic; {lacks_why(device)}, "
+            warnings.warn(f"{self.path.name} computes in {wanted} where the device has {wanted} arithmetic; {lacks_why(device, wanted)}, "
                           f"so it runs in {self.compiled_precision} here (a verdict here judges "
                           f"{self.compiled_precision}; verify on a device with {wanted} to judge that)", stacklevel=2)
 
