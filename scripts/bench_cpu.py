@@ -30,6 +30,7 @@ import torch
 
 from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.formats import get_format
+from vitseg_export.machine.timing import interleaved_medians
 from vitseg_export.measure.profiling import environment, onnx_op_breakdown, openvino_op_breakdown
 from vitseg_export.runners import runner_for
 from vitseg_export.settings import ExportRequest, Int8Settings, OnnxExportSettings
@@ -167,25 +168,9 @@ def peer_callables(loaded, size, threads: int, tmp: Path) -> dict[str, tuple[Cal
     return rows
 
 
-# Each runtime's worker threads spin-wait for a while after a call (ONNX Runtime's pool, OpenMP): a row timed
-# right after another runtime's shares the 2 cores with those spinning threads (measured: an ONNX Runtime row
-# right after another, 84.6 ms vs 56.4 ms with a pause). Every timed call therefore starts after a pause.
-SETTLE_S = 0.05
-
-
 def interleaved(fns: dict[str, Callable], pixels: np.ndarray, iters: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
-    for fn in fns.values():
-        for _ in range(3):
-            fn(pixels)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            time.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            fn(pixels)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return interleaved_medians(fns, iters, pixels)
 
 
 def bench_model(label: str, checkpoint: str, size: tuple[int, int], out: Path, args) -> dict:

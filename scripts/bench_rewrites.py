@@ -27,7 +27,6 @@ import argparse
 import copy
 import math
 import tempfile
-import time
 import types
 from pathlib import Path
 
@@ -40,14 +39,13 @@ from torch import nn
 from vitseg_export.checkpoint import load_checkpoint
 from vitseg_export.export.graph import module_to_onnx
 from vitseg_export.machine.cpu import cpu_info
+from vitseg_export.machine.timing import interleaved_medians
 from vitseg_export.modeling.export_graph import ExportGraph, exported_module
 from vitseg_export.modeling.registry import Segmenter
 from vitseg_export.modeling.segformer import FoldedSegformerDecodeHead, SegformerEfficientSelfAttention, SegformerLayer
 from vitseg_export.runners.onnxruntime_runner import session_options
 from vitseg_export.runners.openvino_runner import openvino_core
 from vitseg_export.settings import OnnxExportSettings
-
-SETTLE_S = 0.03  # pause before every timed call: one runtime's spinning threads never overlap the next
 
 
 def interpolation_matrix(out_n: int, in_n: int) -> torch.Tensor:
@@ -222,20 +220,11 @@ def report(name: str, runtime: str, drift: float, run, images: torch.Tensor, ref
 
 def timed(calls: dict, pixels: np.ndarray, iters: int) -> None:
     """Interleaved rounds (every candidate once per round, a pause before each call); prints the medians as a table."""
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    for run in calls.values():
-        for _ in range(3):
-            run(pixels)
-    for _ in range(iters):
-        for key, run in calls.items():
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            run(pixels)
-            times[key].append((time.perf_counter() - start) * 1e3)
+    medians = interleaved_medians(calls, iters, pixels)
     print("\n| candidate | runtime | p50 | vs as exported |\n|---|---|---|---|")
-    for (name, runtime), values in times.items():
-        base = np.median(times[("as exported", runtime)])  # the unchanged module, same runtime and precision
-        print(f"| {name} | {runtime} | {np.median(values):.2f} ms | {base / np.median(values):.3f}x |")
+    for (name, runtime), ms in medians.items():
+        base = medians[("as exported", runtime)]  # the unchanged module, same runtime and precision
+        print(f"| {name} | {runtime} | {ms:.2f} ms | {base / ms:.3f}x |")
 
 
 if __name__ == "__main__":

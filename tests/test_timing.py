@@ -139,3 +139,18 @@ def test_a_comparison_is_recorded_to_four_decimals():
     assert c.to_json() == {"baseline": "fp32", "candidate": "int8", "baseline_ms": 5.1235, "candidate_ms": 4.0,
                            "speedup": 1.2346, "low": 1.1, "high": 1.3, "confidence": 0.95, "margin": 0.1, "pairs": 21,
                            "outcome": timing.FASTER}
+
+
+def test_interleaved_medians_time_every_row_once_per_round_after_its_warm_up(monkeypatch):
+    pauses: list[float] = []
+    monkeypatch.setattr(timing.time, "sleep", pauses.append)
+    clock, seen = ScriptedClock(), []
+    warm = [0.100] * timing.WARMUP  # untimed: a slow first call must not reach the medians
+    a = clock.work("a", iter(warm + [0.010, 0.030, 0.020]))
+    b = clock.work("b", iter(warm + [0.005, 0.050, 0.005]))
+    rows = {"a": lambda x: (seen.append(x), a()), "b": lambda x: (seen.append(x), b())}
+    medians = timing.interleaved_medians(rows, 3, "pixels", clock=clock)
+    assert clock.calls == ["a"] * timing.WARMUP + ["b"] * timing.WARMUP + ["a", "b"] * 3
+    assert medians == {"a": pytest.approx(20.0), "b": pytest.approx(5.0)}
+    assert seen == ["pixels"] * len(clock.calls)
+    assert pauses == [timing.SETTLE_S] * 6 and timing.SETTLE_S == 0.05  # a pause before every timed call only

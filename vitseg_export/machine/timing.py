@@ -136,3 +136,26 @@ def compare_speed(baseline: Callable[[], object], candidate: Callable[[], object
         result = summarize(times[0], times[1], names, margin)
         if n + 1 >= max_pairs or clock() - start > budget_s or not _straddles(result.low, result.high, margin):
             return result
+
+
+# Each runtime's worker threads spin-wait for a while after a call (ONNX Runtime's pool, OpenMP): a row timed right
+# after another runtime's shares the cores with those spinning threads (measured on 2 cores: an ONNX Runtime row right
+# after another, 84.6 ms vs 56.4 ms with a pause). Every timed call of an interleaved table starts after this pause.
+SETTLE_S = 0.05
+
+
+def interleaved_medians(calls: dict, rounds: int, *args, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Median milliseconds of each call(*args) over `rounds` interleaved rounds (every call once per round, in
+    order, each after a pause of SETTLE_S; WARMUP untimed calls of each first), for tables of many rows measured
+    side by side (the benchmark scripts)."""
+    for call in calls.values():
+        for _ in range(WARMUP):
+            call(*args)
+    times: dict = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            time.sleep(SETTLE_S)
+            start = clock()
+            call(*args)
+            times[key].append((clock() - start) * 1e3)
+    return {key: float(np.median(values)) for key, values in times.items()}
