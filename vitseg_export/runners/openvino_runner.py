@@ -46,11 +46,8 @@ def openvino_core() -> Any:
 # empty", OpenVINO 2026.4 under ONEDNN_MAX_CPU_ISA=AVX2, measured): under a cap below the ISA that computes a
 # precision, the CPU counts as not having it. The caps that keep it are the rest (AVX512_CORE_BF16 and up for bf16,
 # AVX512_CORE_FP16 / AVX10_1_512 and up for f16, ALL, DEFAULT).
-ISA_CAPS_WITHOUT = {
-    "bf16": frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}),
-    "f16": frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-                      "AVX512_CORE_BF16"}),
-}
+_BELOW_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+ISA_CAPS_WITHOUT = {"bf16": _BELOW_BF16, "f16": _BELOW_BF16 | {"AVX512_CORE_BF16"}}
 
 
 def isa_cap() -> str:
